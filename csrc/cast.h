@@ -1,0 +1,25 @@
+// Element-wise dtype conversion, bit-identical to torch's Tensor.to() on CPU:
+// fp32 <-> bf16 <-> fp16 with round-to-nearest-even; NaN, Inf and subnormals handled.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace pyconv {
+
+// True when cast_elements supports src -> dst (identity casts always are).
+bool cast_supported(DType src, DType dst);
+
+// Convert n elements from src (of src_dtype) into dst (of dst_dtype). The buffers
+// must not overlap; neither needs to be aligned. Throws FormatError when the pair
+// is not supported.
+void cast_elements(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t n);
+
+// Scalar conversions, exposed for tests and for the planner's golden values.
+uint16_t f32_to_bf16_bits(uint32_t f32_bits);
+uint16_t f32_to_f16_bits(uint32_t f32_bits);
+uint32_t bf16_to_f32_bits(uint16_t bf16_bits);
+uint32_t f16_to_f32_bits(uint16_t f16_bits);
+
+}  // namespace pyconv

@@ -1,0 +1,374 @@
+#include "executor.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "cast.h"
+#include "errors.h"
+#include "mapped_file.h"
+#include "safetensors.h"
+
+namespace pyconv {
+
+namespace {
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+// A destination file opened for writing, closed on destruction.
+struct DestHandle {
+  std::string path;
+  int fd = -1;
+  ~DestHandle() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+void write_all(const DestHandle& dest, const unsigned char* data, uint64_t length, uint64_t offset) {
+  while (length > 0) {
+    const size_t step = static_cast<size_t>(std::min<uint64_t>(length, 1ull << 30));
+    ssize_t n = ::pwrite(dest.fd, data, step, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) throw IoError(dest.path + ": write failed: " + errno_text(n < 0 ? errno : EIO));
+    data += n;
+    length -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+}
+
+// Preallocates so that a full disk fails now, before any copying, with a clear error.
+void preallocate(const DestHandle& dest, uint64_t size) {
+  if (size == 0) return;
+  if (::fallocate(dest.fd, 0, 0, static_cast<off_t>(size)) == 0) return;
+  const int err = errno;
+  if (err == ENOSPC || err == EDQUOT || err == EFBIG)
+    throw IoError(dest.path + ": cannot allocate " + std::to_string(size) + " bytes: " + errno_text(err));
+  // Filesystems without fallocate: a sparse file of the final size.
+  if (::ftruncate(dest.fd, static_cast<off_t>(size)) != 0)
+    throw IoError(dest.path + ": cannot size to " + std::to_string(size) + " bytes: " + errno_text(errno));
+}
+
+// A rectangle of one output tensor, contiguous in the destination file: whole rows,
+// or a column range of a single row.
+struct Task {
+  uint32_t tensor;
+  uint64_t row0, row1, col0, col1;
+};
+
+struct Intersection {
+  uint64_t row0, row1, col0, col1;
+};
+
+bool intersect(const BlockCopy& c, const Task& t, Intersection* out) {
+  out->row0 = std::max(t.row0, c.dst_row);
+  out->row1 = std::min(t.row1, c.dst_row + c.rows);
+  out->col0 = std::max(t.col0, c.dst_col);
+  out->col1 = std::min(t.col1, c.dst_col + c.cols);
+  return out->row0 < out->row1 && out->col0 < out->col1;
+}
+
+uint64_t checked_area(uint64_t rows, uint64_t cols, uint64_t itemsize, const std::string& what) {
+  uint64_t n, bytes;
+  if (!checked_mul(rows, cols, &n) || !checked_mul(n, itemsize, &bytes)) throw FormatError(what + ": size overflows");
+  return bytes;
+}
+
+class Runner {
+ public:
+  Runner(const Plan& plan, const ExecOptions& options) : plan_(plan), options_(options) {}
+
+  ExecStats run(const ProgressTick& tick) {
+    const auto start = std::chrono::steady_clock::now();
+    open_sources();
+    validate();
+    open_dests();
+    for (const auto& lit : plan_.literals) {
+      write_all(dests_[lit.dest], reinterpret_cast<const unsigned char*>(lit.bytes.data()), lit.bytes.size(), lit.offset);
+      stats_.bytes_written += lit.bytes.size();
+    }
+    make_tasks();
+    run_tasks(tick);
+    if (options_.fsync) {
+      for (const auto& d : dests_)
+        if (::fsync(d.fd) != 0) throw IoError(d.path + ": fsync failed: " + errno_text(errno));
+    }
+    for (auto& d : dests_) {
+      if (::close(d.fd) != 0) {
+        d.fd = -1;
+        throw IoError(d.path + ": close failed: " + errno_text(errno));
+      }
+      d.fd = -1;
+    }
+    stats_.bytes_written += done_bytes_.load();
+    stats_.tasks = tasks_.size();
+    stats_.direct_tasks = direct_tasks_.load();
+    stats_.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return stats_;
+  }
+
+ private:
+  void open_sources() {
+    sources_.reserve(plan_.sources.size());
+    for (const auto& path : plan_.sources) sources_.push_back(std::make_unique<MappedFile>(path));
+  }
+
+  // Every index, dtype pair and byte range is checked before a byte is written.
+  void validate() {
+    for (const auto& lit : plan_.literals) {
+      if (lit.dest >= plan_.dests.size()) throw FormatError("plan: literal names destination " + std::to_string(lit.dest) + " of " + std::to_string(plan_.dests.size()));
+      uint64_t end;
+      if (!checked_add(lit.offset, lit.bytes.size(), &end) || end > plan_.dests[lit.dest].size)
+        throw FormatError(plan_.dests[lit.dest].path + ": plan writes " + std::to_string(lit.bytes.size()) + " literal bytes at " +
+                          std::to_string(lit.offset) + ", past the file size " + std::to_string(plan_.dests[lit.dest].size));
+    }
+    for (size_t ti = 0; ti < plan_.tensors.size(); ++ti) {
+      const auto& t = plan_.tensors[ti];
+      if (t.dest >= plan_.dests.size()) throw FormatError("plan: tensor " + std::to_string(ti) + " names a missing destination");
+      const auto& dest = plan_.dests[t.dest];
+      const std::string where = dest.path + ": output tensor #" + std::to_string(ti);
+      const uint64_t isz = dtype_itemsize(t.dtype);
+      const uint64_t bytes = checked_area(t.rows, t.cols, isz, where);
+      uint64_t end;
+      if (!checked_add(t.offset, bytes, &end) || end > dest.size)
+        throw FormatError(where + " at offset " + std::to_string(t.offset) + " (" + std::to_string(bytes) + " bytes) runs past the file size " + std::to_string(dest.size));
+      uint64_t covered = 0;
+      for (const auto& c : t.copies) {
+        if (c.source >= sources_.size()) throw FormatError(where + ": block copy names a missing source");
+        if (!cast_supported(c.src_dtype, t.dtype))
+          throw FormatError(where + ": cannot cast " + dtype_name(c.src_dtype) + " to " + dtype_name(t.dtype));
+        uint64_t row_end, col_end;
+        if (!checked_add(c.dst_row, c.rows, &row_end) || row_end > t.rows || !checked_add(c.dst_col, c.cols, &col_end) || col_end > t.cols)
+          throw FormatError(where + ": block copy [" + std::to_string(c.dst_row) + "+" + std::to_string(c.rows) + ", " + std::to_string(c.dst_col) + "+" +
+                            std::to_string(c.cols) + "] lies outside the tensor [" + std::to_string(t.rows) + ", " + std::to_string(t.cols) + "]");
+        if (c.rows == 0 || c.cols == 0) continue;
+        const uint64_t row_bytes = checked_area(1, c.cols, dtype_itemsize(c.src_dtype), where);
+        uint64_t span, extent;
+        if (!checked_mul(c.rows - 1, c.src_row_stride, &span) || !checked_add(span, row_bytes, &extent))
+          throw FormatError(where + ": block copy source extent overflows");
+        sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
+        covered += checked_area(c.rows, c.cols, 1, where);
+      }
+      if (covered != t.rows * t.cols)
+        throw FormatError(where + ": block copies cover " + std::to_string(covered) + " of " + std::to_string(t.rows * t.cols) + " elements");
+    }
+  }
+
+  void open_dests() {
+    dests_ = std::vector<DestHandle>(plan_.dests.size());
+    for (size_t i = 0; i < plan_.dests.size(); ++i) {
+      dests_[i].path = plan_.dests[i].path;
+      dests_[i].fd = ::open(plan_.dests[i].path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+      if (dests_[i].fd < 0) throw IoError(plan_.dests[i].path + ": cannot create: " + errno_text(errno));
+      preallocate(dests_[i], plan_.dests[i].size);
+    }
+  }
+
+  void make_tasks() {
+    const uint64_t chunk = std::max<uint64_t>(options_.chunk_bytes, 4096);
+    for (uint32_t ti = 0; ti < plan_.tensors.size(); ++ti) {
+      const auto& t = plan_.tensors[ti];
+      const uint64_t isz = dtype_itemsize(t.dtype);
+      const uint64_t row_bytes = t.cols * isz;
+      if (t.rows == 0 || row_bytes == 0) continue;
+      total_bytes_ += t.rows * row_bytes;
+      if (row_bytes <= chunk) {
+        const uint64_t step = std::max<uint64_t>(1, chunk / row_bytes);
+        for (uint64_t r = 0; r < t.rows; r += step) tasks_.push_back({ti, r, std::min(t.rows, r + step), 0, t.cols});
+      } else {
+        const uint64_t step = std::max<uint64_t>(1, chunk / isz);
+        for (uint64_t r = 0; r < t.rows; ++r)
+          for (uint64_t c = 0; c < t.cols; c += step) tasks_.push_back({ti, r, r + 1, c, std::min(t.cols, c + step)});
+      }
+    }
+    // Write each file front to back: the order sequential read-ahead and writeback like.
+    std::stable_sort(tasks_.begin(), tasks_.end(), [&](const Task& a, const Task& b) {
+      const auto& ta = plan_.tensors[a.tensor];
+      const auto& tb = plan_.tensors[b.tensor];
+      if (ta.dest != tb.dest) return ta.dest < tb.dest;
+      return task_offset(a) < task_offset(b);
+    });
+  }
+
+  uint64_t task_offset(const Task& task) const {
+    const auto& t = plan_.tensors[task.tensor];
+    return t.offset + (task.row0 * t.cols + task.col0) * dtype_itemsize(t.dtype);
+  }
+
+  void run_tasks(const ProgressTick& tick) {
+    const unsigned threads = std::max(1u, std::min<unsigned>(options_.threads, static_cast<unsigned>(std::max<size_t>(1, tasks_.size()))));
+    std::vector<std::thread> pool;
+    for (unsigned i = 0; i < threads; ++i) pool.emplace_back([this] { worker(); });
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      while (running_workers_done_ < threads) {
+        cv_.wait_for(lock, std::chrono::milliseconds(100));
+        if (stop_.load()) continue;
+        lock.unlock();
+        bool keep_going = true;
+        try {
+          keep_going = !tick || tick(done_bytes_.load(), total_bytes_);
+        } catch (...) {
+          record_error(std::current_exception());
+        }
+        if (!keep_going) {
+          cancelled_ = true;
+          stop_ = true;
+        }
+        lock.lock();
+      }
+    }
+    for (auto& th : pool) th.join();
+    if (error_) std::rethrow_exception(error_);
+    if (cancelled_) throw Cancelled("cancelled");
+    if (tick) tick(done_bytes_.load(), total_bytes_);
+  }
+
+  void record_error(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (!error_) error_ = e;
+    stop_ = true;
+  }
+
+  void worker() {
+    std::vector<unsigned char> buffer;
+    try {
+      while (!stop_.load()) {
+        const size_t i = next_task_.fetch_add(1);
+        if (i >= tasks_.size()) break;
+        run_task(tasks_[i], buffer);
+      }
+    } catch (...) {
+      record_error(std::current_exception());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++running_workers_done_;
+    }
+    cv_.notify_all();
+  }
+
+  void run_task(const Task& task, std::vector<unsigned char>& buffer) {
+    const auto& t = plan_.tensors[task.tensor];
+    const uint64_t isz = dtype_itemsize(t.dtype);
+    const uint64_t width = task.col1 - task.col0;
+    const uint64_t length = (task.row1 - task.row0) * width * isz;
+    const uint64_t dst_offset = task_offset(task);
+    const DestHandle& dest = dests_[t.dest];
+
+    // Fast path: one copy covers the task, same dtype, source rows contiguous:
+    // the bytes go file to file.
+    Intersection hit;
+    const BlockCopy* only = nullptr;
+    size_t hits = 0;
+    for (const auto& c : t.copies)
+      if (intersect(c, task, &hit)) {
+        ++hits;
+        only = &c;
+      }
+    if (hits == 1 && only->src_dtype == t.dtype) {
+      intersect(*only, task, &hit);
+      const bool covers = hit.row0 == task.row0 && hit.row1 == task.row1 && hit.col0 == task.col0 && hit.col1 == task.col1;
+      const bool contiguous = task.row1 - task.row0 == 1 || only->src_row_stride == only->cols * isz;
+      if (covers && contiguous) {
+        const uint64_t src = only->src_offset + (task.row0 - only->dst_row) * only->src_row_stride + (task.col0 - only->dst_col) * isz;
+        copy_direct(*sources_[only->source], src, dest, dst_offset, length);
+        direct_tasks_.fetch_add(1);
+        finish(dest, dst_offset, length);
+        return;
+      }
+    }
+
+    if (buffer.size() < length) buffer.resize(length);
+    for (const auto& c : t.copies) {
+      if (!intersect(c, task, &hit)) continue;
+      const MappedFile& src = *sources_[c.source];
+      const uint64_t src_isz = dtype_itemsize(c.src_dtype);
+      const uint64_t n = hit.col1 - hit.col0;
+      const uint64_t first = c.src_offset + (hit.row0 - c.dst_row) * c.src_row_stride + (hit.col0 - c.dst_col) * src_isz;
+      const uint64_t span = (hit.row1 - hit.row0 - 1) * c.src_row_stride + n * src_isz;
+      src.will_need(first, span);
+      unsigned char* out = buffer.data() + ((hit.row0 - task.row0) * width + (hit.col0 - task.col0)) * isz;
+      const bool flat = (n == width && c.src_row_stride == n * src_isz) || hit.row1 - hit.row0 == 1;
+      if (flat) {
+        cast_elements(src.data() + first, c.src_dtype, out, t.dtype, (hit.row1 - hit.row0) * n);
+      } else {
+        for (uint64_t r = hit.row0; r < hit.row1; ++r) {
+          cast_elements(src.data() + first + (r - hit.row0) * c.src_row_stride, c.src_dtype, out, t.dtype, n);
+          out += width * isz;
+        }
+      }
+      src.release(first, span);
+    }
+    write_all(dest, buffer.data(), length, dst_offset);
+    finish(dest, dst_offset, length);
+  }
+
+  // copy_file_range keeps the bytes in the kernel; where the filesystem cannot, the
+  // mapping is written directly and its pages released after.
+  void copy_direct(const MappedFile& src, uint64_t src_offset, const DestHandle& dest, uint64_t dst_offset, uint64_t length) {
+    loff_t in = static_cast<loff_t>(src_offset), out = static_cast<loff_t>(dst_offset);
+    uint64_t left = length;
+    while (left > 0 && use_copy_file_range_.load()) {
+      ssize_t n = ::copy_file_range(src.fd(), &in, dest.fd, &out, static_cast<size_t>(std::min<uint64_t>(left, 1ull << 30)), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP || errno == EBADF)) {
+        use_copy_file_range_ = false;
+        break;
+      }
+      if (n < 0) throw IoError(dest.path + ": copy from " + src.path() + " failed: " + errno_text(errno));
+      if (n == 0) throw IoError(src.path() + ": unexpected end of file while copying");
+      left -= static_cast<uint64_t>(n);
+    }
+    if (left == 0) return;
+    const uint64_t done = length - left;
+    src.will_need(src_offset + done, left);
+    write_all(dest, src.data() + src_offset + done, left, dst_offset + done);
+    src.release(src_offset + done, left);
+  }
+
+  void finish(const DestHandle& dest, uint64_t offset, uint64_t length) {
+    // Start writeback now so dirty pages do not pile up and the final fsync is short.
+    if (options_.fsync) ::sync_file_range(dest.fd, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE);
+    done_bytes_.fetch_add(length);
+  }
+
+  const Plan& plan_;
+  const ExecOptions& options_;
+  std::vector<std::unique_ptr<MappedFile>> sources_;
+  std::vector<DestHandle> dests_;
+  std::vector<Task> tasks_;
+  uint64_t total_bytes_ = 0;
+  ExecStats stats_;
+
+  std::atomic<size_t> next_task_{0};
+  std::atomic<uint64_t> done_bytes_{0};
+  std::atomic<uint64_t> direct_tasks_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> use_copy_file_range_{true};
+  bool cancelled_ = false;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  unsigned running_workers_done_ = 0;
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+};
+
+}  // namespace
+
+ExecStats execute_plan(const Plan& plan, const ExecOptions& options, const ProgressTick& tick) {
+  Runner runner(plan, options);
+  return runner.run(tick);
+}
+
+}  // namespace pyconv

@@ -1,0 +1,1 @@
+"""Readers of untrusted bytes: safetensors headers, torch zip archives and pickles."""
