@@ -1,7 +1,16 @@
-"""pyconv: fast, memory-bounded conversion and resharding of LLM checkpoints."""
+"""pyconv: fast, memory-bounded conversion and resharding of LLM checkpoints.
 
+    import pyconv
+    ckpt = pyconv.open("llama-hf")            # lazy: names, shapes, dtypes
+    report = pyconv.reshard("llama-hf", "llama-bf16", to="hf", dtype="bf16", max_shard_size="5GB")
+"""
+
+from pyconv.api import Checkpoint, ReshardReport, open, plan_reshard, reshard
 from pyconv.errors import Cancelled, FormatError, LayoutError, OutputError, PyconvError
 
 __version__ = "0.1.0"
 
-__all__ = ["Cancelled", "FormatError", "LayoutError", "OutputError", "PyconvError", "__version__"]
+__all__ = [
+    "Cancelled", "Checkpoint", "FormatError", "LayoutError", "OutputError", "PyconvError", "ReshardReport",
+    "__version__", "open", "plan_reshard", "reshard",
+]

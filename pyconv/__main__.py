@@ -1,0 +1,5 @@
+import sys
+
+from pyconv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""The public Python API: open, inspect and reshard checkpoints."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from pyconv.catalog import Catalog
+from pyconv.errors import FormatError, LayoutError, OutputError
+from pyconv.formats import get_format, read_checkpoint
+from pyconv.plan import ReshardPlan, TargetSpec, parse_dtype, parse_size
+
+_TORCH_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64", "I64": "int64",
+    "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+class Checkpoint:
+    """A lazily opened checkpoint: names, shapes and dtypes without reading tensor bytes."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self._maps: dict[str, object] = {}
+
+    format = property(lambda self: self.catalog.format)
+    path = property(lambda self: self.catalog.path)
+    architecture = property(lambda self: self.catalog.architecture)
+    config = property(lambda self: self.catalog.config)
+    total_bytes = property(lambda self: self.catalog.total_bytes)
+
+    def keys(self) -> list[str]:
+        return list(self.catalog.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.catalog.tensors
+
+    def __len__(self) -> int:
+        return len(self.catalog.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensor(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self._tensor(name).dtype
+
+    def _tensor(self, name: str):
+        try:
+            return self.catalog.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named '{name}'") from None
+
+    def get(self, name: str):
+        """The tensor as a torch.Tensor. Stored whole, it is a zero-copy, read-only view of
+        the file mapping; assembled from shards, it is materialised."""
+        import torch
+
+        from pyconv.catalog import view2d
+
+        t = self._tensor(name)
+        dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+        rows, cols = view2d(t.shape)
+        if rows * cols == 0:
+            return torch.empty(t.shape, dtype=dtype)
+        first = t.blocks[0].stored
+        if len(t.blocks) == 1 and first.shape == t.shape and first.dtype == t.dtype:
+            return self._stored_view(first, dtype).view(t.shape)
+        out = torch.empty((rows, cols), dtype=dtype)
+        for b in t.blocks:
+            src = self._stored_view(b.stored, dtype)
+            out[b.dst_row:b.dst_row + b.rows, b.dst_col:b.dst_col + b.cols] = \
+                src[b.src_row:b.src_row + b.rows, b.src_col:b.src_col + b.cols]
+        return out.view(t.shape)
+
+    def _stored_view(self, stored, dtype):
+        """A stored tensor as a [rows, cols] view of its file's read-only mapping."""
+        import warnings
+
+        import torch
+
+        from pyconv import _core
+        from pyconv.catalog import view2d
+
+        mapping = self._maps.get(stored.path)
+        if mapping is None:
+            mapping = self._maps[stored.path] = _core.MappedFile(stored.path)
+        rows, cols = view2d(stored.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that the buffer is not writable; it is meant not to be
+            return torch.frombuffer(mapping, dtype=dtype, count=rows * cols, offset=stored.offset).view(rows, cols)
+
+    def summary(self) -> dict:
+        by_dtype: dict[str, int] = {}
+        for t in self.catalog.tensors.values():
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+        return {
+            "path": self.path,
+            "format": self.format,
+            "architecture": self.architecture,
+            "tensors": len(self),
+            "total_bytes": self.total_bytes,
+            "bytes_by_dtype": by_dtype,
+            "extra_files": [os.path.basename(p) for p, _ in self.catalog.extra_files],
+        }
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path!r}, format={self.format!r}, architecture={self.architecture!r}, tensors={len(self)})"
+
+
+def open(path: str | os.PathLike, format: str | None = None) -> Checkpoint:  # noqa: A001 - mirrors builtins.open
+    return Checkpoint(read_checkpoint(os.fspath(path), format))
+
+
+@dataclass
+class ReshardReport:
+    source: str
+    destination: str
+    files: int
+    tensors: int
+    bytes: int
+    seconds: float
+    dry_run: bool = False
+    plan: ReshardPlan | None = field(default=None, repr=False)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "destination": self.destination, "files": self.files, "tensors": self.tensors,
+                "bytes": self.bytes, "seconds": round(self.seconds, 6), "gb_per_s": round(self.gb_per_s, 3),
+                "dry_run": self.dry_run}
+
+
+def _check_paths(src: str, dst: str) -> None:
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
+        raise OutputError(f"{dst}: destination is the source or inside it")
+    if real_src.startswith(real_dst + os.sep):
+        raise OutputError(f"{dst}: destination contains the source; replacing it would destroy the source")
+
+
+def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shard_size=None,
+                 source_format: str | None = None) -> ReshardPlan:
+    catalog = read_checkpoint(os.fspath(src), source_format)
+    target = TargetSpec(format=to, dtype=parse_dtype(dtype),
+                        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size)
+    adapter = get_format(to)
+    if adapter.plan_output is None:
+        raise LayoutError(f"format '{to}' can be read but not written")
+    files = adapter.plan_output(catalog, target)
+    return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files))
+
+
+def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_size=None, force: bool = False,
+            dry_run: bool = False, threads: int = 4, source_format: str | None = None,
+            progress=None) -> ReshardReport:
+    """Converts src into dst in format `to`; returns a report of files, bytes and speed.
+
+    dtype: fp32 | bf16 | fp16 (floating tensors are cast; others keep theirs);
+    max_shard_size: bytes or a size such as '5GB'. Nothing is written on dry_run.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.exists(src):
+        raise FormatError(f"{src}: no such file or directory")
+    _check_paths(src, dst)
+    if not dry_run and os.path.lexists(dst) and not force:
+        raise OutputError(f"{dst}: destination exists (use --force to replace it)")
+    started = time.perf_counter()
+    plan = plan_reshard(src, to=to, dtype=dtype, max_shard_size=max_shard_size, source_format=source_format)
+    if dry_run:
+        return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count,
+                             plan.total_bytes, time.perf_counter() - started, True, plan)
+    from pyconv.execute import execute_plan
+
+    execute_plan(plan, dst, force=force, threads=threads, progress=progress)
+    return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count, plan.total_bytes,
+                         time.perf_counter() - started, False, plan)

@@ -1,0 +1,90 @@
+"""Canonical tensors and where their bytes lie.
+
+A reader turns a checkpoint into a Catalog: canonical tensors (Hugging Face names,
+full unsharded shapes) each assembled from rectangles of stored tensors. Every tensor
+is seen as a row-major 2-D array (`view2d`), so a TP shard, a row of an expert stack or
+a whole file is one `SourceBlock`. Nothing here reads tensor bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
+    "F32": 4, "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # what the core casts between
+
+
+def view2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view [prod(shape[:-1]), shape[-1]] every block copy works in."""
+    if not shape:
+        return 1, 1
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * ITEMSIZE[dtype]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A contiguous row-major array at a byte offset of a file."""
+
+    path: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class SourceBlock:
+    """Rows x cols of a stored tensor's 2-D view, placed at (dst_row, dst_col) of a canonical tensor."""
+
+    stored: StoredTensor
+    src_row: int
+    src_col: int
+    rows: int
+    cols: int
+    dst_row: int
+    dst_col: int
+
+
+@dataclass(frozen=True)
+class CanonicalTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    blocks: tuple[SourceBlock, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+    @classmethod
+    def whole(cls, name: str, stored: StoredTensor) -> "CanonicalTensor":
+        rows, cols = view2d(stored.shape)
+        return cls(name, stored.dtype, stored.shape, (SourceBlock(stored, 0, 0, rows, cols, 0, 0),))
+
+
+@dataclass
+class Catalog:
+    """What a reader found: canonical tensors in source order, the config, files to carry over."""
+
+    format: str
+    path: str
+    tensors: dict[str, CanonicalTensor]
+    config: dict | None = None
+    architecture: str | None = None
+    extra_files: tuple[tuple[str, int], ...] = ()  # (absolute path, size) of tokenizer/generation files to copy
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

@@ -1,0 +1,135 @@
+"""The pyconv command line: argument parsing and printing only.
+
+Exit codes: 0 success; 1 a verification mismatch; 2 bad input, usage or an unwritable
+destination (one line on stderr naming the file and the problem); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad-input error
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyconv", description="Convert and reshard LLM checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="show a checkpoint's format, architecture, tensors and sizes")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+
+    p = sub.add_parser("reshard", help="convert SRC into DST")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", default="hf", help="target format (default: hf)")
+    p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast floating tensors")
+    p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (decimal), 4GiB or bytes (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    p.add_argument("--json", action="store_true", help="print JSON (the plan with --dry-run, else the report)")
+    p.add_argument("--threads", type=int, default=4, help="copy threads (default 4)")
+
+    p = sub.add_parser("demo", help="build a tiny Llama with transformers, convert it, check it loads")
+    p.add_argument("--workdir", default=None, help="where to put the models (default: a temporary directory)")
+    return parser
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, file=sys.stderr, desc="converting", leave=False)
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+def _cmd_inspect(args) -> int:
+    import pyconv
+
+    ckpt = pyconv.open(args.path)
+    summary = ckpt.summary()
+    if args.tensors or args.json:
+        summary["tensor_list"] = [{"name": n, "dtype": ckpt.dtype(n), "shape": list(ckpt.shape(n))} for n in ckpt.keys()]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    print(f"{summary['path']}")
+    print(f"  format:       {summary['format']}")
+    print(f"  architecture: {summary['architecture']}")
+    print(f"  tensors:      {summary['tensors']}")
+    print(f"  bytes:        {summary['total_bytes']:,} ("
+          + ", ".join(f"{d} {b:,}" for d, b in sorted(summary["bytes_by_dtype"].items())) + ")")
+    if summary["extra_files"]:
+        print(f"  other files:  {', '.join(summary['extra_files'])}")
+    for t in summary.get("tensor_list", []) if args.tensors else []:
+        print(f"    {t['name']:<60} {t['dtype']:<8} {t['shape']}")
+    return EXIT_OK
+
+
+def _cmd_reshard(args) -> int:
+    import pyconv
+
+    if args.dry_run:
+        report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                force=args.force, dry_run=True, source_format=args.source_format)
+        print(json.dumps(report.plan.to_json(), indent=2) if args.json else report.plan.summary())
+        return EXIT_OK
+    update, close = _progress_bar(not args.json and sys.stderr.isatty())
+    try:
+        report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                force=args.force, threads=args.threads, source_format=args.source_format,
+                                progress=update)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"wrote {report.destination}: {report.files} files, {report.tensors} tensors, "
+              f"{report.bytes:,} bytes in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s)")
+    return EXIT_OK
+
+
+def _cmd_demo(args) -> int:
+    from pyconv.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pyconv.errors import Cancelled, PyconvError
+
+    args = _build_parser().parse_args(argv)
+    command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "demo": _cmd_demo}[args.command]
+    try:
+        return command(args)
+    except Cancelled as e:
+        print(f"pyconv: stopped: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("pyconv: stopped: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PyconvError as e:
+        print(f"pyconv: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

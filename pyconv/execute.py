@@ -1,0 +1,166 @@
+"""Runs a ReshardPlan: hands its block copies to the core and commits the output atomically.
+
+Output is written into a temporary sibling of the destination, `.NAME.pyconv-tmp-PID`,
+fsync'd file by file, and renamed into place only when complete, so a crash at any moment
+leaves either the old destination or the new one, never a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+from pyconv import _core
+from pyconv.errors import Cancelled, OutputError
+from pyconv.plan import ReshardPlan
+
+TMP_MARK = ".pyconv-tmp-"
+OLD_MARK = ".pyconv-old-"
+
+
+def temporary_sibling(dst: str, mark: str = TMP_MARK) -> str:
+    parent, name = os.path.split(os.path.abspath(dst))
+    return os.path.join(parent, f".{name}{mark}{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst: str) -> list[str]:
+    """Removes temporaries of `dst` left by pyconv runs whose process is gone."""
+    parent, name = os.path.split(os.path.abspath(dst))
+    removed = []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in os.listdir(parent):
+        for mark in (TMP_MARK, OLD_MARK):
+            prefix = f".{name}{mark}"
+            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+                pid = int(entry[len(prefix):])
+                if pid != os.getpid() and not _pid_alive(pid):
+                    shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _signals_raise_cancelled():
+    """SIGTERM (and SIGHUP) stop the run like Ctrl-C does: cleanly, removing the temporary."""
+    def handler(signum, frame):
+        raise Cancelled(f"interrupted by signal {signal.Signals(signum).name}")
+
+    previous = {}
+    if hasattr(signal, "SIGTERM") and _in_main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _core_args(plan: ReshardPlan, root: str):
+    sources: dict[str, int] = {}
+    dests, literals, tensors = [], [], []
+    for file_index, planned in enumerate(plan.files):
+        dests.append((os.path.join(root, planned.path), planned.size))
+        literals.extend((file_index, offset, data) for offset, data in planned.literals)
+        for t in planned.tensors:
+            rows_cols = _rows_cols(t.shape)
+            copies = [(sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
+                       c.rows, c.cols, c.dst_row, c.dst_col) for c in t.copies]
+            tensors.append((file_index, t.offset, t.dtype, rows_cols[0], rows_cols[1], copies))
+    return list(sources), dests, literals, tensors
+
+
+def _rows_cols(shape):
+    from pyconv.catalog import view2d
+
+    return view2d(tuple(shape))
+
+
+def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: int = 4,
+                 chunk_bytes: int = 32 << 20, progress=None) -> dict:
+    """Writes the plan's files under dst atomically. Returns the core's statistics."""
+    dst = os.path.abspath(dst)
+    parent = os.path.dirname(dst)
+    if os.path.lexists(dst) and not force:
+        raise OutputError(f"{dst}: destination exists (use --force to replace it)")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot create the destination's parent directory: {e.strerror}") from None
+    remove_stale_temporaries(dst)
+    tmp = temporary_sibling(dst)
+    try:
+        os.mkdir(tmp)
+    except OSError as e:
+        raise OutputError(f"{dst}: cannot create a temporary directory beside it: {e.strerror}") from None
+    started = time.perf_counter()
+    try:
+        with _signals_raise_cancelled():
+            subdirs = sorted({os.path.dirname(f.path) for f in plan.files} - {""})
+            for sub in subdirs:
+                os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+            sources, dests, literals, tensors = _core_args(plan, tmp)
+            stats = _core.execute(sources, dests, literals, tensors, threads=threads, chunk_bytes=chunk_bytes,
+                                  fsync=True, progress=progress)
+            for sub in subdirs:
+                _fsync_dir(os.path.join(tmp, sub))
+            _fsync_dir(tmp)
+            _commit(tmp, dst)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Cancelled("interrupted (Ctrl-C); nothing was written to the destination") from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{dst}: no space left on the device") from None
+        raise OutputError(f"{e.filename or dst}: {e.strerror}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stats["wall_seconds"] = time.perf_counter() - started
+    return stats
+
+
+def _commit(tmp: str, dst: str) -> None:
+    """Renames tmp to dst; an existing dst (--force) is moved aside first and removed after."""
+    old = None
+    if os.path.lexists(dst):
+        old = temporary_sibling(dst, OLD_MARK)
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    _fsync_dir(os.path.dirname(dst))
+    if old:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.unlink(old)

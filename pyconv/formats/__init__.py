@@ -1,0 +1,61 @@
+"""One adapter per checkpoint format, registered by name.
+
+An adapter knows how to recognise its layout on disk (`detect`), read it into a
+Catalog of canonical tensors (`read`), and plan its files for a target (`plan_output`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from pyconv.catalog import Catalog
+from pyconv.errors import FormatError, LayoutError
+
+
+@dataclass(frozen=True)
+class FormatAdapter:
+    name: str
+    detect: Callable[[str], bool]
+    read: Callable[[str], Catalog]
+    plan_output: Callable | None  # (catalog, target) -> list[PlannedFile]; None: read-only format
+
+
+_FORMATS: dict[str, FormatAdapter] = {}
+
+
+def register_format(name: str, *, detect, read, plan_output=None) -> None:
+    _FORMATS[name] = FormatAdapter(name, detect, read, plan_output)
+
+
+def _load_builtin() -> None:
+    # Imported lazily so `pyconv --help` does not pay for every adapter.
+    from pyconv.formats import hf  # noqa: F401
+
+
+def format_names() -> list[str]:
+    _load_builtin()
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> FormatAdapter:
+    _load_builtin()
+    if name not in _FORMATS:
+        raise LayoutError(f"unknown format '{name}' (known: {', '.join(sorted(_FORMATS))})")
+    return _FORMATS[name]
+
+
+def detect_format(path: str) -> FormatAdapter:
+    _load_builtin()
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or directory")
+    for adapter in _FORMATS.values():
+        if adapter.detect(path):
+            return adapter
+    raise FormatError(f"{path}: not a checkpoint pyconv recognises (looked for: {', '.join(sorted(_FORMATS))})")
+
+
+def read_checkpoint(path: str, format: str | None = None) -> Catalog:
+    adapter = get_format(format) if format else detect_format(path)
+    return adapter.read(path)

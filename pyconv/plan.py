@@ -1,0 +1,207 @@
+"""The reshard plan: frozen data saying which bytes go where. Building it reads no tensor bytes.
+
+    ReshardPlan
+      └─ PlannedFile (path relative to the destination, size, literal bytes such as headers)
+           └─ PlannedTensor (name, dtype, shape, byte offset in the file)
+                └─ BlockCopy (source file, byte offset, row stride, rows x cols -> (dst_row, dst_col))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pyconv.catalog import ITEMSIZE, CanonicalTensor, view2d
+from pyconv.errors import LayoutError
+
+
+@dataclass(frozen=True)
+class BlockCopy:
+    source: str          # absolute path of the source file
+    src_offset: int      # absolute byte offset of the block's first element
+    src_row_stride: int  # bytes between block rows in the source (0 repeats a row)
+    src_dtype: str
+    rows: int
+    cols: int
+    dst_row: int         # position in the output tensor's 2-D view
+    dst_col: int
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the output file
+    copies: tuple[BlockCopy, ...]
+
+    @property
+    def nbytes(self) -> int:
+        rows, cols = view2d(self.shape)
+        return rows * cols * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: str  # relative to the destination directory
+    size: int
+    tensors: tuple[PlannedTensor, ...] = ()
+    literals: tuple[tuple[int, bytes], ...] = ()  # (offset, bytes) written verbatim
+    kind: str = "weights"  # "weights", "metadata" (generated JSON) or "copy" (carried over verbatim)
+
+
+@dataclass(frozen=True)
+class ReshardPlan:
+    source: str
+    source_format: str
+    target: dict  # the target spec, JSON-able
+    files: tuple[PlannedFile, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(f.tensors) for f in self.files if f.kind == "weights")
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "source_format": self.source_format,
+            "target": self.target,
+            "total_bytes": self.total_bytes,
+            "tensors": self.tensor_count,
+            "files": [
+                {
+                    "path": f.path,
+                    "kind": f.kind,
+                    "size": f.size,
+                    "literals": [{"offset": off, "length": len(data)} for off, data in f.literals],
+                    "tensors": [
+                        {
+                            "name": t.name,
+                            "dtype": t.dtype,
+                            "shape": list(t.shape),
+                            "offset": t.offset,
+                            "nbytes": t.nbytes,
+                            "copies": [vars(c) for c in t.copies],
+                        }
+                        for t in f.tensors
+                    ],
+                }
+                for f in self.files
+            ],
+            "notes": list(self.notes),
+        }
+
+    def summary(self) -> str:
+        lines = [f"plan: {self.source} ({self.source_format}) -> {json.dumps(self.target)}"]
+        for f in self.files:
+            what = f"{len(f.tensors):>6} tensors" if f.kind == "weights" else f"{f.kind:>14}"
+            lines.append(f"  {f.path:<48} {what} {f.size:>16,} bytes")
+        lines.append(f"  total: {len(self.files)} files, {self.tensor_count} tensors, {self.total_bytes:,} bytes")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, cols: int,
+                      dst_row: int = 0, dst_col: int = 0) -> list[BlockCopy]:
+    """Block copies that move rows [row0, row0+rows) x cols [col0, col0+cols) of a canonical
+    tensor's 2-D view to (dst_row, dst_col) of an output tensor: the source blocks clipped
+    to the region. Raises LayoutError if the blocks do not cover the region."""
+    out = []
+    covered = 0
+    for b in tensor.blocks:
+        r0, r1 = max(row0, b.dst_row), min(row0 + rows, b.dst_row + b.rows)
+        c0, c1 = max(col0, b.dst_col), min(col0 + cols, b.dst_col + b.cols)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        stored_cols = view2d(b.stored.shape)[1]
+        isz = ITEMSIZE[b.stored.dtype]
+        src_r, src_c = b.src_row + (r0 - b.dst_row), b.src_col + (c0 - b.dst_col)
+        out.append(BlockCopy(
+            source=b.stored.path,
+            src_offset=b.stored.offset + (src_r * stored_cols + src_c) * isz,
+            src_row_stride=stored_cols * isz,
+            src_dtype=b.stored.dtype,
+            rows=r1 - r0, cols=c1 - c0,
+            dst_row=dst_row + (r0 - row0), dst_col=dst_col + (c0 - col0)))
+        covered += (r1 - r0) * (c1 - c0)
+    if covered != rows * cols:
+        raise LayoutError(f"tensor {tensor.name}: source blocks cover {covered} of the {rows * cols} elements requested")
+    return out
+
+
+def plan_whole_tensor(tensor: CanonicalTensor, dtype: str, offset: int) -> PlannedTensor:
+    rows, cols = view2d(tensor.shape)
+    copies = copies_for_region(tensor, 0, 0, rows, cols) if rows and cols else []
+    return PlannedTensor(tensor.name, dtype, tensor.shape, offset, tuple(copies))
+
+
+def plan_file_copy(source_path: str, size: int, relative_path: str) -> PlannedFile:
+    """A small file (tokenizer, generation config) carried over byte for byte."""
+    copies = (BlockCopy(source_path, 0, size, "U8", 1, size, 0, 0),) if size else ()
+    tensors = (PlannedTensor(relative_path, "U8", (size,), 0, copies),) if size else ()
+    return PlannedFile(relative_path, size, tensors, kind="copy")
+
+
+def plan_text_file(relative_path: str, text: str) -> PlannedFile:
+    data = text.encode("utf-8")
+    return PlannedFile(relative_path, len(data), literals=((0, data),), kind="metadata")
+
+
+DTYPE_ALIASES = {
+    "fp32": "F32", "float32": "F32", "f32": "F32",
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
+}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to produce. dtype is a safetensors dtype name (F32, BF16, F16) or None to keep."""
+
+    format: str = "hf"
+    dtype: str | None = None
+    max_shard_size: int = 5_000_000_000
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+
+
+def parse_dtype(name: str | None) -> str | None:
+    if name is None:
+        return None
+    key = name.lower()
+    if key not in DTYPE_ALIASES:
+        raise LayoutError(f"unknown dtype '{name}' (choose fp32, bf16 or fp16)")
+    return DTYPE_ALIASES[key]
+
+
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' (decimal, as transformers), '512MiB' (binary) or plain bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        s = text.strip().upper()
+        digits = s.rstrip("KMGTIB")
+        unit = s[len(digits):]
+        try:
+            number = float(digits)
+        except ValueError:
+            number = None
+        if number is None or unit not in _SIZE_UNITS:
+            raise LayoutError(f"cannot read size '{text}' (use bytes or KB/MB/GB, e.g. 5GB)")
+        value = int(number * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise LayoutError(f"size must be positive, got {text}")
+    return value
