@@ -1,0 +1,78 @@
+"""Tiny models built from configs with transformers (never downloaded), as session fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+TOKENIZER_FILES = {
+    # Stand-ins: pyconv carries these over byte for byte; their content does not matter.
+    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}}}) + "\n",
+    "tokenizer_config.json": json.dumps({"model_max_length": 128}) + "\n",
+    "special_tokens_map.json": json.dumps({"bos_token": "<s>"}) + "\n",
+}
+
+
+def _tiny_config(family: str):
+    import transformers
+
+    if family == "llama":
+        # GQA (2 kv heads for 4 query heads) and head_dim 24 != hidden/heads = 16.
+        return transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                        max_position_embeddings=64, tie_word_embeddings=False)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    if family == "qwen2":
+        return transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=True)
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = _tiny_config(family)
+    model_cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
+                 "qwen2": transformers.Qwen2ForCausalLM}[family]
+    model = model_cls(config).eval()
+    # Non-trivial norms and biases so that a mixed-up tensor cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name or "ln_" in name else 0.0))
+    return model
+
+
+def save_tiny_model(model, path, **kwargs):
+    model.save_pretrained(path, **kwargs)
+    for name, text in TOKENIZER_FILES.items():
+        with open(os.path.join(path, name), "w") as f:
+            f.write(text)
+    return str(path)
+
+
+FAMILIES = ("llama", "gpt2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: (model, path)} saved as fp32 safetensors, sharded at 40 KB."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for family in FAMILIES:
+        model = build_tiny_model(family)
+        out[family] = (model, save_tiny_model(model, root / family, max_shard_size="40KB"))
+    return out
+
+
+def example_input(model):
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (2, 11), generator=g)

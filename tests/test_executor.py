@@ -1,0 +1,100 @@
+"""The core's block-copy executor on synthetic files: layouts, chunking, casts, bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyconv import _core
+from pyconv.errors import FormatError
+
+
+def write(path, array):
+    path.write_bytes(array.tobytes())
+    return str(path)
+
+
+def run(tmp_path, sources, size, tensors, **kwargs):
+    out = tmp_path / "out.bin"
+    _core.execute(sources, [(str(out), size)], [], tensors, **kwargs)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_merges_row_and_column_shards(tmp_path, chunk_bytes, threads):
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 2**31, size=(300, 40), dtype=np.int32).view(np.float32)
+    # Column shards (TP row-parallel layout) of 300 x 20 each, at an offset inside their files.
+    a = write(tmp_path / "a", np.concatenate([np.zeros(3, np.float32), full[:, :20].ravel()]))
+    b = write(tmp_path / "b", full[:, 20:].copy())
+    copies = [(0, 12, 80, "F32", 300, 20, 0, 0), (1, 0, 80, "F32", 300, 20, 0, 20)]
+    data = run(tmp_path, [a, b], full.nbytes, [(0, 0, "F32", 300, 40, copies)], threads=threads, chunk_bytes=chunk_bytes)
+    assert data == full.tobytes()
+
+
+def test_row_larger_than_chunk_is_split_by_columns(tmp_path):
+    row = np.arange(5000, dtype=np.float32)
+    src = write(tmp_path / "src", row)
+    data = run(tmp_path, [src], 5000 * 2, [(0, 0, "BF16", 1, 5000, [(0, 0, 20000, "F32", 1, 5000, 0, 0)])],
+               chunk_bytes=4096)
+    expected = _core.cast(row.tobytes(), "F32", "BF16")
+    assert data == expected
+
+
+def test_stride_zero_repeats_a_row_for_vocab_padding(tmp_path):
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    src = write(tmp_path / "src", emb)
+    copies = [(0, 0, 16, "F32", 3, 4, 0, 0), (0, 32, 0, "F32", 2, 4, 3, 0)]  # pad 2 rows with the last row
+    data = run(tmp_path, [src], 5 * 16, [(0, 0, "F32", 5, 4, copies)])
+    assert np.frombuffer(data, np.float32).reshape(5, 4).tolist() == emb.tolist() + [emb[2].tolist()] * 2
+
+
+def test_literals_and_several_tensors(tmp_path):
+    x = np.arange(8, dtype=np.float16)
+    src = write(tmp_path / "src", x)
+    out = tmp_path / "out.bin"
+    tensors = [(0, 8, "F16", 1, 4, [(0, 8, 8, "F16", 1, 4, 0, 0)]), (0, 16, "F32", 1, 4, [(0, 0, 8, "F16", 1, 4, 0, 0)])]
+    stats = _core.execute([src], [(str(out), 32)], [(0, 0, b"HEADER!!")], tensors)
+    data = out.read_bytes()
+    assert data[:8] == b"HEADER!!"
+    assert np.frombuffer(data[8:16], np.float16).tolist() == [4, 5, 6, 7]
+    assert np.frombuffer(data[16:32], np.float32).tolist() == [0, 1, 2, 3]
+    assert stats["bytes_written"] == 32
+
+
+@pytest.mark.parametrize("copies, message", [
+    ([(0, 16, 16, "F32", 3, 4, 0, 0)], "outside the file"),          # reads to byte 64 of 48
+    ([(0, 0, 16, "F32", 2, 4, 0, 0)], "cover 8 of 12 elements"),      # a hole in the output
+    ([(0, 0, 16, "F32", 3, 4, 1, 0)], "lies outside the tensor"),     # past the last row
+    ([(0, 0, 16, "I32", 3, 4, 0, 0)], "cannot cast I32 to F32"),
+    ([(5, 0, 16, "F32", 3, 4, 0, 0)], "missing source"),
+    ([(0, 0, 2**63, "F32", 3, 4, 0, 0)], "overflows"),
+])
+def test_plan_errors_are_caught_before_writing(tmp_path, copies, message):
+    src = write(tmp_path / "src", np.zeros(12, np.float32))
+    out = tmp_path / "out.bin"
+    with pytest.raises(FormatError, match=message):
+        _core.execute([src], [(str(out), 48)], [], [(0, 0, "F32", 3, 4, copies)])
+    assert not out.exists()
+
+
+def test_destination_range_is_checked(tmp_path):
+    src = write(tmp_path / "src", np.zeros(4, np.float32))
+    with pytest.raises(FormatError, match="runs past the file size"):
+        _core.execute([src], [(str(tmp_path / "o"), 8)], [], [(0, 0, "F32", 1, 4, [(0, 0, 16, "F32", 1, 4, 0, 0)])])
+    with pytest.raises(FormatError, match="past the file size"):
+        _core.execute([src], [(str(tmp_path / "o"), 8)], [(0, 4, b"12345")], [])
+
+
+def test_progress_callback_can_cancel(tmp_path):
+    big = np.zeros(8 << 20, np.uint8)
+    src = write(tmp_path / "src", big)
+
+    def progress(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _core.execute([src], [(str(tmp_path / "o"), big.size)], [],
+                      [(0, 0, "U8", 4096, 2048, [(0, 0, 2048, "U8", 4096, 2048, 0, 0)])],
+                      chunk_bytes=4096, threads=1, progress=progress)
