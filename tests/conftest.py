@@ -60,6 +60,12 @@ def save_tiny_model(model, path, **kwargs):
 FAMILIES = ("llama", "gpt2", "qwen2")
 
 
+@pytest.fixture(autouse=True)
+def _run_outside_the_source_tree(tmp_path, monkeypatch):
+    """Subprocesses (`python -m pyconv`) must import the installed package, not ./pyconv."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """{family: (model, path)} saved as fp32 safetensors, sharded at 40 KB."""
