@@ -19,9 +19,12 @@ FLOAT_DTYPES = ("F32", "BF16", "F16")  # what the core casts between
 
 
 def view2d(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view [prod(shape[:-1]), shape[-1]] every block copy works in."""
+    """The 2-D view every block copy works in: [prod(shape[:-1]), shape[-1]] for rank >= 2,
+    and [n, 1] for a vector, so that dim 0 is always rows (a bias splits like its weight)."""
     if not shape:
         return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
     return math.prod(shape[:-1]), shape[-1]
 
 

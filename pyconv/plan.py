@@ -142,7 +142,7 @@ def plan_whole_tensor(tensor: CanonicalTensor, dtype: str, offset: int) -> Plann
 
 def plan_file_copy(source_path: str, size: int, relative_path: str) -> PlannedFile:
     """A small file (tokenizer, generation config) carried over byte for byte."""
-    copies = (BlockCopy(source_path, 0, size, "U8", 1, size, 0, 0),) if size else ()
+    copies = (BlockCopy(source_path, 0, 1, "U8", size, 1, 0, 0),) if size else ()
     tensors = (PlannedTensor(relative_path, "U8", (size,), 0, copies),) if size else ()
     return PlannedFile(relative_path, size, tensors, kind="copy")
 

@@ -22,7 +22,7 @@ def whole(name, dtype, shape, path="/src/model.safetensors", offset=1000):
 
 def test_view2d():
     assert view2d(()) == (1, 1)
-    assert view2d((7,)) == (1, 7)
+    assert view2d((7,)) == (7, 1)
     assert view2d((3, 5)) == (3, 5)
     assert view2d((2, 3, 5)) == (6, 5)
     assert view2d((4, 0)) == (4, 0)
@@ -66,7 +66,7 @@ def test_plan_hf_golden_offsets_and_dtype_order():
     by_name = {t.name: t for t in shard.tensors}
     assert by_name["w"].offset == header_len + 50
     assert by_name["w"].copies == (BlockCopy("/src/model.safetensors", 100, 32, "F32", 4, 8, 0, 0),)
-    assert by_name["b"].copies == (BlockCopy("/src/model.safetensors", 228, 32, "F32", 1, 8, 0, 0),)
+    assert by_name["b"].copies == (BlockCopy("/src/model.safetensors", 228, 4, "F32", 8, 1, 0, 0),)
     assert by_name["ids"].dtype == "I64"
 
 
@@ -85,7 +85,7 @@ def test_plan_hf_sharding_index_and_config():
     assert json.loads(files[4].literals[0][1])["torch_dtype"] == "float16"
     copy = files[5]
     assert copy.kind == "copy" and copy.size == 17
-    assert copy.tensors[0].copies == (BlockCopy("/src/tokenizer.json", 0, 17, "U8", 1, 17, 0, 0),)
+    assert copy.tensors[0].copies == (BlockCopy("/src/tokenizer.json", 0, 1, "U8", 17, 1, 0, 0),)
 
 
 def test_plan_refuses_fp8_cast_with_name():
