@@ -1,0 +1,109 @@
+"""Shard rules: each returns the Pieces of one tensor-parallel rank's shard.
+
+Shapes are logical [out, in] (a bias is [out, 1]): dim 0 is what column-parallel layers
+split, dim 1 what row-parallel layers split. A Piece says which rectangle of which canonical
+tensor lands where in the shard; the same pieces read a shard back (the inverse direction),
+so one function serves both HF -> Megatron and Megatron -> HF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyconv.errors import LayoutError
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [row0, row0+rows) x cols [col0, col0+cols) of canonical tensor `source`,
+    placed at (dst_row, dst_col) of the shard. `repeat` means the single source row
+    row0 fills `rows` shard rows (vocab padding); such rows carry no information back."""
+
+    source: str
+    row0: int
+    col0: int
+    rows: int
+    cols: int
+    dst_row: int
+    dst_col: int = 0
+    repeat: bool = False
+
+
+def divide(n: int, parts: int, what: str) -> int:
+    if parts <= 0 or n % parts:
+        raise LayoutError(f"{what} = {n} is not divisible by {parts}")
+    return n // parts
+
+
+def replicated(name: str, shape: tuple[int, int]) -> list[Piece]:
+    return [Piece(name, 0, 0, shape[0], shape[1], 0)]
+
+
+def column_parallel(name: str, shape: tuple[int, int], tp: int, rank: int) -> list[Piece]:
+    rows = divide(shape[0], tp, f"{name}: dim 0 split over tp={tp}")
+    return [Piece(name, rank * rows, 0, rows, shape[1], 0)]
+
+
+def row_parallel(name: str, shape: tuple[int, int], tp: int, rank: int) -> list[Piece]:
+    cols = divide(shape[1], tp, f"{name}: dim 1 split over tp={tp}")
+    return [Piece(name, 0, rank * cols, shape[0], cols, 0)]
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tp."""
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def vocab_parallel(name: str, shape: tuple[int, int], padded_vocab: int, tp: int, rank: int) -> list[Piece]:
+    """A dim-0 split of the embedding padded to padded_vocab rows by repeating the last row,
+    as Megatron's converters pad it."""
+    vocab, hidden = shape
+    if padded_vocab < vocab:
+        raise LayoutError(f"{name}: padded vocab {padded_vocab} is smaller than the vocab {vocab}")
+    rows = divide(padded_vocab, tp, f"{name}: padded vocab split over tp={tp}")
+    start, stop = rank * rows, (rank + 1) * rows
+    pieces = []
+    real_stop = min(stop, vocab)
+    if real_stop > start:
+        pieces.append(Piece(name, start, 0, real_stop - start, hidden, 0))
+    pad_start = max(start, vocab)
+    if stop > pad_start:
+        pieces.append(Piece(name, vocab - 1, 0, stop - pad_start, hidden, pad_start - start, repeat=True))
+    return pieces
+
+
+def _take_rows(segments: list[tuple[str, int, int]], cols: int, start: int, stop: int) -> list[Piece]:
+    """Rows [start, stop) of a fused tensor laid out as consecutive (source, row0, rows) segments."""
+    pieces, position = [], 0
+    for source, row0, rows in segments:
+        lo, hi = max(start, position), min(stop, position + rows)
+        if lo < hi:
+            pieces.append(Piece(source, row0 + (lo - position), 0, hi - lo, cols, lo - start))
+        position += rows
+    return pieces
+
+
+def qkv_fused(q: str, k: str, v: str, cols: int, num_heads: int, num_groups: int, head_dim: int,
+              tp: int, rank: int) -> list[Piece]:
+    """Megatron-Core's fused linear_qkv: per query group g the rows
+
+        [q heads g*h .. g*h+h-1 | k_g | v_g]     (h = num_heads / num_groups, each head_dim rows)
+
+    and rank r holds rows [r*N/tp, (r+1)*N/tp) of the N fused rows: num_groups/tp whole groups
+    when tp divides num_groups, else an even split by raw row count. cols is 1 for the bias."""
+    heads_per_group = divide(num_heads, num_groups, "num_attention_heads over num_query_groups")
+    segments = []
+    for g in range(num_groups):
+        segments.append((q, g * heads_per_group * head_dim, heads_per_group * head_dim))
+        segments.append((k, g * head_dim, head_dim))
+        segments.append((v, g * head_dim, head_dim))
+    total = (num_heads + 2 * num_groups) * head_dim
+    rows = divide(total, tp, f"fused qkv rows ((heads {num_heads} + 2 * groups {num_groups}) * head_dim {head_dim}) over tp={tp}")
+    return _take_rows(segments, cols, rank * rows, (rank + 1) * rows)
+
+
+def gated_fc1(gate: str, up: str, ffn: int, cols: int, tp: int, rank: int) -> list[Piece]:
+    """SwiGLU linear_fc1 on rank r: [gate_r; up_r], each the rank's dim-0 slice of its projection."""
+    rows = divide(ffn, tp, f"ffn_hidden_size split over tp={tp}")
+    return [Piece(gate, rank * rows, 0, rows, cols, 0), Piece(up, rank * rows, 0, rows, cols, rows)]
