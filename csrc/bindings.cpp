@@ -94,7 +94,7 @@ PYBIND11_MODULE(_core, m) {
                                {static_cast<py::ssize_t>(f.size())}, {1}, /*readonly=*/true);
       });
 
-  using CopyTuple = std::tuple<uint32_t, uint64_t, uint64_t, std::string, uint64_t, uint64_t, uint64_t, uint64_t>;
+  using CopyTuple = std::tuple<uint32_t, uint64_t, uint64_t, std::string, uint64_t, uint64_t, uint64_t, uint64_t, bool>;
   using TensorTuple = std::tuple<uint32_t, uint64_t, std::string, uint64_t, uint64_t, std::vector<CopyTuple>>;
   m.def("execute",
         [](const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,
@@ -108,8 +108,8 @@ PYBIND11_MODULE(_core, m) {
           for (const auto& [dest, offset, dtype, rows, cols, copies] : tensors) {
             OutputTensor t{dest, offset, parse_dtype(dtype), rows, cols, {}};
             t.copies.reserve(copies.size());
-            for (const auto& [src, src_offset, stride, src_dtype, crows, ccols, drow, dcol] : copies)
-              t.copies.push_back({src, src_offset, stride, parse_dtype(src_dtype), crows, ccols, drow, dcol});
+            for (const auto& [src, src_offset, stride, src_dtype, crows, ccols, drow, dcol, transpose] : copies)
+              t.copies.push_back({src, src_offset, stride, parse_dtype(src_dtype), crows, ccols, drow, dcol, transpose});
             plan.tensors.push_back(std::move(t));
           }
           ExecOptions options;
@@ -152,5 +152,5 @@ PYBIND11_MODULE(_core, m) {
         py::arg("sources"), py::arg("dests"), py::arg("literals"), py::arg("tensors"), py::arg("threads") = 4,
         py::arg("chunk_bytes") = 32ull << 20, py::arg("fsync") = true, py::arg("progress") = py::none(),
         "Runs a plan of block copies. tensors: (dest, offset, dtype, rows, cols, copies); copies: "
-        "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col).");
+        "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col, transpose).");
 }

@@ -152,9 +152,11 @@ class Runner {
           throw FormatError(where + ": block copy [" + std::to_string(c.dst_row) + "+" + std::to_string(c.rows) + ", " + std::to_string(c.dst_col) + "+" +
                             std::to_string(c.cols) + "] lies outside the tensor [" + std::to_string(t.rows) + ", " + std::to_string(t.cols) + "]");
         if (c.rows == 0 || c.cols == 0) continue;
-        const uint64_t row_bytes = checked_area(1, c.cols, dtype_itemsize(c.src_dtype), where);
+        // Source block: rows x cols, or cols x rows read transposed.
+        const uint64_t src_rows = c.transpose ? c.cols : c.rows, src_cols = c.transpose ? c.rows : c.cols;
+        const uint64_t row_bytes = checked_area(1, src_cols, dtype_itemsize(c.src_dtype), where);
         uint64_t span, extent;
-        if (!checked_mul(c.rows - 1, c.src_row_stride, &span) || !checked_add(span, row_bytes, &extent))
+        if (!checked_mul(src_rows - 1, c.src_row_stride, &span) || !checked_add(span, row_bytes, &extent))
           throw FormatError(where + ": block copy source extent overflows");
         sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
         covered += checked_area(c.rows, c.cols, 1, where);
@@ -276,7 +278,7 @@ class Runner {
         ++hits;
         only = &c;
       }
-    if (hits == 1 && only->src_dtype == t.dtype) {
+    if (hits == 1 && only->src_dtype == t.dtype && !only->transpose) {
       intersect(*only, task, &hit);
       const bool covers = hit.row0 == task.row0 && hit.row1 == task.row1 && hit.col0 == task.col0 && hit.col1 == task.col1;
       const bool contiguous = task.row1 - task.row0 == 1 || only->src_row_stride == only->cols * isz;
@@ -292,6 +294,10 @@ class Runner {
     if (buffer.size() < length) buffer.resize(length);
     for (const auto& c : t.copies) {
       if (!intersect(c, task, &hit)) continue;
+      if (c.transpose) {
+        copy_transposed(c, hit, task, width, isz, t.dtype, buffer.data());
+        continue;
+      }
       const MappedFile& src = *sources_[c.source];
       const uint64_t src_isz = dtype_itemsize(c.src_dtype);
       const uint64_t n = hit.col1 - hit.col0;
@@ -312,6 +318,29 @@ class Runner {
     }
     write_all(dest, buffer.data(), length, dst_offset);
     finish(dest, dst_offset, length);
+  }
+
+  // dst[r][c] = src[c][r] over the intersection, in tiles of kTile destination rows so each
+  // source row is read as one contiguous run.
+  void copy_transposed(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz,
+                       DType dtype, unsigned char* buffer) {
+    constexpr uint64_t kTile = 64;
+    const MappedFile& src = *sources_[c.source];
+    const uint64_t src_isz = dtype_itemsize(c.src_dtype);
+    const uint64_t first = c.src_offset + (hit.col0 - c.dst_col) * c.src_row_stride + (hit.row0 - c.dst_row) * src_isz;
+    const uint64_t span = (hit.col1 - hit.col0 - 1) * c.src_row_stride + (hit.row1 - hit.row0) * src_isz;
+    src.will_need(first, span);
+    unsigned char run[kTile * 8];
+    for (uint64_t r = hit.row0; r < hit.row1; r += kTile) {
+      const uint64_t n = std::min(kTile, hit.row1 - r);
+      for (uint64_t col = hit.col0; col < hit.col1; ++col) {
+        const unsigned char* in = src.data() + c.src_offset + (col - c.dst_col) * c.src_row_stride + (r - c.dst_row) * src_isz;
+        cast_elements(in, c.src_dtype, run, dtype, n);
+        unsigned char* out = buffer + ((r - task.row0) * width + (col - task.col0)) * isz;
+        for (uint64_t i = 0; i < n; ++i) std::memcpy(out + i * width * isz, run + i * isz, isz);
+      }
+    }
+    src.release(first, span);
   }
 
   // copy_file_range keeps the bytes in the kernel; where the filesystem cannot, the

@@ -4,7 +4,9 @@
 // Every output tensor is viewed as a row-major 2-D array [rows, cols]. A BlockCopy
 // fills the rectangle [dst_row, dst_row + rows) x [dst_col, dst_col + cols) of it from
 // a source block whose first element lies at src_offset and whose rows are
-// src_row_stride bytes apart (0 repeats one source row, as vocab padding does).
+// src_row_stride bytes apart (0 repeats one source row, as vocab padding does). A
+// transposed copy reads a source block of cols x rows and writes its transpose (the
+// HF Conv1D weights of GPT-2 are stored [in, out], Megatron's [out, in]).
 // Work is cut into tasks of at most chunk_bytes of output, so resident memory is
 // bounded by threads x chunk_bytes, whatever the model size.
 #pragma once
@@ -24,6 +26,7 @@ struct BlockCopy {
   DType src_dtype;
   uint64_t rows, cols;      // extent in elements
   uint64_t dst_row, dst_col;
+  bool transpose = false;
 };
 
 struct OutputTensor {

@@ -70,8 +70,11 @@ class Checkpoint:
         out = torch.empty((rows, cols), dtype=dtype)
         for b in t.blocks:
             src = self._stored_view(b.stored, dtype)
-            out[b.dst_row:b.dst_row + b.rows, b.dst_col:b.dst_col + b.cols] = \
-                src[b.src_row:b.src_row + b.rows, b.src_col:b.src_col + b.cols]
+            if b.transpose:
+                block = src[b.src_row:b.src_row + b.cols, b.src_col:b.src_col + b.rows].T
+            else:
+                block = src[b.src_row:b.src_row + b.rows, b.src_col:b.src_col + b.cols]
+            out[b.dst_row:b.dst_row + b.rows, b.dst_col:b.dst_col + b.cols] = block
         return out.view(t.shape)
 
     def _stored_view(self, stored, dtype):

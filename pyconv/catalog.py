@@ -48,7 +48,8 @@ class StoredTensor:
 
 @dataclass(frozen=True)
 class SourceBlock:
-    """Rows x cols of a stored tensor's 2-D view, placed at (dst_row, dst_col) of a canonical tensor."""
+    """Rows x cols of a canonical tensor's 2-D view at (dst_row, dst_col), taken from the stored
+    tensor's block at (src_row, src_col): rows x cols, or cols x rows read transposed."""
 
     stored: StoredTensor
     src_row: int
@@ -57,6 +58,7 @@ class SourceBlock:
     cols: int
     dst_row: int
     dst_col: int
+    transpose: bool = False
 
 
 @dataclass(frozen=True)

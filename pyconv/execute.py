@@ -95,7 +95,7 @@ def _core_args(plan: ReshardPlan, root: str):
         for t in planned.tensors:
             rows_cols = _rows_cols(t.shape)
             copies = [(sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
-                       c.rows, c.cols, c.dst_row, c.dst_col) for c in t.copies]
+                       c.rows, c.cols, c.dst_row, c.dst_col, c.transpose) for c in t.copies]
             tensors.append((file_index, t.offset, t.dtype, rows_cols[0], rows_cols[1], copies))
     return list(sources), dests, literals, tensors
 

@@ -25,6 +25,7 @@ class BlockCopy:
     cols: int
     dst_row: int         # position in the output tensor's 2-D view
     dst_col: int
+    transpose: bool = False  # the source block is cols x rows and is written transposed
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,14 @@ class ReshardPlan:
 
 
 def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, cols: int,
-                      dst_row: int = 0, dst_col: int = 0) -> list[BlockCopy]:
+                      dst_row: int = 0, dst_col: int = 0, transpose: bool = False) -> list[BlockCopy]:
     """Block copies that move rows [row0, row0+rows) x cols [col0, col0+cols) of a canonical
-    tensor's 2-D view to (dst_row, dst_col) of an output tensor: the source blocks clipped
-    to the region. Raises LayoutError if the blocks do not cover the region."""
+    tensor's 2-D view to (dst_row, dst_col) of an output tensor (transposed if asked): the
+    source blocks clipped to the region. Raises LayoutError if they do not cover it.
+
+    A source block maps canonical [r][c] to stored [src_row + r'][src_col + c'] (r', c'
+    relative to the block), or to stored [src_row + c'][src_col + r'] when the block is
+    transposed; a copy transposes when exactly one of the block and the request does."""
     out = []
     covered = 0
     for b in tensor.blocks:
@@ -120,14 +125,21 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
             continue
         stored_cols = view2d(b.stored.shape)[1]
         isz = ITEMSIZE[b.stored.dtype]
-        src_r, src_c = b.src_row + (r0 - b.dst_row), b.src_col + (c0 - b.dst_col)
+        if b.transpose:
+            src_r, src_c = b.src_row + (c0 - b.dst_col), b.src_col + (r0 - b.dst_row)
+        else:
+            src_r, src_c = b.src_row + (r0 - b.dst_row), b.src_col + (c0 - b.dst_col)
+        if transpose:
+            at_row, at_col, n_rows, n_cols = dst_row + (c0 - col0), dst_col + (r0 - row0), c1 - c0, r1 - r0
+        else:
+            at_row, at_col, n_rows, n_cols = dst_row + (r0 - row0), dst_col + (c0 - col0), r1 - r0, c1 - c0
         out.append(BlockCopy(
             source=b.stored.path,
             src_offset=b.stored.offset + (src_r * stored_cols + src_c) * isz,
             src_row_stride=stored_cols * isz,
             src_dtype=b.stored.dtype,
-            rows=r1 - r0, cols=c1 - c0,
-            dst_row=dst_row + (r0 - row0), dst_col=dst_col + (c0 - col0)))
+            rows=n_rows, cols=n_cols, dst_row=at_row, dst_col=at_col,
+            transpose=transpose != b.transpose))
         covered += (r1 - r0) * (c1 - c0)
     if covered != rows * cols:
         raise LayoutError(f"tensor {tensor.name}: source blocks cover {covered} of the {rows * cols} elements requested")

@@ -28,7 +28,7 @@ def test_merges_row_and_column_shards(tmp_path, chunk_bytes, threads):
     # Column shards (TP row-parallel layout) of 300 x 20 each, at an offset inside their files.
     a = write(tmp_path / "a", np.concatenate([np.zeros(3, np.float32), full[:, :20].ravel()]))
     b = write(tmp_path / "b", full[:, 20:].copy())
-    copies = [(0, 12, 80, "F32", 300, 20, 0, 0), (1, 0, 80, "F32", 300, 20, 0, 20)]
+    copies = [(0, 12, 80, "F32", 300, 20, 0, 0, False), (1, 0, 80, "F32", 300, 20, 0, 20, False)]
     data = run(tmp_path, [a, b], full.nbytes, [(0, 0, "F32", 300, 40, copies)], threads=threads, chunk_bytes=chunk_bytes)
     assert data == full.tobytes()
 
@@ -36,7 +36,7 @@ def test_merges_row_and_column_shards(tmp_path, chunk_bytes, threads):
 def test_row_larger_than_chunk_is_split_by_columns(tmp_path):
     row = np.arange(5000, dtype=np.float32)
     src = write(tmp_path / "src", row)
-    data = run(tmp_path, [src], 5000 * 2, [(0, 0, "BF16", 1, 5000, [(0, 0, 20000, "F32", 1, 5000, 0, 0)])],
+    data = run(tmp_path, [src], 5000 * 2, [(0, 0, "BF16", 1, 5000, [(0, 0, 20000, "F32", 1, 5000, 0, 0, False)])],
                chunk_bytes=4096)
     expected = _core.cast(row.tobytes(), "F32", "BF16")
     assert data == expected
@@ -45,7 +45,7 @@ def test_row_larger_than_chunk_is_split_by_columns(tmp_path):
 def test_stride_zero_repeats_a_row_for_vocab_padding(tmp_path):
     emb = np.arange(12, dtype=np.float32).reshape(3, 4)
     src = write(tmp_path / "src", emb)
-    copies = [(0, 0, 16, "F32", 3, 4, 0, 0), (0, 32, 0, "F32", 2, 4, 3, 0)]  # pad 2 rows with the last row
+    copies = [(0, 0, 16, "F32", 3, 4, 0, 0, False), (0, 32, 0, "F32", 2, 4, 3, 0, False)]  # pad 2 rows with the last row
     data = run(tmp_path, [src], 5 * 16, [(0, 0, "F32", 5, 4, copies)])
     assert np.frombuffer(data, np.float32).reshape(5, 4).tolist() == emb.tolist() + [emb[2].tolist()] * 2
 
@@ -54,7 +54,7 @@ def test_literals_and_several_tensors(tmp_path):
     x = np.arange(8, dtype=np.float16)
     src = write(tmp_path / "src", x)
     out = tmp_path / "out.bin"
-    tensors = [(0, 8, "F16", 1, 4, [(0, 8, 8, "F16", 1, 4, 0, 0)]), (0, 16, "F32", 1, 4, [(0, 0, 8, "F16", 1, 4, 0, 0)])]
+    tensors = [(0, 8, "F16", 1, 4, [(0, 8, 8, "F16", 1, 4, 0, 0, False)]), (0, 16, "F32", 1, 4, [(0, 0, 8, "F16", 1, 4, 0, 0, False)])]
     stats = _core.execute([src], [(str(out), 32)], [(0, 0, b"HEADER!!")], tensors)
     data = out.read_bytes()
     assert data[:8] == b"HEADER!!"
@@ -64,12 +64,12 @@ def test_literals_and_several_tensors(tmp_path):
 
 
 @pytest.mark.parametrize("copies, message", [
-    ([(0, 16, 16, "F32", 3, 4, 0, 0)], "outside the file"),          # reads to byte 64 of 48
-    ([(0, 0, 16, "F32", 2, 4, 0, 0)], "cover 8 of 12 elements"),      # a hole in the output
-    ([(0, 0, 16, "F32", 3, 4, 1, 0)], "lies outside the tensor"),     # past the last row
-    ([(0, 0, 16, "I32", 3, 4, 0, 0)], "cannot cast I32 to F32"),
-    ([(5, 0, 16, "F32", 3, 4, 0, 0)], "missing source"),
-    ([(0, 0, 2**63, "F32", 3, 4, 0, 0)], "overflows"),
+    ([(0, 16, 16, "F32", 3, 4, 0, 0, False)], "outside the file"),          # reads to byte 64 of 48
+    ([(0, 0, 16, "F32", 2, 4, 0, 0, False)], "cover 8 of 12 elements"),      # a hole in the output
+    ([(0, 0, 16, "F32", 3, 4, 1, 0, False)], "lies outside the tensor"),     # past the last row
+    ([(0, 0, 16, "I32", 3, 4, 0, 0, False)], "cannot cast I32 to F32"),
+    ([(5, 0, 16, "F32", 3, 4, 0, 0, False)], "missing source"),
+    ([(0, 0, 2**63, "F32", 3, 4, 0, 0, False)], "overflows"),
 ])
 def test_plan_errors_are_caught_before_writing(tmp_path, copies, message):
     src = write(tmp_path / "src", np.zeros(12, np.float32))
@@ -82,7 +82,7 @@ def test_plan_errors_are_caught_before_writing(tmp_path, copies, message):
 def test_destination_range_is_checked(tmp_path):
     src = write(tmp_path / "src", np.zeros(4, np.float32))
     with pytest.raises(FormatError, match="runs past the file size"):
-        _core.execute([src], [(str(tmp_path / "o"), 8)], [], [(0, 0, "F32", 1, 4, [(0, 0, 16, "F32", 1, 4, 0, 0)])])
+        _core.execute([src], [(str(tmp_path / "o"), 8)], [], [(0, 0, "F32", 1, 4, [(0, 0, 16, "F32", 1, 4, 0, 0, False)])])
     with pytest.raises(FormatError, match="past the file size"):
         _core.execute([src], [(str(tmp_path / "o"), 8)], [(0, 4, b"12345")], [])
 
@@ -96,5 +96,22 @@ def test_progress_callback_can_cancel(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         _core.execute([src], [(str(tmp_path / "o"), big.size)], [],
-                      [(0, 0, "U8", 4096, 2048, [(0, 0, 2048, "U8", 4096, 2048, 0, 0)])],
+                      [(0, 0, "U8", 4096, 2048, [(0, 0, 2048, "U8", 4096, 2048, 0, 0, False)])],
                       chunk_bytes=4096, threads=1, progress=progress)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4096, 1 << 20])
+def test_transposed_blocks(tmp_path, chunk_bytes):
+    rng = np.random.default_rng(3)
+    stored = rng.normal(size=(70, 150)).astype(np.float32)  # [in, out] as GPT-2's Conv1D stores it
+    src = write(tmp_path / "src", stored)
+    # Output [150, 70] = stored.T, in two row halves taken from column ranges of the source, cast to F16.
+    copies = [(0, 0, 600, "F32", 80, 70, 0, 0, True), (0, 80 * 4, 600, "F32", 70, 70, 80, 0, True)]
+    data = run(tmp_path, [src], 150 * 70 * 2, [(0, 0, "F16", 150, 70, copies)], chunk_bytes=chunk_bytes, threads=2)
+    np.testing.assert_array_equal(np.frombuffer(data, np.float16).reshape(150, 70), stored.T.astype(np.float16))
+
+
+def test_transposed_source_bounds_are_checked(tmp_path):
+    src = write(tmp_path / "src", np.zeros((4, 3), np.float32))
+    with pytest.raises(FormatError, match="outside the file"):  # reads 5 source rows of a 4-row tensor
+        _core.execute([src], [(str(tmp_path / "o"), 60)], [], [(0, 0, "F32", 3, 5, [(0, 0, 12, "F32", 3, 5, 0, 0, True)])])

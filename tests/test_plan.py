@@ -125,3 +125,13 @@ def test_plan_is_json_and_needs_no_io(monkeypatch):
     monkeypatch.setattr(os.path, "getsize", no_io)
     files = plan_output(catalog_of(whole("w", "F32", (3, 3))), TargetSpec())
     assert files[0].size == len(files[0].literals[0][1]) + 36
+
+
+def test_copies_for_region_composes_transposes():
+    # Canonical [4, 6] (HF Conv1D [in, out]) assembled from a Megatron-style stored [6, 4] read transposed.
+    stored = StoredTensor("/m.pt", 0, "F32", (6, 4))
+    t = CanonicalTensor("c", "F32", (4, 6), (SourceBlock(stored, 0, 0, 4, 6, 0, 0, transpose=True),))
+    # Writing it transposed again (Megatron -> Megatron) is a straight copy: rows 2..4 of the stored tensor.
+    assert copies_for_region(t, 0, 2, 4, 3, transpose=True) == [BlockCopy("/m.pt", 2 * 16, 16, "F32", 3, 4, 0, 0)]
+    # Writing the canonical layout (-> HF) transposes: canonical rows 1..2 = stored columns 1..2.
+    assert copies_for_region(t, 1, 0, 2, 6) == [BlockCopy("/m.pt", 4, 16, "F32", 2, 6, 0, 0, transpose=True)]
