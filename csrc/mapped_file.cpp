@@ -28,12 +28,12 @@ bool page_span(uint64_t offset, uint64_t length, uint64_t size, uint64_t* lo, ui
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0) throw IoError(path + ": cannot open for reading: " + std::strerror(errno));
+  if (fd_ < 0) throw FormatError(path + ": cannot open for reading: " + std::strerror(errno));
   struct stat st;
   if (::fstat(fd_, &st) != 0) {
     int err = errno;
     ::close(fd_);
-    throw IoError(path + ": cannot stat: " + std::strerror(err));
+    throw FormatError(path + ": cannot stat: " + std::strerror(err));
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd_);

@@ -53,10 +53,10 @@ std::string errno_text() { return std::strerror(errno); }
 
 SafetensorsPrefix read_safetensors_prefix(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw IoError(path + ": cannot open: " + errno_text());
+  if (fd < 0) throw FormatError(path + ": cannot open: " + errno_text());
   struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
   struct stat st;
-  if (::fstat(fd, &st) != 0) throw IoError(path + ": cannot stat: " + errno_text());
+  if (::fstat(fd, &st) != 0) throw FormatError(path + ": cannot stat: " + errno_text());
   if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) fail(path, "file is " + std::to_string(file_size) + " bytes, too short for a safetensors header (8-byte length prefix)");

@@ -13,9 +13,14 @@ import sys
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def _one_line(message: str) -> str:
+    """Control characters (a tensor name may hold a newline) are escaped: errors stay on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other bad-input error
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)}\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -119,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(args)
     except Cancelled as e:
-        print(f"pyconv: stopped: {e}", file=sys.stderr)
+        print(f"pyconv: stopped: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("pyconv: stopped: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except PyconvError as e:
-        print(f"pyconv: error: {e}", file=sys.stderr)
+        print(f"pyconv: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         return EXIT_OK

@@ -34,7 +34,7 @@ def _load_json(path: str, what: str):
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
 
 

@@ -19,11 +19,28 @@ class SafetensorsFile:
     metadata: dict[str, str]
 
 
+def _reject_lone_surrogates(value) -> None:
+    # Python decodes an unpaired "\ud800" escape to a str that cannot be encoded as UTF-8;
+    # serde_json (the reference) rejects it, and it would break the core call and any header we write.
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)  # objects inside were checked by their own hook
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"unpaired surrogate escape in string {ascii(v)[:40]}") from None
+
+
 def _reject_duplicates(pairs):
     seen = {}
     for key, value in pairs:
         if key in seen:
             raise ValueError(f"duplicate key {key!r}")
+        _reject_lone_surrogates(key)
+        _reject_lone_surrogates(value)
         seen[key] = value
     return seen
 
