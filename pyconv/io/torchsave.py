@@ -1,0 +1,261 @@
+"""Writing torch.save archives without torch: the pickle and the zip structure as bytes, with
+the position of every storage record, so the executor can fill the tensor data in place.
+
+The pickle (protocol 2) is emitted opcode by opcode for the few kinds of object a checkpoint
+holds: dicts (OrderedDict too), lists, tuples, str, int, float, bool, None, bytes,
+argparse.Namespace, torch dtypes and tensors. A tensor is written as torch.save writes it:
+
+    torch._utils._rebuild_tensor_v2(<persistent ('storage', torch.<Type>Storage, key, 'cpu', numel)>,
+                                    0, size, stride, False, OrderedDict())
+
+The zip holds, like torch's: data.pkl, .format_version, .storage_alignment, byteorder, one
+STORED record per storage with its data 64-byte aligned (padding in the local header's extra
+field), version, .data/serialization_id. CRC-32 fields are zero, as torch.save writes them with
+torch.serialization.set_crc32_options(False); torch.load does not check them. Records and
+offsets past 4 GiB use zip64 extra fields and the zip64 end records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pyconv.catalog import ITEMSIZE
+
+# safetensors dtype -> (torch storage class name, torch dtype name)
+STORAGE_TYPES = {
+    "F32": ("FloatStorage", "float32"), "F64": ("DoubleStorage", "float64"), "F16": ("HalfStorage", "float16"),
+    "BF16": ("BFloat16Storage", "bfloat16"), "I64": ("LongStorage", "int64"), "I32": ("IntStorage", "int32"),
+    "I16": ("ShortStorage", "int16"), "I8": ("CharStorage", "int8"), "U8": ("ByteStorage", "uint8"),
+    "BOOL": ("BoolStorage", "bool"),
+}
+ALIGNMENT = 64
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """A tensor whose bytes the executor writes later: dtype (safetensors name) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class TorchDtypeValue:
+    """A torch dtype inside pickled data (e.g. args.params_dtype), by name: 'bfloat16'."""
+
+    name: str
+
+
+class _Pickler:
+    """Just enough of pickle protocol 2 to write a checkpoint tree the way torch.save does."""
+
+    def __init__(self):
+        self.out = bytearray(b"\x80\x02")
+        self.slots: list[TensorSlot] = []  # storage key i holds slots[i]
+
+    def dump(self, obj) -> bytes:
+        self._save(obj)
+        self.out += b"."
+        return bytes(self.out)
+
+    def _global(self, module: str, name: str) -> None:
+        self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+    def _str(self, s: str) -> None:
+        data = s.encode("utf-8")
+        self.out += b"X" + struct.pack("<I", len(data)) + data
+
+    def _int(self, n: int) -> None:
+        if 0 <= n < 256:
+            self.out += b"K" + bytes([n])
+        elif 0 <= n < 65536:
+            self.out += b"M" + struct.pack("<H", n)
+        elif -(2**31) <= n < 2**31:
+            self.out += b"J" + struct.pack("<i", n)
+        else:
+            data = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+            self.out += b"\x8a" + bytes([len(data)]) + data
+
+    def _tuple(self, items) -> None:
+        items = list(items)
+        if not items:
+            self.out += b")"
+            return
+        if len(items) <= 3:
+            for x in items:
+                self._save(x)
+            self.out += b"\x85\x86\x87"[len(items) - 1:len(items)]
+            return
+        self.out += b"("
+        for x in items:
+            self._save(x)
+        self.out += b"t"
+
+    def _dict_items(self, items) -> None:
+        items = list(items)
+        for start in range(0, len(items), 1000):  # SETITEMS in batches, as pickle does
+            self.out += b"("
+            for k, v in items[start:start + 1000]:
+                self._save(k)
+                self._save(v)
+            self.out += b"u"
+
+    def _save(self, obj) -> None:
+        if obj is None:
+            self.out += b"N"
+        elif obj is True:
+            self.out += b"\x88"
+        elif obj is False:
+            self.out += b"\x89"
+        elif type(obj) is int:
+            self._int(obj)
+        elif type(obj) is float:
+            self.out += b"G" + struct.pack(">d", obj)
+        elif type(obj) is str:
+            self._str(obj)
+        elif type(obj) is bytes:  # protocol 2 writes bytes as _codecs.encode(latin1 text, 'latin1')
+            self._global("_codecs", "encode")
+            self._tuple([obj.decode("latin1"), "latin1"])
+            self.out += b"R"
+        elif type(obj) is tuple:
+            self._tuple(obj)
+        elif type(obj) is list:
+            self.out += b"]"
+            if obj:
+                self.out += b"("
+                for x in obj:
+                    self._save(x)
+                self.out += b"e"
+        elif type(obj) is OrderedDict:
+            self._global("collections", "OrderedDict")
+            self.out += b")R"
+            self._dict_items(obj.items())
+        elif type(obj) is dict:
+            self.out += b"}"
+            self._dict_items(obj.items())
+        elif type(obj) is argparse.Namespace:
+            self._global("argparse", "Namespace")
+            self.out += b")\x81}"  # cls.__new__(cls), then BUILD with the attribute dict
+            self._dict_items(vars(obj).items())
+            self.out += b"b"
+        elif type(obj) is TorchDtypeValue:
+            self._global("torch", obj.name)
+        elif type(obj) is TensorSlot:
+            self._tensor(obj)
+        else:
+            raise TypeError(f"cannot write {type(obj).__name__} into a torch checkpoint")
+
+    def _tensor(self, slot: TensorSlot) -> None:
+        if slot.dtype not in STORAGE_TYPES:
+            raise TypeError(f"cannot write a {slot.dtype} tensor into a torch checkpoint")
+        key = str(len(self.slots))
+        self.slots.append(slot)
+        numel = slot.nbytes // ITEMSIZE[slot.dtype]
+        stride, step = [], 1
+        for size in reversed(slot.shape):
+            stride.append(step)
+            step *= size
+        self._global("torch._utils", "_rebuild_tensor_v2")
+        self.out += b"(("  # the arguments tuple, then the persistent id tuple
+        self._str("storage")
+        self._global("torch", STORAGE_TYPES[slot.dtype][0])
+        self._str(key)
+        self._str("cpu")
+        self._int(numel)
+        self.out += b"tQ"  # TUPLE, BINPERSID
+        self._int(0)
+        self._tuple(slot.shape)
+        self._tuple(tuple(reversed(stride)))
+        self.out += b"\x89"  # requires_grad=False
+        self._global("collections", "OrderedDict")
+        self.out += b")R"
+        self.out += b"tR"
+
+
+def pickle_checkpoint(obj) -> tuple[bytes, list[TensorSlot]]:
+    """data.pkl bytes for obj, and the tensors in storage-key order ('0', '1', ...)."""
+    pickler = _Pickler()
+    data = pickler.dump(obj)
+    return data, pickler.slots
+
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_EOCD = struct.Struct("<IHHHHIIH")
+_ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_U32 = 0xFFFFFFFF
+_DOS_DATE = (2026 - 1980) << 9 | 1 << 5 | 1  # fixed: archives are byte-reproducible
+
+
+@dataclass(frozen=True)
+class ZipLayout:
+    size: int
+    literals: tuple[tuple[int, bytes], ...]  # (offset, bytes): headers, small records, directory
+    record_offsets: tuple[int, ...]          # data offset of each storage record, in slot order
+
+
+def layout_torch_save(obj, archive_name: str = "archive") -> tuple[ZipLayout, list[TensorSlot]]:
+    """The byte layout of torch.save(obj) with every TensorSlot's bytes left for the executor."""
+    data_pkl, slots = pickle_checkpoint(obj)
+    serialization_id = hashlib.sha1(data_pkl).hexdigest()[:40].encode()
+    records: list[tuple[str, bytes | int]] = [
+        ("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
+        ("byteorder", b"little")]
+    records += [(f"data/{i}", slot.nbytes) for i, slot in enumerate(slots)]
+    records += [("version", b"3\n"), (".data/serialization_id", serialization_id)]
+
+    literals: list[tuple[int, bytes]] = []
+    central: list[bytes] = []
+    record_offsets: list[int] = []
+    position = 0
+    for name, content in records:
+        full_name = f"{archive_name}/{name}".encode()
+        size = content if isinstance(content, int) else len(content)
+        zip64 = size >= _U32 or position >= _U32
+        fixed = _LOCAL.size + len(full_name)
+        zip64_extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        # Pad with an extra field ('FB', as torch does) so the data starts 64-byte aligned.
+        pad = -(position + fixed + len(zip64_extra) + 4) % ALIGNMENT
+        extra = zip64_extra + struct.pack("<HH", 0x4246, pad) + b"\0" * pad
+        header = _LOCAL.pack(0x04034B50, 45 if zip64 else 20, 0x800, 0, 0, _DOS_DATE, 0,
+                             _U32 if zip64 else size, _U32 if zip64 else size, len(full_name), len(extra))
+        literals.append((position, header + full_name + extra))
+        data_offset = position + fixed + len(extra)
+        if isinstance(content, int):
+            record_offsets.append(data_offset)
+        elif content:
+            literals.append((data_offset, content))
+        central_extra = b""
+        if zip64:
+            central_extra = struct.pack("<HHQQQ", 1, 24, size, size, position)
+        central.append(_CENTRAL.pack(0x02014B50, 45 if zip64 else 20, 45 if zip64 else 20, 0x800, 0, 0, _DOS_DATE, 0,
+                                     _U32 if zip64 else size, _U32 if zip64 else size, len(full_name),
+                                     len(central_extra), 0, 0, 0, 0, _U32 if zip64 else position)
+                       + full_name + central_extra)
+        position = data_offset + size
+    directory = b"".join(central)
+    directory_offset, count = position, len(central)
+    tail = b""
+    if directory_offset + len(directory) >= _U32 or count >= 0xFFFF:
+        zip64_eocd_offset = directory_offset + len(directory)
+        tail += _ZIP64_EOCD.pack(0x06064B50, _ZIP64_EOCD.size - 12, 45, 45, 0, 0, count, count, len(directory),
+                                 directory_offset)
+        tail += _ZIP64_LOCATOR.pack(0x07064B50, 0, zip64_eocd_offset, 1)
+        tail += _EOCD.pack(0x06054B50, 0, 0, 0xFFFF, 0xFFFF, _U32, _U32, 0)
+    else:
+        tail += _EOCD.pack(0x06054B50, 0, 0, count, count, len(directory), directory_offset, 0)
+    literals.append((directory_offset, directory + tail))
+    size = directory_offset + len(directory) + len(tail)
+    return ZipLayout(size, tuple(literals), tuple(record_offsets)), slots
