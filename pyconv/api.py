@@ -106,14 +106,16 @@ class Checkpoint:
             "total_bytes": self.total_bytes,
             "bytes_by_dtype": by_dtype,
             "extra_files": [os.path.basename(p) for p, _ in self.catalog.extra_files],
+            **self.catalog.details,
         }
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path!r}, format={self.format!r}, architecture={self.architecture!r}, tensors={len(self)})"
 
 
-def open(path: str | os.PathLike, format: str | None = None) -> Checkpoint:  # noqa: A001 - mirrors builtins.open
-    return Checkpoint(read_checkpoint(os.fspath(path), format))
+def open(path: str | os.PathLike, format: str | None = None, family: str | None = None) -> Checkpoint:  # noqa: A001
+    """Opens a checkpoint lazily (headers only); format and family are detected unless given."""
+    return Checkpoint(read_checkpoint(os.fspath(path), format, family=family))
 
 
 @dataclass
@@ -146,10 +148,16 @@ def _check_paths(src: str, dst: str) -> None:
 
 
 def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shard_size=None,
-                 source_format: str | None = None) -> ReshardPlan:
-    catalog = read_checkpoint(os.fspath(src), source_format)
+                 source_format: str | None = None, family: str | None = None, tp: int = 1, pp: int = 1,
+                 megatron_naming: str = "te", iteration: int | None = None, vocab_divisible_by: int = 128,
+                 first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> ReshardPlan:
+    """The plan of a conversion, as pure data: nothing is read but headers, nothing written."""
+    catalog = read_checkpoint(os.fspath(src), source_format, family=family)
     target = TargetSpec(format=to, dtype=parse_dtype(dtype),
-                        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size)
+                        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size,
+                        tp=tp, pp=pp, megatron_naming=megatron_naming, iteration=iteration,
+                        vocab_divisible_by=vocab_divisible_by, first_stage_layers=first_stage_layers,
+                        last_stage_layers=last_stage_layers)
     adapter = get_format(to)
     if adapter.plan_output is None:
         raise LayoutError(f"format '{to}' can be read but not written")
@@ -159,11 +167,14 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shar
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_size=None, force: bool = False,
             dry_run: bool = False, threads: int = 4, source_format: str | None = None,
-            progress=None) -> ReshardReport:
+            progress=None, **layout) -> ReshardReport:
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
     dtype: fp32 | bf16 | fp16 (floating tensors are cast; others keep theirs);
-    max_shard_size: bytes or a size such as '5GB'. Nothing is written on dry_run.
+    max_shard_size: bytes or a size such as '5GB' (hf). layout: tp, pp, megatron_naming
+    ('te' or 'local'), iteration, vocab_divisible_by, first_stage_layers, last_stage_layers
+    (megatron), family (to read a Megatron checkpoint whose family the args do not tell).
+    Nothing is written on dry_run.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.exists(src):
@@ -172,7 +183,7 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_siz
     if not dry_run and os.path.lexists(dst) and not force:
         raise OutputError(f"{dst}: destination exists (use --force to replace it)")
     started = time.perf_counter()
-    plan = plan_reshard(src, to=to, dtype=dtype, max_shard_size=max_shard_size, source_format=source_format)
+    plan = plan_reshard(src, to=to, dtype=dtype, max_shard_size=max_shard_size, source_format=source_format, **layout)
     if dry_run:
         return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count,
                              plan.total_bytes, time.perf_counter() - started, True, plan)

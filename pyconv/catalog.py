@@ -89,6 +89,7 @@ class Catalog:
     architecture: str | None = None
     extra_files: tuple[tuple[str, int], ...] = ()  # (absolute path, size) of tokenizer/generation files to copy
     metadata: dict[str, str] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # format-specific facts for `inspect` (tp, pp, iteration...)
 
     @property
     def total_bytes(self) -> int:

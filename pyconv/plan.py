@@ -173,14 +173,22 @@ DTYPE_ALIASES = {
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What to produce. dtype is a safetensors dtype name (F32, BF16, F16) or None to keep."""
+    """What to produce. dtype is a safetensors dtype name (F32, BF16, F16) or None to keep.
+    The parallel fields apply to parallel formats (megatron)."""
 
     format: str = "hf"
     dtype: str | None = None
     max_shard_size: int = 5_000_000_000
+    tp: int = 1
+    pp: int = 1
+    megatron_naming: str = "te"          # "te" (TransformerEngine fused norms) or "local"
+    iteration: int | None = None         # None: release/
+    vocab_divisible_by: int = 128        # Megatron's make_vocab_size_divisible_by
+    first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers
+    last_stage_layers: int | None = None   # Megatron's decoder_last_pipeline_num_layers
 
     def to_json(self) -> dict:
-        return {"format": self.format, "dtype": self.dtype, "max_shard_size": self.max_shard_size}
+        return dict(vars(self))
 
 
 def parse_dtype(name: str | None) -> str | None:

@@ -20,18 +20,19 @@ class FormatAdapter:
     detect: Callable[[str], bool]
     read: Callable[[str], Catalog]
     plan_output: Callable | None  # (catalog, target) -> list[PlannedFile]; None: read-only format
+    read_options: tuple[str, ...] = ()  # keyword options `read` takes (e.g. family)
 
 
 _FORMATS: dict[str, FormatAdapter] = {}
 
 
-def register_format(name: str, *, detect, read, plan_output=None) -> None:
-    _FORMATS[name] = FormatAdapter(name, detect, read, plan_output)
+def register_format(name: str, *, detect, read, plan_output=None, read_options=()) -> None:
+    _FORMATS[name] = FormatAdapter(name, detect, read, plan_output, tuple(read_options))
 
 
 def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
-    from pyconv.formats import hf  # noqa: F401
+    from pyconv.formats import hf, megatron  # noqa: F401
 
 
 def format_names() -> list[str]:
@@ -56,6 +57,7 @@ def detect_format(path: str) -> FormatAdapter:
     raise FormatError(f"{path}: not a checkpoint pyconv recognises (looked for: {', '.join(sorted(_FORMATS))})")
 
 
-def read_checkpoint(path: str, format: str | None = None) -> Catalog:
+def read_checkpoint(path: str, format: str | None = None, **options) -> Catalog:
+    """options: reader options that apply (family=... for formats that do not name it)."""
     adapter = get_format(format) if format else detect_format(path)
-    return adapter.read(path)
+    return adapter.read(path, **{k: v for k, v in options.items() if v is not None and k in adapter.read_options})

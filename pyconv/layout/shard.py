@@ -85,19 +85,21 @@ def _take_rows(segments: list[tuple[str, int, int]], cols: int, start: int, stop
 
 
 def qkv_fused(q: str, k: str, v: str, cols: int, num_heads: int, num_groups: int, head_dim: int,
-              tp: int, rank: int) -> list[Piece]:
+              tp: int, rank: int, q_row0: int = 0, k_row0: int = 0, v_row0: int = 0) -> list[Piece]:
     """Megatron-Core's fused linear_qkv: per query group g the rows
 
         [q heads g*h .. g*h+h-1 | k_g | v_g]     (h = num_heads / num_groups, each head_dim rows)
 
     and rank r holds rows [r*N/tp, (r+1)*N/tp) of the N fused rows: num_groups/tp whole groups
-    when tp divides num_groups, else an even split by raw row count. cols is 1 for the bias."""
+    when tp divides num_groups, else an even split by raw row count. cols is 1 for the bias.
+    q_row0/k_row0/v_row0 locate q, k and v inside their sources when one tensor holds all three
+    stacked (GPT-2's c_attn)."""
     heads_per_group = divide(num_heads, num_groups, "num_attention_heads over num_query_groups")
     segments = []
     for g in range(num_groups):
-        segments.append((q, g * heads_per_group * head_dim, heads_per_group * head_dim))
-        segments.append((k, g * head_dim, head_dim))
-        segments.append((v, g * head_dim, head_dim))
+        segments.append((q, q_row0 + g * heads_per_group * head_dim, heads_per_group * head_dim))
+        segments.append((k, k_row0 + g * head_dim, head_dim))
+        segments.append((v, v_row0 + g * head_dim, head_dim))
     total = (num_heads + 2 * num_groups) * head_dim
     rows = divide(total, tp, f"fused qkv rows ((heads {num_heads} + 2 * groups {num_groups}) * head_dim {head_dim}) over tp={tp}")
     return _take_rows(segments, cols, rank * rows, (rank + 1) * rows)

@@ -1,0 +1,153 @@
+"""Model families: one declarative table each, mapping Hugging Face names to Megatron-Core
+names with the shard rule that splits them. Registered by architecture, resolved lazily."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pyconv.errors import FormatError, LayoutError
+
+# Shard rules (pyconv.layout.shard): how a tensor is split over tensor-parallel ranks.
+REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_FC1 = "replicated", "column", "row", "vocab", "qkv", "gated_fc1"
+# Where a tensor lives in the pipeline.
+FIRST_STAGE, LAYER, LAST_STAGE = "first", "layer", "last"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    num_layers: int
+    hidden: int
+    heads: int
+    groups: int      # num_key_value_heads / num_query_groups
+    head_dim: int    # kv_channels
+    ffn: int
+    vocab: int       # the true vocabulary size
+    max_positions: int = 0
+    tied: bool = False
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """HF pattern(s) -> Megatron-Core pattern; '*' stands for the layer index.
+
+    Fused tensors list several HF names (q, k, v or gate, up); a single HF name under the
+    qkv rule holds [q; k; v] already stacked (GPT-2's c_attn). `megatron` is one name, or
+    {"te": ..., "local": ...} where TransformerEngine fuses a norm into the next linear.
+    `transposed`: HF stores the weight [in, out] (Conv1D) where Megatron stores [out, in].
+    `shape`: the HF shape of each HF tensor, from the model dims."""
+
+    hf: tuple[str, ...]
+    megatron: str | dict[str, str]
+    rule: str
+    where: str
+    shape: Callable[[ModelDims], tuple[int, ...]]
+    optional: bool = False
+    transposed: bool = False
+
+    def megatron_name(self, naming: str) -> str:
+        return self.megatron if isinstance(self.megatron, str) else self.megatron[naming]
+
+    def megatron_names(self) -> tuple[str, ...]:
+        return (self.megatron,) if isinstance(self.megatron, str) else tuple(dict.fromkeys(self.megatron.values()))
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+
+
+@dataclass
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    mappings: tuple[TensorMapping, ...]
+    dims_from_hf: Callable[[dict], ModelDims]
+    megatron_args_from_hf: Callable[[dict, ModelDims], dict]
+    hf_config_from_megatron: Callable[[dict], dict]
+    matches_megatron_args: Callable[[dict], bool]
+    ignored_hf: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
+    _hf_regex: list = field(default_factory=list, repr=False)
+    _megatron_regex: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        for m in self.mappings:
+            stars = {p.count("*") for p in m.hf} | {p.count("*") for p in m.megatron_names()}
+            expected = 1 if m.where == LAYER else 0
+            if stars != {expected}:
+                raise ValueError(f"family {self.name}: mapping {m.hf} -> {m.megatron} has wildcard counts {stars}, "
+                                 f"expected {expected}")
+            for i, p in enumerate(m.hf):
+                self._hf_regex.append((_compile(p), m, i))
+            for naming_name in m.megatron_names():
+                self._megatron_regex.append((_compile(naming_name), m))
+        self._ignored_regex = [_compile(p) for p in self.ignored_hf]
+
+    def match_hf(self, name: str):
+        """(mapping, index of the name among the mapping's HF names, layer or None), or None."""
+        for regex, mapping, index in self._hf_regex:
+            m = regex.match(name)
+            if m:
+                return mapping, index, int(m.group(1)) if m.groups() else None
+        return None
+
+    def match_megatron(self, name: str):
+        """(mapping, local layer or None), or None."""
+        for regex, mapping in self._megatron_regex:
+            m = regex.match(name)
+            if m:
+                return mapping, int(m.group(1)) if m.groups() else None
+        return None
+
+    def is_ignored_hf(self, name: str) -> bool:
+        return any(r.match(name) for r in self._ignored_regex)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _load_builtin() -> None:
+    from pyconv.families import gpt2, llama, qwen2  # noqa: F401
+
+
+def family_names() -> list[str]:
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _load_builtin()
+    if name not in _FAMILIES:
+        raise LayoutError(f"unknown model family '{name}' (known: {', '.join(sorted(_FAMILIES))})")
+    return _FAMILIES[name]
+
+
+def family_for_architecture(architecture: str | None, where: str) -> Family:
+    _load_builtin()
+    for family in _FAMILIES.values():
+        if architecture in family.architectures:
+            return family
+    known = sorted(a for f in _FAMILIES.values() for a in f.architectures)
+    raise FormatError(f"{where}: architecture '{architecture}' has no pyconv family table (known: {', '.join(known)})")
+
+
+def family_for_megatron_args(args: dict, where: str) -> Family:
+    _load_builtin()
+    found = [f for f in _FAMILIES.values() if f.matches_megatron_args(args)]
+    if len(found) != 1:
+        raise FormatError(f"{where}: cannot tell the model family from the Megatron args "
+                          f"({'several match: ' + ', '.join(f.name for f in found) if found else 'none matches'}); "
+                          f"pass --family")
+    return found[0]
+
+
+def hf_int(config: dict, key: str, where: str = "config.json", default=None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise FormatError(f"{where}: '{key}' must be an integer, got {value!r}")
+    return value

@@ -1,0 +1,41 @@
+"""Config translation shared by the families: HF config.json <-> Megatron args."""
+
+from __future__ import annotations
+
+import json
+
+from pyconv.errors import FormatError
+
+HF_DTYPE_TO_MEGATRON = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def rope_theta(config: dict, default: float = 10000.0) -> float:
+    """transformers 5 keeps it in rope_parameters; older configs at the top level."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(config.get("rope_theta", default))
+
+
+def require(config: dict, key: str, where: str = "config.json"):
+    if key not in config or config[key] is None:
+        raise FormatError(f"{where}: missing '{key}'")
+    return config[key]
+
+
+def original_hf_config(args: dict) -> dict:
+    """The HF config pyconv stored beside the args when it wrote the checkpoint, if any."""
+    text = args.get("pyconv_hf_config")
+    if not isinstance(text, str):
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def arg(args: dict, key: str, where: str):
+    if key not in args or args[key] is None:
+        raise FormatError(f"{where}: Megatron args have no '{key}'")
+    return args[key]

@@ -1,0 +1,430 @@
+"""Megatron-LM / Megatron-Core per-rank checkpoints.
+
+    DIR/latest_checkpointed_iteration.txt          "release" or the iteration number
+    DIR/release/ or DIR/iter_0000NNN/
+        mp_rank_TT/model_optim_rng.pt              pp = 1
+        mp_rank_TT_PPP/model_optim_rng.pt          pp > 1
+            {"args": argparse.Namespace, "checkpoint_version": 3.0, "iteration": N, "model": {name: tensor}}
+
+Every shard tensor is described by the Pieces of its family mapping's shard rule
+(pyconv.layout): the writer fills each shard from the canonical tensors with them, the reader
+turns each shard back into blocks of the canonical tensors with the same pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from argparse import Namespace
+from collections import OrderedDict
+
+from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.errors import FormatError, LayoutError
+from pyconv.families import (
+    FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, REPLICATED, ROW, VOCAB, COLUMN, Family, ModelDims,
+    TensorMapping, family_for_architecture, family_for_megatron_args, get_family,
+)
+from pyconv.formats import register_format
+from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
+from pyconv.layout import (
+    Piece, column_parallel, gated_fc1, layer_stages, padded_vocab_size, qkv_fused, replicated, row_parallel,
+    vocab_parallel,
+)
+from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
+    plan_text_file
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+# ---- the layout of one mapping on one rank -------------------------------------------------
+
+def logical_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
+    """[out, in] as Megatron stores it; a vector is [n, 1]."""
+    if len(shape) == 1:
+        return shape[0], 1
+    rows, cols = view2d(shape)
+    return (cols, rows) if transposed else (rows, cols)
+
+
+def shard_pieces(mapping: TensorMapping, names: list[str], dims: ModelDims, padded_vocab: int,
+                 tp: int, rank: int) -> list[Piece]:
+    """The pieces of the shard that TP rank `rank` holds for one mapping (names: concrete HF names)."""
+    shape = logical_shape(mapping.shape(dims), mapping.transposed)
+    if mapping.rule == REPLICATED:
+        return replicated(names[0], shape)
+    if mapping.rule == COLUMN:
+        return column_parallel(names[0], shape, tp, rank)
+    if mapping.rule == ROW:
+        return row_parallel(names[0], shape, tp, rank)
+    if mapping.rule == VOCAB:
+        return vocab_parallel(names[0], shape, padded_vocab, tp, rank)
+    if mapping.rule == GATED_FC1:
+        return gated_fc1(names[0], names[1], dims.ffn, shape[1], tp, rank)
+    if mapping.rule == QKV:
+        if len(names) == 3:
+            return qkv_fused(*names, shape[1], dims.heads, dims.groups, dims.head_dim, tp, rank)
+        q_rows, kv_rows = dims.heads * dims.head_dim, dims.groups * dims.head_dim
+        return qkv_fused(names[0], names[0], names[0], shape[1], dims.heads, dims.groups, dims.head_dim, tp, rank,
+                         q_row0=0, k_row0=q_rows, v_row0=q_rows + kv_rows)
+    raise ValueError(f"unknown shard rule {mapping.rule}")
+
+
+def shard_shape(pieces: list[Piece], canonical_rank: int) -> tuple[int, ...]:
+    rows = max(p.dst_row + p.rows for p in pieces)
+    cols = max(p.dst_col + p.cols for p in pieces)
+    return (rows,) if canonical_rank == 1 else (rows, cols)
+
+
+def megatron_tensor_name(mapping: TensorMapping, naming: str, local_layer: int | None) -> str:
+    name = mapping.megatron_name(naming)
+    return name.replace("*", str(local_layer)) if local_layer is not None else name
+
+
+def hf_names(mapping: TensorMapping, layer: int | None) -> list[str]:
+    return [n.replace("*", str(layer)) if layer is not None else n for n in mapping.hf]
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+
+
+def _stage_mappings(family: Family, stage: int, stages: list[range]):
+    """(mapping, global layer or None, local layer or None) for the tensors of a pipeline stage,
+    in Megatron's state-dict order: embeddings, layers, final norm and output layer."""
+    if stage == 0:
+        yield from ((m, None, None) for m in family.mappings if m.where == FIRST_STAGE)
+    for local, layer in enumerate(stages[stage]):
+        yield from ((m, layer, local) for m in family.mappings if m.where == LAYER)
+    if stage == len(stages) - 1:
+        yield from ((m, None, None) for m in family.mappings if m.where == LAST_STAGE)
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+def _iteration_dir(path: str) -> tuple[str, str]:
+    """(directory holding the mp_rank_* dirs, iteration label)."""
+    tracker = os.path.join(path, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker, "rb") as f:
+            text = f.read(64).decode("utf-8", "replace").strip()
+        if text == "release":
+            directory = os.path.join(path, "release")
+        elif text.isdigit():
+            directory = os.path.join(path, f"iter_{int(text):07d}")
+        else:
+            raise FormatError(f"{tracker}: expected 'release' or an iteration number, found {text[:40]!r}")
+        if not os.path.isdir(directory):
+            raise FormatError(f"{tracker}: names iteration '{text}' but {directory} does not exist")
+        return directory, text
+    return path, os.path.basename(os.path.normpath(path))
+
+
+def _rank_dirs(directory: str) -> dict[tuple[int, int], str]:
+    ranks = {}
+    for entry in sorted(os.listdir(directory)):
+        m = _RANK_DIR.match(entry)
+        if not m or not os.path.isdir(os.path.join(directory, entry)):
+            continue
+        if m.group(3) is not None:
+            raise FormatError(f"{directory}/{entry}: expert-parallel rank directories are not supported yet")
+        ranks[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(directory, entry)
+    return ranks
+
+
+def detect(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, TRACKER)):
+        return True
+    return any(_RANK_DIR.match(e) for e in os.listdir(path))
+
+
+def _args_dict(args, where: str) -> dict:
+    if isinstance(args, Namespace):
+        args = vars(args)
+    if not isinstance(args, dict):
+        raise FormatError(f"{where}: 'args' is missing or not an argparse.Namespace")
+    from pyconv.io.unpickle import TorchDtype
+
+    return {k: (v.name if isinstance(v, TorchDtype) else v) for k, v in args.items()}
+
+
+def megatron_dims(args: dict, where: str) -> ModelDims:
+    def need(key):
+        if not isinstance(args.get(key), int):
+            raise FormatError(f"{where}: Megatron args have no integer '{key}'")
+        return args[key]
+
+    hidden, heads = need("hidden_size"), need("num_attention_heads")
+    groups = args.get("num_query_groups") if args.get("group_query_attention") else heads
+    vocab = args.get("vocab_size") or args.get("padded_vocab_size")
+    if not isinstance(vocab, int):
+        raise FormatError(f"{where}: Megatron args have neither 'vocab_size' nor 'padded_vocab_size'")
+    return ModelDims(
+        num_layers=need("num_layers"), hidden=hidden, heads=heads, groups=groups or heads,
+        head_dim=args.get("kv_channels") or hidden // heads, ffn=args.get("ffn_hidden_size") or 4 * hidden,
+        vocab=vocab, max_positions=args.get("max_position_embeddings") or 0,
+        tied=not args.get("untie_embeddings_and_output_weights", False))
+
+
+def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.io.torchzip import TensorRef, read_torch_checkpoint
+
+    root = os.path.abspath(path)
+    directory, iteration = _iteration_dir(root)
+    ranks = _rank_dirs(directory)
+    if not ranks:
+        raise FormatError(f"{directory}: no mp_rank_* directories")
+    tp = max(t for t, _ in ranks) + 1
+    pp = max(p for _, p in ranks) + 1
+    for t in range(tp):
+        for p in range(pp):
+            if (t, p) not in ranks:
+                raise FormatError(f"{directory}: {rank_dir_name(t, p, pp)} is missing (found tp={tp}, pp={pp})")
+
+    def load(t, p):
+        file = os.path.join(ranks[(t, p)], CHECKPOINT_FILE)
+        if not os.path.isfile(file):
+            raise FormatError(f"{ranks[(t, p)]}: no {CHECKPOINT_FILE}")
+        obj = read_torch_checkpoint(file).obj
+        if not isinstance(obj, dict):
+            raise FormatError(f"{file}: not a Megatron checkpoint (top level is not a dict)")
+        if "model" not in obj:
+            virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()]
+            raise FormatError(f"{file}: " + ("virtual pipeline checkpoints (model0, model1...) are not supported yet"
+                                             if virtual else "no 'model' state dict"))
+        return file, obj
+
+    first_file, first = load(0, 0)
+    args = _args_dict(first.get("args"), first_file)
+    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        if key in args and args[key] != value:
+            raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
+    fam = get_family(family) if family else _family_from_args(args, first_file)
+    dims = megatron_dims(args, first_file)
+    padded = args.get("padded_vocab_size") or dims.vocab
+    stages = layer_stages(dims.num_layers, pp, args.get("decoder_first_pipeline_num_layers"),
+                          args.get("decoder_last_pipeline_num_layers"))
+
+    blocks: dict[str, list[SourceBlock]] = {}
+    dtypes: dict[str, str] = {}
+    order: list[str] = []
+    for p in range(pp):
+        for t in range(tp):
+            file, obj = (first_file, first) if (t, p) == (0, 0) else load(t, p)
+            model = obj["model"]
+            if not isinstance(model, dict):
+                raise FormatError(f"{file}: 'model' is not a state dict")
+            seen = set()
+            for mapping, layer, local in _stage_mappings(fam, p, stages):
+                if mapping.megatron_name("te") == mapping.megatron_name("local"):
+                    candidates = [megatron_tensor_name(mapping, "te", local)]
+                else:
+                    candidates = [megatron_tensor_name(mapping, n, local) for n in ("te", "local")]
+                key = next((c for c in candidates if c in model), None)
+                names = hf_names(mapping, layer)
+                if key is None:
+                    if mapping.optional:
+                        continue
+                    raise FormatError(f"{file}: missing tensor '{candidates[0]}'")
+                seen.add(key)
+                if mapping.hf == ("lm_head.weight",) and dims.tied:
+                    continue  # the last stage's copy of the tied embedding
+                ref = model[key]
+                if not isinstance(ref, TensorRef):
+                    raise FormatError(f"{file}: '{key}' is not a tensor")
+                pieces = shard_pieces(mapping, names, dims, padded, tp, t)
+                expected = shard_shape(pieces, len(mapping.shape(dims)))
+                if tuple(ref.shape) != expected:
+                    raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
+                                      f"for tp={tp} (hidden {dims.hidden}, heads {dims.heads}, groups {dims.groups}, "
+                                      f"head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
+                if mapping.rule == REPLICATED and t > 0:
+                    continue
+                stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
+                transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+                for piece in pieces:
+                    if piece.repeat:
+                        continue  # vocab padding carries nothing back
+                    if piece.source not in blocks:
+                        blocks[piece.source], dtypes[piece.source] = [], ref.dtype
+                        order.append(piece.source)
+                    if dtypes[piece.source] != ref.dtype:
+                        raise FormatError(f"{file}: '{key}' is {ref.dtype} but other shards of "
+                                          f"{piece.source} are {dtypes[piece.source]}")
+                    if transposed:
+                        block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.cols, piece.rows,
+                                            piece.col0, piece.row0, transpose=True)
+                    else:
+                        block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.rows, piece.cols,
+                                            piece.row0, piece.col0)
+                    blocks[piece.source].append(block)
+            unknown = [k for k in model if k not in seen and not str(k).endswith("_extra_state")]
+            if unknown:
+                raise FormatError(f"{file}: tensor '{unknown[0]}' matches no {fam.name} mapping for pipeline stage {p}"
+                                  + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+    tensors = {}
+    for name in _hf_order(fam, dims, order):
+        mapping, index, _ = fam.match_hf(name)
+        shape = _hf_shape(mapping, index, dims)
+        tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
+        covered = sum(b.rows * b.cols for b in tensor.blocks)
+        rows, cols = view2d(shape)
+        if covered != rows * cols:
+            raise FormatError(f"{directory}: shards cover {covered} of the {rows * cols} elements of {name}")
+        tensors[name] = tensor
+    config = fam.hf_config_from_megatron(args)
+    dtype = next(iter(dtypes.values()), None)
+    if dtype in _TORCH_DTYPE:
+        config["dtype"] = _TORCH_DTYPE[dtype]
+    extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
+                  if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
+    details = {"family": fam.name, "tp": tp, "pp": pp, "iteration": iteration, "padded_vocab_size": padded,
+               "args": {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}}
+    return Catalog("megatron", root, tensors, config, fam.architectures[0], extra, details=details)
+
+
+_ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "normalization", "swiglu", "position_embedding_type", "padded_vocab_size",
+                 "vocab_size", "untie_embeddings_and_output_weights", "params_dtype",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size")
+
+
+def _family_from_args(args: dict, where: str) -> Family:
+    from pyconv.families.common import original_hf_config
+
+    archs = original_hf_config(args).get("architectures")
+    if isinstance(archs, list) and archs:
+        return family_for_architecture(archs[0], where)
+    return family_for_megatron_args(args, where)
+
+
+def _hf_shape(mapping: TensorMapping, index: int, dims: ModelDims) -> tuple[int, ...]:
+    shape = mapping.shape(dims)
+    if mapping.rule == QKV and len(mapping.hf) == 3 and index > 0:  # k and v: num_query_groups heads
+        return (dims.groups * dims.head_dim,) + tuple(shape[1:])
+    return tuple(shape)
+
+
+def _hf_order(family: Family, dims: ModelDims, names: list[str]) -> list[str]:
+    """Canonical tensors in the HF order: embeddings, layer by layer, final norm, head."""
+    present = set(names)
+    ordered = []
+    groups = [(m, None) for m in family.mappings if m.where == FIRST_STAGE]
+    groups += [(m, layer) for layer in range(dims.num_layers) for m in family.mappings if m.where == LAYER]
+    groups += [(m, None) for m in family.mappings if m.where == LAST_STAGE]
+    for mapping, layer in groups:
+        ordered.extend(n for n in hf_names(mapping, layer) if n in present)
+    return ordered
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+def _region_copies(tensor: CanonicalTensor, piece: Piece, transposed: bool) -> list[BlockCopy]:
+    if piece.repeat:
+        one_row = copies_for_region(tensor, piece.row0, piece.col0, 1, piece.cols, piece.dst_row, piece.dst_col)
+        return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, piece.rows, c.cols, c.dst_row, c.dst_col)
+                for c in one_row]
+    if transposed:
+        return copies_for_region(tensor, piece.col0, piece.row0, piece.cols, piece.rows, piece.dst_row,
+                                 piece.dst_col, transpose=True)
+    return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col)
+
+
+def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
+    for name, tensor in catalog.tensors.items():
+        match = family.match_hf(name)
+        if match is None:
+            if family.is_ignored_hf(name):
+                continue
+            raise LayoutError(f"{catalog.path}: tensor '{name}' matches no {family.name} mapping")
+        mapping, index, layer = match
+        if layer is not None and layer >= dims.num_layers:
+            raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
+        expected = _hf_shape(mapping, index, dims)
+        if tuple(tensor.shape) != expected:
+            raise LayoutError(f"{catalog.path}: tensor '{name}' has shape {list(tensor.shape)}, the config implies "
+                              f"{list(expected)}")
+
+
+def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    if catalog.config is None:
+        raise LayoutError(f"{catalog.path}: no config.json: cannot derive Megatron args")
+    family = family_for_architecture(catalog.architecture, catalog.path)
+    config = catalog.config
+    dims = family.dims_from_hf(config)
+    _check_shapes(catalog, family, dims)
+    tp, pp = target.tp, target.pp
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"tp and pp must be >= 1 (got tp={tp}, pp={pp})")
+    if target.megatron_naming not in ("te", "local"):
+        raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
+    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
+    stages = layer_stages(dims.num_layers, pp, target.first_stage_layers, target.last_stage_layers)
+    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
+    params_dtype = target.dtype or source_dtype
+    args = {
+        **family.megatron_args_from_hf(config, dims),
+        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
+        "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
+        "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
+        "decoder_first_pipeline_num_layers": target.first_stage_layers,
+        "decoder_last_pipeline_num_layers": target.last_stage_layers,
+        "iteration": target.iteration or 0,
+        # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
+        "pyconv_hf_config": json.dumps(config, sort_keys=True),
+    }
+    files = []
+    for p in range(pp):
+        for t in range(tp):
+            model: OrderedDict[str, TensorSlot] = OrderedDict()
+            planned: list[tuple[str, str, tuple[int, ...], list[BlockCopy]]] = []
+            for mapping, layer, local in _stage_mappings(family, p, stages):
+                names = hf_names(mapping, layer)
+                if mapping.hf == ("lm_head.weight",) and dims.tied:
+                    if pp == 1:
+                        continue  # the output layer shares the embedding on a single stage
+                    names = [family.mappings[0].hf[0]]  # the last stage carries a copy of the embedding
+                missing = [n for n in names if n not in catalog.tensors]
+                if missing:
+                    if mapping.optional and len(missing) == len(names):
+                        continue
+                    raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
+                pieces = shard_pieces(mapping, names, dims, padded, tp, t)
+                transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+                copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+                dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+                shape = shard_shape(pieces, len(mapping.shape(dims)))
+                name = megatron_tensor_name(mapping, target.megatron_naming, local)
+                model[name] = TensorSlot(dtype, shape)
+                planned.append((name, dtype, shape, copies))
+            obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
+                   "iteration": target.iteration or 0, "model": model}
+            layout, slots = layout_torch_save(obj)
+            assert len(slots) == len(planned)
+            tensors = tuple(PlannedTensor(name, dtype, shape, offset, tuple(copies))
+                            for (name, dtype, shape, copies), offset in zip(planned, layout.record_offsets))
+            path = f"{iteration_dir}/{rank_dir_name(t, p, pp)}/{CHECKPOINT_FILE}"
+            files.append(PlannedFile(path, layout.size, tensors, layout.literals))
+    tracker = "release" if target.iteration is None else str(target.iteration)
+    files.append(plan_text_file(TRACKER, tracker))
+    for path, size in catalog.extra_files:
+        files.append(plan_file_copy(path, size, os.path.basename(path)))
+    return files
+
+
+def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
+    from pyconv.formats.hf import output_dtype
+
+    return output_dtype(tensor, dtype)
+
+
+register_format("megatron", detect=detect, read=read, plan_output=plan_output, read_options=("family",))
