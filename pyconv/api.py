@@ -118,6 +118,12 @@ def open(path: str | os.PathLike, format: str | None = None, family: str | None 
     return Checkpoint(read_checkpoint(os.fspath(path), format, family=family))
 
 
+def _validate_layout(layout: dict) -> None:
+    for key in ("tp", "pp"):
+        if key in layout and (not isinstance(layout[key], int) or layout[key] < 1):
+            raise LayoutError(f"{key} must be a positive integer, got {layout[key]!r}")
+
+
 @dataclass
 class ReshardReport:
     source: str
@@ -177,6 +183,7 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_siz
     Nothing is written on dry_run.
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    _validate_layout(layout)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     _check_paths(src, dst)

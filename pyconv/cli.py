@@ -35,8 +35,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert SRC into DST")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="hf", help="target format (default: hf)")
+    p.add_argument("--to", default="hf", choices=["hf", "megatron"], help="target format (default: hf)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
+    p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron target (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
+    p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
+                   help="TransformerEngine fused-norm names (te, default) or local module names")
+    p.add_argument("--iteration", type=int, default=None, help="write iter_NNNNNNN/ instead of release/")
+    p.add_argument("--make-vocab-size-divisible-by", dest="vocab_divisible_by", type=int, default=128,
+                   help="Megatron pads the vocabulary to a multiple of this times tp (default 128)")
+    p.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
+    p.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast floating tensors")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (decimal), 4GiB or bytes (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -82,9 +92,20 @@ def _cmd_inspect(args) -> int:
           + ", ".join(f"{d} {b:,}" for d, b in sorted(summary["bytes_by_dtype"].items())) + ")")
     if summary["extra_files"]:
         print(f"  other files:  {', '.join(summary['extra_files'])}")
+    for key in ("family", "tp", "pp", "iteration", "padded_vocab_size"):
+        if key in summary:
+            print(f"  {key + ':':<13} {summary[key]}")
+    if "args" in summary:
+        print("  args:         " + ", ".join(f"{k}={v}" for k, v in summary["args"].items()))
     for t in summary.get("tensor_list", []) if args.tensors else []:
         print(f"    {t['name']:<60} {t['dtype']:<8} {t['shape']}")
     return EXIT_OK
+
+
+def _layout_options(args) -> dict:
+    return dict(tp=args.tp, pp=args.pp, megatron_naming=args.megatron_naming, iteration=args.iteration,
+                vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
+                last_stage_layers=args.last_stage_layers, family=args.family)
 
 
 def _cmd_reshard(args) -> int:
@@ -92,14 +113,15 @@ def _cmd_reshard(args) -> int:
 
     if args.dry_run:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                force=args.force, dry_run=True, source_format=args.source_format)
+                                force=args.force, dry_run=True, source_format=args.source_format,
+                                **_layout_options(args))
         print(json.dumps(report.plan.to_json(), indent=2) if args.json else report.plan.summary())
         return EXIT_OK
     update, close = _progress_bar(not args.json and sys.stderr.isatty())
     try:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                 force=args.force, threads=args.threads, source_format=args.source_format,
-                                progress=update)
+                                progress=update, **_layout_options(args))
     finally:
         close()
     if args.json:

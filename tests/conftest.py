@@ -20,13 +20,13 @@ def _tiny_config(family: str):
 
     if family == "llama":
         # GQA (2 kv heads for 4 query heads) and head_dim 24 != hidden/heads = 16.
-        return transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        return transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=6,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                         max_position_embeddings=64, tie_word_embeddings=False)
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=48, n_layer=2, n_head=4)
+        return transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=48, n_layer=6, n_head=4)
     if family == "qwen2":
-        return transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        return transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                         tie_word_embeddings=True)
     raise ValueError(family)

@@ -71,9 +71,9 @@ def test_qkv_golden_rows_gqa_tp2():
 
 
 def test_qkv_refuses_uneven_split_with_numbers():
-    with pytest.raises(LayoutError, match=r"\(heads 4 \+ 2 \* groups 2\) \* head_dim 3\) over tp=5 = 24 is not"):
+    with pytest.raises(LayoutError, match=r"\(heads 4 \+ 2 \* groups 2\) \* head_dim 3 = 24 is not divisible by tp = 5"):
         qkv_fused("q", "k", "v", 7, 4, 2, 3, 5, 0)
-    with pytest.raises(LayoutError, match="num_attention_heads over num_query_groups = 6 is not divisible by 4"):
+    with pytest.raises(LayoutError, match="num_attention_heads = 6 is not divisible by num_query_groups = 4"):
         qkv_fused("q", "k", "v", 7, 6, 4, 3, 1, 0)
 
 
@@ -92,7 +92,7 @@ def test_column_row_replicated():
     np.testing.assert_array_equal(assemble(column_parallel("w", (4, 6), 2, 1), {"w": w}, (2, 6)), w[2:])
     np.testing.assert_array_equal(assemble(row_parallel("w", (4, 6), 3, 2), {"w": w}, (4, 2)), w[:, 4:])
     np.testing.assert_array_equal(assemble(replicated("w", (4, 6)), {"w": w}, (4, 6)), w)
-    with pytest.raises(LayoutError, match="w: dim 1 split over tp=4 = 6 is not divisible by 4"):
+    with pytest.raises(LayoutError, match="w: dim 1 = 6 is not divisible by tp = 4"):
         row_parallel("w", (4, 6), 4, 0)
 
 

@@ -74,11 +74,16 @@ def gpt2_hf_config(args: dict) -> dict:
     config.update(
         architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=arg(args, "hidden_size", where),
         n_head=arg(args, "num_attention_heads", where), n_layer=arg(args, "num_layers", where),
-        n_inner=args.get("ffn_hidden_size"), n_positions=arg(args, "max_position_embeddings", where),
+        n_positions=arg(args, "max_position_embeddings", where),
         layer_norm_epsilon=float(args.get("norm_epsilon", 1e-5)),
         vocab_size=args["vocab_size"] if "vocab_size" in args else arg(args, "padded_vocab_size", where),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False))
     config.setdefault("activation_function", "gelu_new")
+    ffn = args.get("ffn_hidden_size")
+    if ffn and (ffn != 4 * config["n_embd"] or config.get("n_inner")):  # None means 4 * n_embd
+        config["n_inner"] = ffn
+    else:
+        config.setdefault("n_inner", None)
     return config
 
 

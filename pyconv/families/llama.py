@@ -90,12 +90,14 @@ def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_ty
     config.update(
         architectures=[architecture], model_type=model_type, hidden_size=hidden,
         intermediate_size=arg(args, "ffn_hidden_size", where), num_hidden_layers=arg(args, "num_layers", where),
-        num_attention_heads=heads, num_key_value_heads=groups or heads,
-        head_dim=args.get("kv_channels") or hidden // heads, hidden_act="silu",
+        num_attention_heads=heads, num_key_value_heads=groups or heads, hidden_act="silu",
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
         rms_norm_eps=float(args.get("norm_epsilon", 1e-6)),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
         vocab_size=require(args, "vocab_size", where) if "vocab_size" in args else arg(args, "padded_vocab_size", where))
+    head_dim = args.get("kv_channels") or hidden // heads
+    if head_dim != hidden // heads or "head_dim" in config:  # Qwen2 configs have no head_dim field
+        config["head_dim"] = head_dim
     if model_type == "llama":
         config.update(attention_bias=bool(args.get("add_qkv_bias") or args.get("add_bias_linear")),
                       mlp_bias=bool(args.get("add_bias_linear")))

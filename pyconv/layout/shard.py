@@ -29,9 +29,10 @@ class Piece:
     repeat: bool = False
 
 
-def divide(n: int, parts: int, what: str) -> int:
+def divide(n: int, parts: int, quantity: str, over: str) -> int:
+    """n / parts, or a LayoutError naming both numbers: 'ffn_hidden_size = 112 is not divisible by tp = 3'."""
     if parts <= 0 or n % parts:
-        raise LayoutError(f"{what} = {n} is not divisible by {parts}")
+        raise LayoutError(f"{quantity} = {n} is not divisible by {over} = {parts}")
     return n // parts
 
 
@@ -40,12 +41,12 @@ def replicated(name: str, shape: tuple[int, int]) -> list[Piece]:
 
 
 def column_parallel(name: str, shape: tuple[int, int], tp: int, rank: int) -> list[Piece]:
-    rows = divide(shape[0], tp, f"{name}: dim 0 split over tp={tp}")
+    rows = divide(shape[0], tp, f"{name}: dim 0", "tp")
     return [Piece(name, rank * rows, 0, rows, shape[1], 0)]
 
 
 def row_parallel(name: str, shape: tuple[int, int], tp: int, rank: int) -> list[Piece]:
-    cols = divide(shape[1], tp, f"{name}: dim 1 split over tp={tp}")
+    cols = divide(shape[1], tp, f"{name}: dim 1", "tp")
     return [Piece(name, 0, rank * cols, shape[0], cols, 0)]
 
 
@@ -61,7 +62,7 @@ def vocab_parallel(name: str, shape: tuple[int, int], padded_vocab: int, tp: int
     vocab, hidden = shape
     if padded_vocab < vocab:
         raise LayoutError(f"{name}: padded vocab {padded_vocab} is smaller than the vocab {vocab}")
-    rows = divide(padded_vocab, tp, f"{name}: padded vocab split over tp={tp}")
+    rows = divide(padded_vocab, tp, f"{name}: padded vocab", "tp")
     start, stop = rank * rows, (rank + 1) * rows
     pieces = []
     real_stop = min(stop, vocab)
@@ -94,18 +95,18 @@ def qkv_fused(q: str, k: str, v: str, cols: int, num_heads: int, num_groups: int
     when tp divides num_groups, else an even split by raw row count. cols is 1 for the bias.
     q_row0/k_row0/v_row0 locate q, k and v inside their sources when one tensor holds all three
     stacked (GPT-2's c_attn)."""
-    heads_per_group = divide(num_heads, num_groups, "num_attention_heads over num_query_groups")
+    heads_per_group = divide(num_heads, num_groups, "num_attention_heads", "num_query_groups")
     segments = []
     for g in range(num_groups):
         segments.append((q, q_row0 + g * heads_per_group * head_dim, heads_per_group * head_dim))
         segments.append((k, k_row0 + g * head_dim, head_dim))
         segments.append((v, v_row0 + g * head_dim, head_dim))
     total = (num_heads + 2 * num_groups) * head_dim
-    rows = divide(total, tp, f"fused qkv rows ((heads {num_heads} + 2 * groups {num_groups}) * head_dim {head_dim}) over tp={tp}")
+    rows = divide(total, tp, f"fused qkv rows (heads {num_heads} + 2 * groups {num_groups}) * head_dim {head_dim}", "tp")
     return _take_rows(segments, cols, rank * rows, (rank + 1) * rows)
 
 
 def gated_fc1(gate: str, up: str, ffn: int, cols: int, tp: int, rank: int) -> list[Piece]:
     """SwiGLU linear_fc1 on rank r: [gate_r; up_r], each the rank's dim-0 slice of its projection."""
-    rows = divide(ffn, tp, f"ffn_hidden_size split over tp={tp}")
+    rows = divide(ffn, tp, "ffn_hidden_size", "tp")
     return [Piece(gate, rank * rows, 0, rows, cols, 0), Piece(up, rank * rows, 0, rows, cols, rows)]
