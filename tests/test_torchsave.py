@@ -60,6 +60,23 @@ def test_torch_load_reads_every_dtype_and_megatron_shaped_objects(tmp_path):
     assert zipfile.ZipFile(tmp_path / "m.pt").testzip() in (None, "archive/data.pkl")  # CRCs are zero, as documented
 
 
+def test_torch_computing_offsets_itself_still_reads_the_right_bytes(tmp_path):
+    """torch can skip the local headers and compute storage offsets from miniz's layout when an
+    archive has .format_version; ours has none, so torch reads the headers."""
+    from torch.utils.serialization import config
+
+    tensors = [torch.arange(5, dtype=torch.float32), torch.arange(7, dtype=torch.int64)]
+    obj = {"model": {"a": TensorSlot("F32", (5,)), "b": TensorSlot("I64", (7,))}}
+    materialise(tmp_path / "m.pt", obj, tensors)
+    old = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = True
+    try:
+        loaded = torch.load(tmp_path / "m.pt", mmap=True, weights_only=True)
+    finally:
+        config.load.calculate_storage_offsets = old
+    assert torch.equal(loaded["model"]["a"], tensors[0]) and torch.equal(loaded["model"]["b"], tensors[1])
+
+
 def test_layout_is_deterministic():
     obj = {"model": {"w": TensorSlot("F32", (2, 2))}}
     assert layout_torch_save(obj)[0] == layout_torch_save(obj)[0]

@@ -8,9 +8,12 @@ argparse.Namespace, torch dtypes and tensors. A tensor is written as torch.save 
     torch._utils._rebuild_tensor_v2(<persistent ('storage', torch.<Type>Storage, key, 'cpu', numel)>,
                                     0, size, stride, False, OrderedDict())
 
-The zip holds, like torch's: data.pkl, .format_version, .storage_alignment, byteorder, one
-STORED record per storage with its data 64-byte aligned (padding in the local header's extra
-field), version, .data/serialization_id. CRC-32 fields are zero, as torch.save writes them with
+The zip holds, like torch's: data.pkl, .storage_alignment, byteorder, one STORED record per
+storage with its data 64-byte aligned (padding in the local header's extra field), version,
+.data/serialization_id. It leaves out `.format_version`: with it, torch may compute storage
+offsets from miniz's exact layout (data descriptors after each record) instead of reading the
+headers (torch.utils.serialization.config.load.calculate_storage_offsets), and this layout
+has no data descriptors. CRC-32 fields are zero, as torch.save writes them with
 torch.serialization.set_crc32_options(False); torch.load does not check them. Records and
 offsets past 4 GiB use zip64 extra fields and the zip64 end records.
 """
@@ -211,8 +214,7 @@ def layout_torch_save(obj, archive_name: str = "archive") -> tuple[ZipLayout, li
     data_pkl, slots = pickle_checkpoint(obj)
     serialization_id = hashlib.sha1(data_pkl).hexdigest()[:40].encode()
     records: list[tuple[str, bytes | int]] = [
-        ("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
-        ("byteorder", b"little")]
+        ("data.pkl", data_pkl), (".storage_alignment", str(ALIGNMENT).encode()), ("byteorder", b"little")]
     records += [(f"data/{i}", slot.nbytes) for i, slot in enumerate(slots)]
     records += [("version", b"3\n"), (".data/serialization_id", serialization_id)]
 

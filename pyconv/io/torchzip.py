@@ -217,7 +217,7 @@ class _Archive:
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         """Where the record's bytes start, from its local header; the record must be stored and
         lie inside the file."""
-        name = info.filename
+        name = info.filename[:200]
         if info.flag_bits & 0x1:
             raise FormatError(f"{self.path}: record '{name}' is encrypted")
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
@@ -230,7 +230,7 @@ class _Archive:
             raise FormatError(f"{self.path}: local header of record '{name}' at byte {info.header_offset} "
                               f"lies outside the file ({self.file_size} bytes)")
         signature, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-        encoded = name.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+        encoded = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
         if (signature != _LOCAL_HEADER_SIGNATURE or method != zipfile.ZIP_STORED
                 or os.pread(self.f.fileno(), name_len, info.header_offset + _LOCAL_HEADER.size) != encoded):
             raise FormatError(f"{self.path}: local header of record '{name}' at byte {info.header_offset} "
@@ -244,7 +244,7 @@ class _Archive:
     def read(self, info: zipfile.ZipInfo) -> bytes:
         start = self.data_offset(info)
         if info.file_size > MAX_PICKLE_BYTES:
-            raise FormatError(f"{self.path}: record '{info.filename}' of {info.file_size} bytes exceeds "
+            raise FormatError(f"{self.path}: record '{info.filename[:200]}' of {info.file_size} bytes exceeds "
                               f"pyconv's limit of {MAX_PICKLE_BYTES} for a pickle")
         return os.pread(self.f.fileno(), info.file_size, start)
 
@@ -264,7 +264,7 @@ class _Archive:
         itemsize = ref.storage_type.dtype.itemsize
         if ref.numel * itemsize != info.file_size:
             raise FormatError(f"{self.path}: storage '{ref.key[:64]}' declares {ref.numel} x {ref.storage_type.name} "
-                              f"= {ref.numel * itemsize} bytes but its record '{info.filename}' holds "
+                              f"= {ref.numel * itemsize} bytes but its record '{info.filename[:200]}' holds "
                               f"{info.file_size} bytes")
         self.storages[ref.key] = (ref, offset, info.file_size)
 
@@ -286,7 +286,7 @@ class _Archive:
         _, record_offset, record_bytes = self.storages[key]
         begin, nbytes = t.storage_offset * itemsize, numel * itemsize
         if begin + nbytes > record_bytes:
-            return _TensorProblem(key, f"needs bytes {begin}..{begin + nbytes} of storage '{key}' "
+            return _TensorProblem(key, f"needs bytes {begin}..{begin + nbytes} of storage '{key[:64]}' "
                                        f"(offset {t.storage_offset}, shape {t.size}, {t.dtype!r}), which holds "
                                        f"{record_bytes} bytes")
         return TensorRef(self.path, key, record_offset + begin, dtype, t.size, nbytes)

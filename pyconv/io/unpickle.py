@@ -14,12 +14,12 @@ What a load guarantees, for any input bytes:
 - Nothing outside the load can be changed by it. BUILD (setattr/__setstate__ on any object
   on the stack) is the pickle's way to mutate: the functions are handed out wrapped in
   immutable `_Global` objects, the table's stand-ins are frozen, slotted and refuse
-  `__setstate__`, and the one class handed out (for NEWOBJ), `Namespace`, is an
-  `argparse.Namespace` subclass whose metaclass refuses setattr. Without this a 40-byte
+  `__setstate__`, and the one class handed out (for NEWOBJ), Namespace, is a per-load
+  subclass of argparse.Namespace whose metaclass refuses setattr. Without this a 40-byte
   pickle could turn the process-wide `torch.bfloat16` stand-in into float32 for every later
   load (frozen slotted dataclasses get a `__setstate__` that bypasses `frozen`).
 - The result holds only: None, bool, int, float, str, bytes, tuple, list, dict, set,
-  frozenset, OrderedDict, `Namespace` (an argparse.Namespace) and the stand-ins below
+  frozenset, OrderedDict, argparse.Namespace and the stand-ins below
   (`TorchDtype`, `TorchDevice`, `EnumValue`, numpy records, and whatever the caller's
   `make_tensor` returns).
 - Memory stays proportional to the pickle. `prescan` walks the opcodes (pickletools, pure
@@ -107,14 +107,20 @@ class _Sealed(type):
         raise FormatError(f"deleting attribute '{str(name)[:64]}' of class {cls.__name__} is not allowed")
 
 
-class Namespace(argparse.Namespace, metaclass=_Sealed):
-    """What a pickled `argparse.Namespace` becomes: the same, except that its class cannot be
-    modified by the pickle (NEWOBJ needs a real class, and BUILD could setattr on it)."""
+class _SealedNamespace(argparse.Namespace, metaclass=_Sealed):
+    """The table's `argparse.Namespace`. NEWOBJ needs a real class, and BUILD could setattr on
+    whatever class find_class hands out, so each load gets its own sealed subclass that records
+    its instances; when the load is over they become plain argparse.Namespace objects."""
 
     __slots__ = ()
 
-    def __reduce__(self):
-        return argparse.Namespace, (), dict(vars(self))
+
+def _namespace_class_for(created: list) -> type:
+    def __new__(cls, *args, **kwargs):
+        namespace = argparse.Namespace.__new__(cls)
+        created.append(namespace)
+        return namespace
+    return _Sealed("Namespace", (_SealedNamespace,), {"__slots__": (), "__new__": __new__})
 
 @inert
 @dataclass(frozen=True, slots=True)
@@ -427,7 +433,7 @@ def _rebuild_from_type_v2(u, func, new_type, args, state):
 # builds plain data (handed out wrapped), an @inert record, or a class sealed by `_Sealed`.
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): _ordered_dict,
-    ("argparse", "Namespace"): Namespace,
+    ("argparse", "Namespace"): _SealedNamespace,
     ("builtins", "set"): _container(set),
     ("builtins", "frozenset"): _container(frozenset),
     ("builtins", "bytes"): _empty_bytes,
@@ -503,6 +509,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.tensors: list[Any] = []  # what make_tensor returned, in pickle order
         self._tensor_ids: set[int] = set()
         self._on_storage, self._make_tensor, self._allowed = on_storage, make_tensor, allowed
+        self.namespaces: list[argparse.Namespace] = []
+        self._namespace_class = _namespace_class_for(self.namespaces)
 
     def find_class(self, module, name):
         module, name = _python3_name(module, name)
@@ -510,6 +518,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if value is None:
             raise FormatError(f"{self.path}: refusing to unpickle global '{str(module)[:200]}.{str(name)[:200]}': "
                               "not in pyconv's allowlist (pickled checkpoints can run code)")
+        if value is _SealedNamespace:
+            return self._namespace_class
         if type(value) is _NeedsUnpickler:
             return _Global(value.fn, self)
         if callable(value) and not isinstance(value, _Sealed):
@@ -540,75 +550,98 @@ class RestrictedUnpickler(pickle.Unpickler):
         return id(obj) in self._tensor_ids
 
 
-_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-_MEMO_GETS = ("GET", "BINGET", "LONG_BINGET")
-_TUPLE_BUILDERS = ("EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3")
-_IN_PLACE = ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD")  # leave their container
-_REFUSED_OPCODES = ("EXT1", "EXT2", "EXT4")  # copyreg's extension registry: nothing honest uses it
+def _opcode_actions() -> dict:
+    """For each opcode: (action, pops a mark, items taken below the mark or from the top,
+    what it pushes). Only the memo, marks and tuple nesting need more than the stack counts."""
+    markobject = pickletools.markobject
+    actions = {}
+    for op in pickletools.opcodes:
+        name = op.name
+        before = op.stack_before
+        takes_mark = markobject in before
+        below = before.index(markobject) if takes_mark else len(before)
+        if name in ("EXT1", "EXT2", "EXT4"):  # copyreg's extension registry: nothing honest uses it
+            action = "refuse"
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            action = "put"
+        elif name in ("GET", "BINGET", "LONG_BINGET", "MARK", "DUP"):
+            action = name.lower().removeprefix("bin").removeprefix("long_bin")
+        elif name in ("EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+            action = "tuple"
+        elif name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"):
+            action = "in_place"  # leaves its container, not a new object, on the stack
+        else:
+            action = "other"
+        actions[op] = (action, name, takes_mark, below, len(op.stack_after))
+    return actions
+
+
+_OPCODE_ACTIONS = _opcode_actions()
 
 
 def prescan(path: str, data: bytes) -> None:
     """Checks the opcodes before anything is built: no memo index beyond the pickle's size, no
     length prefix past its end, tuples at most MAX_TUPLE_DEPTH deep. It replays the stack with
     pickletools' stack effects (marks kept apart, as the C unpickler does), recording per slot
-    only how deep a tuple it holds."""
+    only how deep a tuple it holds. Costs about 1.5 us per opcode (pure Python)."""
     if len(data) > MAX_PICKLE_BYTES:
         raise FormatError(f"{path}: pickle of {len(data)} bytes exceeds pyconv's limit of {MAX_PICKLE_BYTES}")
     stack: list[int] = []  # per slot: nesting depth of the tuple it holds, 0 for anything else
     marks: list[int] = []  # stack heights at each MARK
     memo: dict[int, int] = {}
-    markobject = pickletools.markobject
+    fence = 0  # the C unpickler never pops below the last mark
+    actions = _OPCODE_ACTIONS
     try:
         for op, arg, pos in pickletools.genops(data):
-            name = op.name
-            fence = marks[-1] if marks else 0
-            if name in _REFUSED_OPCODES:
-                raise FormatError(f"{path}: pickle opcode {name} at byte {pos} is not allowed")
-            if name in _MEMO_PUTS or name == "MEMOIZE":
-                index = len(memo) if name == "MEMOIZE" else arg
+            action, name, takes_mark, below, pushes = actions[op]
+            if action == "other" and not takes_mark:
+                if below:
+                    if len(stack) - below < fence:
+                        raise FormatError(f"{path}: pickle stack underflow at byte {pos}")
+                    del stack[len(stack) - below:]
+                if pushes:
+                    stack.extend((0,) * pushes)
+            elif action == "put":
+                index = len(memo) if arg is None else arg
                 if not 0 <= index <= len(data):
                     raise FormatError(f"{path}: pickle memo index {index} at byte {pos} exceeds the pickle's size")
                 if len(stack) <= fence:
                     raise FormatError(f"{path}: pickle stack underflow at byte {pos}")
                 memo[index] = stack[-1]
-                continue
-            if name in _MEMO_GETS:
+            elif action == "get":
                 stack.append(memo.get(arg, 0))
-                continue
-            if name == "MARK":
+            elif action == "mark":
                 marks.append(len(stack))
-                continue
-            if name == "DUP":
+                fence = len(stack)
+            elif action == "dup":
                 if len(stack) <= fence:
                     raise FormatError(f"{path}: pickle stack underflow at byte {pos}")
                 stack.append(stack[-1])
-                continue
-            before = op.stack_before
-            popped: list[int] = []
-            if markobject in before:
-                if not marks:
-                    raise FormatError(f"{path}: pickle opcode {name} at byte {pos} has no MARK")
-                fence = marks.pop()
-                popped = stack[fence:]
-                del stack[fence:]
-                below = before.index(markobject)  # e.g. the list under the mark of APPENDS
-                fence = marks[-1] if marks else 0
-            else:
-                below = len(before)
-            if len(stack) - below < fence:
-                raise FormatError(f"{path}: pickle stack underflow at byte {pos}")
-            if below:
-                popped = stack[len(stack) - below:] + popped
-                del stack[len(stack) - below:]
-            if name in _TUPLE_BUILDERS:
-                depth = 1 + max(popped, default=0)
-                if depth > MAX_TUPLE_DEPTH:
-                    raise FormatError(f"{path}: tuples nested more than {MAX_TUPLE_DEPTH} deep at byte {pos}")
-                stack.append(depth)
-            elif name in _IN_PLACE:
-                stack.append(popped[0])
-            else:
-                stack.extend(0 for _ in op.stack_after)
+            elif action == "refuse":
+                raise FormatError(f"{path}: pickle opcode {name} at byte {pos} is not allowed")
+            else:  # a tuple, an in-place update, or any opcode that pops to a mark
+                popped: list[int] = []
+                if takes_mark:
+                    if not marks:
+                        raise FormatError(f"{path}: pickle opcode {name} at byte {pos} has no MARK")
+                    top = marks.pop()
+                    fence = marks[-1] if marks else 0
+                    popped = stack[top:]
+                    del stack[top:]
+                if len(stack) - below < fence:
+                    raise FormatError(f"{path}: pickle stack underflow at byte {pos}")
+                if below:
+                    popped = stack[len(stack) - below:] + popped
+                    del stack[len(stack) - below:]
+                if action == "tuple":
+                    depth = 1 + max(popped, default=0)
+                    if depth > MAX_TUPLE_DEPTH:
+                        raise FormatError(f"{path}: tuples nested more than {MAX_TUPLE_DEPTH} deep at byte {pos}")
+                    stack.append(depth)
+                elif action == "in_place":
+                    stack.append(popped[0])
+                else:
+                    stack.extend((0,) * pushes)
     except ValueError as e:  # pickletools: truncated argument, unknown opcode
         raise FormatError(f"{path}: malformed pickle: {str(e)[:200]}") from None
 
@@ -619,7 +652,10 @@ def restricted_load(data: bytes, path: str, **hooks) -> tuple[Any, RestrictedUnp
     prescan(path, data)
     unpickler = RestrictedUnpickler(io.BytesIO(data), path, **hooks)
     try:
-        return unpickler.load(), unpickler
+        obj = unpickler.load()
+        for namespace in unpickler.namespaces:
+            namespace.__class__ = argparse.Namespace
+        return obj, unpickler
     except FormatError as e:
         message = str(e)
         raise FormatError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
