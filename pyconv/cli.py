@@ -35,10 +35,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert SRC into DST")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="hf", choices=["hf", "megatron"], help="target format (default: hf)")
+    p.add_argument("--to", default="hf", choices=["hf", "megatron", "deepseek"],
+                   help="target format (default: hf)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of a megatron target (default 1)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor (model) parallel size of a megatron or deepseek target (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
     p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
                    help="TransformerEngine fused-norm names (te, default) or local module names")

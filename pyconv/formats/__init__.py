@@ -34,6 +34,11 @@ def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
     from pyconv.formats import hf, megatron  # noqa: F401
 
+    try:
+        from pyconv.formats import deepseek  # noqa: F401
+    except ImportError:  # the adapter lands in its own change
+        pass
+
 
 def format_names() -> list[str]:
     _load_builtin()
