@@ -42,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor (model) parallel size of a megatron or deepseek target (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size of a megatron MoE target (default 1)")
     p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
                    help="TransformerEngine fused-norm names (te, default) or local module names")
     p.add_argument("--iteration", type=int, default=None, help="write iter_NNNNNNN/ instead of release/")
@@ -94,7 +95,7 @@ def _cmd_inspect(args) -> int:
           + ", ".join(f"{d} {b:,}" for d, b in sorted(summary["bytes_by_dtype"].items())) + ")")
     if summary["extra_files"]:
         print(f"  other files:  {', '.join(summary['extra_files'])}")
-    for key in ("family", "tp", "pp", "iteration", "padded_vocab_size"):
+    for key in ("family", "tp", "pp", "ep", "iteration", "padded_vocab_size"):
         if key in summary:
             print(f"  {key + ':':<13} {summary[key]}")
     if "args" in summary:
@@ -105,7 +106,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, megatron_naming=args.megatron_naming, iteration=args.iteration,
+    return dict(tp=args.tp, pp=args.pp, ep=args.ep, megatron_naming=args.megatron_naming, iteration=args.iteration,
                 vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
                 last_stage_layers=args.last_stage_layers, family=args.family)
 

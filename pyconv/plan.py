@@ -181,6 +181,7 @@ class TargetSpec:
     max_shard_size: int = 5_000_000_000
     tp: int = 1
     pp: int = 1
+    ep: int = 1                          # expert parallel size (experts split into ep ranges)
     megatron_naming: str = "te"          # "te" (TransformerEngine fused norms) or "local"
     iteration: int | None = None         # None: release/
     vocab_divisible_by: int = 128        # Megatron's make_vocab_size_divisible_by

@@ -26,17 +26,27 @@ class ModelDims:
     vocab: int       # the true vocabulary size
     max_positions: int = 0
     tied: bool = False
+    num_experts: int = 0      # routed experts (0: a dense model)
+    moe_ffn: int = 0          # each routed expert's ffn size
+    shared_ffn: int = 0       # the shared expert's ffn size (0: none)
+    first_dense_layers: int = 0  # leading layers with a dense MLP (DeepSeek's first_k_dense_replace)
+
+    def layer_kind(self, layer: int) -> str:
+        """'moe' where the MLP is a mixture of experts, else 'dense'."""
+        return "moe" if self.num_experts and layer >= self.first_dense_layers else "dense"
 
 
 @dataclass(frozen=True)
 class TensorMapping:
-    """HF pattern(s) -> Megatron-Core pattern; '*' stands for the layer index.
+    """HF pattern(s) -> Megatron-Core pattern; '*' stands for the layer index and '#' for the
+    expert index (global in HF names, local to the expert-parallel rank in Megatron names).
 
     Fused tensors list several HF names (q, k, v or gate, up); a single HF name under the
     qkv rule holds [q; k; v] already stacked (GPT-2's c_attn). `megatron` is one name, or
     {"te": ..., "local": ...} where TransformerEngine fuses a norm into the next linear.
     `transposed`: HF stores the weight [in, out] (Conv1D) where Megatron stores [out, in].
-    `shape`: the HF shape of each HF tensor, from the model dims."""
+    `shape`: the HF shape of each HF tensor, from the model dims. `layers`: which layers
+    carry it ('all', 'dense' or 'moe' MLPs)."""
 
     hf: tuple[str, ...]
     megatron: str | dict[str, str]
@@ -45,6 +55,14 @@ class TensorMapping:
     shape: Callable[[ModelDims], tuple[int, ...]]
     optional: bool = False
     transposed: bool = False
+    layers: str = "all"
+
+    @property
+    def per_expert(self) -> bool:
+        return "#" in self.hf[0]
+
+    def applies_to(self, dims: ModelDims, layer: int | None) -> bool:
+        return self.layers == "all" or layer is None or dims.layer_kind(layer) == self.layers
 
     def megatron_name(self, naming: str) -> str:
         return self.megatron if isinstance(self.megatron, str) else self.megatron[naming]
@@ -54,7 +72,15 @@ class TensorMapping:
 
 
 def _compile(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+    """'*' (layer) and '#' (expert) become named groups."""
+    regex = re.escape(pattern).replace(r"\*", r"(?P<layer>\d+)").replace(r"\#", r"(?P<expert>\d+)")
+    return re.compile("^" + regex + "$")
+
+
+def _indices(match: re.Match) -> tuple[int | None, int | None]:
+    groups = match.groupdict()
+    layer, expert = groups.get("layer"), groups.get("expert")
+    return (int(layer) if layer is not None else None), (int(expert) if expert is not None else None)
 
 
 @dataclass
@@ -72,11 +98,13 @@ class Family:
 
     def __post_init__(self):
         for m in self.mappings:
-            stars = {p.count("*") for p in m.hf} | {p.count("*") for p in m.megatron_names()}
+            patterns = list(m.hf) + list(m.megatron_names())
+            stars = {p.count("*") for p in patterns}
+            experts = {p.count("#") for p in patterns}
             expected = 1 if m.where == LAYER else 0
-            if stars != {expected}:
-                raise ValueError(f"family {self.name}: mapping {m.hf} -> {m.megatron} has wildcard counts {stars}, "
-                                 f"expected {expected}")
+            if stars != {expected} or len(experts) != 1 or experts - {0, 1}:
+                raise ValueError(f"family {self.name}: mapping {m.hf} -> {m.megatron} has wildcard counts "
+                                 f"{stars} (layer) and {experts} (expert), expected {expected} and one of 0/1")
             for i, p in enumerate(m.hf):
                 self._hf_regex.append((_compile(p), m, i))
             for naming_name in m.megatron_names():
@@ -84,19 +112,19 @@ class Family:
         self._ignored_regex = [_compile(p) for p in self.ignored_hf]
 
     def match_hf(self, name: str):
-        """(mapping, index of the name among the mapping's HF names, layer or None), or None."""
+        """(mapping, index of the name among the mapping's HF names, layer, expert), or None."""
         for regex, mapping, index in self._hf_regex:
             m = regex.match(name)
             if m:
-                return mapping, index, int(m.group(1)) if m.groups() else None
+                return (mapping, index, *_indices(m))
         return None
 
     def match_megatron(self, name: str):
-        """(mapping, local layer or None), or None."""
+        """(mapping, local layer, local expert), or None."""
         for regex, mapping in self._megatron_regex:
             m = regex.match(name)
             if m:
-                return mapping, int(m.group(1)) if m.groups() else None
+                return (mapping, *_indices(m))
         return None
 
     def is_ignored_hf(self, name: str) -> bool:
@@ -112,7 +140,7 @@ def register_family(family: Family) -> Family:
 
 
 def _load_builtin() -> None:
-    from pyconv.families import gpt2, llama, qwen2  # noqa: F401
+    from pyconv.families import gpt2, llama, mixtral, qwen2, qwen2_moe  # noqa: F401
 
 
 def family_names() -> list[str]:

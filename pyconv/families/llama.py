@@ -22,9 +22,11 @@ def _kv(d: ModelDims):
     return (d.groups * d.head_dim, d.hidden)
 
 
-LLAMA_MAPPINGS = (
+EMBEDDING = (
     TensorMapping(("model.embed_tokens.weight",), "embedding.word_embeddings.weight", VOCAB, FIRST_STAGE,
                   lambda d: (d.vocab, d.hidden)),
+)
+ATTENTION = (
     TensorMapping((L + "input_layernorm.weight",),
                   {"te": M + "self_attention.linear_qkv.layer_norm_weight", "local": M + "input_layernorm.weight"},
                   REPLICATED, LAYER, lambda d: (d.hidden,)),
@@ -36,23 +38,33 @@ LLAMA_MAPPINGS = (
                   lambda d: (d.hidden, d.heads * d.head_dim)),
     TensorMapping((L + "self_attn.o_proj.bias",), M + "self_attention.linear_proj.bias", REPLICATED, LAYER,
                   lambda d: (d.hidden,), optional=True),
+)
+# TransformerEngine fuses the pre-MLP norm into linear_fc1 of a dense MLP; a MoE layer keeps
+# pre_mlp_layernorm (the router needs the normalised input) under both namings.
+DENSE_MLP = (
     TensorMapping((L + "post_attention_layernorm.weight",),
                   {"te": M + "mlp.linear_fc1.layer_norm_weight", "local": M + "pre_mlp_layernorm.weight"},
-                  REPLICATED, LAYER, lambda d: (d.hidden,)),
+                  REPLICATED, LAYER, lambda d: (d.hidden,), layers="dense"),
     TensorMapping((L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), M + "mlp.linear_fc1.weight", GATED_FC1,
-                  LAYER, lambda d: (d.ffn, d.hidden)),
+                  LAYER, lambda d: (d.ffn, d.hidden), layers="dense"),
     TensorMapping((L + "mlp.gate_proj.bias", L + "mlp.up_proj.bias"), M + "mlp.linear_fc1.bias", GATED_FC1,
-                  LAYER, lambda d: (d.ffn,), optional=True),
+                  LAYER, lambda d: (d.ffn,), optional=True, layers="dense"),
     TensorMapping((L + "mlp.down_proj.weight",), M + "mlp.linear_fc2.weight", ROW, LAYER,
-                  lambda d: (d.hidden, d.ffn)),
+                  lambda d: (d.hidden, d.ffn), layers="dense"),
     TensorMapping((L + "mlp.down_proj.bias",), M + "mlp.linear_fc2.bias", REPLICATED, LAYER,
-                  lambda d: (d.hidden,), optional=True),
+                  lambda d: (d.hidden,), optional=True, layers="dense"),
+)
+MOE_NORM = (
+    TensorMapping((L + "post_attention_layernorm.weight",), M + "pre_mlp_layernorm.weight", REPLICATED, LAYER,
+                  lambda d: (d.hidden,), layers="moe"),
+)
+HEAD = (
     TensorMapping(("model.norm.weight",), "decoder.final_layernorm.weight", REPLICATED, LAST_STAGE,
                   lambda d: (d.hidden,)),
     TensorMapping(("lm_head.weight",), "output_layer.weight", VOCAB, LAST_STAGE,
                   lambda d: (d.vocab, d.hidden), optional=True),
 )
-
+LLAMA_MAPPINGS = EMBEDDING + ATTENTION + DENSE_MLP + HEAD
 
 
 def llama_dims(config: dict) -> ModelDims:
@@ -110,7 +122,7 @@ def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_ty
 
 
 def is_llama_args(args: dict) -> bool:
-    return (bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
+    return (not args.get("num_experts") and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
             and args.get("position_embedding_type") == "rope"
             and not (args.get("add_qkv_bias") and not args.get("add_bias_linear")))
 

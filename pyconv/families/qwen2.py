@@ -11,7 +11,7 @@ def qwen2_megatron_args(config: dict, dims: ModelDims) -> dict:
 
 
 def is_qwen2_args(args: dict) -> bool:
-    return (bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
+    return (not args.get("num_experts") and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
             and args.get("position_embedding_type") == "rope"
             and bool(args.get("add_qkv_bias")) and not args.get("add_bias_linear"))
 

@@ -18,6 +18,7 @@ import os
 import re
 from argparse import Namespace
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
@@ -64,7 +65,7 @@ def shard_pieces(mapping: TensorMapping, names: list[str], dims: ModelDims, padd
     if mapping.rule == VOCAB:
         return vocab_parallel(names[0], shape, padded_vocab, tp, rank)
     if mapping.rule == GATED_FC1:
-        return gated_fc1(names[0], names[1], dims.ffn, shape[1], tp, rank)
+        return gated_fc1(names[0], names[1], shape[0], shape[1], tp, rank)
     if mapping.rule == QKV:
         if len(names) == 3:
             return qkv_fused(*names, shape[1], dims.heads, dims.groups, dims.head_dim, tp, rank)
@@ -80,28 +81,61 @@ def shard_shape(pieces: list[Piece], canonical_rank: int) -> tuple[int, ...]:
     return (rows,) if canonical_rank == 1 else (rows, cols)
 
 
-def megatron_tensor_name(mapping: TensorMapping, naming: str, local_layer: int | None) -> str:
-    name = mapping.megatron_name(naming)
-    return name.replace("*", str(local_layer)) if local_layer is not None else name
+def _fill(pattern: str, layer: int | None, expert: int | None) -> str:
+    if layer is not None:
+        pattern = pattern.replace("*", str(layer))
+    return pattern.replace("#", str(expert)) if expert is not None else pattern
 
 
-def hf_names(mapping: TensorMapping, layer: int | None) -> list[str]:
-    return [n.replace("*", str(layer)) if layer is not None else n for n in mapping.hf]
+def megatron_tensor_name(mapping: TensorMapping, naming: str, local_layer: int | None,
+                         local_expert: int | None = None) -> str:
+    return _fill(mapping.megatron_name(naming), local_layer, local_expert)
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+def hf_names(mapping: TensorMapping, layer: int | None, expert: int | None = None) -> list[str]:
+    return [_fill(n, layer, expert) for n in mapping.hf]
 
 
-def _stage_mappings(family: Family, stage: int, stages: list[range]):
-    """(mapping, global layer or None, local layer or None) for the tensors of a pipeline stage,
-    in Megatron's state-dict order: embeddings, layers, final norm and output layer."""
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """mp_rank_TT, then _PPP when pp > 1, then _EEE when ep > 1, as Megatron names them."""
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a rank file: its mapping, global/local layer and global/local expert."""
+
+    mapping: TensorMapping
+    layer: int | None
+    local_layer: int | None
+    expert: int | None = None
+    local_expert: int | None = None
+
+
+def experts_per_rank(dims: ModelDims, ep: int) -> int:
+    if not dims.num_experts:
+        return 0
+    from pyconv.layout import divide
+
+    return divide(dims.num_experts, ep, "num_experts", "ep")
+
+
+def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[range], ep_rank: int, ep: int):
+    """The tensors of one (pipeline stage, expert-parallel rank) in Megatron's state-dict order:
+    embeddings, layers (routed experts: those of this EP rank), final norm and output layer."""
     if stage == 0:
-        yield from ((m, None, None) for m in family.mappings if m.where == FIRST_STAGE)
+        yield from (Entry(m, None, None) for m in family.mappings if m.where == FIRST_STAGE)
+    local_count = experts_per_rank(dims, ep)
     for local, layer in enumerate(stages[stage]):
-        yield from ((m, layer, local) for m in family.mappings if m.where == LAYER)
+        for m in family.mappings:
+            if m.where != LAYER or not m.applies_to(dims, layer):
+                continue
+            if m.per_expert:
+                yield from (Entry(m, layer, local, ep_rank * local_count + j, j) for j in range(local_count))
+            else:
+                yield Entry(m, layer, local)
     if stage == len(stages) - 1:
-        yield from ((m, None, None) for m in family.mappings if m.where == LAST_STAGE)
+        yield from (Entry(m, None, None) for m in family.mappings if m.where == LAST_STAGE)
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -124,15 +158,32 @@ def _iteration_dir(path: str) -> tuple[str, str]:
     return path, os.path.basename(os.path.normpath(path))
 
 
-def _rank_dirs(directory: str) -> dict[tuple[int, int], str]:
+def _rank_numbers(directory: str) -> dict[tuple[int, ...], str]:
+    """mp_rank_TT[_NNN[_NNN]] directories by their numbers."""
     ranks = {}
     for entry in sorted(os.listdir(directory)):
         m = _RANK_DIR.match(entry)
-        if not m or not os.path.isdir(os.path.join(directory, entry)):
-            continue
-        if m.group(3) is not None:
-            raise FormatError(f"{directory}/{entry}: expert-parallel rank directories are not supported yet")
-        ranks[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(directory, entry)
+        if m and os.path.isdir(os.path.join(directory, entry)):
+            ranks[tuple(int(g) for g in m.groups() if g is not None)] = os.path.join(directory, entry)
+    return ranks
+
+
+def _rank_dirs(directory: str, numbers: dict[tuple[int, ...], str], args: dict) -> dict[tuple[int, int, int], str]:
+    """(tp, pp, ep) rank -> directory. Two numbers are (tp, pp) or (tp, ep), as the args say."""
+    pp_from_args = args.get("pipeline_model_parallel_size") or 1
+    ep_from_args = args.get("expert_model_parallel_size") or 1
+    ranks = {}
+    for key, path in numbers.items():
+        if len(key) == 3:
+            t, p, e = key
+        elif len(key) == 2:
+            if pp_from_args == 1 and ep_from_args > 1:
+                t, p, e = key[0], 0, key[1]
+            else:
+                t, p, e = key[0], key[1], 0
+        else:
+            t, p, e = key[0], 0, 0
+        ranks[(t, p, e)] = path
     return ranks
 
 
@@ -169,28 +220,25 @@ def megatron_dims(args: dict, where: str) -> ModelDims:
         num_layers=need("num_layers"), hidden=hidden, heads=heads, groups=groups or heads,
         head_dim=args.get("kv_channels") or hidden // heads, ffn=args.get("ffn_hidden_size") or 4 * hidden,
         vocab=vocab, max_positions=args.get("max_position_embeddings") or 0,
-        tied=not args.get("untie_embeddings_and_output_weights", False))
+        tied=not args.get("untie_embeddings_and_output_weights", False),
+        num_experts=args.get("num_experts") or 0, moe_ffn=args.get("moe_ffn_hidden_size") or 0,
+        shared_ffn=args.get("moe_shared_expert_intermediate_size") or 0)
 
 
 def read(path: str, family: str | None = None) -> Catalog:
-    from pyconv.io.torchzip import TensorRef, read_torch_checkpoint
+    from pyconv.io.torchzip import read_torch_checkpoint
 
     root = os.path.abspath(path)
     directory, iteration = _iteration_dir(root)
-    ranks = _rank_dirs(directory)
-    if not ranks:
+    numbers = _rank_numbers(directory)
+    if not numbers:
         raise FormatError(f"{directory}: no mp_rank_* directories")
-    tp = max(t for t, _ in ranks) + 1
-    pp = max(p for _, p in ranks) + 1
-    for t in range(tp):
-        for p in range(pp):
-            if (t, p) not in ranks:
-                raise FormatError(f"{directory}: {rank_dir_name(t, p, pp)} is missing (found tp={tp}, pp={pp})")
+    first_dir = numbers[min(numbers)]
 
-    def load(t, p):
-        file = os.path.join(ranks[(t, p)], CHECKPOINT_FILE)
+    def load_file(rank_dir):
+        file = os.path.join(rank_dir, CHECKPOINT_FILE)
         if not os.path.isfile(file):
-            raise FormatError(f"{ranks[(t, p)]}: no {CHECKPOINT_FILE}")
+            raise FormatError(f"{rank_dir}: no {CHECKPOINT_FILE}")
         obj = read_torch_checkpoint(file).obj
         if not isinstance(obj, dict):
             raise FormatError(f"{file}: not a Megatron checkpoint (top level is not a dict)")
@@ -200,10 +248,19 @@ def read(path: str, family: str | None = None) -> Catalog:
                                              if virtual else "no 'model' state dict"))
         return file, obj
 
-    first_file, first = load(0, 0)
+    first_file, first = load_file(first_dir)
     args = _args_dict(first.get("args"), first_file)
-    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
-        if key in args and args[key] != value:
+    ranks = _rank_dirs(directory, numbers, args)
+    tp, pp, ep = (max(r[i] for r in ranks) + 1 for i in range(3))
+    for t in range(tp):
+        for p in range(pp):
+            for e in range(ep):
+                if (t, p, e) not in ranks:
+                    raise FormatError(f"{directory}: {rank_dir_name(t, p, pp, e, ep)} is missing "
+                                      f"(found tp={tp}, pp={pp}, ep={ep})")
+    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                       ("expert_model_parallel_size", ep)):
+        if args.get(key) not in (None, value):
             raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
     fam = get_family(family) if family else _family_from_args(args, first_file)
     dims = megatron_dims(args, first_file)
@@ -216,62 +273,71 @@ def read(path: str, family: str | None = None) -> Catalog:
     order: list[str] = []
     for p in range(pp):
         for t in range(tp):
-            file, obj = (first_file, first) if (t, p) == (0, 0) else load(t, p)
-            model = obj["model"]
-            if not isinstance(model, dict):
-                raise FormatError(f"{file}: 'model' is not a state dict")
-            seen = set()
-            for mapping, layer, local in _stage_mappings(fam, p, stages):
-                if mapping.megatron_name("te") == mapping.megatron_name("local"):
-                    candidates = [megatron_tensor_name(mapping, "te", local)]
-                else:
-                    candidates = [megatron_tensor_name(mapping, n, local) for n in ("te", "local")]
-                key = next((c for c in candidates if c in model), None)
-                names = hf_names(mapping, layer)
-                if key is None:
-                    if mapping.optional:
-                        continue
-                    raise FormatError(f"{file}: missing tensor '{candidates[0]}'")
-                seen.add(key)
-                if mapping.hf == ("lm_head.weight",) and dims.tied:
-                    continue  # the last stage's copy of the tied embedding
-                ref = model[key]
-                if not isinstance(ref, TensorRef):
-                    raise FormatError(f"{file}: '{key}' is not a tensor")
-                pieces = shard_pieces(mapping, names, dims, padded, tp, t)
-                expected = shard_shape(pieces, len(mapping.shape(dims)))
-                if tuple(ref.shape) != expected:
-                    raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
-                                      f"for tp={tp} (hidden {dims.hidden}, heads {dims.heads}, groups {dims.groups}, "
-                                      f"head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
-                if mapping.rule == REPLICATED and t > 0:
-                    continue
-                stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
-                transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-                for piece in pieces:
-                    if piece.repeat:
-                        continue  # vocab padding carries nothing back
-                    if piece.source not in blocks:
-                        blocks[piece.source], dtypes[piece.source] = [], ref.dtype
-                        order.append(piece.source)
-                    if dtypes[piece.source] != ref.dtype:
-                        raise FormatError(f"{file}: '{key}' is {ref.dtype} but other shards of "
-                                          f"{piece.source} are {dtypes[piece.source]}")
-                    if transposed:
-                        block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.cols, piece.rows,
-                                            piece.col0, piece.row0, transpose=True)
-                    else:
-                        block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.rows, piece.cols,
-                                            piece.row0, piece.col0)
-                    blocks[piece.source].append(block)
-            unknown = [k for k in model if k not in seen and not str(k).endswith("_extra_state")]
-            if unknown:
-                raise FormatError(f"{file}: tensor '{unknown[0]}' matches no {fam.name} mapping for pipeline stage {p}"
-                                  + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            for e in range(ep):
+                file, obj = (first_file, first) if ranks[(t, p, e)] == first_dir else load_file(ranks[(t, p, e)])
+                _read_rank(file, obj, fam, dims, padded, stages, tp, t, p, e, ep, blocks, dtypes, order)
+    return _catalog(root, directory, iteration, fam, dims, args, padded, tp, pp, ep, blocks, dtypes, order)
 
+
+def _read_rank(file, obj, fam, dims, padded, stages, tp, t, p, e, ep, blocks, dtypes, order) -> None:
+    """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for."""
+    from pyconv.io.torchzip import TensorRef
+
+    model = obj["model"]
+    if not isinstance(model, dict):
+        raise FormatError(f"{file}: 'model' is not a state dict")
+    seen = set()
+    for entry in _stage_entries(fam, dims, p, stages, e, ep):
+        mapping, layer, local = entry.mapping, entry.layer, entry.local_layer
+        candidates = list(dict.fromkeys(_fill(n, local, entry.local_expert) for n in mapping.megatron_names()))
+        key = next((c for c in candidates if c in model), None)
+        names = hf_names(mapping, layer, entry.expert)
+        if key is None:
+            if mapping.optional:
+                continue
+            raise FormatError(f"{file}: missing tensor '{candidates[0]}'")
+        seen.add(key)
+        if mapping.hf == ("lm_head.weight",) and dims.tied:
+            continue  # the last stage's copy of the tied embedding
+        ref = model[key]
+        if not isinstance(ref, TensorRef):
+            raise FormatError(f"{file}: '{key}' is not a tensor")
+        pieces = shard_pieces(mapping, names, dims, padded, tp, t)
+        expected = shard_shape(pieces, len(mapping.shape(dims)))
+        if tuple(ref.shape) != expected:
+            raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
+                              f"for tp={tp} (hidden {dims.hidden}, heads {dims.heads}, groups {dims.groups}, "
+                              f"head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
+        if (mapping.rule == REPLICATED and t > 0) or (e > 0 and not mapping.per_expert):
+            continue  # replicas: taken from the first tensor- and expert-parallel rank
+        stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        for piece in pieces:
+            if piece.repeat:
+                continue  # vocab padding carries nothing back
+            if piece.source not in blocks:
+                blocks[piece.source], dtypes[piece.source] = [], ref.dtype
+                order.append(piece.source)
+            if dtypes[piece.source] != ref.dtype:
+                raise FormatError(f"{file}: '{key}' is {ref.dtype} but other shards of "
+                                  f"{piece.source} are {dtypes[piece.source]}")
+            if transposed:
+                block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.cols, piece.rows,
+                                    piece.col0, piece.row0, transpose=True)
+            else:
+                block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.rows, piece.cols,
+                                    piece.row0, piece.col0)
+            blocks[piece.source].append(block)
+    unknown = [k for k in model if k not in seen and not str(k).endswith("_extra_state")]
+    if unknown:
+        raise FormatError(f"{file}: tensor '{unknown[0]}' matches no {fam.name} mapping for pipeline stage {p}"
+                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+
+def _catalog(root, directory, iteration, fam, dims, args, padded, tp, pp, ep, blocks, dtypes, order) -> Catalog:
     tensors = {}
     for name in _hf_order(fam, dims, order):
-        mapping, index, _ = fam.match_hf(name)
+        mapping, index, _, _ = fam.match_hf(name)
         shape = _hf_shape(mapping, index, dims)
         tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
         covered = sum(b.rows * b.cols for b in tensor.blocks)
@@ -285,7 +351,7 @@ def read(path: str, family: str | None = None) -> Catalog:
         config["dtype"] = _TORCH_DTYPE[dtype]
     extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
                   if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
-    details = {"family": fam.name, "tp": tp, "pp": pp, "iteration": iteration, "padded_vocab_size": padded,
+    details = {"family": fam.name, "tp": tp, "pp": pp, "ep": ep, "iteration": iteration, "padded_vocab_size": padded,
                "args": {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}}
     return Catalog("megatron", root, tensors, config, fam.architectures[0], extra, details=details)
 
@@ -313,15 +379,14 @@ def _hf_shape(mapping: TensorMapping, index: int, dims: ModelDims) -> tuple[int,
 
 
 def _hf_order(family: Family, dims: ModelDims, names: list[str]) -> list[str]:
-    """Canonical tensors in the HF order: embeddings, layer by layer, final norm, head."""
+    """Canonical tensors in the HF order: embeddings, layer by layer (experts in order), final
+    norm, head."""
     present = set(names)
+    stages = [range(dims.num_layers)]
     ordered = []
-    groups = [(m, None) for m in family.mappings if m.where == FIRST_STAGE]
-    groups += [(m, layer) for layer in range(dims.num_layers) for m in family.mappings if m.where == LAYER]
-    groups += [(m, None) for m in family.mappings if m.where == LAST_STAGE]
-    for mapping, layer in groups:
-        ordered.extend(n for n in hf_names(mapping, layer) if n in present)
-    return ordered
+    for entry in _stage_entries(family, dims, 0, stages, 0, 1):
+        ordered.extend(n for n in hf_names(entry.mapping, entry.layer, entry.expert) if n in present)
+    return list(dict.fromkeys(ordered))
 
 
 # ---- writing ---------------------------------------------------------------------------
@@ -344,9 +409,11 @@ def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
             if family.is_ignored_hf(name):
                 continue
             raise LayoutError(f"{catalog.path}: tensor '{name}' matches no {family.name} mapping")
-        mapping, index, layer = match
+        mapping, index, layer, expert = match
         if layer is not None and layer >= dims.num_layers:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
+        if expert is not None and expert >= dims.num_experts:
+            raise LayoutError(f"{catalog.path}: tensor '{name}' is expert {expert} of {dims.num_experts}")
         expected = _hf_shape(mapping, index, dims)
         if tuple(tensor.shape) != expected:
             raise LayoutError(f"{catalog.path}: tensor '{name}' has shape {list(tensor.shape)}, the config implies "
@@ -360,9 +427,12 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     config = catalog.config
     dims = family.dims_from_hf(config)
     _check_shapes(catalog, family, dims)
-    tp, pp = target.tp, target.pp
-    if tp < 1 or pp < 1:
-        raise LayoutError(f"tp and pp must be >= 1 (got tp={tp}, pp={pp})")
+    tp, pp, ep = target.tp, target.pp, target.ep
+    if tp < 1 or pp < 1 or ep < 1:
+        raise LayoutError(f"tp, pp and ep must be >= 1 (got tp={tp}, pp={pp}, ep={ep})")
+    if ep > 1 and not dims.num_experts:
+        raise LayoutError(f"ep={ep} needs a mixture-of-experts model; {catalog.architecture} has no experts")
+    experts_per_rank(dims, ep)
     if target.megatron_naming not in ("te", "local"):
         raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
@@ -373,6 +443,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+        **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": tp} if dims.num_experts else {}),
         "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
         "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
@@ -385,40 +456,48 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     files = []
     for p in range(pp):
         for t in range(tp):
-            model: OrderedDict[str, TensorSlot] = OrderedDict()
-            planned: list[tuple[str, str, tuple[int, ...], list[BlockCopy]]] = []
-            for mapping, layer, local in _stage_mappings(family, p, stages):
-                names = hf_names(mapping, layer)
-                if mapping.hf == ("lm_head.weight",) and dims.tied:
-                    if pp == 1:
-                        continue  # the output layer shares the embedding on a single stage
-                    names = [family.mappings[0].hf[0]]  # the last stage carries a copy of the embedding
-                missing = [n for n in names if n not in catalog.tensors]
-                if missing:
-                    if mapping.optional and len(missing) == len(names):
-                        continue
-                    raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
-                pieces = shard_pieces(mapping, names, dims, padded, tp, t)
-                transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-                copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
-                dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
-                shape = shard_shape(pieces, len(mapping.shape(dims)))
-                name = megatron_tensor_name(mapping, target.megatron_naming, local)
-                model[name] = TensorSlot(dtype, shape)
-                planned.append((name, dtype, shape, copies))
-            obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
-                   "iteration": target.iteration or 0, "model": model}
-            layout, slots = layout_torch_save(obj)
-            assert len(slots) == len(planned)
-            tensors = tuple(PlannedTensor(name, dtype, shape, offset, tuple(copies))
-                            for (name, dtype, shape, copies), offset in zip(planned, layout.record_offsets))
-            path = f"{iteration_dir}/{rank_dir_name(t, p, pp)}/{CHECKPOINT_FILE}"
-            files.append(PlannedFile(path, layout.size, tensors, layout.literals))
+            for e in range(ep):
+                files.append(_plan_rank_file(catalog, family, dims, target, args, stages, padded, iteration_dir, t, p, e))
     tracker = "release" if target.iteration is None else str(target.iteration)
     files.append(plan_text_file(TRACKER, tracker))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
     return files
+
+
+def _plan_rank_file(catalog, family, dims, target, args, stages, padded, iteration_dir, t, p, e) -> PlannedFile:
+    tp, pp, ep = target.tp, target.pp, target.ep
+    model: OrderedDict[str, TensorSlot] = OrderedDict()
+    planned: list[tuple[str, str, tuple[int, ...], list[BlockCopy]]] = []
+    for entry in _stage_entries(family, dims, p, stages, e, ep):
+        mapping, layer, local = entry.mapping, entry.layer, entry.local_layer
+        names = hf_names(mapping, layer, entry.expert)
+        if mapping.hf == ("lm_head.weight",) and dims.tied:
+            if pp == 1:
+                continue  # the output layer shares the embedding on a single stage
+            # The last stage carries a copy of the word embedding.
+            names = [next(m for m in family.mappings if m.where == FIRST_STAGE and m.rule == VOCAB).hf[0]]
+        missing = [n for n in names if n not in catalog.tensors]
+        if missing:
+            if mapping.optional and len(missing) == len(names):
+                continue
+            raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
+        pieces = shard_pieces(mapping, names, dims, padded, tp, t)
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+        dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+        shape = shard_shape(pieces, len(mapping.shape(dims)))
+        name = megatron_tensor_name(mapping, target.megatron_naming, local, entry.local_expert)
+        model[name] = TensorSlot(dtype, shape)
+        planned.append((name, dtype, shape, copies))
+    obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
+           "iteration": target.iteration or 0, "model": model}
+    layout, slots = layout_torch_save(obj)
+    assert len(slots) == len(planned)
+    tensors = tuple(PlannedTensor(name, dtype, shape, offset, tuple(copies))
+                    for (name, dtype, shape, copies), offset in zip(planned, layout.record_offsets))
+    path = f"{iteration_dir}/{rank_dir_name(t, p, pp, e, ep)}/{CHECKPOINT_FILE}"
+    return PlannedFile(path, layout.size, tensors, layout.literals)
 
 
 def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:

@@ -1,0 +1,128 @@
+"""Mixture-of-experts families through Megatron with expert parallelism: round trips judged by
+the safetensors library and transformers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import pyconv
+from pyconv.errors import LayoutError
+
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for name, config in CONFIGS.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config()).eval()
+        model.save_pretrained(root / name)
+        out[name] = (model, str(root / name))
+    return out
+
+
+def hf_tensors(path):
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("ep", [1, 2, 4])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_moe_round_trip_through_every_layout(moe_models, tmp_path, family, tp, pp, ep):
+    _, src = moe_models[family]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=tp, pp=pp, ep=ep)
+    ranks = sorted(os.listdir(tmp_path / "meg" / "release"))
+    assert len(ranks) == tp * pp * ep
+    suffix = (f"_{pp - 1:03d}" if pp > 1 else "") + (f"_{ep - 1:03d}" if ep > 1 else "")
+    assert ranks[-1] == f"mp_rank_{tp - 1:02d}{suffix}"
+    last = torch.load(tmp_path / "meg" / "release" / ranks[-1] / "model_optim_rng.pt", weights_only=False)
+    experts = {k.split(".local_experts.")[1].split(".")[0] for k in last["model"] if ".local_experts." in k}
+    assert experts == {str(j) for j in range(4 // ep)}  # local expert indices
+    assert last["args"].expert_model_parallel_size == ep and last["args"].num_experts == 4
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    source, output = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert source.keys() == output.keys()
+    assert all(torch.equal(source[k], output[k]) for k in source)
+
+
+def test_expert_placement_on_ep_ranks(moe_models, tmp_path):
+    """Expert e lives on EP rank e // (E/ep) as local expert e % (E/ep)."""
+    _, src = moe_models["mixtral"]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", ep=2, megatron_naming="local")
+    source = hf_tensors(src)
+    for ep_rank in range(2):
+        model = torch.load(tmp_path / "meg" / "release" / f"mp_rank_00_{ep_rank:03d}" / "model_optim_rng.pt",
+                           weights_only=False)["model"]
+        for local in range(2):
+            expert = ep_rank * 2 + local
+            fc2 = model[f"decoder.layers.1.mlp.experts.local_experts.{local}.linear_fc2.weight"]
+            assert torch.equal(fc2, source[f"model.layers.1.block_sparse_moe.experts.{expert}.w2.weight"])
+            fc1 = model[f"decoder.layers.1.mlp.experts.local_experts.{local}.linear_fc1.weight"]
+            assert torch.equal(fc1, torch.cat([source[f"model.layers.1.block_sparse_moe.experts.{expert}.w1.weight"],
+                                               source[f"model.layers.1.block_sparse_moe.experts.{expert}.w3.weight"]]))
+        # Non-expert tensors are on every EP rank; a MoE layer keeps pre_mlp_layernorm under both namings.
+        assert "decoder.layers.1.pre_mlp_layernorm.weight" in model and "decoder.layers.1.mlp.router.weight" in model
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_transformers_logits_after_moe_round_trip(moe_models, tmp_path, family):
+    model, src = moe_models[family]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2, pp=2, ep=2, megatron_naming="local")
+    pyconv.reshard(tmp_path / "meg", tmp_path / "meg2", to="megatron", tp=1, ep=4)
+    pyconv.reshard(tmp_path / "meg2", tmp_path / "back", to="hf")
+    loaded, info = type(model).from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded.eval()(x).logits)
+
+
+def test_grouped_gemm_expert_names_are_read(moe_models, tmp_path):
+    _, src = moe_models["qwen2_moe"]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", ep=2)
+    for f in sorted((tmp_path / "meg" / "release").iterdir()):
+        path = f / "model_optim_rng.pt"
+        ckpt = torch.load(path, weights_only=False)
+        renamed = type(ckpt["model"])()
+        for k, v in ckpt["model"].items():
+            if ".experts.local_experts." in k:  # ...experts.local_experts.J.linear_fc1.weight -> experts.linear_fc1.weightJ
+                head, rest = k.split(".experts.local_experts.")
+                j, tail = rest.split(".", 1)
+                k = f"{head}.experts.{tail}{j}"
+            renamed[k] = v
+        ckpt["model"] = renamed
+        torch.save(ckpt, path)
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    source, output = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert source.keys() == output.keys() and all(torch.equal(source[k], output[k]) for k in source)
+
+
+def test_bad_expert_layouts(moe_models, tmp_path):
+    _, src = moe_models["mixtral"]
+    with pytest.raises(LayoutError, match="num_experts = 4 is not divisible by ep = 3"):
+        pyconv.reshard(src, tmp_path / "x", to="megatron", ep=3)
+    torch.manual_seed(0)
+    dense = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(dense).save_pretrained(tmp_path / "dense")
+    with pytest.raises(LayoutError, match="ep=2 needs a mixture-of-experts model"):
+        pyconv.reshard(tmp_path / "dense", tmp_path / "y", to="megatron", ep=2)
