@@ -1,0 +1,680 @@
+"""Megatron-Core as the judge of Megatron checkpoints, on CPU (gloo, no TransformerEngine).
+
+Importable by tests and runnable as a script under torchrun::
+
+    torchrun --nproc-per-node 2 tests/megatron_harness.py --ckpt DIR --hf-config CONFIG.json \\
+        --tp 2 --input IDS.pt --out LOGITS.pt          # forward pass, full-vocab logits to LOGITS.pt
+    torchrun --nproc-per-node 2 tests/megatron_harness.py --save-from HF_DIR --ckpt OUT --tp 2
+                                                       # Megatron-Core itself writes a checkpoint
+
+Public functions
+  translate_hf_config(hf_config, tp, pp)  HF config -> TransformerConfig / GPTModel keyword arguments
+  gpt_model_from_hf_config(hf_config, tp, pp)  a GPTModel (local spec); needs megatron_parallel()
+  load_megatron_checkpoint(model, ckpt_dir, tp_rank, pp_rank)  strict load of one rank's file
+  megatron_logits(ckpt_dir, hf_config, tp, input_ids)  [b, s, true_vocab] fp32 logits
+  save_with_megatron(hf_model_dir, out_dir, tp)  per-rank torch checkpoint from Megatron's state_dict()
+  megatron_parallel(tp, pp)  context: gloo process group (world size 1 if none) + parallel_state
+
+Megatron-Core must not leave state behind in a pytest process: in-process runs (tp * pp == 1)
+apply the CPU patches and initialise torch.distributed / parallel_state only inside
+`megatron_parallel()`, and undo both on exit; tp > 1 runs in a torchrun subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HARNESS = Path(__file__).resolve()
+
+# Megatron's default; padded vocab = ceil(V / (divisible_by * tp)) * divisible_by * tp.
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+CHECKPOINT_VERSION = 3.0
+
+
+def megatron_available() -> bool:
+    """True when megatron-core is importable (psutil and einops are optional imports of it; the
+    dense GPT paths used here run without them)."""
+    try:
+        return importlib.util.find_spec("megatron.core") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# HF config -> Megatron-Core config
+# --------------------------------------------------------------------------------------------------
+
+def _config_dict(hf_config) -> dict:
+    """Accept a dict, a transformers PretrainedConfig, a config.json path or a model directory."""
+    if isinstance(hf_config, dict):
+        return dict(hf_config)
+    if isinstance(hf_config, (str, os.PathLike)):
+        p = Path(hf_config)
+        if p.is_dir():
+            p = p / "config.json"
+        return json.loads(p.read_text())
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    raise TypeError(f"cannot read an HF config from {type(hf_config).__name__}")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def gelu_new(x):
+    """HF "gelu_new" (NewGELUActivation), written the same way so the two agree bit for bit.
+    (Megatron's own `openai_gelu` is wrapped in torch.compile, which a CPU test must avoid.)"""
+    import torch
+
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_tanh(x):
+    import torch.nn.functional as F
+
+    return F.gelu(x, approximate="tanh")
+
+
+def _activation(name: str):
+    import torch.nn.functional as F
+
+    table = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+             "gelu_new": gelu_new, "gelu_fast": gelu_new,  # gelu_fast: same function, other rounding
+             "gelu_pytorch_tanh": gelu_tanh}
+    if name not in table:
+        raise NotImplementedError(f"activation {name!r} has no Megatron equivalent in this harness")
+    return table[name]
+
+
+def _rope_theta(cfg: dict) -> float:
+    rp = cfg.get("rope_parameters") or {}
+    rs = cfg.get("rope_scaling") or {}
+    rope_type = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
+    if rope_type != "default":
+        raise NotImplementedError(f"rope_type {rope_type!r} (only plain RoPE is translated)")
+    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def translate_hf_config(hf_config, tp: int = 1, pp: int = 1) -> dict:
+    """The Megatron-Core description of an HF model.
+
+    Returns {"family", "transformer_config": {TransformerConfig kwargs}, "gpt_model": {GPTModel
+    kwargs except config/spec}, "normalization", "vocab_size" (true), "padded_vocab_size",
+    "tied"}. Everything here is what makes Megatron's forward equal HF's (see the module's tests).
+    """
+    cfg = _config_dict(hf_config)
+    model_type = cfg.get("model_type")
+    if model_type in ("llama", "qwen2", "mistral"):
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        if model_type == "qwen2":
+            if cfg.get("use_sliding_window"):
+                raise NotImplementedError("Qwen2 sliding-window attention")
+            qkv_bias, linear_bias = True, False  # Qwen2: q/k/v biases, none on o_proj or the MLP
+        else:
+            attn_bias, mlp_bias = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
+            if attn_bias != mlp_bias:
+                # Megatron's add_bias_linear covers linear_qkv, linear_proj, fc1 and fc2 together;
+                # add_qkv_bias only linear_qkv. HF's attention_bias also covers o_proj.
+                raise NotImplementedError("attention_bias != mlp_bias has no Megatron-Core equivalent")
+            qkv_bias, linear_bias = attn_bias, attn_bias
+            if model_type == "mistral" and cfg.get("sliding_window"):
+                raise NotImplementedError("Mistral sliding-window attention")
+        act = cfg.get("hidden_act", "silu")
+        tc = dict(
+            num_layers=cfg["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
+            num_query_groups=kv_heads, kv_channels=head_dim, ffn_hidden_size=cfg["intermediate_size"],
+            normalization="RMSNorm", layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+            gated_linear_unit=True, activation_func=_activation(act),
+            add_bias_linear=linear_bias, add_qkv_bias=qkv_bias,
+        )
+        gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=_rope_theta(cfg),
+                  max_sequence_length=cfg["max_position_embeddings"],
+                  share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
+        extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False)
+    elif model_type == "gpt2":
+        hidden = cfg["n_embd"]
+        heads = cfg["n_head"]
+        if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
+            raise NotImplementedError("GPT-2 scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn")
+        if cfg.get("scale_attn_weights") is False:
+            raise NotImplementedError("GPT-2 without attention scaling")
+        act = cfg.get("activation_function", "gelu_new")
+        tc = dict(
+            num_layers=cfg["n_layer"], hidden_size=hidden, num_attention_heads=heads,
+            num_query_groups=heads, kv_channels=hidden // heads,
+            ffn_hidden_size=cfg.get("n_inner") or 4 * hidden,
+            normalization="LayerNorm", layernorm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            gated_linear_unit=False, activation_func=_activation(act),
+            add_bias_linear=True, add_qkv_bias=True,
+        )
+        gm = dict(position_embedding_type="learned_absolute", rotary_percent=1.0, rotary_base=10000,
+                  max_sequence_length=cfg["n_positions"],
+                  share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", True)))
+        extra = dict(swiglu=False, openai_gelu=(act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")))
+    else:
+        raise NotImplementedError(f"model_type {model_type!r}")
+
+    tc.update(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        # numerics: exact fp32 eager paths, no dropout, no fusions, no layer-number scaling
+        params_dtype=_torch_dtype("float32"), bf16=False, fp16=False,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        apply_query_key_layer_scaling=False, attention_softmax_in_fp32=True,
+        masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        rotary_interleaved=False, layernorm_zero_centered_gamma=False,
+        apply_residual_connection_post_layernorm=False, fp32_residual_connection=False,
+        sequence_parallel=False,
+        # CPU: build weights on the host; every weight is overwritten by a strict load anyway
+        use_cpu_initialization=True, perform_initialization=False,
+    )
+    vocab = cfg["vocab_size"]
+    return dict(family=model_type, transformer_config=tc, gpt_model=gm, normalization=tc["normalization"],
+                vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp),
+                tied=gm["share_embeddings_and_output_weights"], **extra)
+
+
+def _torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU patches and parallel state
+# --------------------------------------------------------------------------------------------------
+
+def import_megatron_core():
+    """Import the Megatron-Core modules the harness uses, with `torch.compile` made a no-op during
+    the import: megatron.core.jit sets `jit_fuser = torch.compile`, and decorating with it pulls in
+    torch._dynamo / torch._inductor (~1.5 s CPU per process) for fused kernels that the fp32 eager
+    configuration of translate_hf_config() does not use. Functions stay plain eager Python; the
+    numerics are the same. No effect when megatron.core is already imported."""
+    if "megatron.core.models.gpt" in sys.modules:
+        return
+    import torch
+
+    compile_ = torch.compile
+
+    def eager(model=None, **kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager
+    try:
+        import megatron.core.models.gpt  # noqa: F401
+        import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+        import megatron.core.parallel_state  # noqa: F401
+        import megatron.core.tensor_parallel.random  # noqa: F401
+        import megatron.core.transformer.transformer_config  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
+@contextlib.contextmanager
+def cpu_patches():
+    """The patches Megatron-Core 0.16 needs to run on a CPU with gloo, undone on exit."""
+    import torch
+
+    import_megatron_core()
+    from megatron.core.tensor_parallel import random as mrandom
+
+    saved = [(torch.cuda, "current_device", torch.cuda.current_device),
+             (torch.cuda, "synchronize", torch.cuda.synchronize),
+             (mrandom.CudaRNGStatesTracker, "fork", mrandom.CudaRNGStatesTracker.fork)]
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
+@contextlib.contextmanager
+def megatron_parallel(tp: int = 1, pp: int = 1):
+    """CPU patches + torch.distributed (gloo) + Megatron parallel_state for tp x pp.
+
+    Under torchrun (RANK/WORLD_SIZE set) it joins that job (env://); otherwise it creates a world of
+    one (in-memory store, no port), which serves tp * pp == 1. Whatever it creates it destroys.
+    """
+    import torch.distributed as dist
+
+    with cpu_patches(), contextlib.ExitStack() as undo:
+        from megatron.core import parallel_state
+
+        if not dist.is_initialized():
+            if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+                dist.init_process_group("gloo", init_method="env://")
+            else:
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            undo.callback(dist.destroy_process_group)
+        world = dist.get_world_size()
+        if world != tp * pp:
+            raise RuntimeError(f"tp={tp} x pp={pp} needs {tp * pp} processes; this world has {world}"
+                               + ("" if world > 1 else " (use torchrun / run_torchrun for tp*pp > 1)"))
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                     pipeline_model_parallel_size=pp)
+            undo.callback(parallel_state.destroy_model_parallel)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, load, forward
+# --------------------------------------------------------------------------------------------------
+
+def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: bool = False):
+    """A Megatron-Core GPTModel (local spec, no TransformerEngine) for this rank, matching the HF
+    model's forward. Call inside `megatron_parallel(tp, pp)`. parallel_output=False gathers the
+    vocab-parallel logits on every rank."""
+    import_megatron_core()
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    t = translate_hf_config(hf_config, tp, pp)
+    config = TransformerConfig(**t["transformer_config"])
+    spec = get_gpt_layer_local_spec(normalization=t["normalization"])
+    if pp > 1:
+        pre = parallel_state.is_pipeline_first_stage()
+        post = parallel_state.is_pipeline_last_stage()
+    else:
+        pre = post = True
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=t["padded_vocab_size"],
+                     pre_process=pre, post_process=post, parallel_output=parallel_output,
+                     **t["gpt_model"])
+    return model.eval()
+
+
+def checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int = 0, pp: int = 1, iteration="release") -> Path:
+    sub = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    it = iteration if iteration == "release" else f"iter_{int(iteration):07d}"
+    return Path(ckpt_dir) / it / sub / "model_optim_rng.pt"
+
+
+def _find_checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    tracker = ckpt_dir / "latest_checkpointed_iteration.txt"
+    it = tracker.read_text().strip() if tracker.exists() else "release"
+    candidates = [checkpoint_file(ckpt_dir, tp_rank, pp_rank, 2, it)]  # mp_rank_TT_PPP
+    if pp_rank == 0:
+        candidates.insert(0, checkpoint_file(ckpt_dir, tp_rank, 0, 1, it))  # mp_rank_TT
+    for f in candidates:
+        if f.exists():
+            return f
+    raise FileNotFoundError(f"no mp_rank_{tp_rank:02d}[_{pp_rank:03d}]/model_optim_rng.pt under {ckpt_dir}/{it}")
+
+
+class StateDictMismatch(RuntimeError):
+    pass
+
+
+def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int, pp_rank: int = 0) -> dict:
+    """Strictly load one rank's `model_optim_rng.pt` into `model`; returns the whole checkpoint dict.
+
+    `_extra_state` keys: the local ColumnParallelLinear / RowParallelLinear report
+    `<prefix>_extra_state = None` in state_dict() and a load pre-hook fills a missing one with None,
+    so a checkpoint may carry or omit them; any other missing / unexpected key or shape mismatch
+    raises StateDictMismatch listing them all.
+    """
+    import torch
+
+    f = _find_checkpoint_file(ckpt_dir, tp_rank, pp_rank)
+    ckpt = torch.load(f, map_location="cpu", weights_only=False)
+    if "model" not in ckpt:
+        raise StateDictMismatch(f"{f}: no 'model' entry (keys: {sorted(ckpt)})")
+    sd = ckpt["model"]
+    own = model.state_dict()
+    own_keys = {k for k in own if not k.endswith("_extra_state")}
+    got_keys = {k for k in sd if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(own_keys - got_keys), sorted(got_keys - own_keys)
+    bad_shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(own_keys & got_keys)
+                  if hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shapes:
+        raise StateDictMismatch(f"{f} does not fit Megatron-Core's GPTModel:\n  missing: {missing}\n"
+                                f"  unexpected: {unexpected}\n  shape mismatches: {bad_shapes}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:  # e.g. an unexpected _extra_state of a module that has none
+        raise StateDictMismatch(f"{f}: {e}") from e
+    return ckpt
+
+
+def forward_logits(model, input_ids, vocab_size: int):
+    """Megatron forward with an explicit causal mask (Megatron's default mask is built on "cuda");
+    returns [b, s, vocab_size] fp32 (padding columns dropped)."""
+    import torch
+
+    b, s = input_ids.shape
+    position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+    with torch.no_grad():
+        logits = model(input_ids, position_ids, mask)
+    return logits[..., :vocab_size].float().contiguous()
+
+
+def _load_input(input_ids):
+    import torch
+
+    if isinstance(input_ids, (str, os.PathLike)):
+        input_ids = torch.load(input_ids, weights_only=True)
+    return torch.as_tensor(input_ids, dtype=torch.long)
+
+
+def _logits_this_rank(ckpt_dir, hf_config, tp: int, input_ids):
+    """Inside megatron_parallel(tp): build, load this rank's shard, forward (logits gathered)."""
+    from megatron.core import parallel_state
+
+    model = gpt_model_from_hf_config(hf_config, tp)
+    load_megatron_checkpoint(model, ckpt_dir, parallel_state.get_tensor_model_parallel_rank())
+    return forward_logits(model, _load_input(input_ids), _config_dict(hf_config)["vocab_size"])
+
+
+def megatron_logits(ckpt_dir, hf_config, tp: int, input_ids, timeout: float = 120.0):
+    """Full-vocab logits [b, s, true_vocab] of Megatron-Core's forward on a checkpoint.
+
+    tp == 1 runs in this process (state undone afterwards); tp > 1 runs
+    `torchrun --nproc-per-node tp tests/megatron_harness.py ...` in a subprocess.
+    """
+    import tempfile
+
+    import torch
+
+    if tp == 1:
+        with megatron_parallel(1):
+            return _logits_this_rank(ckpt_dir, hf_config, 1, input_ids)
+    with tempfile.TemporaryDirectory(prefix="megatron_logits_") as tmp:
+        cfg_path = Path(tmp) / "config.json"
+        cfg_path.write_text(json.dumps(_config_dict(hf_config)))
+        ids_path, out_path = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
+        torch.save(_load_input(input_ids), ids_path)
+        run_torchrun(["--ckpt", str(ckpt_dir), "--hf-config", str(cfg_path), "--tp", str(tp),
+                      "--input", str(ids_path), "--out", str(out_path)], nproc=tp, timeout=timeout)
+        return torch.load(out_path, weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun
+# --------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script_args, nproc: int, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc tests/megatron_harness.py *script_args` on a free port."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(HARNESS), *script_args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                           f"{proc.stderr[-8000:]}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference writer: Megatron-Core's own state_dict(), filled by plain gather/split code
+# --------------------------------------------------------------------------------------------------
+
+def _read_hf_weights(hf_model_dir) -> dict:
+    """All tensors of an HF checkpoint directory (safetensors, sharded or not; or pytorch_model*.bin)."""
+    import torch
+
+    d = Path(hf_model_dir)
+    files = []
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (d / index_name).exists():
+            files = sorted(set(json.loads((d / index_name).read_text())["weight_map"].values()))
+            break
+        if (d / single).exists():
+            files = [single]
+            break
+    if not files:
+        raise FileNotFoundError(f"no HF weights in {d}")
+    out = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            out.update(load_file(str(d / name)))
+        else:
+            out.update(torch.load(d / name, map_location="cpu", weights_only=True))
+    return out
+
+
+def _pad_vocab(w, padded: int):
+    import torch
+
+    if w.shape[0] == padded:
+        return w
+    return torch.cat([w, w[-1:].expand(padded - w.shape[0], *w.shape[1:])], dim=0)
+
+
+def _interleave_qkv(q, k, v, heads: int, kv_heads: int, head_dim: int):
+    """[Q; K; V] (HF rows) -> Megatron-Core linear_qkv rows: per query group j,
+    [q heads j*g .. j*g+g-1, k_j, v_j], g = heads // kv_heads. Works for weights and biases."""
+    import torch
+
+    g = heads // kv_heads
+    rest = q.shape[1:]
+    q = q.reshape(kv_heads, g * head_dim, *rest)
+    k = k.reshape(kv_heads, head_dim, *rest)
+    v = v.reshape(kv_heads, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(kv_heads * (g + 2) * head_dim, *rest)
+
+
+def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
+    """HF tensors -> unsharded Megatron-Core tensors (local names, vocab not yet padded)."""
+    cfg = _config_dict(hf_config)
+    t = translate_hf_config(cfg)
+    tc = t["transformer_config"]
+    heads, kv_heads, d = tc["num_attention_heads"], tc["num_query_groups"], tc["kv_channels"]
+    out = {}
+
+    def get(*names):
+        for n in names:
+            if n in hf_weights:
+                return hf_weights[n]
+        raise KeyError(f"none of {names} in the HF checkpoint")
+
+    if t["family"] == "gpt2":
+        def g2(name):
+            return get(f"transformer.{name}", name)
+
+        out["embedding.word_embeddings.weight"] = g2("wte.weight")
+        out["embedding.position_embeddings.weight"] = g2("wpe.weight")
+        for i in range(tc["num_layers"]):
+            p, m = f"h.{i}.", f"decoder.layers.{i}."
+            for hf_n, mg_n in (("ln_1", "input_layernorm"), ("ln_2", "pre_mlp_layernorm")):
+                out[m + mg_n + ".weight"] = g2(p + hf_n + ".weight")
+                out[m + mg_n + ".bias"] = g2(p + hf_n + ".bias")
+            # Conv1D stores [in, out]: transpose to Linear's [out, in]
+            qkv_w = g2(p + "attn.c_attn.weight").t()
+            qkv_b = g2(p + "attn.c_attn.bias")
+            H = qkv_w.shape[0] // 3
+            out[m + "self_attention.linear_qkv.weight"] = _interleave_qkv(*qkv_w.split(H, 0), heads, kv_heads, d)
+            out[m + "self_attention.linear_qkv.bias"] = _interleave_qkv(*qkv_b.split(H, 0), heads, kv_heads, d)
+            out[m + "self_attention.linear_proj.weight"] = g2(p + "attn.c_proj.weight").t()
+            out[m + "self_attention.linear_proj.bias"] = g2(p + "attn.c_proj.bias")
+            out[m + "mlp.linear_fc1.weight"] = g2(p + "mlp.c_fc.weight").t()
+            out[m + "mlp.linear_fc1.bias"] = g2(p + "mlp.c_fc.bias")
+            out[m + "mlp.linear_fc2.weight"] = g2(p + "mlp.c_proj.weight").t()
+            out[m + "mlp.linear_fc2.bias"] = g2(p + "mlp.c_proj.bias")
+        out["decoder.final_layernorm.weight"] = g2("ln_f.weight")
+        out["decoder.final_layernorm.bias"] = g2("ln_f.bias")
+        if not t["tied"]:
+            out["output_layer.weight"] = get("lm_head.weight")
+        return {k: v.contiguous() for k, v in out.items()}
+
+    out["embedding.word_embeddings.weight"] = get("model.embed_tokens.weight")
+    for i in range(tc["num_layers"]):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[m + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
+        out[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
+        a = p + "self_attn."
+        out[m + "self_attention.linear_qkv.weight"] = _interleave_qkv(
+            get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight"), heads, kv_heads, d)
+        if tc["add_qkv_bias"] or tc["add_bias_linear"]:
+            out[m + "self_attention.linear_qkv.bias"] = _interleave_qkv(
+                get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), heads, kv_heads, d)
+        out[m + "self_attention.linear_proj.weight"] = get(a + "o_proj.weight")
+        # gate and up stay separate here; the TP split makes [gate_r; up_r] per rank
+        out[m + "mlp.linear_fc1.weight"] = (get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
+        out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
+        if tc["add_bias_linear"]:
+            out[m + "self_attention.linear_proj.bias"] = get(a + "o_proj.bias")
+            out[m + "mlp.linear_fc1.bias"] = (get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias"))
+            out[m + "mlp.linear_fc2.bias"] = get(p + "mlp.down_proj.bias")
+    out["decoder.final_layernorm.weight"] = get("model.norm.weight")
+    if not t["tied"]:
+        out["output_layer.weight"] = get("lm_head.weight")
+    return out
+
+
+def megatron_shard(full: dict, hf_config, tp: int, tp_rank: int) -> dict:
+    """The simple gather/split way: one rank's tensors from the unsharded ones."""
+    import torch
+
+    padded = translate_hf_config(hf_config, tp)["padded_vocab_size"]
+    out = {}
+    for name, w in full.items():
+        leaf = name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            out[name] = _pad_vocab(w, padded).chunk(tp, 0)[tp_rank]
+        elif isinstance(w, tuple):  # gated fc1: [gate_r; up_r]
+            gate, up = w
+            out[name] = torch.cat([gate.chunk(tp, 0)[tp_rank], up.chunk(tp, 0)[tp_rank]], 0)
+        elif leaf in ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias"):
+            out[name] = w.chunk(tp, 0)[tp_rank]  # column parallel
+        elif leaf in ("linear_proj.weight", "linear_fc2.weight"):
+            out[name] = w.chunk(tp, 1)[tp_rank]  # row parallel (its bias is replicated)
+        else:
+            out[name] = w  # norms, row-parallel biases, position embeddings: replicated
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def megatron_args(hf_config, tp: int, pp: int = 1) -> argparse.Namespace:
+    """The `args` a Megatron-LM checkpoint carries, for this model."""
+    t = translate_hf_config(hf_config, tp, pp)
+    tc, gm = t["transformer_config"], t["gpt_model"]
+    return argparse.Namespace(
+        num_layers=tc["num_layers"], hidden_size=tc["hidden_size"], ffn_hidden_size=tc["ffn_hidden_size"],
+        num_attention_heads=tc["num_attention_heads"], num_query_groups=tc["num_query_groups"],
+        group_query_attention=tc["num_query_groups"] != tc["num_attention_heads"],
+        kv_channels=tc["kv_channels"], normalization=tc["normalization"], norm_epsilon=tc["layernorm_epsilon"],
+        swiglu=t["swiglu"], openai_gelu=t["openai_gelu"],
+        add_bias_linear=tc["add_bias_linear"], add_qkv_bias=tc["add_qkv_bias"],
+        position_embedding_type=gm["position_embedding_type"], rotary_base=gm["rotary_base"],
+        rotary_percent=gm["rotary_percent"], rotary_interleaved=False,
+        max_position_embeddings=gm["max_sequence_length"], seq_length=gm["max_sequence_length"],
+        vocab_size=t["vocab_size"], padded_vocab_size=t["padded_vocab_size"],
+        make_vocab_size_divisible_by=MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+        untie_embeddings_and_output_weights=not t["tied"],
+        params_dtype=tc["params_dtype"], fp16=False, bf16=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        apply_query_key_layer_scaling=False, hidden_dropout=0.0, attention_dropout=0.0,
+        transformer_impl="local", ckpt_format="torch", use_legacy_models=False,
+    )
+
+
+def _save_this_rank(hf_model_dir, out_dir, tp: int) -> Path:
+    """Inside megatron_parallel(tp): build this rank's GPTModel, fill it, save its state_dict()."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    cfg = _config_dict(hf_model_dir)
+    model = gpt_model_from_hf_config(cfg, tp)
+    shard = megatron_shard(megatron_full_tensors(_read_hf_weights(hf_model_dir), cfg), cfg, tp, rank)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(shard))
+    unused = sorted(set(shard) - set(params))
+    if missing or unused:
+        raise StateDictMismatch(f"reference mapping vs GPTModel parameters: missing {missing}, unused {unused}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(p.shape) != tuple(shard[name].shape):
+                raise StateDictMismatch(f"{name}: model {tuple(p.shape)} vs mapped {tuple(shard[name].shape)}")
+            p.copy_(shard[name])
+    ckpt = {"model": model.state_dict_for_save_checkpoint(), "args": megatron_args(cfg, tp),
+            "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
+    f = checkpoint_file(out_dir, rank)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, f)
+    if dist.is_initialized():
+        dist.barrier()
+    if dist.get_rank() == 0:
+        (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text("release")
+    return f
+
+
+def save_with_megatron(hf_model_dir, out_dir, tp: int = 1, timeout: float = 120.0) -> Path:
+    """A release checkpoint written from Megatron-Core's own GPTModel.state_dict() per TP rank:
+    `out_dir/latest_checkpointed_iteration.txt` ("release") and
+    `out_dir/release/mp_rank_TT/model_optim_rng.pt`. tp > 1 runs under torchrun."""
+    out_dir = Path(out_dir)
+    if tp == 1:
+        with megatron_parallel(1):
+            _save_this_rank(hf_model_dir, out_dir, 1)
+    else:
+        run_torchrun(["--save-from", str(hf_model_dir), "--ckpt", str(out_dir), "--tp", str(tp)],
+                     nproc=tp, timeout=timeout)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# script entry (one process per rank under torchrun)
+# --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="Megatron checkpoint directory (read, or written with --save-from)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--hf-config", help="HF config.json (forward mode)")
+    ap.add_argument("--input", help="torch.save'd LongTensor [b, s] of token ids (forward mode)")
+    ap.add_argument("--out", help="where rank 0 torch.saves the logits [b, s, vocab] (forward mode)")
+    ap.add_argument("--save-from", help="HF model directory: write --ckpt from Megatron's state_dict()")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    with megatron_parallel(a.tp):
+        import torch.distributed as dist
+
+        if a.save_from:
+            _save_this_rank(a.save_from, a.ckpt, a.tp)
+            return 0
+        if not (a.hf_config and a.input and a.out):
+            ap.error("forward mode needs --hf-config, --input and --out")
+        logits = _logits_this_rank(a.ckpt, a.hf_config, a.tp, a.input)
+        if dist.get_rank() == 0:
+            torch.save(logits, a.out)
+        dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: Megatron's checkpoint code spawns processes
+    sys.exit(main())
