@@ -69,21 +69,28 @@ PYBIND11_MODULE(_core, m) {
         "Validates (name, dtype, shape, begin, end) entries; returns (name, dtype, shape, offset, nbytes) in file order.");
 
   m.def("cast", [](py::buffer src, const std::string& src_dtype, const std::string& dst_dtype) {
-    py::buffer_info info = src.request();
     const DType s = parse_dtype(src_dtype), d = parse_dtype(dst_dtype);
-    const size_t nbytes = static_cast<size_t>(info.size * info.itemsize);
-    if (nbytes % dtype_itemsize(s) != 0) throw FormatError("cast: buffer size is not a multiple of the " + src_dtype + " item size");
     if (!cast_supported(s, d)) throw FormatError("cast: unsupported cast " + src_dtype + " -> " + dst_dtype);
+    // Only C-contiguous buffers: the bytes are read as one run.
+    Py_buffer view;
+    if (PyObject_GetBuffer(src.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+    const size_t nbytes = static_cast<size_t>(view.len);
+    if (nbytes % dtype_itemsize(s) != 0) {
+      PyBuffer_Release(&view);
+      throw FormatError("cast: buffer size is not a multiple of the " + src_dtype + " item size");
+    }
     const size_t n = nbytes / dtype_itemsize(s);
     std::string out(n * dtype_itemsize(d), '\0');
     {
       py::gil_scoped_release release;
-      cast_elements(info.ptr, s, out.data(), d, n);
+      cast_elements(view.buf, s, out.data(), d, n);
     }
+    PyBuffer_Release(&view);
     return py::bytes(out);
   }, py::arg("src"), py::arg("src_dtype"), py::arg("dst_dtype"));
 
   m.def("itemsize", [](const std::string& name) { return dtype_itemsize(parse_dtype(name)); });
+  m.def("cast_isa", &cast_isa, "The instruction-set variant the casts run with (portable, avx2, avx512).");
 
   py::class_<MappedFile>(m, "MappedFile", py::buffer_protocol())
       .def(py::init<const std::string&>())

@@ -233,7 +233,8 @@ class Runner {
     for (auto& th : pool) th.join();
     if (error_) std::rethrow_exception(error_);
     if (cancelled_) throw Cancelled("cancelled");
-    if (tick) tick(done_bytes_.load(), total_bytes_);
+    // A last report; the callback may still ask to stop (or have raised) after the final task.
+    if (tick && !tick(done_bytes_.load(), total_bytes_)) throw Cancelled("cancelled");
   }
 
   void record_error(std::exception_ptr e) {
