@@ -169,3 +169,11 @@ def test_open_is_lazy_and_get_is_a_view(tiny_models):
     mapped = np.frombuffer(mapping, dtype=np.uint8)
     start = mapped.__array_interface__["data"][0]
     assert start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + mapped.size
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_file_output_is_byte_identical_to_save_pretrained(tiny_models, tmp_path, family):
+    model, src = tiny_models[family]
+    model.save_pretrained(tmp_path / "reference")  # one model.safetensors at the default shard size
+    pyconv.reshard(src, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "reference" / "model.safetensors").read_bytes()

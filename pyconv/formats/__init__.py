@@ -32,12 +32,7 @@ def register_format(name: str, *, detect, read, plan_output=None, read_options=(
 
 def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
-    from pyconv.formats import hf, megatron  # noqa: F401
-
-    try:
-        from pyconv.formats import deepseek  # noqa: F401
-    except ImportError:  # the adapter lands in its own change
-        pass
+    from pyconv.formats import deepseek, hf, megatron  # noqa: F401
 
 
 def format_names() -> list[str]:

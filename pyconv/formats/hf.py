@@ -9,7 +9,7 @@ import os
 from pyconv.catalog import FLOAT_DTYPES, ITEMSIZE, CanonicalTensor, Catalog, nbytes
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
-from pyconv.io.safetensors import encode_header, read_safetensors
+from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -177,14 +177,11 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     weight_map: dict[str, str] = {}
     for i, names in enumerate(shards):
         file_name = SAFETENSORS_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        # Widest dtypes first, then by name, as safetensors orders them: keeps every tensor aligned.
-        ordered = sorted(names, key=lambda n: (-ITEMSIZE[dtypes[n]], n))
-        entries, position = [], 0
-        for name in ordered:
-            size = nbytes(dtypes[name], catalog.tensors[name].shape)
-            entries.append((name, dtypes[name], catalog.tensors[name].shape, position, position + size))
-            position += size
-        header = encode_header(entries, metadata)
+        # Laid out as safetensors' save_file lays them out (by dtype, widest first, then by name),
+        # which keeps every tensor aligned and the shard byte-identical to save_pretrained's.
+        header, entries = layout_like_save_file(
+            [(name, dtypes[name], catalog.tensors[name].shape) for name in names], metadata)
+        position = entries[-1][4] if entries else 0
         tensors = tuple(plan_whole_tensor(catalog.tensors[name], dtypes[name], len(header) + begin)
                         for name, _, _, begin, _ in entries)
         files.append(PlannedFile(file_name, len(header) + position, tensors, ((0, header),)))

@@ -1,0 +1,413 @@
+"""DeepSeek-V3's model-parallel inference layout, as its `inference/convert.py` writes it.
+
+    DIR/model{i}-mp{N}.safetensors    i = 0..N-1, one file per model-parallel rank
+    DIR/*token*                       the source directory's tokenizer files, copied verbatim
+
+Every file is byte for byte what `safetensors.torch.save_file(state_dict_i, path)` writes for
+the script's state dict of rank i. Per Hugging Face tensor the script does:
+
+    model.layers.3.self_attn.q_b_proj.weight_scale_inv
+      strip "model.", then in this order replace every "self_attn" -> "attn", "mlp" -> "ffn",
+      "weight_scale_inv" -> "scale", "e_score_correction_bias" -> "bias"
+    layers.3.attn.q_b_proj.scale
+      key = second-to-last component ("q_b_proj"), looked up in MAPPING, every occurrence of
+      the key replaced by its new name
+    layers.3.attn.wq_b.scale            split along dim 0 like its weight (same key)
+
+    routed expert (name has "experts", not "shared_experts"): expert E = third-to-last
+      component, stored whole on rank E // (n_routed_experts / N)
+    a key with a dim: the N equal parts along that dim, part i on rank i
+    a key with dim None: the whole tensor on every rank
+    layers with index >= num_hidden_layers (multi-token-prediction layers): dropped
+
+The script holds every rank in memory; here each file is a plan of block copies from the
+canonical tensors (a dim-0 part is a row range of the [prod(shape[:-1]), shape[-1]] view, a
+dim-1 part of a matrix a column range), so memory stays at the executor's buffer budget.
+
+Where the script would silently produce something wrong, this refuses with a LayoutError: two
+tensors landing on one name (the script keeps whichever file glob listed last), an expert index
+outside n_routed_experts (the script drops it), an fp8 weight whose rank boundary falls inside a
+128 x 128 scale block (the script slices the scales anyway, so they no longer match the weights).
+
+The directory holds no config.json (the script writes none, and neither does this writer), but
+reading it back needs one to name the architecture: copy the model's Hugging Face config.json
+into the directory before `pyconv reshard DIR OUT --to hf`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.errors import FormatError, LayoutError
+from pyconv.formats import register_format
+from pyconv.formats.hf import CONFIG, _extra_files, _load_json
+from pyconv.io.safetensors import layout_like_save_file, read_safetensors
+from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
+
+# convert.py's table: Hugging Face module name -> (DeepSeek module name, dim split across ranks,
+# None: the whole tensor on every rank).
+MAPPING: dict[str, tuple[str, int | None]] = {
+    "embed_tokens": ("embed", 0),
+    "input_layernorm": ("attn_norm", None),
+    "post_attention_layernorm": ("ffn_norm", None),
+    "q_proj": ("wq", 0),
+    "q_a_proj": ("wq_a", None),
+    "q_a_layernorm": ("q_norm", None),
+    "q_b_proj": ("wq_b", 0),
+    "kv_a_proj_with_mqa": ("wkv_a", None),
+    "kv_a_layernorm": ("kv_norm", None),
+    "kv_b_proj": ("wkv_b", 0),
+    "o_proj": ("wo", 1),
+    "gate": ("gate", None),
+    "gate_proj": ("w1", 0),
+    "down_proj": ("w2", 1),
+    "up_proj": ("w3", 0),
+    "norm": ("norm", None),
+    "lm_head": ("head", 0),
+    "scale": ("scale", None),
+}
+_HF_KEY = {new: old for old, (new, _) in MAPPING.items()}  # the new names are distinct
+# The script's substring renames, in its order; each replaces every occurrence.
+_RENAMES = (("self_attn", "attn"), ("mlp", "ffn"), ("weight_scale_inv", "scale"), ("e_score_correction_bias", "bias"))
+_HF_PREFIX = "model."
+
+_FILE_NAME = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
+_TOKENIZER_GLOB = "*token*"
+_FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+_SCALE_SUFFIX = "_scale_inv"  # "x.weight_scale_inv" scales "x.weight"
+_DEFAULT_FP8_BLOCK = (128, 128)
+
+
+def file_name(rank: int, mp: int) -> str:
+    return f"model{rank}-mp{mp}.safetensors"
+
+
+def deepseek_name(hf_name: str) -> tuple[str, str]:
+    """(DeepSeek name, mapping key) of a Hugging Face tensor name, by convert.py's steps, side
+    effects included: its `str.replace` calls rewrite every occurrence anywhere in the name
+    (a module called "my_mlp_x" becomes "my_ffn_x"; a key that also occurs earlier in the name
+    is replaced there too). Raises LayoutError when the key is not in the table."""
+    name = hf_name[len(_HF_PREFIX):] if hf_name.startswith(_HF_PREFIX) else hf_name
+    for old, new in _RENAMES:
+        name = name.replace(old, new)
+    parts = name.split(".")
+    key = parts[-2] if len(parts) >= 2 else None
+    if key not in MAPPING:
+        raise LayoutError(f"tensor {hf_name}: DeepSeek's mapping table has no entry for its key "
+                          f"{key!r} (second-to-last component of {name!r}); known: {', '.join(MAPPING)}")
+    return name.replace(key, MAPPING[key][0]), key
+
+
+def hf_name_for(ds_name: str, path: str) -> tuple[str, str]:
+    """(Hugging Face name, mapping key) of a DeepSeek tensor name: the inverse of deepseek_name,
+    component by component ("attn_norm" must not become "self_attn_norm"), checked by renaming
+    the result forward again. `gate.bias` is read as the router's e_score_correction_bias."""
+    parts = ds_name.split(".")
+    if len(parts) < 2 or parts[-2] not in _HF_KEY:
+        raise FormatError(f"{path}: tensor '{ds_name}' is not a DeepSeek inference name "
+                          f"(its second-to-last component is not one of {', '.join(_HF_KEY)})")
+    key = _HF_KEY[parts[-2]]
+    last = parts[-1]
+    if last == "scale":
+        last = "weight_scale_inv"
+    elif last == "bias" and key == "gate":
+        last = "e_score_correction_bias"
+    middle = [{"attn": "self_attn", "ffn": "mlp"}.get(p, p) for p in parts[:-2]]
+    hf_name = ".".join(middle + [key, last])
+    if key != "lm_head":
+        hf_name = _HF_PREFIX + hf_name
+    try:
+        forward, _ = deepseek_name(hf_name)
+    except LayoutError:
+        forward = None
+    if forward != ds_name:
+        raise FormatError(f"{path}: tensor '{ds_name}' has no Hugging Face name that convert.py maps to it")
+    return hf_name, key
+
+
+def _routed_expert(ds_name: str) -> bool:
+    return "experts" in ds_name and "shared_experts" not in ds_name
+
+
+def _expert_index(ds_name: str) -> int | None:
+    parts = ds_name.split(".")
+    if len(parts) >= 3 and re.fullmatch(r"[0-9]+", parts[-3]):
+        return int(parts[-3])
+    return None
+
+
+# ---- block geometry: one part of a tensor split into equal parts along a dim ----------------
+
+def _part_rows(shape: tuple[int, ...], dim: int) -> tuple[int, int]:
+    """For a split along a dim before the last (or a vector's only dim), each index of the dims
+    before it holds one row range of the 2-D view per part: (outer count, rows per unit of dim)."""
+    return math.prod(shape[:dim]), math.prod(shape[dim + 1:-1])
+
+
+def _splits_columns(shape: tuple[int, ...], dim: int) -> bool:
+    return len(shape) >= 2 and dim == len(shape) - 1
+
+
+def part_copies(tensor: CanonicalTensor, dim: int, parts: int, index: int) -> tuple[BlockCopy, ...]:
+    """Block copies of part `index` of `parts` equal parts of the tensor along `dim`, as
+    `tensor.narrow(dim, index * size, size).contiguous()` lays it out.
+
+        dim = last (matrix, dim 1):   [ . . |##| . . ]   one column range of every row
+        dim < last (dim 0, vectors):  rows [index*size, +size) of the view (per outer index)
+    """
+    shape = tensor.shape
+    size = shape[dim] // parts
+    rows, cols = view2d(shape)
+    if rows * cols == 0:
+        return ()
+    if _splits_columns(shape, dim):
+        return tuple(copies_for_region(tensor, 0, index * size, rows, size))
+    outer, unit = _part_rows(shape, dim)
+    copies: list[BlockCopy] = []
+    for o in range(outer):
+        copies += copies_for_region(tensor, (o * shape[dim] + index * size) * unit, 0, size * unit, cols,
+                                    dst_row=o * size * unit)
+    return tuple(copies)
+
+
+def part_blocks(stored: StoredTensor, dim: int, index: int, full_shape: tuple[int, ...]) -> list[SourceBlock]:
+    """Where part `index` (stored whole in a rank file) lies in the canonical tensor's 2-D view."""
+    size = stored.shape[dim]
+    rows, cols = view2d(stored.shape)
+    if _splits_columns(full_shape, dim):
+        return [SourceBlock(stored, 0, 0, rows, cols, 0, index * size)]
+    outer, unit = _part_rows(full_shape, dim)
+    return [SourceBlock(stored, o * size * unit, 0, size * unit, cols, (o * full_shape[dim] + index * size) * unit, 0)
+            for o in range(outer)]
+
+
+# ---- writer ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _RankTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    copies: tuple[BlockCopy, ...]
+
+
+def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
+    if dtype is None or tensor.dtype == dtype:
+        return tensor.dtype
+    if tensor.dtype in _FP8_DTYPES:
+        raise LayoutError(f"tensor {tensor.name}: --dtype would need the {tensor.dtype} weights dequantized with "
+                          f"their weight_scale_inv, which pyconv does not do yet; convert without --dtype to keep fp8")
+    if tensor.dtype in FLOAT_DTYPES:
+        return dtype
+    if tensor.dtype == "F64":
+        raise LayoutError(f"tensor {tensor.name}: cannot cast F64 to {dtype} (supported casts: F32, BF16, F16)")
+    return tensor.dtype  # integer and boolean tensors are not weights to cast
+
+
+def _config_int(config: dict, key: str, required: bool) -> int | None:
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if type(value) is not int or value < 0:
+        raise LayoutError(f"config.json: '{key}' must be a non-negative integer for the deepseek layout, got {value!r}")
+    return value
+
+
+def _fp8_block(config: dict) -> tuple[int, int]:
+    quant = config.get("quantization_config")
+    block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+    if isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block):
+        return block[0], block[1]
+    return _DEFAULT_FP8_BLOCK
+
+
+def _check_split(catalog: Catalog, tensor: CanonicalTensor, ds_name: str, dim: int, mp: int,
+                 block: tuple[int, int]) -> None:
+    # An fp8 weight's scales hold one entry per block: a rank boundary inside a block would leave a
+    # rank with a partial block, and the scales, split alike, would no longer line up with it.
+    weight_name = tensor.name[:-len(_SCALE_SUFFIX)] if tensor.name.endswith("weight" + _SCALE_SUFFIX) else tensor.name
+    weight = catalog.tensors.get(weight_name)
+    if mp > 1 and weight_name + _SCALE_SUFFIX in catalog.tensors and weight is not None \
+            and weight.dtype in _FP8_DTYPES and len(weight.shape) == 2 and dim < 2:
+        part, rest = divmod(weight.shape[dim], mp)
+        if rest == 0 and part % block[dim]:
+            raise LayoutError(f"tensor {tensor.name} ({ds_name}): each of the {mp} parts of {weight_name} along dim "
+                              f"{dim} holds {part} of {weight.shape[dim]}, not a multiple of the {block[dim]}-wide fp8 "
+                              f"scale blocks, so {weight_name + _SCALE_SUFFIX} cannot be split with it")
+    shape = tensor.shape
+    if dim >= len(shape):
+        raise LayoutError(f"tensor {tensor.name} ({ds_name}): splits along dim {dim}, but has shape {list(shape)}")
+    if shape[dim] % mp:
+        raise LayoutError(f"tensor {tensor.name} ({ds_name}): dim {dim} of size {shape[dim]} does not divide "
+                          f"into {mp} model-parallel parts")
+
+
+def _layer_index(hf_name: str) -> int | None:
+    m = _LAYER.match(hf_name)
+    return int(m.group(1)) if m else None
+
+
+def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    mp = target.tp
+    if mp < 1:
+        raise LayoutError(f"tp must be a positive integer, got {mp}")
+    if target.pp != 1:
+        raise LayoutError("the deepseek layout has no pipeline stages (use --pp 1)")
+    if getattr(target, "ep", 1) != 1:  # its ranks hold experts by --tp alone
+        raise LayoutError("the deepseek layout places experts by its model-parallel size (--tp); use --ep 1")
+    if not isinstance(catalog.config, dict):
+        raise LayoutError(f"{catalog.path}: the deepseek layout needs the model's config.json "
+                          f"(num_hidden_layers, n_routed_experts), and the source has none")
+    layers = _config_int(catalog.config, "num_hidden_layers", True)
+    experts = _config_int(catalog.config, "n_routed_experts", False)
+    if experts is not None and experts % mp:
+        raise LayoutError(f"n_routed_experts {experts} does not divide into {mp} model-parallel ranks")
+    block = _fp8_block(catalog.config)
+
+    ranks: list[list[_RankTensor]] = [[] for _ in range(mp)]
+    origin: dict[str, str] = {}  # DeepSeek name -> the Hugging Face tensor it came from
+    for hf_name, tensor in catalog.tensors.items():
+        layer = _layer_index(hf_name)
+        if layer is not None and layer >= layers:
+            continue  # multi-token-prediction layers are not part of the inference model
+        ds_name, key = deepseek_name(hf_name)
+        if ds_name in origin:
+            raise LayoutError(f"tensors {origin[ds_name]} and {hf_name} both become {ds_name}")
+        origin[ds_name] = hf_name
+        dtype = _output_dtype(tensor, target.dtype)
+        dim = MAPPING[key][1]
+        if _routed_expert(ds_name) or dim is None:
+            rows, cols = view2d(tensor.shape)
+            whole = tuple(copies_for_region(tensor, 0, 0, rows, cols)) if rows * cols else ()
+        if _routed_expert(ds_name):
+            index = _expert_index(ds_name)
+            if index is None:
+                raise LayoutError(f"tensor {hf_name} ({ds_name}): routed expert without an expert index")
+            if experts is None:
+                raise LayoutError(f"tensor {hf_name}: a routed expert, but config.json has no n_routed_experts")
+            if index >= experts:
+                raise LayoutError(f"tensor {hf_name}: expert {index} is outside n_routed_experts {experts}")
+            ranks[index // (experts // mp)].append(_RankTensor(ds_name, dtype, tensor.shape, whole))
+        elif dim is None:
+            for rank in ranks:
+                rank.append(_RankTensor(ds_name, dtype, tensor.shape, whole))
+        else:
+            _check_split(catalog, tensor, ds_name, dim, mp, block)
+            shape = tensor.shape[:dim] + (tensor.shape[dim] // mp,) + tensor.shape[dim + 1:]
+            for i, rank in enumerate(ranks):
+                rank.append(_RankTensor(ds_name, dtype, shape, part_copies(tensor, dim, mp, i)))
+
+    files = []
+    for i, rank in enumerate(ranks):
+        header, entries = layout_like_save_file([(t.name, t.dtype, t.shape) for t in rank])
+        by_name = {t.name: t for t in rank}
+        tensors = tuple(PlannedTensor(name, dtype, shape, len(header) + begin, by_name[name].copies)
+                        for name, dtype, shape, begin, _ in entries)
+        size = len(header) + (entries[-1][4] if entries else 0)
+        files.append(PlannedFile(file_name(i, mp), size, tensors, ((0, header),)))
+    for path, size in catalog.extra_files:
+        base = os.path.basename(path)
+        if fnmatch.fnmatchcase(base, _TOKENIZER_GLOB) and not base.startswith("."):  # as glob("*token*")
+            files.append(plan_file_copy(path, size, base))
+    return files
+
+
+# ---- reader ----------------------------------------------------------------------------------
+
+def _rank_files(root: str) -> list[tuple[int, int, str]]:
+    """(rank, mp, file name) of the files named model{i}-mp{N}.safetensors exactly."""
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        m = _FILE_NAME.match(entry)
+        if m and entry == file_name(int(m.group(1)), int(m.group(2))):
+            out.append((int(m.group(1)), int(m.group(2)), entry))
+    return sorted(out)
+
+
+def detect(path: str) -> bool:
+    return os.path.isdir(path) and bool(_rank_files(path))
+
+
+def read(path: str) -> Catalog:
+    root = os.path.abspath(path)
+    found = _rank_files(root)
+    mps = sorted({mp for _, mp, _ in found})
+    if not mps:
+        raise FormatError(f"{root}: no model{{i}}-mp{{N}}.safetensors files")
+    if len(mps) > 1:
+        raise FormatError(f"{root}: files of several model-parallel sizes ({', '.join(f'mp{n}' for n in mps)})")
+    mp = mps[0]
+    names = {rank: name for rank, _, name in found}
+    beyond = [rank for rank in names if rank >= mp]
+    if beyond:
+        raise FormatError(f"{os.path.join(root, names[beyond[0]])}: rank {beyond[0]} is beyond the {mp} ranks")
+    missing = [i for i in range(mp) if i not in names]
+    if missing:
+        raise FormatError(f"{root}: {file_name(missing[0], mp)} is missing")
+    stray = sorted(e for e in os.listdir(root) if e.endswith(".safetensors") and e not in names.values())
+    if stray:
+        raise FormatError(f"{root}: {stray[0]} is not one of the model{{i}}-mp{mp}.safetensors files")
+    config_path = os.path.join(root, CONFIG)
+    if not os.path.isfile(config_path):
+        raise FormatError(f"{root}: a DeepSeek inference directory holds no config.json, but pyconv needs the "
+                          f"model's config.json to name the architecture: copy the Hugging Face config.json into it")
+    config = _load_json(config_path, "config")
+    if not isinstance(config, dict):
+        raise FormatError(f"{config_path}: config is not a JSON object")
+    archs = config.get("architectures")
+    architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+
+    # DeepSeek name -> [(rank, stored)] in rank order, first-seen order across the files.
+    held: dict[str, list[tuple[int, StoredTensor]]] = {}
+    for rank in range(mp):
+        rank_path = os.path.join(root, names[rank])
+        stored = read_safetensors(rank_path).tensors
+        for name, st in sorted(stored.items(), key=lambda kv: kv[1].offset):
+            held.setdefault(name, []).append((rank, st))
+
+    hf_names = {ds_name: hf_name_for(ds_name, pieces[0][1].path) for ds_name, pieces in held.items()}
+    tensors: dict[str, CanonicalTensor] = {}
+    for ds_name, pieces in held.items():
+        hf_name, key = hf_names[ds_name]
+        if _routed_expert(ds_name):
+            if len(pieces) != 1:
+                raise FormatError(f"{root}: routed expert tensor '{ds_name}' is stored in "
+                                  f"{len(pieces)} rank files, not one")
+            tensors[hf_name] = CanonicalTensor.whole(hf_name, pieces[0][1])
+            continue
+        if len(pieces) != mp:
+            absent = next(i for i in range(mp) if i not in {r for r, _ in pieces})
+            raise FormatError(f"{os.path.join(root, file_name(absent, mp))}: tensor '{ds_name}' is missing "
+                              f"(every rank holds it or its part)")
+        first = pieces[0][1]
+        for rank, st in pieces[1:]:
+            if st.dtype != first.dtype or st.shape != first.shape:
+                raise FormatError(f"{st.path}: tensor '{ds_name}' is {st.dtype} {list(st.shape)}, but "
+                                  f"{first.dtype} {list(first.shape)} in {os.path.basename(first.path)}")
+        dim = MAPPING[key][1]
+        if dim is None:
+            tensors[hf_name] = CanonicalTensor.whole(hf_name, first)
+            continue
+        if dim >= len(first.shape):
+            raise FormatError(f"{first.path}: tensor '{ds_name}' has shape {list(first.shape)}, "
+                              f"but is split along dim {dim}")
+        shape = first.shape[:dim] + (first.shape[dim] * mp,) + first.shape[dim + 1:]
+        blocks = []
+        if math.prod(shape):
+            for rank, st in pieces:
+                blocks += part_blocks(st, dim, rank, shape)
+        tensors[hf_name] = CanonicalTensor(hf_name, first.dtype, shape, tuple(blocks))
+    return Catalog("deepseek", root, tensors, config, architecture, _extra_files(root), details={"tp": mp})
+
+
+register_format("deepseek", detect=detect, read=read, plan_output=plan_output)
