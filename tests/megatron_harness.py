@@ -6,18 +6,27 @@ Importable by tests and runnable as a script under torchrun::
         --tp 2 --input IDS.pt --out LOGITS.pt          # forward pass, full-vocab logits to LOGITS.pt
     torchrun --nproc-per-node 2 tests/megatron_harness.py --save-from HF_DIR --ckpt OUT --tp 2
                                                        # Megatron-Core itself writes a checkpoint
+    torchrun --nproc-per-node 2 tests/megatron_harness.py --ckpt DIR ... --tp 1 --ep 2
+                                                       # expert parallelism: world = tp * ep
+    torchrun --nproc-per-node 2 tests/megatron_harness.py --jobs JOBS.json
+                                                       # several forward passes, one process start
 
 Public functions
-  translate_hf_config(hf_config, tp, pp)  HF config -> TransformerConfig / GPTModel keyword arguments
-  gpt_model_from_hf_config(hf_config, tp, pp)  a GPTModel (local spec); needs megatron_parallel()
-  load_megatron_checkpoint(model, ckpt_dir, tp_rank, pp_rank)  strict load of one rank's file
-  megatron_logits(ckpt_dir, hf_config, tp, input_ids)  [b, s, true_vocab] fp32 logits
-  save_with_megatron(hf_model_dir, out_dir, tp)  per-rank torch checkpoint from Megatron's state_dict()
-  megatron_parallel(tp, pp)  context: gloo process group (world size 1 if none) + parallel_state
+  translate_hf_config(hf_config, tp, pp, ep)  HF config -> TransformerConfig / GPTModel keyword arguments
+  gpt_model_from_hf_config(hf_config, tp, pp, ep=1)  a GPTModel (local spec); needs megatron_parallel()
+  load_megatron_checkpoint(model, ckpt_dir, tp_rank, pp_rank, ep_rank, ep)  strict load of one rank's file
+  megatron_logits(ckpt_dir, hf_config, tp, input_ids, ep=1)  [b, s, true_vocab] fp32 logits
+  megatron_logits_many(runs)  the same for several (ckpt, config, tp, ep, ids), one torchrun per world size
+  save_with_megatron(hf_model_dir, out_dir, tp, ep=1)  per-rank torch checkpoint from Megatron's state_dict()
+  megatron_parallel(tp, pp, ep)  context: gloo process group (world size 1 if none) + parallel_state
 
-Megatron-Core must not leave state behind in a pytest process: in-process runs (tp * pp == 1)
+Families: llama, mistral, qwen2, gpt2 (dense); mixtral and qwen2_moe (mixture of experts: sequential
+local experts, `allgather` token dispatcher, expert parallelism `ep` with expert-TP = tp and the
+data-parallel size = ep, so a run has tp * pp * ep processes).
+
+Megatron-Core must not leave state behind in a pytest process: in-process runs (tp * pp * ep == 1)
 apply the CPU patches and initialise torch.distributed / parallel_state only inside
-`megatron_parallel()`, and undo both on exit; tp > 1 runs in a torchrun subprocess.
+`megatron_parallel()`, and undo both on exit; larger worlds run in a torchrun subprocess.
 """
 
 from __future__ import annotations
@@ -107,24 +116,62 @@ def _rope_theta(cfg: dict) -> float:
     return float(theta)
 
 
-def translate_hf_config(hf_config, tp: int = 1, pp: int = 1) -> dict:
+def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int) -> dict:
+    """TransformerConfig kwargs of the mixture-of-experts MLP that reproduce HF's numerically.
+
+    HF Mixtral routes by softmax over all experts, top-k, then renormalises the k weights: the same
+    as Megatron's top-k on the logits followed by a softmax over those k (moe_router_pre_softmax=
+    False). Qwen2-MoE with norm_topk_prob=False keeps softmax-over-all-experts weights without
+    renormalising: moe_router_pre_softmax=True (softmax first, then top-k). Its shared expert is
+    scaled by sigmoid(gate_weight . x): moe_shared_expert_gate=True. No capacity (no token
+    dropping), no load-balancing loss, no jitter, no z-loss: inference only.
+    """
+    if model_type == "mixtral":
+        num_experts, moe_ffn = cfg["num_local_experts"], cfg["intermediate_size"]
+        pre_softmax, shared = False, None
+    else:  # qwen2_moe
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise NotImplementedError("Qwen2-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1)")
+        num_experts, moe_ffn = cfg["num_experts"], cfg["moe_intermediate_size"]
+        pre_softmax = not cfg.get("norm_topk_prob", False)
+        shared = cfg.get("shared_expert_intermediate_size") or None
+    if num_experts % ep:
+        raise ValueError(f"num_experts = {num_experts} is not divisible by ep = {ep}")
+    return dict(
+        num_moe_experts=num_experts, moe_ffn_hidden_size=moe_ffn,
+        moe_router_topk=cfg.get("num_experts_per_tok", 2), moe_router_pre_softmax=pre_softmax,
+        moe_router_score_function="softmax", moe_router_topk_scaling_factor=None,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None, moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="allgather", moe_grouped_gemm=False,
+        moe_permute_fusion=False, moe_router_fusion=False,
+        moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=shared is not None,
+        moe_shared_expert_overlap=False,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp,
+    )
+
+
+def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
     """The Megatron-Core description of an HF model.
 
     Returns {"family", "transformer_config": {TransformerConfig kwargs}, "gpt_model": {GPTModel
     kwargs except config/spec}, "normalization", "vocab_size" (true), "padded_vocab_size",
-    "tied"}. Everything here is what makes Megatron's forward equal HF's (see the module's tests).
+    "tied", "num_experts" (None for a dense model)}. Everything here is what makes Megatron's
+    forward equal HF's (see the module's tests). `ep` is the expert-parallel size (MoE only).
     """
     cfg = _config_dict(hf_config)
     model_type = cfg.get("model_type")
-    if model_type in ("llama", "qwen2", "mistral"):
+    moe = {}
+    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe"):
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or hidden // heads
-        if model_type == "qwen2":
+        if model_type in ("qwen2", "qwen2_moe"):
             if cfg.get("use_sliding_window"):
                 raise NotImplementedError("Qwen2 sliding-window attention")
-            qkv_bias, linear_bias = True, False  # Qwen2: q/k/v biases, none on o_proj or the MLP
+            # Qwen2: q/k/v biases, none on o_proj or the MLP; Qwen2-MoE: q/k/v biases per qkv_bias
+            qkv_bias, linear_bias = bool(cfg.get("qkv_bias", True)), False
         else:
             attn_bias, mlp_bias = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
             if attn_bias != mlp_bias:
@@ -132,8 +179,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1) -> dict:
                 # add_qkv_bias only linear_qkv. HF's attention_bias also covers o_proj.
                 raise NotImplementedError("attention_bias != mlp_bias has no Megatron-Core equivalent")
             qkv_bias, linear_bias = attn_bias, attn_bias
-            if model_type == "mistral" and cfg.get("sliding_window"):
-                raise NotImplementedError("Mistral sliding-window attention")
+            if model_type in ("mistral", "mixtral") and cfg.get("sliding_window"):
+                raise NotImplementedError(f"{model_type} sliding-window attention")
         act = cfg.get("hidden_act", "silu")
         tc = dict(
             num_layers=cfg["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
@@ -146,6 +193,9 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1) -> dict:
                   max_sequence_length=cfg["max_position_embeddings"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
         extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False)
+        if model_type in ("mixtral", "qwen2_moe"):
+            moe = _moe_transformer_config(cfg, model_type, tp, ep)
+            tc.update(moe)
     elif model_type == "gpt2":
         hidden = cfg["n_embd"]
         heads = cfg["n_head"]
@@ -168,6 +218,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1) -> dict:
         extra = dict(swiglu=False, openai_gelu=(act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")))
     else:
         raise NotImplementedError(f"model_type {model_type!r}")
+    if ep != 1 and not moe:
+        raise ValueError(f"ep={ep} needs a mixture-of-experts model; {model_type} has no experts")
 
     tc.update(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -186,7 +238,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1) -> dict:
     vocab = cfg["vocab_size"]
     return dict(family=model_type, transformer_config=tc, gpt_model=gm, normalization=tc["normalization"],
                 vocab_size=vocab, padded_vocab_size=padded_vocab_size(vocab, tp),
-                tied=gm["share_embeddings_and_output_weights"], **extra)
+                tied=gm["share_embeddings_and_output_weights"], num_experts=moe.get("num_moe_experts"), **extra)
 
 
 def _torch_dtype(name):
@@ -220,38 +272,55 @@ def import_megatron_core():
         import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.tensor_parallel.random  # noqa: F401
+        import megatron.core.transformer.moe.moe_utils  # noqa: F401
         import megatron.core.transformer.transformer_config  # noqa: F401
     finally:
         torch.compile = compile_
 
 
+_ABSENT = object()
+
+
 @contextlib.contextmanager
 def cpu_patches():
-    """The patches Megatron-Core 0.16 needs to run on a CPU with gloo, undone on exit."""
+    """The patches Megatron-Core 0.16 needs to run on a CPU with gloo, undone on exit.
+
+    MoE: without TransformerEngine `moe_utils.te_general_gemm` is never defined, and the router's
+    gating GEMM (`router_gating_linear`) tests it against None: set it to None (plain torch GEMM)."""
     import torch
 
     import_megatron_core()
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils
 
     saved = [(torch.cuda, "current_device", torch.cuda.current_device),
              (torch.cuda, "synchronize", torch.cuda.synchronize),
-             (mrandom.CudaRNGStatesTracker, "fork", mrandom.CudaRNGStatesTracker.fork)]
+             (mrandom.CudaRNGStatesTracker, "fork", mrandom.CudaRNGStatesTracker.fork),
+             (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", _ABSENT))]
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    if saved[-1][2] is _ABSENT:
+        moe_utils.te_general_gemm = None
     try:
         yield
     finally:
         for obj, attr, value in saved:
-            setattr(obj, attr, value)
+            if value is _ABSENT:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, value)
 
 
 @contextlib.contextmanager
-def megatron_parallel(tp: int = 1, pp: int = 1):
-    """CPU patches + torch.distributed (gloo) + Megatron parallel_state for tp x pp.
+def megatron_parallel(tp: int = 1, pp: int = 1, ep: int = 1):
+    """CPU patches + torch.distributed (gloo) + Megatron parallel_state for tp x pp (x ep).
 
     Under torchrun (RANK/WORLD_SIZE set) it joins that job (env://); otherwise it creates a world of
-    one (in-memory store, no port), which serves tp * pp == 1. Whatever it creates it destroys.
+    one (in-memory store, no port), which serves tp * pp * ep == 1. Whatever it creates it destroys.
+    Expert parallelism: expert-TP = tp and data-parallel size = ep, so the world is tp * pp * ep
+    (with tp=1, ep=2 the two processes are data-parallel replicas of the dense weights, each holding
+    half of the experts; rank r is EP rank r).
     """
     import torch.distributed as dist
 
@@ -265,12 +334,14 @@ def megatron_parallel(tp: int = 1, pp: int = 1):
                 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             undo.callback(dist.destroy_process_group)
         world = dist.get_world_size()
-        if world != tp * pp:
-            raise RuntimeError(f"tp={tp} x pp={pp} needs {tp * pp} processes; this world has {world}"
-                               + ("" if world > 1 else " (use torchrun / run_torchrun for tp*pp > 1)"))
+        if world != tp * pp * ep:
+            raise RuntimeError(f"tp={tp} x pp={pp} x ep={ep} needs {tp * pp * ep} processes; this world has {world}"
+                               + ("" if world > 1 else " (use torchrun / run_torchrun for tp*pp*ep > 1)"))
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                     pipeline_model_parallel_size=pp)
+                                                     pipeline_model_parallel_size=pp,
+                                                     expert_model_parallel_size=ep,
+                                                     expert_tensor_parallel_size=tp)
             undo.callback(parallel_state.destroy_model_parallel)
         yield
 
@@ -279,19 +350,24 @@ def megatron_parallel(tp: int = 1, pp: int = 1):
 # Model, load, forward
 # --------------------------------------------------------------------------------------------------
 
-def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: bool = False):
+def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: bool = False, ep: int = 1):
     """A Megatron-Core GPTModel (local spec, no TransformerEngine) for this rank, matching the HF
-    model's forward. Call inside `megatron_parallel(tp, pp)`. parallel_output=False gathers the
-    vocab-parallel logits on every rank."""
+    model's forward. Call inside `megatron_parallel(tp, pp, ep)`. parallel_output=False gathers the
+    vocab-parallel logits on every rank. MoE models get the local spec's MoE layer with sequential
+    experts (`mlp.experts.local_experts.J`), num_experts / ep of them on this rank."""
     import_megatron_core()
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    t = translate_hf_config(hf_config, tp, pp)
+    t = translate_hf_config(hf_config, tp, pp, ep)
     config = TransformerConfig(**t["transformer_config"])
-    spec = get_gpt_layer_local_spec(normalization=t["normalization"])
+    if t["num_experts"]:
+        spec = get_gpt_layer_local_spec(num_experts=t["num_experts"], moe_grouped_gemm=False,
+                                        normalization=t["normalization"])
+    else:
+        spec = get_gpt_layer_local_spec(normalization=t["normalization"])
     if pp > 1:
         pre = parallel_state.is_pipeline_first_stage()
         post = parallel_state.is_pipeline_last_stage()
@@ -303,31 +379,39 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
     return model.eval()
 
 
-def checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int = 0, pp: int = 1, iteration="release") -> Path:
+def checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int = 0, pp: int = 1, iteration="release",
+                    ep_rank: int = 0, ep: int = 1) -> Path:
+    """Megatron-LM's name: mp_rank_TT, then _PPP when pp > 1, then _EEE when ep > 1."""
     sub = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    if ep > 1:
+        sub += f"_{ep_rank:03d}"
     it = iteration if iteration == "release" else f"iter_{int(iteration):07d}"
     return Path(ckpt_dir) / it / sub / "model_optim_rng.pt"
 
 
-def _find_checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int) -> Path:
+def _find_checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int, ep_rank: int = 0, ep: int = 1) -> Path:
     ckpt_dir = Path(ckpt_dir)
     tracker = ckpt_dir / "latest_checkpointed_iteration.txt"
     it = tracker.read_text().strip() if tracker.exists() else "release"
-    candidates = [checkpoint_file(ckpt_dir, tp_rank, pp_rank, 2, it)]  # mp_rank_TT_PPP
+    candidates = [checkpoint_file(ckpt_dir, tp_rank, pp_rank, 2, it, ep_rank, ep)]  # mp_rank_TT_PPP[_EEE]
     if pp_rank == 0:
-        candidates.insert(0, checkpoint_file(ckpt_dir, tp_rank, 0, 1, it))  # mp_rank_TT
+        candidates.insert(0, checkpoint_file(ckpt_dir, tp_rank, 0, 1, it, ep_rank, ep))  # mp_rank_TT[_EEE]
     for f in candidates:
         if f.exists():
             return f
-    raise FileNotFoundError(f"no mp_rank_{tp_rank:02d}[_{pp_rank:03d}]/model_optim_rng.pt under {ckpt_dir}/{it}")
+    suffix = f"_{ep_rank:03d}" if ep > 1 else ""
+    raise FileNotFoundError(f"no mp_rank_{tp_rank:02d}[_{pp_rank:03d}]{suffix}/model_optim_rng.pt "
+                            f"under {ckpt_dir}/{it}")
 
 
 class StateDictMismatch(RuntimeError):
     pass
 
 
-def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int, pp_rank: int = 0) -> dict:
+def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int, pp_rank: int = 0, ep_rank: int = 0,
+                             ep: int = 1) -> dict:
     """Strictly load one rank's `model_optim_rng.pt` into `model`; returns the whole checkpoint dict.
+    With ep > 1 the file is `mp_rank_TT[_PPP]_EEE` (EEE = ep_rank).
 
     `_extra_state` keys: the local ColumnParallelLinear / RowParallelLinear report
     `<prefix>_extra_state = None` in state_dict() and a load pre-hook fills a missing one with None,
@@ -336,7 +420,7 @@ def load_megatron_checkpoint(model, ckpt_dir, tp_rank: int, pp_rank: int = 0) ->
     """
     import torch
 
-    f = _find_checkpoint_file(ckpt_dir, tp_rank, pp_rank)
+    f = _find_checkpoint_file(ckpt_dir, tp_rank, pp_rank, ep_rank, ep)
     ckpt = torch.load(f, map_location="cpu", weights_only=False)
     if "model" not in ckpt:
         raise StateDictMismatch(f"{f}: no 'model' entry (keys: {sorted(ckpt)})")
@@ -379,36 +463,70 @@ def _load_input(input_ids):
     return torch.as_tensor(input_ids, dtype=torch.long)
 
 
-def _logits_this_rank(ckpt_dir, hf_config, tp: int, input_ids):
-    """Inside megatron_parallel(tp): build, load this rank's shard, forward (logits gathered)."""
+def _logits_this_rank(ckpt_dir, hf_config, tp: int, input_ids, ep: int = 1):
+    """Inside megatron_parallel(tp, 1, ep): build, load this rank's shard, forward (logits gathered)."""
     from megatron.core import parallel_state
 
-    model = gpt_model_from_hf_config(hf_config, tp)
-    load_megatron_checkpoint(model, ckpt_dir, parallel_state.get_tensor_model_parallel_rank())
+    model = gpt_model_from_hf_config(hf_config, tp, ep=ep)
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
+    load_megatron_checkpoint(model, ckpt_dir, parallel_state.get_tensor_model_parallel_rank(), 0, ep_rank, ep)
     return forward_logits(model, _load_input(input_ids), _config_dict(hf_config)["vocab_size"])
 
 
-def megatron_logits(ckpt_dir, hf_config, tp: int, input_ids, timeout: float = 120.0):
+def megatron_logits(ckpt_dir, hf_config, tp: int, input_ids, timeout: float = 120.0, ep: int = 1):
     """Full-vocab logits [b, s, true_vocab] of Megatron-Core's forward on a checkpoint.
 
-    tp == 1 runs in this process (state undone afterwards); tp > 1 runs
-    `torchrun --nproc-per-node tp tests/megatron_harness.py ...` in a subprocess.
+    tp * ep == 1 runs in this process (state undone afterwards); otherwise
+    `torchrun --nproc-per-node tp*ep tests/megatron_harness.py ...` in a subprocess.
+    """
+    return megatron_logits_many([(ckpt_dir, hf_config, tp, ep, input_ids)], timeout=timeout)[0]
+
+
+def megatron_logits_many(runs, timeout: float = 180.0, saves=()) -> list:
+    """Logits for several runs, each (ckpt_dir, hf_config, tp, ep, input_ids); returns them in order.
+
+    Runs with tp * ep == 1 go in this process; the others are grouped by world size tp * ep, and
+    each group is one torchrun job (`--jobs`): one process start (torch + Megatron imports, the
+    dominant cost on a small CPU) for all its runs, parallel_state rebuilt between runs.
+    `saves`, each (hf_model_dir, out_dir, tp, ep), are save_with_megatron() calls done first, in
+    the torchrun job of their world size.
     """
     import tempfile
 
     import torch
 
-    if tp == 1:
-        with megatron_parallel(1):
-            return _logits_this_rank(ckpt_dir, hf_config, 1, input_ids)
-    with tempfile.TemporaryDirectory(prefix="megatron_logits_") as tmp:
-        cfg_path = Path(tmp) / "config.json"
-        cfg_path.write_text(json.dumps(_config_dict(hf_config)))
-        ids_path, out_path = Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
-        torch.save(_load_input(input_ids), ids_path)
-        run_torchrun(["--ckpt", str(ckpt_dir), "--hf-config", str(cfg_path), "--tp", str(tp),
-                      "--input", str(ids_path), "--out", str(out_path)], nproc=tp, timeout=timeout)
-        return torch.load(out_path, weights_only=True)
+    results: list = [None] * len(runs)
+    groups: dict = {}
+    save_groups: dict = {}
+    for hf_model_dir, out_dir, tp, ep in saves:
+        if tp * ep == 1:
+            save_with_megatron(hf_model_dir, out_dir, 1)
+        else:
+            save_groups.setdefault(tp * ep, []).append(dict(save_from=str(hf_model_dir), ckpt=str(out_dir),
+                                                            tp=tp, ep=ep))
+    for i, (ckpt_dir, hf_config, tp, ep, input_ids) in enumerate(runs):
+        if tp * ep == 1:
+            with megatron_parallel(1):
+                results[i] = _logits_this_rank(ckpt_dir, hf_config, 1, input_ids)
+        else:
+            groups.setdefault(tp * ep, []).append(i)
+    for world in sorted(set(groups) | set(save_groups)):
+        indices = groups.get(world, [])
+        with tempfile.TemporaryDirectory(prefix="megatron_logits_") as tmp:
+            jobs = list(save_groups.get(world, []))
+            for i in indices:
+                ckpt_dir, hf_config, tp, ep, input_ids = runs[i]
+                cfg_path, ids_path = Path(tmp) / f"config{i}.json", Path(tmp) / f"ids{i}.pt"
+                cfg_path.write_text(json.dumps(_config_dict(hf_config)))
+                torch.save(_load_input(input_ids), ids_path)
+                jobs.append(dict(ckpt=str(ckpt_dir), hf_config=str(cfg_path), tp=tp, ep=ep,
+                                 input=str(ids_path), out=str(Path(tmp) / f"logits{i}.pt")))
+            jobs_path = Path(tmp) / "jobs.json"
+            jobs_path.write_text(json.dumps(jobs))
+            run_torchrun(["--jobs", str(jobs_path)], nproc=world, timeout=timeout)
+            for i, job in zip(indices, jobs[len(jobs) - len(indices):]):
+                results[i] = torch.load(job["out"], weights_only=True)
+    return results
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,7 +604,8 @@ def _interleave_qkv(q, k, v, heads: int, kv_heads: int, head_dim: int):
 
 
 def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
-    """HF tensors -> unsharded Megatron-Core tensors (local names, vocab not yet padded)."""
+    """HF tensors -> unsharded Megatron-Core tensors (local names, vocab not yet padded; routed
+    experts under their global index: `mlp.experts.local_experts.<e>`, made local by megatron_shard)."""
     cfg = _config_dict(hf_config)
     t = translate_hf_config(cfg)
     tc = t["transformer_config"]
@@ -540,6 +659,9 @@ def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
             out[m + "self_attention.linear_qkv.bias"] = _interleave_qkv(
                 get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), heads, kv_heads, d)
         out[m + "self_attention.linear_proj.weight"] = get(a + "o_proj.weight")
+        if t["num_experts"]:
+            _moe_full_tensors(out, get, t, p, m)
+            continue
         # gate and up stay separate here; the TP split makes [gate_r; up_r] per rank
         out[m + "mlp.linear_fc1.weight"] = (get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
         out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
@@ -553,13 +675,44 @@ def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
     return out
 
 
-def megatron_shard(full: dict, hf_config, tp: int, tp_rank: int) -> dict:
-    """The simple gather/split way: one rank's tensors from the unsharded ones."""
+def _moe_full_tensors(out: dict, get, t: dict, p: str, m: str) -> None:
+    """One MoE layer: router, routed experts (global index), shared expert and its gate.
+    HF Mixtral: block_sparse_moe.gate, experts.E.w1 (gate) / w3 (up) / w2 (down); HF Qwen2-MoE:
+    mlp.gate, mlp.experts.E.{gate,up,down}_proj, mlp.shared_expert.*, mlp.shared_expert_gate."""
+    if t["family"] == "mixtral":
+        moe, (g, u, d) = p + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        moe, (g, u, d) = p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    out[m + "mlp.router.weight"] = get(moe + "gate.weight")
+    for e in range(t["num_experts"]):
+        x, y = f"{moe}experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
+        out[y + "linear_fc1.weight"] = (get(x + g + ".weight"), get(x + u + ".weight"))  # [gate_r; up_r]
+        out[y + "linear_fc2.weight"] = get(x + d + ".weight")
+    if t["transformer_config"].get("moe_shared_expert_intermediate_size"):
+        s = p + "mlp.shared_expert."
+        out[m + "mlp.shared_experts.linear_fc1.weight"] = (get(s + "gate_proj.weight"), get(s + "up_proj.weight"))
+        out[m + "mlp.shared_experts.linear_fc2.weight"] = get(s + "down_proj.weight")
+        out[m + "mlp.shared_experts.gate_weight"] = get(p + "mlp.shared_expert_gate.weight")  # [1, hidden]
+
+
+def megatron_shard(full: dict, hf_config, tp: int, tp_rank: int, ep: int = 1, ep_rank: int = 0) -> dict:
+    """The simple gather/split way: one rank's tensors from the unsharded ones. Routed experts:
+    expert e goes to EP rank e // (E/ep) as local expert e % (E/ep); inside it the TP rules apply."""
+    import re
+
     import torch
 
-    padded = translate_hf_config(hf_config, tp)["padded_vocab_size"]
+    t = translate_hf_config(hf_config, tp, 1, ep)
+    padded = t["padded_vocab_size"]
+    per_rank = (t["num_experts"] or 1) // ep
     out = {}
     for name, w in full.items():
+        match = re.search(r"\.local_experts\.(\d+)\.", name)
+        if match:
+            e = int(match.group(1))
+            if e // per_rank != ep_rank:
+                continue
+            name = name[:match.start()] + f".local_experts.{e % per_rank}." + name[match.end():]
         leaf = name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             out[name] = _pad_vocab(w, padded).chunk(tp, 0)[tp_rank]
@@ -575,11 +728,22 @@ def megatron_shard(full: dict, hf_config, tp: int, tp_rank: int) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def megatron_args(hf_config, tp: int, pp: int = 1) -> argparse.Namespace:
+def megatron_args(hf_config, tp: int, pp: int = 1, ep: int = 1) -> argparse.Namespace:
     """The `args` a Megatron-LM checkpoint carries, for this model."""
-    t = translate_hf_config(hf_config, tp, pp)
+    t = translate_hf_config(hf_config, tp, pp, ep)
     tc, gm = t["transformer_config"], t["gpt_model"]
-    return argparse.Namespace(
+    moe = {}
+    if t["num_experts"]:
+        moe = dict(num_experts=t["num_experts"], moe_ffn_hidden_size=tc["moe_ffn_hidden_size"],
+                   moe_router_topk=tc["moe_router_topk"], moe_router_pre_softmax=tc["moe_router_pre_softmax"],
+                   moe_router_score_function=tc["moe_router_score_function"],
+                   moe_router_load_balancing_type=tc["moe_router_load_balancing_type"],
+                   moe_aux_loss_coeff=tc["moe_aux_loss_coeff"], moe_grouped_gemm=False,
+                   moe_token_dispatcher_type=tc["moe_token_dispatcher_type"],
+                   moe_shared_expert_intermediate_size=tc["moe_shared_expert_intermediate_size"],
+                   moe_shared_expert_gate=tc["moe_shared_expert_gate"],
+                   expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
+    return argparse.Namespace(**moe,
         num_layers=tc["num_layers"], hidden_size=tc["hidden_size"], ffn_hidden_size=tc["ffn_hidden_size"],
         num_attention_heads=tc["num_attention_heads"], num_query_groups=tc["num_query_groups"],
         group_query_attention=tc["num_query_groups"] != tc["num_attention_heads"],
@@ -599,16 +763,17 @@ def megatron_args(hf_config, tp: int, pp: int = 1) -> argparse.Namespace:
     )
 
 
-def _save_this_rank(hf_model_dir, out_dir, tp: int) -> Path:
-    """Inside megatron_parallel(tp): build this rank's GPTModel, fill it, save its state_dict()."""
+def _save_this_rank(hf_model_dir, out_dir, tp: int, ep: int = 1) -> Path:
+    """Inside megatron_parallel(tp, 1, ep): build this rank's GPTModel, fill it, save its state_dict()."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
     cfg = _config_dict(hf_model_dir)
-    model = gpt_model_from_hf_config(cfg, tp)
-    shard = megatron_shard(megatron_full_tensors(_read_hf_weights(hf_model_dir), cfg), cfg, tp, rank)
+    model = gpt_model_from_hf_config(cfg, tp, ep=ep)
+    shard = megatron_shard(megatron_full_tensors(_read_hf_weights(hf_model_dir), cfg), cfg, tp, rank, ep, ep_rank)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(shard))
     unused = sorted(set(shard) - set(params))
@@ -619,9 +784,9 @@ def _save_this_rank(hf_model_dir, out_dir, tp: int) -> Path:
             if tuple(p.shape) != tuple(shard[name].shape):
                 raise StateDictMismatch(f"{name}: model {tuple(p.shape)} vs mapped {tuple(shard[name].shape)}")
             p.copy_(shard[name])
-    ckpt = {"model": model.state_dict_for_save_checkpoint(), "args": megatron_args(cfg, tp),
+    ckpt = {"model": model.state_dict_for_save_checkpoint(), "args": megatron_args(cfg, tp, 1, ep),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
-    f = checkpoint_file(out_dir, rank)
+    f = checkpoint_file(out_dir, rank, ep_rank=ep_rank, ep=ep)
     f.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, f)
     if dist.is_initialized():
@@ -631,17 +796,17 @@ def _save_this_rank(hf_model_dir, out_dir, tp: int) -> Path:
     return f
 
 
-def save_with_megatron(hf_model_dir, out_dir, tp: int = 1, timeout: float = 120.0) -> Path:
+def save_with_megatron(hf_model_dir, out_dir, tp: int = 1, timeout: float = 120.0, ep: int = 1) -> Path:
     """A release checkpoint written from Megatron-Core's own GPTModel.state_dict() per TP rank:
     `out_dir/latest_checkpointed_iteration.txt` ("release") and
-    `out_dir/release/mp_rank_TT/model_optim_rng.pt`. tp > 1 runs under torchrun."""
+    `out_dir/release/mp_rank_TT[_EEE]/model_optim_rng.pt`. tp * ep > 1 runs under torchrun."""
     out_dir = Path(out_dir)
-    if tp == 1:
+    if tp * ep == 1:
         with megatron_parallel(1):
             _save_this_rank(hf_model_dir, out_dir, 1)
     else:
-        run_torchrun(["--save-from", str(hf_model_dir), "--ckpt", str(out_dir), "--tp", str(tp)],
-                     nproc=tp, timeout=timeout)
+        run_torchrun(["--save-from", str(hf_model_dir), "--ckpt", str(out_dir), "--tp", str(tp), "--ep", str(ep)],
+                     nproc=tp * ep, timeout=timeout)
     return out_dir
 
 
@@ -649,27 +814,61 @@ def save_with_megatron(hf_model_dir, out_dir, tp: int = 1, timeout: float = 120.
 # script entry (one process per rank under torchrun)
 # --------------------------------------------------------------------------------------------------
 
+def _run_jobs(jobs_file) -> int:
+    """--jobs: a JSON list of forward runs {ckpt, hf_config, tp, ep, input, out} and saves
+    {save_from, ckpt, tp, ep}; every process of the world takes part in every job (world = tp * ep);
+    rank 0 saves each forward run's logits."""
+    import torch
+    import torch.distributed as dist
+
+    jobs = json.loads(Path(jobs_file).read_text())
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method="env://")
+    try:
+        for job in jobs:
+            tp, ep = int(job.get("tp", 1)), int(job.get("ep", 1))
+            with megatron_parallel(tp, 1, ep):
+                if job.get("save_from"):
+                    _save_this_rank(job["save_from"], job["ckpt"], tp, ep)
+                    continue
+                logits = _logits_this_rank(job["ckpt"], job["hf_config"], tp, job["input"], ep)
+            if dist.get_rank() == 0:
+                torch.save(logits, job["out"])
+        dist.barrier()
+    finally:
+        if created:
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="Megatron checkpoint directory (read, or written with --save-from)")
+    ap.add_argument("--jobs", help="JSON list of forward runs {ckpt, hf_config, tp, ep, input, out} (one world)")
+    ap.add_argument("--ckpt", help="Megatron checkpoint directory (read, or written with --save-from)")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE); the world is tp * ep")
     ap.add_argument("--hf-config", help="HF config.json (forward mode)")
     ap.add_argument("--input", help="torch.save'd LongTensor [b, s] of token ids (forward mode)")
     ap.add_argument("--out", help="where rank 0 torch.saves the logits [b, s, vocab] (forward mode)")
     ap.add_argument("--save-from", help="HF model directory: write --ckpt from Megatron's state_dict()")
     a = ap.parse_args(argv)
+    if a.jobs:
+        return _run_jobs(a.jobs)
+    if not a.ckpt:
+        ap.error("--ckpt is required (or --jobs)")
 
     import torch
 
-    with megatron_parallel(a.tp):
+    with megatron_parallel(a.tp, 1, a.ep):
         import torch.distributed as dist
 
         if a.save_from:
-            _save_this_rank(a.save_from, a.ckpt, a.tp)
+            _save_this_rank(a.save_from, a.ckpt, a.tp, a.ep)
             return 0
         if not (a.hf_config and a.input and a.out):
             ap.error("forward mode needs --hf-config, --input and --out")
-        logits = _logits_this_rank(a.ckpt, a.hf_config, a.tp, a.input)
+        logits = _logits_this_rank(a.ckpt, a.hf_config, a.tp, a.input, a.ep)
         if dist.get_rank() == 0:
             torch.save(logits, a.out)
         dist.barrier()

@@ -40,10 +40,13 @@ def qwen2_moe_dims(config: dict) -> ModelDims:
 
 def qwen2_moe_megatron_args(config: dict, dims: ModelDims) -> dict:
     args = llama_megatron_args({**config, "attention_bias": False, "mlp_bias": False}, dims)
-    return {**args, "add_qkv_bias": True, "num_experts": dims.num_experts, "moe_ffn_hidden_size": dims.moe_ffn,
-            "moe_router_topk": hf_int(config, "num_experts_per_tok"),
+    return {**args, "add_qkv_bias": bool(config.get("qkv_bias", True)), "num_experts": dims.num_experts,
+            "moe_ffn_hidden_size": dims.moe_ffn, "moe_router_topk": hf_int(config, "num_experts_per_tok"),
             "moe_shared_expert_intermediate_size": dims.shared_ffn, "moe_shared_expert_gate": True,
-            "moe_router_pre_softmax": True, "moe_router_load_balancing_type": "aux_loss",
+            # HF renormalises the top-k weights only with norm_topk_prob; Megatron's equivalent is
+            # top-k on the logits then softmax (pre_softmax False), else softmax over all then top-k.
+            "moe_router_pre_softmax": not config.get("norm_topk_prob", False),
+            "moe_router_load_balancing_type": "aux_loss",
             "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 0.0))}
 
 
@@ -52,13 +55,15 @@ def qwen2_moe_hf_config(args: dict) -> dict:
     config = llama_hf_config(args, "Qwen2MoeForCausalLM", "qwen2_moe")
     config.update(num_experts=arg(args, "num_experts", where), num_experts_per_tok=args.get("moe_router_topk", 4),
                   moe_intermediate_size=arg(args, "moe_ffn_hidden_size", where),
-                  shared_expert_intermediate_size=arg(args, "moe_shared_expert_intermediate_size", where))
+                  shared_expert_intermediate_size=arg(args, "moe_shared_expert_intermediate_size", where),
+                  qkv_bias=bool(args.get("add_qkv_bias", True)),
+                  norm_topk_prob=not args.get("moe_router_pre_softmax", True))
     return config
 
 
 def is_qwen2_moe_args(args: dict) -> bool:
-    return (bool(args.get("num_experts")) and bool(args.get("add_qkv_bias"))
-            and bool(args.get("moe_shared_expert_intermediate_size")) and not args.get("multi_latent_attention"))
+    return (bool(args.get("num_experts")) and bool(args.get("moe_shared_expert_intermediate_size"))
+            and bool(args.get("moe_shared_expert_gate")) and not args.get("multi_latent_attention"))
 
 
 QWEN2_MOE = register_family(Family(
