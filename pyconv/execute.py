@@ -11,7 +11,6 @@ import errno
 import os
 import shutil
 import signal
-import sys
 import time
 from contextlib import contextmanager
 
@@ -94,9 +93,16 @@ def _core_args(plan: ReshardPlan, root: str):
         literals.extend((file_index, offset, data) for offset, data in planned.literals)
         for t in planned.tensors:
             rows_cols = _rows_cols(t.shape)
-            copies = [(sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
-                       c.rows, c.cols, c.dst_row, c.dst_col, c.transpose) for c in t.copies]
-            tensors.append((file_index, t.offset, t.dtype, rows_cols[0], rows_cols[1], copies))
+            copies = []
+            for c in t.copies:
+                copy = (sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
+                        c.rows, c.cols, c.dst_row, c.dst_col, c.transpose)
+                if c.scale_source is not None:
+                    copy += (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
+                             c.scale_row0, c.scale_col0, c.scale_block)
+                copies.append(copy)
+            tensor = (file_index, t.offset, t.dtype, rows_cols[0], rows_cols[1], copies)
+            tensors.append(tensor if t.quantize is None else tensor + (t.quantize,))
     return list(sources), dests, literals, tensors
 
 

@@ -112,6 +112,34 @@ class Entry:
     local_expert: int | None = None
 
 
+@dataclass(frozen=True)
+class MegatronLayout:
+    """What places every tensor: the family table, the model dims and the parallel sizes."""
+
+    family: Family
+    dims: ModelDims
+    padded_vocab: int
+    stages: list[range]
+    tp: int
+    pp: int
+    ep: int
+
+    def entries(self, stage: int, ep_rank: int):
+        return _stage_entries(self.family, self.dims, stage, self.stages, ep_rank, self.ep)
+
+    def pieces(self, mapping: TensorMapping, names: list[str], tp_rank: int) -> list[Piece]:
+        return shard_pieces(mapping, names, self.dims, self.padded_vocab, self.tp, tp_rank)
+
+
+@dataclass
+class _Assembly:
+    """Canonical tensors gathered while reading rank files: their blocks, dtype and order."""
+
+    blocks: dict[str, list[SourceBlock]]
+    dtypes: dict[str, str]
+    order: list[str]
+
+
 def experts_per_rank(dims: ModelDims, ep: int) -> int:
     if not dims.num_experts:
         return 0
@@ -262,32 +290,33 @@ def read(path: str, family: str | None = None) -> Catalog:
                        ("expert_model_parallel_size", ep)):
         if args.get(key) not in (None, value):
             raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
-    fam = get_family(family) if family else _family_from_args(args, first_file)
     dims = megatron_dims(args, first_file)
-    padded = args.get("padded_vocab_size") or dims.vocab
-    stages = layer_stages(dims.num_layers, pp, args.get("decoder_first_pipeline_num_layers"),
-                          args.get("decoder_last_pipeline_num_layers"))
-
-    blocks: dict[str, list[SourceBlock]] = {}
-    dtypes: dict[str, str] = {}
-    order: list[str] = []
+    layout = MegatronLayout(
+        family=get_family(family) if family else _family_from_args(args, first_file), dims=dims,
+        padded_vocab=args.get("padded_vocab_size") or dims.vocab,
+        stages=layer_stages(dims.num_layers, pp, args.get("decoder_first_pipeline_num_layers"),
+                            args.get("decoder_last_pipeline_num_layers")),
+        tp=tp, pp=pp, ep=ep)
+    assembly = _Assembly({}, {}, [])
     for p in range(pp):
         for t in range(tp):
             for e in range(ep):
                 file, obj = (first_file, first) if ranks[(t, p, e)] == first_dir else load_file(ranks[(t, p, e)])
-                _read_rank(file, obj, fam, dims, padded, stages, tp, t, p, e, ep, blocks, dtypes, order)
-    return _catalog(root, directory, iteration, fam, dims, args, padded, tp, pp, ep, blocks, dtypes, order)
+                _read_rank(file, obj, layout, t, p, e, assembly)
+    return _catalog(root, directory, iteration, layout, args, assembly)
 
 
-def _read_rank(file, obj, fam, dims, padded, stages, tp, t, p, e, ep, blocks, dtypes, order) -> None:
+def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: int, assembly: _Assembly) -> None:
     """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for."""
     from pyconv.io.torchzip import TensorRef
 
+    fam, dims, padded, tp = layout.family, layout.dims, layout.padded_vocab, layout.tp
+    blocks, dtypes, order = assembly.blocks, assembly.dtypes, assembly.order
     model = obj["model"]
     if not isinstance(model, dict):
         raise FormatError(f"{file}: 'model' is not a state dict")
     seen = set()
-    for entry in _stage_entries(fam, dims, p, stages, e, ep):
+    for entry in layout.entries(p, e):
         mapping, layer, local = entry.mapping, entry.layer, entry.local_layer
         candidates = list(dict.fromkeys(_fill(n, local, entry.local_expert) for n in mapping.megatron_names()))
         key = next((c for c in candidates if c in model), None)
@@ -302,7 +331,7 @@ def _read_rank(file, obj, fam, dims, padded, stages, tp, t, p, e, ep, blocks, dt
         ref = model[key]
         if not isinstance(ref, TensorRef):
             raise FormatError(f"{file}: '{key}' is not a tensor")
-        pieces = shard_pieces(mapping, names, dims, padded, tp, t)
+        pieces = layout.pieces(mapping, names, t)
         expected = shard_shape(pieces, len(mapping.shape(dims)))
         if tuple(ref.shape) != expected:
             raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
@@ -334,7 +363,9 @@ def _read_rank(file, obj, fam, dims, padded, stages, tp, t, p, e, ep, blocks, dt
                           + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
 
 
-def _catalog(root, directory, iteration, fam, dims, args, padded, tp, pp, ep, blocks, dtypes, order) -> Catalog:
+def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, args: dict,
+             assembly: _Assembly) -> Catalog:
+    fam, dims, blocks, dtypes, order = layout.family, layout.dims, assembly.blocks, assembly.dtypes, assembly.order
     tensors = {}
     for name in _hf_order(fam, dims, order):
         mapping, index, _, _ = fam.match_hf(name)
@@ -351,7 +382,8 @@ def _catalog(root, directory, iteration, fam, dims, args, padded, tp, pp, ep, bl
         config["dtype"] = _TORCH_DTYPE[dtype]
     extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
                   if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
-    details = {"family": fam.name, "tp": tp, "pp": pp, "ep": ep, "iteration": iteration, "padded_vocab_size": padded,
+    details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "iteration": iteration,
+               "padded_vocab_size": layout.padded_vocab,
                "args": {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}}
     return Catalog("megatron", root, tensors, config, fam.architectures[0], extra, details=details)
 
@@ -453,11 +485,12 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
+    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep)
     files = []
     for p in range(pp):
         for t in range(tp):
             for e in range(ep):
-                files.append(_plan_rank_file(catalog, family, dims, target, args, stages, padded, iteration_dir, t, p, e))
+                files.append(_plan_rank_file(catalog, layout, target, args, iteration_dir, t, p, e))
     tracker = "release" if target.iteration is None else str(target.iteration)
     files.append(plan_text_file(TRACKER, tracker))
     for path, size in catalog.extra_files:
@@ -465,11 +498,13 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     return files
 
 
-def _plan_rank_file(catalog, family, dims, target, args, stages, padded, iteration_dir, t, p, e) -> PlannedFile:
-    tp, pp, ep = target.tp, target.pp, target.ep
+def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, args: dict, iteration_dir: str,
+                    t: int, p: int, e: int) -> PlannedFile:
+    """One model_optim_rng.pt: the torch.save layout of its state dict, each tensor's block copies."""
+    family, dims, pp, ep = layout.family, layout.dims, layout.pp, layout.ep
     model: OrderedDict[str, TensorSlot] = OrderedDict()
     planned: list[tuple[str, str, tuple[int, ...], list[BlockCopy]]] = []
-    for entry in _stage_entries(family, dims, p, stages, e, ep):
+    for entry in layout.entries(p, e):
         mapping, layer, local = entry.mapping, entry.layer, entry.local_layer
         names = hf_names(mapping, layer, entry.expert)
         if mapping.hf == ("lm_head.weight",) and dims.tied:
@@ -482,7 +517,7 @@ def _plan_rank_file(catalog, family, dims, target, args, stages, padded, iterati
             if mapping.optional and len(missing) == len(names):
                 continue
             raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
-        pieces = shard_pieces(mapping, names, dims, padded, tp, t)
+        pieces = layout.pieces(mapping, names, t)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
         dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
