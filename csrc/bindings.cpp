@@ -7,6 +7,7 @@
 #include "dtype.h"
 #include "errors.h"
 #include "executor.h"
+#include "fp8.h"
 #include "mapped_file.h"
 #include "safetensors.h"
 
@@ -19,6 +20,44 @@ DType parse_dtype(const std::string& name) {
   auto d = dtype_from_name(name);
   if (!d) throw FormatError("unknown dtype '" + name + "'");
   return *d;
+}
+
+// A block copy: (source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row,
+// dst_col, transpose), optionally followed by a block-scaled fp8 source's (scale_source,
+// scale_offset, scale_row_stride, scale_row0, scale_col0, scale_block).
+BlockCopy to_block_copy(py::handle h) {
+  const auto f = h.cast<py::sequence>();
+  if (f.size() != 9 && f.size() != 15)
+    throw FormatError("plan: a block copy has 9 fields, or 15 with a block scale; got " + std::to_string(f.size()));
+  BlockCopy c{f[0].cast<uint32_t>(), f[1].cast<uint64_t>(), f[2].cast<uint64_t>(), parse_dtype(f[3].cast<std::string>()),
+              f[4].cast<uint64_t>(), f[5].cast<uint64_t>(), f[6].cast<uint64_t>(), f[7].cast<uint64_t>(), f[8].cast<bool>()};
+  if (f.size() == 15) {
+    c.scale_source = f[9].cast<uint32_t>();
+    c.scale_offset = f[10].cast<uint64_t>();
+    c.scale_row_stride = f[11].cast<uint64_t>();
+    c.scale_row0 = f[12].cast<uint64_t>();
+    c.scale_col0 = f[13].cast<uint64_t>();
+    c.scale_block = f[14].cast<uint64_t>();
+  }
+  return c;
+}
+
+// An output tensor: (dest, offset, dtype, rows, cols, copies), optionally followed by the
+// byte offset of its scale grid when it is quantized (None: not quantized).
+OutputTensor to_output_tensor(py::handle h) {
+  const auto f = h.cast<py::sequence>();
+  if (f.size() != 6 && f.size() != 7)
+    throw FormatError("plan: an output tensor has 6 fields, or 7 with a quantization scale offset; got " + std::to_string(f.size()));
+  OutputTensor t{f[0].cast<uint32_t>(), f[1].cast<uint64_t>(), parse_dtype(f[2].cast<std::string>()), f[3].cast<uint64_t>(),
+                 f[4].cast<uint64_t>(), {}};
+  const auto copies = f[5].cast<py::sequence>();
+  t.copies.reserve(copies.size());
+  for (const auto& c : copies) t.copies.push_back(to_block_copy(c));
+  if (f.size() == 7 && !f[6].is_none()) {
+    t.quantize = true;
+    t.scale_offset = f[6].cast<uint64_t>();
+  }
+  return t;
 }
 
 [[noreturn]] void raise_pyconv(const char* cls, const char* message) {
@@ -70,7 +109,8 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("cast", [](py::buffer src, const std::string& src_dtype, const std::string& dst_dtype) {
     const DType s = parse_dtype(src_dtype), d = parse_dtype(dst_dtype);
-    if (!cast_supported(s, d)) throw FormatError("cast: unsupported cast " + src_dtype + " -> " + dst_dtype);
+    const bool fp8 = fp8_cast_supported(s, d);  // unscaled fp8 <-> F32/BF16/F16, for tests
+    if (!fp8 && !cast_supported(s, d)) throw FormatError("cast: unsupported cast " + src_dtype + " -> " + dst_dtype);
     // Only C-contiguous buffers: the bytes are read as one run.
     Py_buffer view;
     if (PyObject_GetBuffer(src.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
@@ -83,7 +123,10 @@ PYBIND11_MODULE(_core, m) {
     std::string out(n * dtype_itemsize(d), '\0');
     {
       py::gil_scoped_release release;
-      cast_elements(view.buf, s, out.data(), d, n);
+      if (fp8)
+        fp8_cast_elements(view.buf, s, out.data(), d, n);
+      else
+        cast_elements(view.buf, s, out.data(), d, n);
     }
     PyBuffer_Release(&view);
     return py::bytes(out);
@@ -101,24 +144,16 @@ PYBIND11_MODULE(_core, m) {
                                {static_cast<py::ssize_t>(f.size())}, {1}, /*readonly=*/true);
       });
 
-  using CopyTuple = std::tuple<uint32_t, uint64_t, uint64_t, std::string, uint64_t, uint64_t, uint64_t, uint64_t, bool>;
-  using TensorTuple = std::tuple<uint32_t, uint64_t, std::string, uint64_t, uint64_t, std::vector<CopyTuple>>;
   m.def("execute",
         [](const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,
-           const std::vector<std::tuple<uint32_t, uint64_t, py::bytes>>& literals, const std::vector<TensorTuple>& tensors,
+           const std::vector<std::tuple<uint32_t, uint64_t, py::bytes>>& literals, const py::sequence& tensors,
            unsigned threads, uint64_t chunk_bytes, bool fsync, py::object progress) {
           Plan plan;
           plan.sources = sources;
           for (const auto& [path, size] : dests) plan.dests.push_back({path, size});
           for (const auto& [dest, offset, bytes] : literals) plan.literals.push_back({dest, offset, std::string(bytes)});
           plan.tensors.reserve(tensors.size());
-          for (const auto& [dest, offset, dtype, rows, cols, copies] : tensors) {
-            OutputTensor t{dest, offset, parse_dtype(dtype), rows, cols, {}};
-            t.copies.reserve(copies.size());
-            for (const auto& [src, src_offset, stride, src_dtype, crows, ccols, drow, dcol, transpose] : copies)
-              t.copies.push_back({src, src_offset, stride, parse_dtype(src_dtype), crows, ccols, drow, dcol, transpose});
-            plan.tensors.push_back(std::move(t));
-          }
+          for (const auto& t : tensors) plan.tensors.push_back(to_output_tensor(t));
           ExecOptions options;
           options.threads = threads;
           options.chunk_bytes = chunk_bytes;
@@ -158,6 +193,9 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("sources"), py::arg("dests"), py::arg("literals"), py::arg("tensors"), py::arg("threads") = 4,
         py::arg("chunk_bytes") = 32ull << 20, py::arg("fsync") = true, py::arg("progress") = py::none(),
-        "Runs a plan of block copies. tensors: (dest, offset, dtype, rows, cols, copies); copies: "
-        "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col, transpose).");
+        "Runs a plan of block copies. tensors: (dest, offset, dtype, rows, cols, copies[, scale_offset]), "
+        "scale_offset (not None) quantizing to F8_E4M3 with 128x128 block scales written there; copies: "
+        "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col, transpose[, scale_source, "
+        "scale_offset, scale_row_stride, scale_row0, scale_col0, scale_block]) where the scale fields dequantize "
+        "a block-scaled F8_E4M3 source.");
 }

@@ -17,6 +17,7 @@
 
 #include "cast.h"
 #include "errors.h"
+#include "fp8.h"
 #include "mapped_file.h"
 #include "safetensors.h"
 
@@ -60,7 +61,8 @@ void preallocate(const DestHandle& dest, uint64_t size) {
 }
 
 // A rectangle of one output tensor, contiguous in the destination file: whole rows,
-// or a column range of a single row.
+// or a column range of a single row. A quantized tensor's task is a band of up to 128
+// rows x a column range at multiples of 128 (see executor.h), not always contiguous.
 struct Task {
   uint32_t tensor;
   uint64_t row0, row1, col0, col1;
@@ -83,6 +85,26 @@ uint64_t checked_area(uint64_t rows, uint64_t cols, uint64_t itemsize, const std
   if (!checked_mul(rows, cols, &n) || !checked_mul(n, itemsize, &bytes)) throw FormatError(what + ": size overflows");
   return bytes;
 }
+
+bool is_float16ish(DType d) { return d == DType::F32 || d == DType::BF16 || d == DType::F16; }
+
+uint64_t ceil_div(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
+
+// Bytes of a quantized tensor's float32 scale grid [ceil(rows/128), ceil(cols/128)].
+uint64_t scale_grid_bytes(const OutputTensor& t) {
+  return ceil_div(t.rows, kQuantizeBlock) * ceil_div(t.cols, kQuantizeBlock) * 4;
+}
+
+// Columns of a quantized band gathered in fp32 at a time: 128 x 512 x 4 = 256 KiB, which
+// stays in L2 between the two passes over it.
+constexpr uint64_t kQuantizeTileCols = 512;
+
+// Per-worker buffers, grown on demand and kept for the next task.
+struct Scratch {
+  std::vector<unsigned char> bytes;
+  std::vector<float> f32;     // a tile of a quantized band, in fp32
+  std::vector<float> scales;  // the band's scale row
+};
 
 class Runner {
  public:
@@ -142,11 +164,17 @@ class Runner {
       uint64_t end;
       if (!checked_add(t.offset, bytes, &end) || end > dest.size)
         throw FormatError(where + " at offset " + std::to_string(t.offset) + " (" + std::to_string(bytes) + " bytes) runs past the file size " + std::to_string(dest.size));
+      if (t.quantize) {
+        if (t.dtype != DType::F8_E4M3) throw FormatError(where + ": quantizes to " + dtype_name(t.dtype) + "; only F8_E4M3 is supported");
+        const uint64_t grid = scale_grid_bytes(t);  // cannot overflow: rows * cols * 1 did not
+        if (!checked_add(t.scale_offset, grid, &end) || end > dest.size)
+          throw FormatError(where + ": its scale grid at offset " + std::to_string(t.scale_offset) + " (" + std::to_string(grid) +
+                            " bytes) runs past the file size " + std::to_string(dest.size));
+      }
       uint64_t covered = 0;
       for (const auto& c : t.copies) {
         if (c.source >= sources_.size()) throw FormatError(where + ": block copy names a missing source");
-        if (!cast_supported(c.src_dtype, t.dtype))
-          throw FormatError(where + ": cannot cast " + dtype_name(c.src_dtype) + " to " + dtype_name(t.dtype));
+        check_copy_dtypes(c, t, where);
         uint64_t row_end, col_end;
         if (!checked_add(c.dst_row, c.rows, &row_end) || row_end > t.rows || !checked_add(c.dst_col, c.cols, &col_end) || col_end > t.cols)
           throw FormatError(where + ": block copy [" + std::to_string(c.dst_row) + "+" + std::to_string(c.rows) + ", " + std::to_string(c.dst_col) + "+" +
@@ -159,11 +187,50 @@ class Runner {
         if (!checked_mul(src_rows - 1, c.src_row_stride, &span) || !checked_add(span, row_bytes, &extent))
           throw FormatError(where + ": block copy source extent overflows");
         sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
+        if (c.scale_source != kNoScale) check_scale_range(c, where);
         covered += checked_area(c.rows, c.cols, 1, where);
       }
       if (covered != t.rows * t.cols)
         throw FormatError(where + ": block copies cover " + std::to_string(covered) + " of " + std::to_string(t.rows * t.cols) + " elements");
     }
+  }
+
+  // Which source dtype may feed which output, with or without block scales.
+  void check_copy_dtypes(const BlockCopy& c, const OutputTensor& t, const std::string& where) const {
+    const std::string from = dtype_name(c.src_dtype), to = dtype_name(t.dtype);
+    if (c.scale_source != kNoScale) {
+      if (c.scale_source >= sources_.size()) throw FormatError(where + ": block copy names a missing scale source");
+      if (c.src_dtype != DType::F8_E4M3) throw FormatError(where + ": block scales given for a " + from + " source; only F8_E4M3 is block-scaled");
+      if (c.scale_block == 0) throw FormatError(where + ": block copy has a scale block of 0");
+      if (c.transpose) throw FormatError(where + ": a transposed copy of a block-scaled F8_E4M3 source is not supported");
+      if (!t.quantize && !is_float16ish(t.dtype)) throw FormatError(where + ": cannot dequantize F8_E4M3 to " + to + " (F32, BF16 or F16)");
+      return;
+    }
+    if (t.quantize) {
+      if (!is_float16ish(c.src_dtype))
+        throw FormatError(where + ": cannot quantize " + from + " to F8_E4M3 (F32, BF16, F16 or block-scaled F8_E4M3 sources)");
+      return;
+    }
+    if (cast_supported(c.src_dtype, t.dtype)) return;
+    if (c.src_dtype == DType::F8_E4M3 && is_float16ish(t.dtype))
+      throw FormatError(where + ": cannot cast F8_E4M3 to " + to + " without its block scales");
+    if (t.dtype == DType::F8_E4M3 && is_float16ish(c.src_dtype))
+      throw FormatError(where + ": cannot cast " + from + " to F8_E4M3 unless the tensor is quantized with block scales");
+    throw FormatError(where + ": cannot cast " + from + " to " + to);
+  }
+
+  // The grid entries a scaled copy reads: rows (scale_row0 .. + rows-1) / block, columns
+  // (scale_col0 .. + cols-1) / block, as one byte range of the scale source.
+  void check_scale_range(const BlockCopy& c, const std::string& where) const {
+    const uint64_t b = c.scale_block;
+    uint64_t last_row, last_col, first, lead, span, extent;
+    if (!checked_add(c.scale_row0, c.rows - 1, &last_row) || !checked_add(c.scale_col0, c.cols - 1, &last_col))
+      throw FormatError(where + ": block copy scale coordinates overflow");
+    const uint64_t r0 = c.scale_row0 / b, r1 = last_row / b, k0 = c.scale_col0 / b, k1 = last_col / b;
+    if (!checked_mul(r0, c.scale_row_stride, &lead) || !checked_add(c.scale_offset, lead, &first) || !checked_add(first, k0 * 4, &first) ||
+        !checked_mul(r1 - r0, c.scale_row_stride, &span) || !checked_add(span, (k1 - k0 + 1) * 4, &extent))
+      throw FormatError(where + ": block copy scale range overflows");
+    sources_[c.scale_source]->check_range(first, extent, "block scale range");
   }
 
   void open_dests() {
@@ -184,7 +251,14 @@ class Runner {
       const uint64_t row_bytes = t.cols * isz;
       if (t.rows == 0 || row_bytes == 0) continue;
       total_bytes_ += t.rows * row_bytes;
-      if (row_bytes <= chunk) {
+      if (t.quantize) {
+        // Bands of 128 rows x width columns: 128 x width fp8 bytes within the chunk.
+        total_bytes_ += scale_grid_bytes(t);
+        const uint64_t width = std::max<uint64_t>(1, chunk / (kQuantizeBlock * kQuantizeBlock)) * kQuantizeBlock;
+        for (uint64_t r = 0; r < t.rows; r += kQuantizeBlock)
+          for (uint64_t c = 0; c < t.cols; c += width)
+            tasks_.push_back({ti, r, std::min(t.rows, r + kQuantizeBlock), c, std::min(t.cols, c + width)});
+      } else if (row_bytes <= chunk) {
         const uint64_t step = std::max<uint64_t>(1, chunk / row_bytes);
         for (uint64_t r = 0; r < t.rows; r += step) tasks_.push_back({ti, r, std::min(t.rows, r + step), 0, t.cols});
       } else {
@@ -244,12 +318,12 @@ class Runner {
   }
 
   void worker() {
-    std::vector<unsigned char> buffer;
+    Scratch scratch;
     try {
       while (!stop_.load()) {
         const size_t i = next_task_.fetch_add(1);
         if (i >= tasks_.size()) break;
-        run_task(tasks_[i], buffer);
+        run_task(tasks_[i], scratch);
       }
     } catch (...) {
       record_error(std::current_exception());
@@ -261,8 +335,13 @@ class Runner {
     cv_.notify_all();
   }
 
-  void run_task(const Task& task, std::vector<unsigned char>& buffer) {
+  void run_task(const Task& task, Scratch& scratch) {
     const auto& t = plan_.tensors[task.tensor];
+    if (t.quantize) {
+      run_quantize_task(task, scratch);
+      return;
+    }
+    std::vector<unsigned char>& buffer = scratch.bytes;
     const uint64_t isz = dtype_itemsize(t.dtype);
     const uint64_t width = task.col1 - task.col0;
     const uint64_t length = (task.row1 - task.row0) * width * isz;
@@ -295,42 +374,119 @@ class Runner {
     if (buffer.size() < length) buffer.resize(length);
     for (const auto& c : t.copies) {
       if (!intersect(c, task, &hit)) continue;
-      if (c.transpose) {
-        copy_transposed(c, hit, task, width, isz, t.dtype, buffer.data());
-        continue;
-      }
-      const MappedFile& src = *sources_[c.source];
-      const uint64_t src_isz = dtype_itemsize(c.src_dtype);
-      const uint64_t n = hit.col1 - hit.col0;
-      const uint64_t first = c.src_offset + (hit.row0 - c.dst_row) * c.src_row_stride + (hit.col0 - c.dst_col) * src_isz;
-      const uint64_t span = (hit.row1 - hit.row0 - 1) * c.src_row_stride + n * src_isz;
-      src.will_need(first, span);
-      unsigned char* out = buffer.data() + ((hit.row0 - task.row0) * width + (hit.col0 - task.col0)) * isz;
-      const bool flat = (n == width && c.src_row_stride == n * src_isz) || hit.row1 - hit.row0 == 1;
-      if (flat) {
-        cast_elements(src.data() + first, c.src_dtype, out, t.dtype, (hit.row1 - hit.row0) * n);
-      } else {
-        for (uint64_t r = hit.row0; r < hit.row1; ++r) {
-          cast_elements(src.data() + first + (r - hit.row0) * c.src_row_stride, c.src_dtype, out, t.dtype, n);
-          out += width * isz;
-        }
-      }
-      src.release(first, span);
+      copy_into(c, hit, task, width, isz, t.dtype, buffer.data());
     }
     write_all(dest, buffer.data(), length, dst_offset);
     finish(dest, dst_offset, length);
   }
 
+  // The intersection of one copy with a task, converted to dtype (itemsize isz) into the
+  // task's buffer of rows x width elements. advise: hint the source pages in and release
+  // them after (a caller that reads the same pages again does that itself, once).
+  void copy_into(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz, DType dtype,
+                 unsigned char* buffer, bool advise = true) {
+    if (c.transpose) {
+      copy_transposed(c, hit, task, width, isz, dtype, buffer, advise);
+      return;
+    }
+    const MappedFile& src = *sources_[c.source];
+    const uint64_t src_isz = dtype_itemsize(c.src_dtype);
+    const uint64_t n = hit.col1 - hit.col0;
+    uint64_t first, span;
+    source_span(c, hit, &first, &span);
+    if (advise) src.will_need(first, span);
+    unsigned char* out = buffer + ((hit.row0 - task.row0) * width + (hit.col0 - task.col0)) * isz;
+    if (c.scale_source != kNoScale) {
+      // Each row reads its band's scale row; col0 places the run in the grid's columns.
+      const MappedFile& scales = *sources_[c.scale_source];
+      const uint64_t col0 = c.scale_col0 + (hit.col0 - c.dst_col);
+      for (uint64_t r = hit.row0; r < hit.row1; ++r) {
+        const uint64_t band = (c.scale_row0 + (r - c.dst_row)) / c.scale_block;
+        dequantize_e4m3_row(src.data() + first + (r - hit.row0) * c.src_row_stride,
+                            scales.data() + c.scale_offset + band * c.scale_row_stride, col0, c.scale_block, out, dtype, n);
+        out += width * isz;
+      }
+    } else if ((n == width && c.src_row_stride == n * src_isz) || hit.row1 - hit.row0 == 1) {
+      cast_elements(src.data() + first, c.src_dtype, out, dtype, (hit.row1 - hit.row0) * n);
+    } else {
+      for (uint64_t r = hit.row0; r < hit.row1; ++r) {
+        cast_elements(src.data() + first + (r - hit.row0) * c.src_row_stride, c.src_dtype, out, dtype, n);
+        out += width * isz;
+      }
+    }
+    if (advise) src.release(first, span);
+  }
+
+  // The source bytes [first, first + span) a copy reads for an intersection.
+  void source_span(const BlockCopy& c, const Intersection& hit, uint64_t* first, uint64_t* span) const {
+    const uint64_t src_isz = dtype_itemsize(c.src_dtype);
+    if (c.transpose) {
+      *first = c.src_offset + (hit.col0 - c.dst_col) * c.src_row_stride + (hit.row0 - c.dst_row) * src_isz;
+      *span = (hit.col1 - hit.col0 - 1) * c.src_row_stride + (hit.row1 - hit.row0) * src_isz;
+    } else {
+      *first = c.src_offset + (hit.row0 - c.dst_row) * c.src_row_stride + (hit.col0 - c.dst_col) * src_isz;
+      *span = (hit.row1 - hit.row0 - 1) * c.src_row_stride + (hit.col1 - hit.col0) * src_isz;
+    }
+  }
+
+  // One band of a quantized tensor: gathered in fp32 one tile of whole blocks at a time
+  // (a tile stays in cache between the amax and the division passes), quantized into the
+  // band's fp8 rows; then the rows and the band's run of the scale grid are written.
+  void run_quantize_task(const Task& task, Scratch& scratch) {
+    const auto& t = plan_.tensors[task.tensor];
+    const DestHandle& dest = dests_[t.dest];
+    const uint64_t rows = task.row1 - task.row0, width = task.col1 - task.col0;
+    const uint64_t blocks = ceil_div(width, kQuantizeBlock);
+    const uint64_t tile_cols = std::min<uint64_t>(width, kQuantizeTileCols);
+    if (scratch.f32.size() < rows * tile_cols) scratch.f32.resize(rows * tile_cols);
+    if (scratch.bytes.size() < rows * width) scratch.bytes.resize(rows * width);
+    if (scratch.scales.size() < blocks) scratch.scales.resize(blocks);
+    // The tiles of a band read their rows' pages in turn: hint and release them once.
+    Intersection hit;
+    uint64_t first, span;
+    for (const auto& c : t.copies)
+      if (intersect(c, task, &hit)) {
+        source_span(c, hit, &first, &span);
+        sources_[c.source]->will_need(first, span);
+      }
+    for (uint64_t c0 = task.col0; c0 < task.col1; c0 += tile_cols) {
+      const Task tile{task.tensor, task.row0, task.row1, c0, std::min(task.col1, c0 + tile_cols)};
+      const uint64_t n = tile.col1 - tile.col0;
+      for (const auto& c : t.copies)
+        if (intersect(c, tile, &hit))
+          copy_into(c, hit, tile, n, 4, DType::F32, reinterpret_cast<unsigned char*>(scratch.f32.data()), /*advise=*/false);
+      quantize_e4m3_band(scratch.f32.data(), n, rows, n, kQuantizeBlock, scratch.bytes.data() + (c0 - task.col0), width,
+                         scratch.scales.data() + (c0 - task.col0) / kQuantizeBlock);
+    }
+    for (const auto& c : t.copies)
+      if (intersect(c, task, &hit)) {
+        source_span(c, hit, &first, &span);
+        sources_[c.source]->release(first, span);
+      }
+
+    const uint64_t at = task_offset(task);
+    if (width == t.cols) {
+      write_all(dest, scratch.bytes.data(), rows * width, at);
+    } else {
+      for (uint64_t i = 0; i < rows; ++i) write_all(dest, scratch.bytes.data() + i * width, width, at + i * t.cols);
+    }
+    start_writeback(dest, at, (rows - 1) * t.cols + width);
+    const uint64_t grid_at = t.scale_offset + ((task.row0 / kQuantizeBlock) * ceil_div(t.cols, kQuantizeBlock) + task.col0 / kQuantizeBlock) * 4;
+    write_all(dest, reinterpret_cast<const unsigned char*>(scratch.scales.data()), blocks * 4, grid_at);
+    start_writeback(dest, grid_at, blocks * 4);
+    done_bytes_.fetch_add(rows * width + blocks * 4);
+  }
+
   // dst[r][c] = src[c][r] over the intersection, in tiles of kTile destination rows so each
   // source row is read as one contiguous run.
   void copy_transposed(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz,
-                       DType dtype, unsigned char* buffer) {
+                       DType dtype, unsigned char* buffer, bool advise = true) {
     constexpr uint64_t kTile = 64;
     const MappedFile& src = *sources_[c.source];
     const uint64_t src_isz = dtype_itemsize(c.src_dtype);
     const uint64_t first = c.src_offset + (hit.col0 - c.dst_col) * c.src_row_stride + (hit.row0 - c.dst_row) * src_isz;
     const uint64_t span = (hit.col1 - hit.col0 - 1) * c.src_row_stride + (hit.row1 - hit.row0) * src_isz;
-    src.will_need(first, span);
+    if (advise) src.will_need(first, span);
     unsigned char run[kTile * 8];
     for (uint64_t r = hit.row0; r < hit.row1; r += kTile) {
       const uint64_t n = std::min(kTile, hit.row1 - r);
@@ -341,7 +497,7 @@ class Runner {
         for (uint64_t i = 0; i < n; ++i) std::memcpy(out + i * width * isz, run + i * isz, isz);
       }
     }
-    src.release(first, span);
+    if (advise) src.release(first, span);
   }
 
   // copy_file_range keeps the bytes in the kernel; where the filesystem cannot, the
@@ -368,9 +524,13 @@ class Runner {
   }
 
   void finish(const DestHandle& dest, uint64_t offset, uint64_t length) {
-    // Start writeback now so dirty pages do not pile up and the final fsync is short.
-    if (options_.fsync) ::sync_file_range(dest.fd, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE);
+    start_writeback(dest, offset, length);
     done_bytes_.fetch_add(length);
+  }
+
+  // Start writeback now so dirty pages do not pile up and the final fsync is short.
+  void start_writeback(const DestHandle& dest, uint64_t offset, uint64_t length) {
+    if (options_.fsync) ::sync_file_range(dest.fd, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE);
   }
 
   const Plan& plan_;

@@ -9,6 +9,18 @@
 // HF Conv1D weights of GPT-2 are stored [in, out], Megatron's [out, in]).
 // Work is cut into tasks of at most chunk_bytes of output, so resident memory is
 // bounded by threads x chunk_bytes, whatever the model size.
+//
+// fp8 with 128x128 block scales (DeepSeek-V3's F8_E4M3 weights and their float32
+// `weight_scale_inv` grids, W[r][c] = q[r][c] * S[r/128][c/128]; see fp8.h):
+// - a BlockCopy from an F8_E4M3 source that names its scale grid dequantizes into an
+//   F32, BF16 or F16 tensor (in fp32, rounded once). The copy may start anywhere in the
+//   weight (a TP cut inside a block): scale_row0/scale_col0 place it in the grid.
+// - an OutputTensor with `quantize` set is F8_E4M3 and is written with its scale grid.
+//   Its tasks are bands of 128 rows x a multiple of 128 columns, so each task sees whole
+//   blocks: it gathers the band in fp32 512 columns at a time, takes each block's amax,
+//   divides, and writes the fp8 rows and the band's run of the scale row. A task holds
+//   its fp8 band, 128 x width bytes (width the largest multiple of 128 within chunk_bytes,
+//   at least 128), plus a 256 KiB fp32 tile: per thread max(chunk_bytes, 16 KiB) + 256 KiB.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -19,6 +31,9 @@
 
 namespace pyconv {
 
+constexpr uint32_t kNoScale = UINT32_MAX;   // BlockCopy::scale_source of an unscaled copy
+constexpr uint64_t kQuantizeBlock = 128;    // block edge of the scales quantization writes
+
 struct BlockCopy {
   uint32_t source;          // index into Plan::sources
   uint64_t src_offset;      // absolute byte offset of the block's first element
@@ -27,6 +42,15 @@ struct BlockCopy {
   uint64_t rows, cols;      // extent in elements
   uint64_t dst_row, dst_col;
   bool transpose = false;
+  // Block-scaled F8_E4M3 source: its float32 scale grid. The scale of the copy's source
+  // element (i, j) is at scale_offset + ((scale_row0 + i) / scale_block) * scale_row_stride
+  // + ((scale_col0 + j) / scale_block) * 4 in Plan::sources[scale_source].
+  uint32_t scale_source = kNoScale;
+  uint64_t scale_offset = 0;      // absolute byte offset of the whole weight's S[0][0]
+  uint64_t scale_row_stride = 0;  // bytes between grid rows
+  uint64_t scale_row0 = 0;        // row, in the whole source weight, of the copy's first element
+  uint64_t scale_col0 = 0;        // its column
+  uint64_t scale_block = 128;
 };
 
 struct OutputTensor {
@@ -35,6 +59,10 @@ struct OutputTensor {
   DType dtype;
   uint64_t rows, cols;
   std::vector<BlockCopy> copies;  // must tile [rows, cols] exactly
+  // Quantize (dtype F8_E4M3): the float32 grid [ceil(rows/128), ceil(cols/128)] of
+  // scales goes to scale_offset in the same file (no other tensor may cover it).
+  bool quantize = false;
+  uint64_t scale_offset = 0;
 };
 
 struct Literal {  // bytes the plan writes verbatim (headers, archive records)

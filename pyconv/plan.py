@@ -26,6 +26,16 @@ class BlockCopy:
     dst_row: int         # position in the output tensor's 2-D view
     dst_col: int
     transpose: bool = False  # the source block is cols x rows and is written transposed
+    # A block-scaled F8_E4M3 source (DeepSeek-V3 `weight_scale_inv`, W = q * S): naming its
+    # float32 scale grid S makes the copy dequantize into an F32/BF16/F16 tensor (or feed a
+    # quantized one). Source element (i, j) of the copy has scale
+    # S[(scale_row0 + i) // scale_block][(scale_col0 + j) // scale_block].
+    scale_source: str | None = None  # absolute path of the file holding S; None: no scale
+    scale_offset: int = 0            # absolute byte offset of S[0][0] (the whole weight's grid)
+    scale_row_stride: int = 0        # bytes between rows of S
+    scale_row0: int = 0              # row, in the whole source weight, of the copy's first element
+    scale_col0: int = 0              # its column
+    scale_block: int = 128
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,10 @@ class PlannedTensor:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the output file
     copies: tuple[BlockCopy, ...]
+    # Quantize to F8_E4M3 (dtype "F8_E4M3") with 128x128 block scales: the byte offset, in
+    # the same file, of the float32 scale grid [ceil(M/128), ceil(N/128)] the executor
+    # writes (plan it as its own region; no copy covers it). None: a plain tensor.
+    quantize: int | None = None
 
     @property
     def nbytes(self) -> int:
