@@ -34,12 +34,14 @@ def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A contiguous row-major array at a byte offset of a file."""
+    """A contiguous row-major array at a byte offset of a file. A block-quantized F8_E4M3
+    weight names its float32 scale grid (`weight_scale_inv`, W = q * S, 128 x 128 blocks)."""
 
     path: str
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    scale: "StoredTensor | None" = None
 
     @property
     def nbytes(self) -> int:

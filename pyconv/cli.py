@@ -35,12 +35,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert SRC into DST")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="hf", choices=["hf", "megatron", "deepseek"],
+    p.add_argument("--to", default="hf", choices=["hf", "megatron", "torch_dist", "deepseek"],
                    help="target format (default: hf)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
     p.add_argument("--tp", type=int, default=1,
-                   help="tensor (model) parallel size of a megatron or deepseek target (default 1)")
+                   help="tensor (model) parallel size of a megatron or deepseek target; for torch_dist only the "
+                        "vocabulary padding (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size of a megatron MoE target (default 1)")
     p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
@@ -50,7 +51,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="Megatron pads the vocabulary to a multiple of this times tp (default 128)")
     p.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
     p.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast floating tensors")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"], default=None,
+                   help="cast floating tensors; fp8 quantizes the layers' linear weights with 128x128 block "
+                        "scales; a float dtype dequantizes block-scaled fp8 weights")
     p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (decimal), 4GiB or bytes (default 5GB)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 
 from pyconv.catalog import ITEMSIZE, CanonicalTensor, view2d
+
+FP8_BLOCK = 128  # DeepSeek-V3's weight_block_size: scales per 128 x 128 block
 from pyconv.errors import LayoutError
 
 
@@ -122,14 +124,16 @@ class ReshardPlan:
 
 
 def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, cols: int,
-                      dst_row: int = 0, dst_col: int = 0, transpose: bool = False) -> list[BlockCopy]:
+                      dst_row: int = 0, dst_col: int = 0, transpose: bool = False,
+                      dtype: str | None = None) -> list[BlockCopy]:
     """Block copies that move rows [row0, row0+rows) x cols [col0, col0+cols) of a canonical
     tensor's 2-D view to (dst_row, dst_col) of an output tensor (transposed if asked): the
     source blocks clipped to the region. Raises LayoutError if they do not cover it.
 
     A source block maps canonical [r][c] to stored [src_row + r'][src_col + c'] (r', c'
     relative to the block), or to stored [src_row + c'][src_col + r'] when the block is
-    transposed; a copy transposes when exactly one of the block and the request does."""
+    transposed; a copy transposes when exactly one of the block and the request does. Written
+    as `dtype`, a block-scaled fp8 source is dequantized with its scale grid."""
     out = []
     covered = 0
     for b in tensor.blocks:
@@ -147,13 +151,19 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
             at_row, at_col, n_rows, n_cols = dst_row + (c0 - col0), dst_col + (r0 - row0), c1 - c0, r1 - r0
         else:
             at_row, at_col, n_rows, n_cols = dst_row + (r0 - row0), dst_col + (c0 - col0), r1 - r0, c1 - c0
+        scale = b.stored.scale if dtype is not None and dtype != b.stored.dtype else None
+        if scale is not None and (transpose or b.transpose):
+            raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 weight cannot be transposed")
         out.append(BlockCopy(
             source=b.stored.path,
             src_offset=b.stored.offset + (src_r * stored_cols + src_c) * isz,
             src_row_stride=stored_cols * isz,
             src_dtype=b.stored.dtype,
             rows=n_rows, cols=n_cols, dst_row=at_row, dst_col=at_col,
-            transpose=transpose != b.transpose))
+            transpose=transpose != b.transpose,
+            **({} if scale is None else dict(
+                scale_source=scale.path, scale_offset=scale.offset, scale_row_stride=view2d(scale.shape)[1] * 4,
+                scale_row0=src_r, scale_col0=src_c, scale_block=FP8_BLOCK))))
         covered += (r1 - r0) * (c1 - c0)
     if covered != rows * cols:
         raise LayoutError(f"tensor {tensor.name}: source blocks cover {covered} of the {rows * cols} elements requested")
@@ -162,7 +172,7 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
 
 def plan_whole_tensor(tensor: CanonicalTensor, dtype: str, offset: int) -> PlannedTensor:
     rows, cols = view2d(tensor.shape)
-    copies = copies_for_region(tensor, 0, 0, rows, cols) if rows and cols else []
+    copies = copies_for_region(tensor, 0, 0, rows, cols, dtype=dtype) if rows and cols else []
     return PlannedTensor(tensor.name, dtype, tensor.shape, offset, tuple(copies))
 
 
@@ -182,6 +192,7 @@ DTYPE_ALIASES = {
     "fp32": "F32", "float32": "F32", "f32": "F32",
     "bf16": "BF16", "bfloat16": "BF16",
     "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
+    "fp8": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "e4m3": "F8_E4M3",
 }
 
 
@@ -211,7 +222,7 @@ def parse_dtype(name: str | None) -> str | None:
         return None
     key = name.lower()
     if key not in DTYPE_ALIASES:
-        raise LayoutError(f"unknown dtype '{name}' (choose fp32, bf16 or fp16)")
+        raise LayoutError(f"unknown dtype '{name}' (choose fp32, bf16, fp16 or fp8)")
     return DTYPE_ALIASES[key]
 
 

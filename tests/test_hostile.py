@@ -268,7 +268,7 @@ def valid_src(tmp_path):
     (["reshard", "SRC"], "the following arguments are required: dst"),
     ([], "the following arguments are required: command"),
     (["convert", "SRC", "DST"], "invalid choice: 'convert'"),
-    (["reshard", "SRC", "DST", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["reshard", "SRC", "DST", "--dtype", "fp4"], "argument --dtype: invalid choice: 'fp4'"),
     (["reshard", "SRC", "DST", "--threads", "many"], "argument --threads: invalid int value: 'many'"),
 ], ids=["unknown-option", "no-args", "no-dst", "no-command", "unknown-command", "bad-dtype", "bad-threads"])
 def test_cli_usage_errors(tmp_path, valid_src, args, needle):

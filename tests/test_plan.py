@@ -89,7 +89,7 @@ def test_plan_hf_sharding_index_and_config():
 
 
 def test_plan_refuses_fp8_cast_with_name():
-    with pytest.raises(LayoutError, match="w8: cannot cast F8_E4M3 to BF16"):
+    with pytest.raises(LayoutError, match="w8: an F8_E4M3 weight without its weight_scale_inv cannot be dequantized to BF16"):
         plan_output(catalog_of(whole("w8", "F8_E4M3", (2, 2))), TargetSpec(dtype="BF16"))
 
 

@@ -4,13 +4,16 @@ model-0000i-of-0000n.safetensors with model.safetensors.index.json, or pytorch_m
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+from dataclasses import replace
 
-from pyconv.catalog import FLOAT_DTYPES, ITEMSIZE, CanonicalTensor, Catalog, nbytes
+from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, StoredTensor, nbytes, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
-from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
+from pyconv.plan import FP8_BLOCK, PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -78,8 +81,6 @@ def _read_bin_tensors(path: str):
     from pyconv.io.torchzip import iter_tensors, read_torch_checkpoint
 
     checkpoint = read_torch_checkpoint(path)
-    from pyconv.catalog import StoredTensor
-
     out = {}
     for name, ref in iter_tensors(checkpoint.obj):
         out[name] = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
@@ -122,20 +123,70 @@ def read(path: str) -> Catalog:
     if config:
         archs = config.get("architectures")
         architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+    stored = _link_fp8_scales(stored, config)
     # Source order: file by file, offset by offset, so output shards read sources sequentially.
     ordered = sorted(stored.items(), key=lambda kv: (kv[1].path, kv[1].offset))
     tensors = {name: CanonicalTensor.whole(name, st) for name, st in ordered}
     return Catalog("hf", root, tensors, config, architecture, _extra_files(root), metadata)
 
 
+SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv (float32, one per 128 x 128 block)
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+                           "activation_scheme": "dynamic"}
+
+
+def scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    rows, cols = view2d(shape)
+    return -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+
+
+def _link_fp8_scales(stored: dict[str, StoredTensor], config: dict | None) -> dict[str, StoredTensor]:
+    """Each F8_E4M3 weight with a `weight_scale_inv` beside it carries that scale grid."""
+    block = ((config or {}).get("quantization_config") or {}).get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
+    linked = dict(stored)
+    for name, scale in stored.items():
+        weight = stored.get(name[:-len(SCALE_SUFFIX)]) if name.endswith(".weight" + SCALE_SUFFIX) else None
+        if weight is None or weight.dtype != "F8_E4M3":
+            continue
+        if list(block) != [FP8_BLOCK, FP8_BLOCK]:
+            raise FormatError(f"config.json: weight_block_size {block} is not supported (pyconv reads 128 x 128 blocks)")
+        if scale.dtype != "F32" or tuple(scale.shape) != scale_grid(weight.shape):
+            raise FormatError(f"{scale.path}: {name} is {scale.dtype} {list(scale.shape)}, expected F32 "
+                              f"{list(scale_grid(weight.shape))} for the {list(weight.shape)} weight")
+        linked[name[:-len(SCALE_SUFFIX)]] = replace(weight, scale=scale)
+    return linked
+
+
+def is_quantizable(name: str, tensor: CanonicalTensor) -> bool:
+    """The weights DeepSeek-V3 stores in fp8: 2-D linear weights inside the layers, not norms,
+    routers or embeddings."""
+    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
+    return (tensor.dtype in FLOAT_DTYPES and len(tensor.shape) == 2 and name.endswith(".weight")
+            and _IN_LAYER.search(name) is not None and "norm" not in leaf
+            and leaf not in ("gate", "shared_expert_gate", "router"))
+
+
+_IN_LAYER = re.compile(r"(^|\.)(layers|h)\.\d+\.")
+
+
 def output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
-    """The dtype a tensor is written in: floating tensors take the target dtype, others keep theirs."""
+    """The dtype a tensor is written in: floating tensors take the target dtype (fp8: only the
+    quantizable weights), block-scaled fp8 weights are dequantized to a float target, others
+    keep theirs."""
     if dtype is None or tensor.dtype == dtype:
         return tensor.dtype
+    if dtype == "F8_E4M3":
+        return dtype if is_quantizable(tensor.name, tensor) else tensor.dtype
     if tensor.dtype in FLOAT_DTYPES:
         return dtype
-    if tensor.dtype in ("F64", "F8_E4M3", "F8_E5M2"):
-        raise LayoutError(f"tensor {tensor.name}: cannot cast {tensor.dtype} to {dtype} (supported casts: F32, BF16, F16)")
+    if tensor.dtype == "F8_E4M3":
+        if any(b.stored.scale is None for b in tensor.blocks):
+            raise LayoutError(f"tensor {tensor.name}: an F8_E4M3 weight without its weight_scale_inv cannot be "
+                              f"dequantized to {dtype}")
+        return dtype
+    if tensor.dtype in ("F64", "F8_E5M2"):
+        raise LayoutError(f"tensor {tensor.name}: cannot cast {tensor.dtype} to {dtype} (supported casts: F32, BF16, "
+                          "F16, and block-scaled F8_E4M3 to those)")
     return tensor.dtype  # integer and boolean tensors (buffers, masks) are not weights to cast
 
 
@@ -159,41 +210,61 @@ def split_into_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list
     return shards
 
 
-def _updated_config(config: dict, dtype: str | None) -> dict:
+def _updated_config(config: dict, dtype: str | None, quantized: bool, fp8_left: bool) -> dict:
     config = dict(config)
-    if dtype is not None:
+    if dtype is not None and dtype in TORCH_DTYPE_NAMES:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
         for k in keys:
             config[k] = TORCH_DTYPE_NAMES[dtype]
+    if quantized:
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+    elif not fp8_left:
+        config.pop("quantization_config", None)  # every fp8 weight was dequantized
     return config
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     dtypes = {name: output_dtype(t, target.dtype) for name, t in catalog.tensors.items()}
-    sizes = [(name, nbytes(dtypes[name], t.shape)) for name, t in catalog.tensors.items()]
+    # fp8: a dequantized weight's scale grid is dropped; a quantized weight gains one, in its shard.
+    dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" != dtypes[n]}
+    quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" != t.dtype}
+    names = [n for n in catalog.tensors if n not in dequantized]
+
+    def unit_size(name):
+        size = nbytes(dtypes[name], catalog.tensors[name].shape)
+        return size + (nbytes("F32", scale_grid(catalog.tensors[name].shape)) if name in quantized else 0)
+
+    sizes = [(name, unit_size(name)) for name in names]
     shards = split_into_shards(sizes, target.max_shard_size)
     metadata = {**catalog.metadata, "format": "pt"}
     files: list[PlannedFile] = []
     weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
+    for i, shard in enumerate(shards):
         file_name = SAFETENSORS_SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        entries_in = [(name, dtypes[name], catalog.tensors[name].shape) for name in shard]
+        entries_in += [(name + SCALE_SUFFIX, "F32", scale_grid(catalog.tensors[name].shape))
+                       for name in shard if name in quantized]
         # Laid out as safetensors' save_file lays them out (by dtype, widest first, then by name),
         # which keeps every tensor aligned and the shard byte-identical to save_pretrained's.
-        header, entries = layout_like_save_file(
-            [(name, dtypes[name], catalog.tensors[name].shape) for name in names], metadata)
-        position = entries[-1][4] if entries else 0
-        tensors = tuple(plan_whole_tensor(catalog.tensors[name], dtypes[name], len(header) + begin)
-                        for name, _, _, begin, _ in entries)
+        header, entries = layout_like_save_file(entries_in, metadata)
+        begins = {name: begin for name, _, _, begin, _ in entries}
+        position = max((end for *_, end in entries), default=0)
+        tensors = tuple(
+            replace(plan_whole_tensor(catalog.tensors[name], dtypes[name], len(header) + begin),
+                    quantize=len(header) + begins[name + SCALE_SUFFIX] if name in quantized else None)
+            for name, _, _, begin, _ in entries if name in catalog.tensors)
         files.append(PlannedFile(file_name, len(header) + position, tensors, ((0, header),)))
-        weight_map.update((name, file_name) for name in names)
+        weight_map.update((name, file_name) for name, *_ in entries_in)
     if len(shards) > 1:
         total_size = sum(size for _, size in sizes)
-        total_parameters = sum(t.nbytes // ITEMSIZE[t.dtype] for t in catalog.tensors.values())
+        total_parameters = sum(math.prod(catalog.tensors[n].shape) for n in names)
         index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
                  "weight_map": dict(sorted(weight_map.items()))}
         files.append(plan_text_file(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n"))
     if catalog.config is not None:
-        files.append(plan_text_file(CONFIG, json.dumps(_updated_config(catalog.config, target.dtype), indent=2, sort_keys=True) + "\n"))
+        fp8_left = any(d == "F8_E4M3" for d in dtypes.values())
+        config = _updated_config(catalog.config, target.dtype, bool(quantized), fp8_left)
+        files.append(plan_text_file(CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n"))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
     return files
