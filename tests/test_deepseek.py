@@ -453,10 +453,28 @@ def test_unknown_keys_and_stray_experts_are_refused(tmp_path):
         pyconv.reshard(src, tmp_path / "out", to="deepseek", tp=1)
 
 
-def test_fp8_is_not_cast_and_not_cut_inside_a_scale_block(fp8_checkpoint, tmp_path):
-    _, src = fp8_checkpoint
-    with pytest.raises(LayoutError, match="F8_E4M3 weights dequantized"):
-        pyconv.reshard(src, tmp_path / "out", to="deepseek", tp=2, dtype="bf16")
-    with pytest.raises(LayoutError, match="holds 64 of 256, not a multiple of the 128-wide fp8 scale blocks"):
+def test_fp8_cut_inside_a_scale_block_needs_dequantizing(fp8_checkpoint, tmp_path):
+    tensors, src = fp8_checkpoint
+    with pytest.raises(LayoutError, match="holds 64 of 256, not a multiple of the 128-wide fp8 scale blocks.*--dtype bf16"):
         pyconv.reshard(src, tmp_path / "out", to="deepseek", tp=4)
     assert not os.path.exists(tmp_path / "out")
+    # With --dtype bf16 the weights are dequantized (fp32 math, one rounding) and the scales dropped:
+    # the same as convert.py on a checkpoint torch dequantized first.
+    dequantized = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        if scale is not None:
+            grid = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: t.shape[0], : t.shape[1]]
+            t = (t.float() * grid).to(torch.bfloat16)
+        elif t.dtype == torch.float32:
+            t = t.to(torch.bfloat16)
+        dequantized[name] = t
+    plain = write_hf(tmp_path / "dequantized", dequantized, {k: v for k, v in FP8_CONFIG.items()
+                                                               if k != "quantization_config"})
+    reference_convert(plain, tmp_path / "reference", N_EXPERTS, 4, mtp_layer=2)
+    pyconv.reshard(src, tmp_path / "ours", to="deepseek", tp=4, dtype="bf16")
+    assert_same_directory(tmp_path / "ours", tmp_path / "reference")
+    with pytest.raises(LayoutError, match="keeps the source's fp8 weights"):
+        pyconv.reshard(src, tmp_path / "x", to="deepseek", tp=2, dtype="fp8")

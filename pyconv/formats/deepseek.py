@@ -42,10 +42,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
-from pyconv.formats.hf import CONFIG, _extra_files, _load_json
+from pyconv.formats.hf import CONFIG, _extra_files, _load_json, output_dtype
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
 
@@ -154,7 +154,8 @@ def _splits_columns(shape: tuple[int, ...], dim: int) -> bool:
     return len(shape) >= 2 and dim == len(shape) - 1
 
 
-def part_copies(tensor: CanonicalTensor, dim: int, parts: int, index: int) -> tuple[BlockCopy, ...]:
+def part_copies(tensor: CanonicalTensor, dim: int, parts: int, index: int,
+                dtype: str | None = None) -> tuple[BlockCopy, ...]:
     """Block copies of part `index` of `parts` equal parts of the tensor along `dim`, as
     `tensor.narrow(dim, index * size, size).contiguous()` lays it out.
 
@@ -167,12 +168,12 @@ def part_copies(tensor: CanonicalTensor, dim: int, parts: int, index: int) -> tu
     if rows * cols == 0:
         return ()
     if _splits_columns(shape, dim):
-        return tuple(copies_for_region(tensor, 0, index * size, rows, size))
+        return tuple(copies_for_region(tensor, 0, index * size, rows, size, dtype=dtype))
     outer, unit = _part_rows(shape, dim)
     copies: list[BlockCopy] = []
     for o in range(outer):
         copies += copies_for_region(tensor, (o * shape[dim] + index * size) * unit, 0, size * unit, cols,
-                                    dst_row=o * size * unit)
+                                    dst_row=o * size * unit, dtype=dtype)
     return tuple(copies)
 
 
@@ -198,16 +199,11 @@ class _RankTensor:
 
 
 def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
-    if dtype is None or tensor.dtype == dtype:
-        return tensor.dtype
-    if tensor.dtype in _FP8_DTYPES:
-        raise LayoutError(f"tensor {tensor.name}: --dtype would need the {tensor.dtype} weights dequantized with "
-                          f"their weight_scale_inv, which pyconv does not do yet; convert without --dtype to keep fp8")
-    if tensor.dtype in FLOAT_DTYPES:
-        return dtype
-    if tensor.dtype == "F64":
-        raise LayoutError(f"tensor {tensor.name}: cannot cast F64 to {dtype} (supported casts: F32, BF16, F16)")
-    return tensor.dtype  # integer and boolean tensors are not weights to cast
+    """As for HF (block-scaled fp8 weights dequantize to a float --dtype), but no quantization."""
+    if dtype in _FP8_DTYPES:
+        raise LayoutError("the deepseek layout keeps the source's fp8 weights as they are; quantize with "
+                          "--to hf --dtype fp8 first")
+    return output_dtype(tensor, dtype)
 
 
 def _config_int(config: dict, key: str, required: bool) -> int | None:
@@ -228,18 +224,20 @@ def _fp8_block(config: dict) -> tuple[int, int]:
 
 
 def _check_split(catalog: Catalog, tensor: CanonicalTensor, ds_name: str, dim: int, mp: int,
-                 block: tuple[int, int]) -> None:
+                 block: tuple[int, int], dequantized: set[str]) -> None:
     # An fp8 weight's scales hold one entry per block: a rank boundary inside a block would leave a
     # rank with a partial block, and the scales, split alike, would no longer line up with it.
     weight_name = tensor.name[:-len(_SCALE_SUFFIX)] if tensor.name.endswith("weight" + _SCALE_SUFFIX) else tensor.name
     weight = catalog.tensors.get(weight_name)
-    if mp > 1 and weight_name + _SCALE_SUFFIX in catalog.tensors and weight is not None \
+    if mp > 1 and weight_name + _SCALE_SUFFIX in catalog.tensors and weight_name + _SCALE_SUFFIX not in dequantized \
+            and weight is not None \
             and weight.dtype in _FP8_DTYPES and len(weight.shape) == 2 and dim < 2:
         part, rest = divmod(weight.shape[dim], mp)
         if rest == 0 and part % block[dim]:
             raise LayoutError(f"tensor {tensor.name} ({ds_name}): each of the {mp} parts of {weight_name} along dim "
                               f"{dim} holds {part} of {weight.shape[dim]}, not a multiple of the {block[dim]}-wide fp8 "
-                              f"scale blocks, so {weight_name + _SCALE_SUFFIX} cannot be split with it")
+                              f"scale blocks, so {weight_name + _SCALE_SUFFIX} cannot be split with it; "
+                              f"convert with --dtype bf16 to dequantize instead")
     shape = tensor.shape
     if dim >= len(shape):
         raise LayoutError(f"tensor {tensor.name} ({ds_name}): splits along dim {dim}, but has shape {list(shape)}")
@@ -272,19 +270,23 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 
     ranks: list[list[_RankTensor]] = [[] for _ in range(mp)]
     origin: dict[str, str] = {}  # DeepSeek name -> the Hugging Face tensor it came from
+    dtypes = {name: _output_dtype(t, target.dtype) for name, t in catalog.tensors.items()}
+    # A dequantized fp8 weight no longer needs its scales (and they need not split with it).
+    dequantized = {n + _SCALE_SUFFIX for n, t in catalog.tensors.items()
+                   if t.dtype in _FP8_DTYPES and dtypes[n] != t.dtype}
     for hf_name, tensor in catalog.tensors.items():
         layer = _layer_index(hf_name)
-        if layer is not None and layer >= layers:
-            continue  # multi-token-prediction layers are not part of the inference model
+        if hf_name in dequantized or (layer is not None and layer >= layers):
+            continue  # scales of dequantized weights; multi-token-prediction layers (not the inference model)
         ds_name, key = deepseek_name(hf_name)
         if ds_name in origin:
             raise LayoutError(f"tensors {origin[ds_name]} and {hf_name} both become {ds_name}")
         origin[ds_name] = hf_name
-        dtype = _output_dtype(tensor, target.dtype)
+        dtype = dtypes[hf_name]
         dim = MAPPING[key][1]
         if _routed_expert(ds_name) or dim is None:
             rows, cols = view2d(tensor.shape)
-            whole = tuple(copies_for_region(tensor, 0, 0, rows, cols)) if rows * cols else ()
+            whole = tuple(copies_for_region(tensor, 0, 0, rows, cols, dtype=dtype)) if rows * cols else ()
         if _routed_expert(ds_name):
             index = _expert_index(ds_name)
             if index is None:
@@ -298,10 +300,10 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
             for rank in ranks:
                 rank.append(_RankTensor(ds_name, dtype, tensor.shape, whole))
         else:
-            _check_split(catalog, tensor, ds_name, dim, mp, block)
+            _check_split(catalog, tensor, ds_name, dim, mp, block, dequantized)
             shape = tensor.shape[:dim] + (tensor.shape[dim] // mp,) + tensor.shape[dim + 1:]
             for i, rank in enumerate(ranks):
-                rank.append(_RankTensor(ds_name, dtype, shape, part_copies(tensor, dim, mp, i)))
+                rank.append(_RankTensor(ds_name, dtype, shape, part_copies(tensor, dim, mp, i, dtype)))
 
     files = []
     for i, rank in enumerate(ranks):

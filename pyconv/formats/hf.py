@@ -226,8 +226,8 @@ def _updated_config(config: dict, dtype: str | None, quantized: bool, fp8_left: 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     dtypes = {name: output_dtype(t, target.dtype) for name, t in catalog.tensors.items()}
     # fp8: a dequantized weight's scale grid is dropped; a quantized weight gains one, in its shard.
-    dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" != dtypes[n]}
-    quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" != t.dtype}
+    dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" and dtypes[n] != t.dtype}
+    quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" and t.dtype != "F8_E4M3"}
     names = [n for n in catalog.tensors if n not in dequantized]
 
     def unit_size(name):
