@@ -42,6 +42,28 @@ BlockCopy to_block_copy(py::handle h) {
   return c;
 }
 
+// The progress tick the core calls from the calling thread: runs the Python callback, and
+// stops the run on Ctrl-C or when the callback raises (the Python error is kept to re-raise).
+ProgressTick python_tick(py::object progress, bool* python_error) {
+  return [progress, python_error](uint64_t done, uint64_t total) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {  // Ctrl-C or a signal handler that raised
+      *python_error = true;
+      return false;
+    }
+    if (!progress.is_none()) {
+      try {
+        progress(done, total);
+      } catch (py::error_already_set& e) {
+        e.restore();
+        *python_error = true;
+        return false;
+      }
+    }
+    return true;
+  };
+}
+
 // An output tensor: (dest, offset, dtype, rows, cols, copies), optionally followed by the
 // byte offset of its scale grid when it is quantized (None: not quantized).
 OutputTensor to_output_tensor(py::handle h) {
@@ -159,23 +181,7 @@ PYBIND11_MODULE(_core, m) {
           options.chunk_bytes = chunk_bytes;
           options.fsync = fsync;
           bool python_error = false;
-          ProgressTick tick = [&](uint64_t done, uint64_t total) {
-            py::gil_scoped_acquire gil;
-            if (PyErr_CheckSignals() != 0) {  // Ctrl-C or a signal handler that raised
-              python_error = true;
-              return false;
-            }
-            if (!progress.is_none()) {
-              try {
-                progress(done, total);
-              } catch (py::error_already_set& e) {
-                e.restore();
-                python_error = true;
-                return false;
-              }
-            }
-            return true;
-          };
+          const ProgressTick tick = python_tick(progress, &python_error);
           ExecStats stats;
           try {
             py::gil_scoped_release release;
@@ -198,4 +204,44 @@ PYBIND11_MODULE(_core, m) {
         "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col, transpose[, scale_source, "
         "scale_offset, scale_row_stride, scale_row0, scale_col0, scale_block]) where the scale fields dequantize "
         "a block-scaled F8_E4M3 source.");
+
+  m.def("compare",
+        [](const std::vector<std::string>& sources, const py::sequence& tensors, unsigned threads, uint64_t chunk_bytes,
+           bool bitwise, double atol, double rtol, py::object progress) {
+          Plan plan;
+          plan.sources = sources;
+          plan.tensors.reserve(tensors.size());
+          for (const auto& h : tensors) {
+            const auto f = h.cast<py::sequence>();
+            if (f.size() != 5) throw FormatError("compare: a tensor has 5 fields (dtype, rows, cols, copies, other_copies)");
+            OutputTensor t{0, 0, parse_dtype(f[0].cast<std::string>()), f[1].cast<uint64_t>(), f[2].cast<uint64_t>(), {}};
+            for (const auto& c : f[3].cast<py::sequence>()) t.copies.push_back(to_block_copy(c));
+            for (const auto& c : f[4].cast<py::sequence>()) t.other_copies.push_back(to_block_copy(c));
+            plan.tensors.push_back(std::move(t));
+          }
+          ExecOptions options;
+          options.threads = threads;
+          options.chunk_bytes = chunk_bytes;
+          CompareOptions compare{bitwise, atol, rtol};
+          bool python_error = false;
+          const ProgressTick tick = python_tick(progress, &python_error);
+          std::vector<TensorComparison> results;
+          try {
+            py::gil_scoped_release release;
+            results = compare_plan(plan, options, compare, tick);
+          } catch (const Cancelled&) {
+            if (python_error) throw py::error_already_set();
+            throw;
+          }
+          py::list out;
+          for (const auto& r : results)
+            out.append(py::make_tuple(r.differing, r.max_abs_diff,
+                                      r.first_index == UINT64_MAX ? py::object(py::none()) : py::int_(r.first_index)));
+          return out;
+        },
+        py::arg("sources"), py::arg("tensors"), py::arg("threads") = 4, py::arg("chunk_bytes") = 32ull << 20,
+        py::arg("bitwise") = true, py::arg("atol") = 0.0, py::arg("rtol") = 0.0, py::arg("progress") = py::none(),
+        "Compares tensors gathered from two sets of block copies, chunk by chunk; nothing is written. tensors: "
+        "(dtype, rows, cols, copies, other_copies). Returns (differing elements, max |a-b|, first differing flat "
+        "index or None) per tensor.");
 }

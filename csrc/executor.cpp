@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -102,13 +103,25 @@ constexpr uint64_t kQuantizeTileCols = 512;
 // Per-worker buffers, grown on demand and kept for the next task.
 struct Scratch {
   std::vector<unsigned char> bytes;
+  std::vector<unsigned char> other;  // compare mode: the second side
   std::vector<float> f32;     // a tile of a quantized band, in fp32
   std::vector<float> scales;  // the band's scale row
 };
 
 class Runner {
  public:
-  Runner(const Plan& plan, const ExecOptions& options) : plan_(plan), options_(options) {}
+  Runner(const Plan& plan, const ExecOptions& options, const CompareOptions* compare = nullptr)
+      : plan_(plan), options_(options), compare_(compare) {}
+
+  std::vector<TensorComparison> run_compare(const ProgressTick& tick) {
+    open_sources();
+    validate();
+    comparisons_ = std::vector<TensorComparison>(plan_.tensors.size());
+    comparison_locks_ = std::vector<std::mutex>(plan_.tensors.size());
+    make_tasks();
+    run_tasks(tick);
+    return comparisons_;
+  }
 
   ExecStats run(const ProgressTick& tick) {
     const auto start = std::chrono::steady_clock::now();
@@ -156,6 +169,14 @@ class Runner {
     }
     for (size_t ti = 0; ti < plan_.tensors.size(); ++ti) {
       const auto& t = plan_.tensors[ti];
+      if (compare_) {
+        const std::string where = "compared tensor #" + std::to_string(ti);
+        checked_area(t.rows, t.cols, dtype_itemsize(t.dtype), where);
+        if (t.quantize) throw FormatError(where + ": cannot quantize while comparing");
+        validate_copies(t, t.copies, where + " (first side)");
+        validate_copies(t, t.other_copies, where + " (second side)");
+        continue;
+      }
       if (t.dest >= plan_.dests.size()) throw FormatError("plan: tensor " + std::to_string(ti) + " names a missing destination");
       const auto& dest = plan_.dests[t.dest];
       const std::string where = dest.path + ": output tensor #" + std::to_string(ti);
@@ -171,28 +192,33 @@ class Runner {
           throw FormatError(where + ": its scale grid at offset " + std::to_string(t.scale_offset) + " (" + std::to_string(grid) +
                             " bytes) runs past the file size " + std::to_string(dest.size));
       }
-      uint64_t covered = 0;
-      for (const auto& c : t.copies) {
-        if (c.source >= sources_.size()) throw FormatError(where + ": block copy names a missing source");
-        check_copy_dtypes(c, t, where);
-        uint64_t row_end, col_end;
-        if (!checked_add(c.dst_row, c.rows, &row_end) || row_end > t.rows || !checked_add(c.dst_col, c.cols, &col_end) || col_end > t.cols)
-          throw FormatError(where + ": block copy [" + std::to_string(c.dst_row) + "+" + std::to_string(c.rows) + ", " + std::to_string(c.dst_col) + "+" +
-                            std::to_string(c.cols) + "] lies outside the tensor [" + std::to_string(t.rows) + ", " + std::to_string(t.cols) + "]");
-        if (c.rows == 0 || c.cols == 0) continue;
-        // Source block: rows x cols, or cols x rows read transposed.
-        const uint64_t src_rows = c.transpose ? c.cols : c.rows, src_cols = c.transpose ? c.rows : c.cols;
-        const uint64_t row_bytes = checked_area(1, src_cols, dtype_itemsize(c.src_dtype), where);
-        uint64_t span, extent;
-        if (!checked_mul(src_rows - 1, c.src_row_stride, &span) || !checked_add(span, row_bytes, &extent))
-          throw FormatError(where + ": block copy source extent overflows");
-        sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
-        if (c.scale_source != kNoScale) check_scale_range(c, where);
-        covered += checked_area(c.rows, c.cols, 1, where);
-      }
-      if (covered != t.rows * t.cols)
-        throw FormatError(where + ": block copies cover " + std::to_string(covered) + " of " + std::to_string(t.rows * t.cols) + " elements");
+      validate_copies(t, t.copies, where);
     }
+  }
+
+  // Every copy of one side of a tensor: indices, dtypes, byte ranges, exact tiling by area.
+  void validate_copies(const OutputTensor& t, const std::vector<BlockCopy>& copies, const std::string& where) const {
+    uint64_t covered = 0;
+    for (const auto& c : copies) {
+      if (c.source >= sources_.size()) throw FormatError(where + ": block copy names a missing source");
+      check_copy_dtypes(c, t, where);
+      uint64_t row_end, col_end;
+      if (!checked_add(c.dst_row, c.rows, &row_end) || row_end > t.rows || !checked_add(c.dst_col, c.cols, &col_end) || col_end > t.cols)
+        throw FormatError(where + ": block copy [" + std::to_string(c.dst_row) + "+" + std::to_string(c.rows) + ", " + std::to_string(c.dst_col) + "+" +
+                          std::to_string(c.cols) + "] lies outside the tensor [" + std::to_string(t.rows) + ", " + std::to_string(t.cols) + "]");
+      if (c.rows == 0 || c.cols == 0) continue;
+      // Source block: rows x cols, or cols x rows read transposed.
+      const uint64_t src_rows = c.transpose ? c.cols : c.rows, src_cols = c.transpose ? c.rows : c.cols;
+      const uint64_t row_bytes = checked_area(1, src_cols, dtype_itemsize(c.src_dtype), where);
+      uint64_t span, extent;
+      if (!checked_mul(src_rows - 1, c.src_row_stride, &span) || !checked_add(span, row_bytes, &extent))
+        throw FormatError(where + ": block copy source extent overflows");
+      sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
+      if (c.scale_source != kNoScale) check_scale_range(c, where);
+      covered += checked_area(c.rows, c.cols, 1, where);
+    }
+    if (covered != t.rows * t.cols)
+      throw FormatError(where + ": block copies cover " + std::to_string(covered) + " of " + std::to_string(t.rows * t.cols) + " elements");
   }
 
   // Which source dtype may feed which output, with or without block scales.
@@ -337,6 +363,10 @@ class Runner {
 
   void run_task(const Task& task, Scratch& scratch) {
     const auto& t = plan_.tensors[task.tensor];
+    if (compare_) {
+      run_compare_task(task, scratch);
+      return;
+    }
     if (t.quantize) {
       run_quantize_task(task, scratch);
       return;
@@ -378,6 +408,66 @@ class Runner {
     }
     write_all(dest, buffer.data(), length, dst_offset);
     finish(dest, dst_offset, length);
+  }
+
+  // Gathers the task from both sides and compares them; nothing is written.
+  void run_compare_task(const Task& task, Scratch& scratch) {
+    const auto& t = plan_.tensors[task.tensor];
+    const uint64_t isz = dtype_itemsize(t.dtype);
+    const uint64_t width = task.col1 - task.col0;
+    const uint64_t count = (task.row1 - task.row0) * width;
+    std::vector<unsigned char>& a = scratch.bytes;
+    std::vector<unsigned char>& b = scratch.other;
+    if (a.size() < count * isz) a.resize(count * isz);
+    if (b.size() < count * isz) b.resize(count * isz);
+    Intersection hit;
+    for (const auto& c : t.copies)
+      if (intersect(c, task, &hit)) copy_into(c, hit, task, width, isz, t.dtype, a.data());
+    for (const auto& c : t.other_copies)
+      if (intersect(c, task, &hit)) copy_into(c, hit, task, width, isz, t.dtype, b.data());
+    TensorComparison found;
+    if (compare_->bitwise && std::memcmp(a.data(), b.data(), count * isz) == 0) {
+      done_bytes_.fetch_add(count * isz);
+      return;
+    }
+    const bool is_f32 = t.dtype == DType::F32;
+    for (uint64_t i = 0; i < count; ++i) {
+      bool differs;
+      double diff = 0;
+      if (is_f32) {
+        float x, y;
+        std::memcpy(&x, a.data() + i * 4, 4);
+        std::memcpy(&y, b.data() + i * 4, 4);
+        if (compare_->bitwise) {
+          differs = std::memcmp(a.data() + i * 4, b.data() + i * 4, 4) != 0;
+        } else {
+          const bool both_nan = std::isnan(x) && std::isnan(y);
+          differs = !both_nan && !(std::fabs(double(x) - double(y)) <= compare_->atol + compare_->rtol * std::fabs(double(y)));
+        }
+        if (differs && std::isfinite(x) && std::isfinite(y)) diff = std::fabs(double(x) - double(y));
+      } else {
+        differs = std::memcmp(a.data() + i * isz, b.data() + i * isz, isz) != 0;
+        if (differs && is_float16ish(t.dtype)) {
+          float x, y;
+          cast_elements(a.data() + i * isz, t.dtype, &x, DType::F32, 1);
+          cast_elements(b.data() + i * isz, t.dtype, &y, DType::F32, 1);
+          if (std::isfinite(x) && std::isfinite(y)) diff = std::fabs(double(x) - double(y));
+        }
+      }
+      if (!differs) continue;
+      ++found.differing;
+      found.max_abs_diff = std::max(found.max_abs_diff, diff);
+      const uint64_t flat = (task.row0 + i / width) * t.cols + task.col0 + i % width;
+      found.first_index = std::min(found.first_index, flat);
+    }
+    if (found.differing) {
+      std::lock_guard<std::mutex> lock(comparison_locks_[task.tensor]);
+      auto& total = comparisons_[task.tensor];
+      total.differing += found.differing;
+      total.max_abs_diff = std::max(total.max_abs_diff, found.max_abs_diff);
+      total.first_index = std::min(total.first_index, found.first_index);
+    }
+    done_bytes_.fetch_add(count * isz);
   }
 
   // The intersection of one copy with a task, converted to dtype (itemsize isz) into the
@@ -535,6 +625,9 @@ class Runner {
 
   const Plan& plan_;
   const ExecOptions& options_;
+  const CompareOptions* compare_;  // null: execute; else compare the two sides
+  std::vector<TensorComparison> comparisons_;
+  std::vector<std::mutex> comparison_locks_;
   std::vector<std::unique_ptr<MappedFile>> sources_;
   std::vector<DestHandle> dests_;
   std::vector<Task> tasks_;
@@ -555,6 +648,12 @@ class Runner {
 };
 
 }  // namespace
+
+std::vector<TensorComparison> compare_plan(const Plan& plan, const ExecOptions& options, const CompareOptions& compare,
+                                           const ProgressTick& tick) {
+  Runner runner(plan, options, &compare);
+  return runner.run_compare(tick);
+}
 
 ExecStats execute_plan(const Plan& plan, const ExecOptions& options, const ProgressTick& tick) {
   Runner runner(plan, options);

@@ -63,6 +63,8 @@ struct OutputTensor {
   // scales goes to scale_offset in the same file (no other tensor may cover it).
   bool quantize = false;
   uint64_t scale_offset = 0;
+  // Compare mode only: the other side's copies, gathered like `copies` and compared with them.
+  std::vector<BlockCopy> other_copies;
 };
 
 struct Literal {  // bytes the plan writes verbatim (headers, archive records)
@@ -104,5 +106,23 @@ using ProgressTick = std::function<bool(uint64_t, uint64_t)>;
 // file sizes, exact tiling by area), creates and preallocates the destination
 // files, runs the copies, fsyncs. Throws FormatError, IoError or Cancelled.
 ExecStats execute_plan(const Plan& plan, const ExecOptions& options, const ProgressTick& tick);
+
+// Compare mode (`pyconv verify`): nothing is written. Each tensor is gathered twice, from
+// `copies` and from `other_copies`, task by task (so memory stays at 2 x chunk_bytes per
+// thread), and the two are compared: bit for bit, or, with a tolerance, as numbers
+// (|a - b| <= atol + rtol * |b|, NaN equal to NaN at the same place) — gather as F32 then.
+struct CompareOptions {
+  bool bitwise = true;
+  double atol = 0, rtol = 0;
+};
+
+struct TensorComparison {
+  uint64_t differing = 0;              // elements that differ
+  double max_abs_diff = 0;             // over differing finite pairs (floats; 0 for integers)
+  uint64_t first_index = UINT64_MAX;   // flat index of the first differing element
+};
+
+std::vector<TensorComparison> compare_plan(const Plan& plan, const ExecOptions& options, const CompareOptions& compare,
+                                           const ProgressTick& tick);
 
 }  // namespace pyconv

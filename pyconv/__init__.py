@@ -7,10 +7,11 @@
 
 from pyconv.api import Checkpoint, ReshardReport, open, plan_reshard, reshard
 from pyconv.errors import Cancelled, FormatError, LayoutError, OutputError, PyconvError
+from pyconv.verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cancelled", "Checkpoint", "FormatError", "LayoutError", "OutputError", "PyconvError", "ReshardReport",
-    "__version__", "open", "plan_reshard", "reshard",
+    "VerifyReport", "__version__", "open", "plan_reshard", "reshard", "verify",
 ]

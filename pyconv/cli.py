@@ -60,6 +60,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (the plan with --dry-run, else the report)")
     p.add_argument("--threads", type=int, default=4, help="copy threads (default 4)")
 
+    p = sub.add_parser("verify", help="compare two checkpoints (any formats) tensor by tensor; exit 1 if they differ")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: bit for bit)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: bit for bit)")
+    p.add_argument("--family", default=None, help="model family of a Megatron side whose args do not tell it")
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("demo", help="build a tiny Llama with transformers, convert it, check it loads")
     p.add_argument("--workdir", default=None, help="where to put the models (default: a temporary directory)")
     return parser
@@ -138,6 +147,14 @@ def _cmd_reshard(args) -> int:
     return EXIT_OK
 
 
+def _cmd_verify(args) -> int:
+    import pyconv
+
+    report = pyconv.verify(args.a, args.b, atol=args.atol, rtol=args.rtol, threads=args.threads, family=args.family)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
+    return EXIT_OK if report.equal else EXIT_MISMATCH
+
+
 def _cmd_demo(args) -> int:
     from pyconv.demo import run_demo
 
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyconv.errors import Cancelled, PyconvError
 
     args = _build_parser().parse_args(argv)
-    command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "demo": _cmd_demo}[args.command]
+    command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
     try:
         return command(args)
     except Cancelled as e:

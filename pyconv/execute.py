@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 
 from pyconv import _core
+from pyconv.catalog import view2d
 from pyconv.errors import Cancelled, OutputError
 from pyconv.plan import ReshardPlan
 
@@ -85,6 +86,16 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def copy_fields(c, sources: dict[str, int]) -> tuple:
+    """A BlockCopy as the core takes it; `sources` numbers the files as they are first met."""
+    fields = (sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
+              c.rows, c.cols, c.dst_row, c.dst_col, c.transpose)
+    if c.scale_source is None:
+        return fields
+    return fields + (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
+                     c.scale_row0, c.scale_col0, c.scale_block)
+
+
 def _core_args(plan: ReshardPlan, root: str):
     sources: dict[str, int] = {}
     dests, literals, tensors = [], [], []
@@ -92,24 +103,10 @@ def _core_args(plan: ReshardPlan, root: str):
         dests.append((os.path.join(root, planned.path), planned.size))
         literals.extend((file_index, offset, data) for offset, data in planned.literals)
         for t in planned.tensors:
-            rows_cols = _rows_cols(t.shape)
-            copies = []
-            for c in t.copies:
-                copy = (sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
-                        c.rows, c.cols, c.dst_row, c.dst_col, c.transpose)
-                if c.scale_source is not None:
-                    copy += (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
-                             c.scale_row0, c.scale_col0, c.scale_block)
-                copies.append(copy)
-            tensor = (file_index, t.offset, t.dtype, rows_cols[0], rows_cols[1], copies)
+            rows, cols = view2d(tuple(t.shape))
+            tensor = (file_index, t.offset, t.dtype, rows, cols, [copy_fields(c, sources) for c in t.copies])
             tensors.append(tensor if t.quantize is None else tensor + (t.quantize,))
     return list(sources), dests, literals, tensors
-
-
-def _rows_cols(shape):
-    from pyconv.catalog import view2d
-
-    return view2d(tuple(shape))
 
 
 def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: int = 4,
