@@ -32,7 +32,9 @@ def register_format(name: str, *, detect, read, plan_output=None, read_options=(
 
 def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
-    from pyconv.formats import deepseek, hf, megatron  # noqa: F401
+    # torch_dist before megatron: both recognise Megatron-LM's latest_checkpointed_iteration.txt,
+    # and torch_dist claims it only when the iteration directory holds a distributed checkpoint.
+    from pyconv.formats import deepseek, hf, torch_dist, megatron  # noqa: F401
 
 
 def format_names() -> list[str]:

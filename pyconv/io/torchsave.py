@@ -3,7 +3,9 @@ the position of every storage record, so the executor can fill the tensor data i
 
 The pickle (protocol 2) is emitted opcode by opcode for the few kinds of object a checkpoint
 holds: dicts (OrderedDict too), lists, tuples, str, int, float, bool, None, bytes,
-argparse.Namespace, torch dtypes and tensors. A tensor is written as torch.save writes it:
+argparse.Namespace, torch dtypes and tensors, and instances of plain-data classes and calls
+(`PickledObject`, `PickledCall`: the dataclasses of a PyTorch DCP `.metadata`). A tensor is
+written as torch.save writes it:
 
     torch._utils._rebuild_tensor_v2(<persistent ('storage', torch.<Type>Storage, key, 'cpu', numel)>,
                                     0, size, stride, False, OrderedDict())
@@ -58,6 +60,28 @@ class TorchDtypeValue:
     """A torch dtype inside pickled data (e.g. args.params_dtype), by name: 'bfloat16'."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class PickledObject:
+    """An instance of a plain-data class, pickled as dataclasses pickle: `cls.__new__(cls)`
+    (NEWOBJ), then BUILD with the attribute dict `fields` ((name, value) pairs), or with
+    `tuple_state` for a class whose __setstate__ takes a tuple (DCP's TensorProperties), or no
+    BUILD at all when both are empty. Frozen and hashable, so it can be a dict key."""
+
+    module: str
+    name: str
+    fields: tuple[tuple[str, object], ...] = ()
+    tuple_state: tuple | None = None
+
+
+@dataclass(frozen=True)
+class PickledCall:
+    """`module.name(*args)` (GLOBAL, args, REDUCE): torch.Size((2, 3)), an enum member by value."""
+
+    module: str
+    name: str
+    args: tuple = ()
 
 
 class _Pickler:
@@ -156,6 +180,20 @@ class _Pickler:
             self._global("torch", obj.name)
         elif type(obj) is TensorSlot:
             self._tensor(obj)
+        elif type(obj) is PickledObject:
+            self._global(obj.module, obj.name)
+            self.out += b")\x81"  # EMPTY_TUPLE, NEWOBJ
+            if obj.tuple_state is not None:
+                self._tuple(obj.tuple_state)
+                self.out += b"b"
+            elif obj.fields:
+                self.out += b"}"
+                self._dict_items(obj.fields)
+                self.out += b"b"
+        elif type(obj) is PickledCall:
+            self._global(obj.module, obj.name)
+            self._tuple(obj.args)
+            self.out += b"R"
         else:
             raise TypeError(f"cannot write {type(obj).__name__} into a torch checkpoint")
 
@@ -184,6 +222,11 @@ class _Pickler:
         self._global("collections", "OrderedDict")
         self.out += b")R"
         self.out += b"tR"
+
+
+def pickle_object(obj) -> bytes:
+    """A pickle (protocol 2) of a tree of plain data, PickledObjects and PickledCalls."""
+    return _Pickler().dump(obj)
 
 
 def pickle_checkpoint(obj) -> tuple[bytes, list[TensorSlot]]:

@@ -176,13 +176,20 @@ def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 class _Archive:
     """The records of one torch.save zip: names, where their data lie, and the storages seen."""
 
-    def __init__(self, path: str, f):
+    def __init__(self, path: str, f, base: int = 0, size: int | None = None):
+        """The archive in bytes [base, base + size) of the file (default: the whole file); offsets
+        in the zip structures are relative to base, those this class reports are absolute."""
         self.path = path
         self.f = f
-        self.file_size = os.fstat(f.fileno()).st_size
+        self.base = base
+        whole = os.fstat(f.fileno()).st_size
+        self.file_size = whole - base if size is None else size
+        if base < 0 or self.file_size < 0 or base + self.file_size > whole:
+            raise FormatError(f"{path}: bytes {base}..{base + self.file_size} lie outside the file ({whole} bytes)")
         self._check_signature()
         try:
-            infos = zipfile.ZipFile(f).infolist()
+            whole_file = base == 0 and size is None
+            infos = zipfile.ZipFile(f if whole_file else _FileWindow(f, base, self.file_size)).infolist()
         except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on hostile directories
             raise FormatError(f"{path}: not a readable zip archive (truncated or corrupt?): {e}") from None
         if not infos:
@@ -200,7 +207,7 @@ class _Archive:
         self.storages: dict[str, tuple[PersistentStorage, int, int]] = {}  # key -> (ref, data offset, nbytes)
 
     def _check_signature(self):
-        head = os.pread(self.f.fileno(), 512, 0)
+        head = os.pread(self.f.fileno(), min(512, self.file_size), self.base)
         if head[:4] == b"PK\x03\x04":
             return  # torch.load's own test (_is_zipfile)
         if _LEGACY_MAGIC in head[:32] or head[257:262] == b"ustar":
@@ -224,22 +231,24 @@ class _Archive:
             raise FormatError(f"{self.path}: record '{name}' is compressed (method {info.compress_type}); "
                               "torch.save writes stored records")
         header = b""
-        if 0 <= info.header_offset <= self.file_size:  # zipfile shifts offsets when bytes are prepended
-            header = os.pread(self.f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        # zipfile shifts offsets when bytes are prepended
+        if 0 <= info.header_offset <= self.file_size - _LOCAL_HEADER.size:
+            header = os.pread(self.f.fileno(), _LOCAL_HEADER.size, self.base + info.header_offset)
         if len(header) < _LOCAL_HEADER.size:
             raise FormatError(f"{self.path}: local header of record '{name}' at byte {info.header_offset} "
                               f"lies outside the file ({self.file_size} bytes)")
         signature, _, _, method, _, _, _, _, _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
         encoded = info.filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
         if (signature != _LOCAL_HEADER_SIGNATURE or method != zipfile.ZIP_STORED
-                or os.pread(self.f.fileno(), name_len, info.header_offset + _LOCAL_HEADER.size) != encoded):
+                or os.pread(self.f.fileno(), name_len, self.base + info.header_offset + _LOCAL_HEADER.size) != encoded):
             raise FormatError(f"{self.path}: local header of record '{name}' at byte {info.header_offset} "
                               "does not match the central directory")
         start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
         if start + info.file_size > self.file_size:
             raise FormatError(f"{self.path}: record '{name}' (bytes {start}..{start + info.file_size}) "
-                              f"runs past the end of the file ({self.file_size} bytes)")
-        return start
+                              f"runs past the end of the {'file' if self.base == 0 else 'archive'} "
+                              f"({self.file_size} bytes)")
+        return self.base + start
 
     def read(self, info: zipfile.ZipInfo) -> bytes:
         start = self.data_offset(info)
@@ -292,6 +301,34 @@ class _Archive:
         return TensorRef(self.path, key, record_offset + begin, dtype, t.size, nbytes)
 
 
+class _FileWindow:
+    """Bytes [base, base + size) of an open file as a read-only seekable file, for zipfile."""
+
+    def __init__(self, f, base: int, size: int):
+        self.fd, self.base, self.size, self.position = f.fileno(), base, size, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        origin = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[whence]
+        if origin + offset < 0:
+            raise OSError("seek before the start of the archive")
+        self.position = origin + offset
+        return self.position
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.position + n)
+        if end <= self.position:
+            return b""
+        data = os.pread(self.fd, end - self.position, self.base + self.position)
+        self.position += len(data)
+        return data
+
+
 def read_torch_checkpoint(path: str | os.PathLike) -> TorchCheckpoint:
     """Reads a torch.save archive's structure: every tensor a TensorRef, nothing else read.
 
@@ -304,19 +341,26 @@ def read_torch_checkpoint(path: str | os.PathLike) -> TorchCheckpoint:
     except OSError as e:
         raise FormatError(f"{path}: cannot open: {e.strerror}") from None
     with f:
-        archive = _Archive(path, f)
-        if archive.record("constants.pkl") is not None:
-            raise FormatError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
-        pickle_info = archive.record("data.pkl")
-        if pickle_info is None:
-            raise FormatError(f"{path}: not a torch.save archive: no record '{archive.name}/data.pkl'")
-        byteorder_info = archive.record("byteorder")
-        if byteorder_info is not None:
-            byteorder = archive.read(byteorder_info) if byteorder_info.file_size <= _SMALL_RECORD else b"?"
-            if byteorder != b"little":
-                raise FormatError(f"{path}: byteorder is {byteorder[:16]!r}; pyconv reads little-endian checkpoints")
-        obj, unpickler = restricted_load(archive.read(pickle_info), path, on_storage=archive.on_storage,
-                                         make_tensor=archive.make_tensor)
+        return read_torch_archive(path, f)
+
+
+def read_torch_archive(path: str, f, base: int = 0, size: int | None = None) -> TorchCheckpoint:
+    """read_torch_checkpoint for the archive in bytes [base, base + size) of the open file f
+    (a PyTorch DCP `.distcp` file holds one torch.save archive per tensor chunk); its TensorRefs
+    carry absolute offsets in the file."""
+    archive = _Archive(path, f, base, size)
+    if archive.record("constants.pkl") is not None:
+        raise FormatError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
+    pickle_info = archive.record("data.pkl")
+    if pickle_info is None:
+        raise FormatError(f"{path}: not a torch.save archive: no record '{archive.name}/data.pkl'")
+    byteorder_info = archive.record("byteorder")
+    if byteorder_info is not None:
+        byteorder = archive.read(byteorder_info) if byteorder_info.file_size <= _SMALL_RECORD else b"?"
+        if byteorder != b"little":
+            raise FormatError(f"{path}: byteorder is {byteorder[:16]!r}; pyconv reads little-endian checkpoints")
+    obj, unpickler = restricted_load(archive.read(pickle_info), path, on_storage=archive.on_storage,
+                                     make_tensor=archive.make_tensor)
     # Errors name the tensor's place in the tree, so they wait for the walk.
     reached: set[int] = set()
     try:

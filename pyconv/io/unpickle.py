@@ -20,8 +20,9 @@ What a load guarantees, for any input bytes:
   load (frozen slotted dataclasses get a `__setstate__` that bypasses `frozen`).
 - The result holds only: None, bool, int, float, str, bytes, tuple, list, dict, set,
   frozenset, OrderedDict, argparse.Namespace and the stand-ins below
-  (`TorchDtype`, `TorchDevice`, `EnumValue`, numpy records, and whatever the caller's
-  `make_tensor` returns).
+  (`TorchDtype`, `TorchDevice`, `EnumValue`, numpy records, `PickledRecord`s of the allowed
+  plain-data classes such as PyTorch DCP's metadata, and whatever the caller's `make_tensor`
+  returns).
 - Memory stays proportional to the pickle. `prescan` walks the opcodes (pickletools, pure
   Python) before the C unpickler sees them and refuses memo indices larger than the pickle
   (the C unpickler allocates 16 bytes per index up to the largest one: a 9-byte pickle asks
@@ -43,6 +44,7 @@ import functools
 import io
 import pickle
 import pickletools
+import posixpath
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -244,6 +246,60 @@ class NumpyScalar:
     raw: bytes
 
 
+class PickledRecord:
+    """An instance of an allowed plain-data class that pickles as NEWOBJ `cls.__new__(cls)` then
+    BUILD with its state (a dataclass such as PyTorch DCP's `Metadata` or `ChunkStorageMetadata`):
+    the state BUILD gave it, a dict of str keys or a tuple, kept as is and set at most once. A
+    class without state (`BytesStorageMetadata`) keeps None. Nothing here interprets the state;
+    the reader of the format does (pyconv.io.dcp). The class comes from `record_class`, sealed
+    like Namespace, so BUILD reaches neither it nor any other record."""
+
+    __slots__ = ("state",)
+    qualified_name = "PickledRecord"
+
+    def __new__(cls, *args, **kwargs):
+        if args or kwargs:
+            raise FormatError(f"{cls.qualified_name} must be created with no arguments (NEWOBJ, then BUILD)")
+        record = object.__new__(cls)
+        object.__setattr__(record, "state", None)
+        return record
+
+    def __setstate__(self, state):
+        name = self.qualified_name
+        if self.state is not None:
+            raise FormatError(f"BUILD on a {name} twice is not allowed")
+        if type(state) is dict:
+            if not all(type(k) is str for k in state):
+                raise FormatError(f"BUILD on a {name}: attribute names must be strings")
+        elif type(state) is not tuple:
+            raise FormatError(f"BUILD on a {name}: state must be a dict or a tuple, got {type(state).__name__}")
+        object.__setattr__(self, "state", state)
+
+    def __setattr__(self, name, value):
+        raise FormatError(f"setting attribute '{str(name)[:64]}' of a {self.qualified_name} is not allowed")
+
+    def __delattr__(self, name):
+        raise FormatError(f"deleting attribute '{str(name)[:64]}' of a {self.qualified_name} is not allowed")
+
+    def fields(self) -> dict:
+        """The BUILD state as a dict ({} for none); a tuple state is refused here, so callers
+        that expect attributes never see one."""
+        if self.state is None:
+            return {}
+        if type(self.state) is not dict:
+            raise FormatError(f"{self.qualified_name}: expected attributes, found a {len(self.state)}-tuple state")
+        return self.state
+
+    def __repr__(self) -> str:
+        return f"{self.qualified_name}({self.state!r})"
+
+
+def record_class(qualified_name: str) -> type:
+    """A table value for a plain-data class: instances are `PickledRecord`s named qualified_name."""
+    return _Sealed(qualified_name.rsplit(".", 1)[-1], (PickledRecord,),
+                   {"__slots__": (), "qualified_name": qualified_name})
+
+
 # ---- what the allowed globals do -----------------------------------------------------------
 
 def _is_int(x) -> bool:
@@ -320,6 +376,25 @@ def _numpy_scalar(*args):
     if len(args) != 2 or type(args[0]) is not NumpyDtype or type(args[1]) is not bytes or len(args[1]) > 64:
         raise FormatError("numpy scalar takes a dtype and at most 64 bytes")
     return NumpyScalar(args[0], args[1])
+
+
+_TORCH_LAYOUTS = frozenset(f"torch.{name}" for name in (
+    "strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "_mkldnn", "jagged"))
+
+
+def _torch_layout(*args):
+    # torch.serialization._get_layout('torch.strided'): how a torch.layout pickles.
+    if len(args) != 1 or args[0] not in _TORCH_LAYOUTS:
+        raise FormatError("torch.serialization._get_layout takes the name of a torch layout")
+    return EnumValue("torch.layout", args[0])
+
+
+def _posix_path(*args):
+    # pathlib.PosixPath('/ckpt/dir') pickles as PosixPath('/', 'ckpt', 'dir') (DCP's
+    # StorageMeta.checkpoint_id): kept as the plain string it names.
+    if not all(type(a) is str for a in args):
+        raise FormatError("pathlib.PosixPath takes strings")
+    return posixpath.join(*args) if args else "."
 
 
 def _make_enum_value(enum: str, *args):
@@ -459,6 +534,27 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     **{(f"numpy.{core}.multiarray", "scalar"): _numpy_scalar for core in ("core", "_core")},
     ("numpy", "ndarray"): ClassMarker("numpy.ndarray"),
     ("numpy", "dtype"): _numpy_dtype,
+    # PyTorch distributed checkpoint (DCP) metadata, the `.metadata` pickle (read by pyconv.io.dcp).
+    ("torch.serialization", "_get_layout"): _torch_layout,
+    ("pathlib", "PosixPath"): _posix_path,
+    ("pathlib", "PurePosixPath"): _posix_path,
+    **{("torch.distributed.checkpoint.metadata", name): record_class(f"torch.distributed.checkpoint.metadata.{name}")
+       for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                    "TensorProperties", "MetadataIndex", "StorageMeta")},
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"):
+        enum_stand_in("torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"):
+        record_class("torch.distributed.checkpoint.filesystem._StorageInfo"),
+    # Megatron-Core keeps the save plans beside the metadata (`Metadata.all_local_plans`).
+    **{("torch.distributed.checkpoint.planner", name): record_class(f"torch.distributed.checkpoint.planner.{name}")
+       for name in ("SavePlan", "WriteItem", "TensorWriteData")},
+    ("torch.distributed.checkpoint.planner", "WriteItemType"):
+        enum_stand_in("torch.distributed.checkpoint.planner.WriteItemType"),
+    # Enums in Megatron-LM's args and common state (megatron.core.safe_globals lists them).
+    **{(module, name): enum_stand_in(f"{module}.{name}") for module, name in (
+        ("megatron.core.transformer.enums", "AttnBackend"), ("megatron.core.transformer.enums", "CudaGraphScope"),
+        ("megatron.core.enums", "ModelType"), ("megatron.core.rerun_state_machine", "RerunMode"),
+        ("megatron.core.rerun_state_machine", "RerunState"), ("megatron.core.rerun_state_machine", "RerunDiagnostic"))},
 }
 
 

@@ -1,0 +1,451 @@
+"""Megatron-Core distributed checkpoints (`--ckpt-format torch_dist`).
+
+    DIR/latest_checkpointed_iteration.txt     optional: "release" or N (Megatron-LM's layout)
+    DIR/release/ or DIR/iter_0000NNN/ or DIR itself:
+        metadata.json   {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                         "common_backend": "torch", "common_backend_version": 1}
+        common.pt       torch.save of the non-sharded state: Megatron-LM puts `args`,
+                        `checkpoint_version` and `iteration` there; a bare
+                        `dist_checkpointing.save(model.sharded_state_dict())` leaves it {}
+        .metadata       PyTorch DCP metadata (pyconv.io.dcp)
+        __R_N.distcp    data files; every tensor chunk a torch.save archive
+
+Each key is a global tensor whatever the parallelism it was saved with: the Megatron-Core
+tensor at TP=1 (fused QKV interleaved per query group, linear_fc1 = [gate; up], the vocabulary
+padded), the decoder layers stacked on a leading axis (`decoder.layers.self_attention.
+linear_qkv.weight [L, (heads + 2 * groups) * head_dim, hidden]`), norms under TransformerEngine
+names (`...linear_qkv.layer_norm_weight`) even for the local spec. A chunk is whatever block a
+rank saved: one layer's rows of one TP rank, the gate or the up half of fc1 of a TP rank... The
+reader describes the TP=1 tensor of each mapping with the family table's shard pieces at tp=1
+and clips every chunk against them, so chunks may cut layers, rows and columns anywhere.
+
+The model's dims come from a Hugging Face config.json placed in the checkpoint directory (or its
+iteration directory) when there is one, else from common.pt's Megatron args (Megatron-LM and
+pyconv write them): the shapes alone cannot tell heads from head_dim. Optimizer state
+(`optimizer.*`) and bytes items (extra state, RNG state) are not weights and are skipped; every
+other key must map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from argparse import Namespace
+
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.errors import FormatError, LayoutError
+from pyconv.families import (
+    FIRST_STAGE, LAYER, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture, get_family,
+)
+from pyconv.formats import register_format
+from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpMetadata, DcpTensor, read_metadata
+from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, plan_text_file
+
+BACKEND_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+CONFIG = "config.json"
+TRACKER = "latest_checkpointed_iteration.txt"
+_DCP_SUFFIX = ".distcp"
+_SKIPPED_PREFIXES = ("optimizer.",)
+_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+# ---- where the checkpoint is -------------------------------------------------------------------
+
+def _is_dcp_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isfile(os.path.join(path, BACKEND_FILE))
+
+
+def _checkpoint_dir(root: str) -> tuple[str, str | None]:
+    """(directory holding .metadata, iteration label or None)."""
+    if _is_dcp_dir(root):
+        return root, None
+    from pyconv.formats.megatron import _iteration_dir
+
+    directory, iteration = _iteration_dir(root)
+    if not _is_dcp_dir(directory):
+        raise FormatError(f"{directory}: no {METADATA_FILE} or {BACKEND_FILE}: not a torch_dist checkpoint")
+    return directory, iteration
+
+
+def detect(path: str) -> bool:
+    if not os.path.isdir(path):
+        return False
+    if _is_dcp_dir(path):
+        return True
+    tracker = os.path.join(path, TRACKER)
+    if not os.path.isfile(tracker):
+        return False
+    try:
+        from pyconv.formats.megatron import _iteration_dir
+
+        return _is_dcp_dir(_iteration_dir(os.path.abspath(path))[0])
+    except FormatError:
+        return False
+
+
+def _load_json(path: str, what: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(1 << 24).decode("utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
+
+
+def _check_backend(directory: str) -> None:
+    path = os.path.join(directory, BACKEND_FILE)
+    if os.path.isfile(path):
+        meta = _load_json(path, "checkpoint metadata")
+        backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
+        if backend != "torch_dist":
+            raise FormatError(f"{path}: sharded_backend is {str(backend)[:40]!r}; pyconv reads 'torch_dist' "
+                              "(re-save zarr checkpoints with Megatron's --ckpt-convert-format torch_dist)")
+    if not os.path.isfile(os.path.join(directory, METADATA_FILE)):
+        raise FormatError(f"{directory}: no {METADATA_FILE} (PyTorch DCP metadata): incomplete checkpoint?")
+
+
+def _common_args(directory: str) -> dict | None:
+    """Megatron-LM's args from common.pt, as a dict with dtypes by name; None without any."""
+    path = os.path.join(directory, COMMON_FILE)
+    if not os.path.isfile(path):
+        return None
+    from pyconv.formats.megatron import _args_dict
+    from pyconv.io.torchzip import read_torch_checkpoint
+
+    common = read_torch_checkpoint(path).obj
+    if not isinstance(common, dict):
+        raise FormatError(f"{path}: common state is not a dict")
+    if common.get("args") is None:
+        return None
+    return _args_dict(common["args"], path)
+
+
+# ---- the model: family, dims, HF config ---------------------------------------------------------
+
+def _model(root: str, directory: str, args: dict | None, family: str | None,
+           common_problem: str | None = None) -> tuple[Family, ModelDims, dict, str]:
+    """(family, dims, HF config, where they came from). A config.json placed beside the
+    checkpoint wins: it is the user's word on the HF model (true vocabulary, token ids, RoPE
+    scaling), which Megatron-LM's args may not carry. Without one, common.pt's args. A common.pt
+    that cannot be read (a global outside pyconv's allowlist) is no obstacle when a config.json
+    says what the model is."""
+    for candidate in dict.fromkeys((os.path.join(directory, CONFIG), os.path.join(root, CONFIG))):
+        if os.path.isfile(candidate):
+            config = _load_json(candidate, "config")
+            if not isinstance(config, dict):
+                raise FormatError(f"{candidate}: config is not a JSON object")
+            archs = config.get("architectures")
+            fam = get_family(family) if family else family_for_architecture(
+                archs[0] if isinstance(archs, list) and archs else None, candidate)
+            return fam, fam.dims_from_hf(config), dict(config), CONFIG
+    if args is not None:
+        from pyconv.formats.megatron import _family_from_args, megatron_dims
+
+        where = os.path.join(directory, COMMON_FILE)
+        fam = get_family(family) if family else _family_from_args(args, where)
+        return fam, megatron_dims(args, where), fam.hf_config_from_megatron(args), "common.pt args"
+    if common_problem:
+        raise FormatError(f"{common_problem} (put the model's Hugging Face {CONFIG} in {root} to read the weights "
+                          "without it)")
+    raise FormatError(f"{directory}: {COMMON_FILE} holds no Megatron args, so the model's dims are unknown: put the "
+                      f"model's Hugging Face {CONFIG} in {root}")
+
+
+def stacked_key(name: str) -> str:
+    """'decoder.layers.*.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight'."""
+    return name.replace(".*.", ".")
+
+
+def _padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str) -> int:
+    embedding = next(m for m in fam.mappings if m.where == FIRST_STAGE and m.rule == VOCAB)
+    key = next((k for k in embedding.megatron_names() if k in md.tensors), None)
+    if key is None:
+        raise FormatError(f"{directory}: no '{embedding.megatron_names()[0]}' in {METADATA_FILE}")
+    size = md.tensors[key].size
+    if len(size) != 2 or size[0] < dims.vocab or size[1] != dims.hidden:
+        raise FormatError(f"{directory}: '{key}' has size {list(size)}, expected [>= vocab {dims.vocab}, "
+                          f"hidden {dims.hidden}]")
+    return size[0]
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, shard_pieces, shard_shape
+
+    root = os.path.abspath(path)
+    directory, iteration = _checkpoint_dir(root)
+    _check_backend(directory)
+    md = read_metadata(directory)
+    try:
+        args, common_problem = _common_args(directory), None
+    except FormatError as e:
+        args, common_problem = None, str(e)
+    fam, dims, config, config_source = _model(root, directory, args, family, common_problem)
+    if dims.num_experts or any(m.per_expert for m in fam.mappings):
+        raise FormatError(f"{directory}: mixture-of-experts models ({fam.name}) are not supported in torch_dist yet")
+    padded = _padded_vocab(fam, dims, md, directory)
+
+    blocks: dict[str, list[SourceBlock]] = {}
+    dtypes: dict[str, str] = {}
+    seen: set[str] = set()
+    with ChunkLocator(md) as locator:
+        for mapping in fam.mappings:
+            key = next((k for k in map(stacked_key, mapping.megatron_names()) if k in md.tensors), None)
+            if key is None:
+                if mapping.optional and not (mapping.hf == ("lm_head.weight",) and not dims.tied):
+                    continue  # absent biases; the output layer of a model that ties it to the embedding
+                raise FormatError(f"{directory}: no '{stacked_key(mapping.megatron_name('te'))}' in {METADATA_FILE}")
+            seen.add(key)
+            if mapping.hf == ("lm_head.weight",) and dims.tied:
+                continue  # a copy of the tied embedding
+            tensor = md.tensors[key]
+            layers = range(dims.num_layers) if mapping.where == LAYER else [None]
+            pieces = {layer: shard_pieces(mapping, hf_names(mapping, layer), dims, padded, 1, 0) for layer in layers}
+            canonical_rank = len(mapping.shape(dims))
+            expected = shard_shape(pieces[layers[0]], canonical_rank)
+            if mapping.where == LAYER:
+                expected = (dims.num_layers,) + expected
+            if tensor.size != expected:
+                raise FormatError(f"{directory}: '{key}' has size {list(tensor.size)}, expected {list(expected)} "
+                                  f"(layers {dims.num_layers}, hidden {dims.hidden}, heads {dims.heads}, groups "
+                                  f"{dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
+            transposed = mapping.transposed and canonical_rank == 2
+            for chunk in tensor.chunks:
+                stored = locator.locate(tensor, chunk)
+                for name, block in _chunk_blocks(mapping, tensor, chunk, stored, pieces, transposed):
+                    if name not in blocks:
+                        blocks[name], dtypes[name] = [], tensor.dtype
+                    blocks[name].append(block)
+    unknown = [k for k in md.tensors if k not in seen and not k.startswith(_SKIPPED_PREFIXES)]
+    if unknown:
+        raise FormatError(f"{directory}: tensor '{unknown[0]}' matches no {fam.name} mapping"
+                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+    tensors = {}
+    for name in _hf_order(fam, dims, list(blocks)):
+        mapping, index, _, _ = fam.match_hf(name)
+        shape = _hf_shape(mapping, index, dims)
+        tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
+        rows, cols = view2d(shape)
+        covered = sum(b.rows * b.cols for b in tensor.blocks)
+        if covered != rows * cols:
+            raise FormatError(f"{directory}: chunks cover {covered} of the {rows * cols} elements of {name}")
+        tensors[name] = tensor
+    dtype = next(iter(dtypes.values()), None)
+    if dtype in _TORCH_DTYPE:
+        config["dtype"] = _TORCH_DTYPE[dtype]
+    details = {"family": fam.name, "padded_vocab_size": padded, "dcp_version": md.version,
+               "chunks": sum(len(t.chunks) for t in md.tensors.values()), "config_from": config_source}
+    if iteration is not None:
+        details["iteration"] = iteration
+    if common_problem:
+        details["common.pt"] = f"not read: {common_problem}"
+    if args is not None:
+        from pyconv.formats.megatron import _ARGS_SUMMARY
+
+        details["args"] = {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}
+    return Catalog("torch_dist", root, tensors, config, fam.architectures[0], _extra_files(root, directory),
+                   details=details)
+
+
+def _chunk_blocks(mapping: TensorMapping, tensor: DcpTensor, chunk, stored: StoredTensor, pieces: dict,
+                  transposed: bool):
+    """(canonical name, SourceBlock) for every piece of every layer the chunk touches.
+
+    In Megatron's [out, in] view of one layer a chunk is rows [r0, r0 + nr) x cols [c0, c0 + nc)
+    (a vector: cols [0, 1)); its bytes are `nl` such layers back to back, seen here as one
+    [nl * nr, nc] stored tensor."""
+    stacked = mapping.where == LAYER
+    offsets, sizes = chunk.offsets[stacked:], chunk.sizes[stacked:]
+    l0, nl = (chunk.offsets[0], chunk.sizes[0]) if stacked else (0, 1)
+    r0, nr = offsets[0], sizes[0]
+    c0, nc = (offsets[1], sizes[1]) if len(offsets) > 1 else (0, 1)
+    if nl * nr * nc == 0:
+        return
+    grid = StoredTensor(stored.path, stored.offset, stored.dtype, (nl * nr, nc))
+    for layer in range(l0, l0 + nl):
+        for piece in pieces[layer if stacked else None]:
+            if piece.repeat:
+                continue  # vocab padding carries nothing back
+            ra, rb = max(r0, piece.dst_row), min(r0 + nr, piece.dst_row + piece.rows)
+            ca, cb = max(c0, piece.dst_col), min(c0 + nc, piece.dst_col + piece.cols)
+            if ra >= rb or ca >= cb:
+                continue
+            src_row, src_col = (layer - l0) * nr + (ra - r0), ca - c0
+            row, col = piece.row0 + (ra - piece.dst_row), piece.col0 + (ca - piece.dst_col)
+            if transposed:
+                yield piece.source, SourceBlock(grid, src_row, src_col, cb - ca, rb - ra, col, row, transpose=True)
+            else:
+                yield piece.source, SourceBlock(grid, src_row, src_col, rb - ra, cb - ca, row, col)
+
+
+def _extra_files(root: str, directory: str) -> tuple[tuple[str, int], ...]:
+    """Tokenizer and other small files beside the checkpoint, never its own files."""
+    own = {TRACKER, BACKEND_FILE, COMMON_FILE, CONFIG}
+    extra: dict[str, tuple[str, int]] = {}
+    for folder in dict.fromkeys((root, directory)):
+        for name in sorted(os.listdir(folder)):
+            file = os.path.join(folder, name)
+            if (name in own or name in extra or name.startswith(".") or name.endswith(_DCP_SUFFIX)
+                    or not os.path.isfile(file) or os.path.islink(file)):
+                continue
+            extra[name] = (file, os.path.getsize(file))
+    return tuple(extra.values())
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def extra_state_modules(family: Family) -> list[str]:
+    """The stacked names of the layer modules whose `_extra_state` Megatron-Core saves and loads:
+    every linear layer of the table (linear_qkv, linear_proj, linear_fc1, linear_fc2), and
+    TransformerEngine's core attention (the local spec does not ask for it; an unasked key is no
+    error for Megatron-Core's loader)."""
+    modules = []
+    for m in family.mappings:
+        name = stacked_key(m.megatron_name("te"))
+        module = name.rsplit(".", 1)[0]
+        if m.where == LAYER and name.endswith(".weight") and module.rsplit(".", 1)[-1].startswith("linear_"):
+            modules.append(module)
+    modules.append("decoder.layers.self_attention.core_attention")
+    return list(dict.fromkeys(modules))
+
+
+DATA_FILE = "__0_{}.distcp"  # as rank 0's writer names its files
+
+
+def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    """A Megatron-LM-style torch_dist checkpoint: the tracker file and `release/` (or
+    `iter_NNNNNNN/`) with metadata.json, common.pt (Megatron args, so that pyconv and Megatron-LM
+    read the model back), .metadata and the data files. Every key is written as Megatron-Core
+    saves it at TP=1: one chunk per layer, a torch.save archive each. `--tp` only sets the
+    vocabulary padding (to a multiple of make_vocab_size_divisible_by * tp, as Megatron pads for
+    that TP); the global tensors are the same for any TP. Keys are TransformerEngine-style
+    whatever --megatron-naming says: Megatron-Core's local spec saves and loads the same keys."""
+    from pyconv.formats.megatron import CHECKPOINT_VERSION, _check_shapes, _output_dtype, _region_copies, \
+        hf_names, shard_pieces, shard_shape
+    from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
+    from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
+    from pyconv.layout import padded_vocab_size
+
+    if catalog.config is None:
+        raise LayoutError(f"{catalog.path}: no config.json: cannot derive Megatron args")
+    family = family_for_architecture(catalog.architecture, catalog.path)
+    config = catalog.config
+    dims = family.dims_from_hf(config)
+    _check_shapes(catalog, family, dims)
+    if dims.num_experts:
+        raise LayoutError(f"{catalog.architecture}: mixture-of-experts models cannot be written as torch_dist yet")
+    if target.pp != 1 or target.ep != 1 or target.first_stage_layers or target.last_stage_layers:
+        raise LayoutError("a torch_dist checkpoint holds global tensors that load at any pipeline and expert "
+                          "parallelism: --pp, --ep and stage sizes do not apply (--tp sets the vocabulary padding)")
+    if target.tp < 1:
+        raise LayoutError(f"tp must be >= 1, got {target.tp}")
+    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
+    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+
+    tensors: list[DcpTensor] = []
+    planned: list[list[PlannedTensor]] = [[]]
+    literals: list[list[tuple[int, bytes]]] = [[]]
+    sizes = [0]
+    archive_layouts: dict = {}
+
+    def place(slot: TensorSlot, name: str, shape: tuple[int, ...], copies: list) -> ItemLocation:
+        """The chunk's torch.save archive at the end of the current data file (or a new one)."""
+        if (slot.dtype, slot.shape) not in archive_layouts:
+            archive_layouts[(slot.dtype, slot.shape)] = layout_torch_save(slot)[0]
+        layout = archive_layouts[(slot.dtype, slot.shape)]
+        if sizes[-1] and sizes[-1] + layout.size > target.max_shard_size:
+            planned.append([])
+            literals.append([])
+            sizes.append(0)
+        base = sizes[-1]
+        literals[-1].extend((base + offset, data) for offset, data in layout.literals)
+        planned[-1].append(PlannedTensor(name, slot.dtype, shape, base + layout.record_offsets[0], tuple(copies)))
+        sizes[-1] += layout.size
+        return ItemLocation(DATA_FILE.format(len(sizes) - 1), base, layout.size)
+
+    def place_bytes(layout) -> ItemLocation:
+        base = sizes[-1]
+        literals[-1].extend((base + offset, data) for offset, data in layout.literals)
+        sizes[-1] += layout.size
+        return ItemLocation(DATA_FILE.format(len(sizes) - 1), base, layout.size)
+
+    # Megatron-Core's model asks for the `_extra_state` of every linear layer (ShardedObjects, one
+    # per layer): torch.save([value]) as bytes items. pyconv has no FP8 state to carry: [None],
+    # what Megatron-Core saves for the local spec and what TransformerEngine's modules accept.
+    none_layout, _ = layout_torch_save([None])
+    byte_items: dict[str, ItemLocation] = {}
+    for prefix in extra_state_modules(family):
+        for layer in range(dims.num_layers):
+            byte_items[f"{prefix}._extra_state/shard_{layer}_{dims.num_layers}"] = place_bytes(none_layout)
+
+    for mapping in family.mappings:
+        if mapping.hf == ("lm_head.weight",) and dims.tied:
+            continue
+        layers = list(range(dims.num_layers)) if mapping.where == LAYER else [None]
+        present = [all(n in catalog.tensors for n in hf_names(mapping, layer)) for layer in layers]
+        if not all(present):
+            if mapping.optional and not any(any(n in catalog.tensors for n in hf_names(mapping, layer))
+                                            for layer in layers):
+                continue
+            layer = layers[present.index(False)]
+            missing = next(n for n in hf_names(mapping, layer) if n not in catalog.tensors)
+            raise LayoutError(f"{catalog.path}: tensor '{missing}' is missing")
+        key = stacked_key(mapping.megatron_name("te"))
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        chunks, dtype, shape = [], None, None
+        for layer in layers:
+            names = hf_names(mapping, layer)
+            pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
+            shape = shard_shape(pieces, len(mapping.shape(dims)))
+            layer_dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+            if dtype not in (None, layer_dtype):
+                raise LayoutError(f"{catalog.path}: '{names[0]}' is {layer_dtype} but earlier layers of {key} are "
+                                  f"{dtype}; pass --dtype")
+            dtype = layer_dtype
+            copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+            offsets, chunk_sizes = (0,) * len(shape), shape
+            if layer is not None:
+                offsets, chunk_sizes = (layer,) + offsets, (1,) + shape
+            label = key if layer is None else f"{key}[{layer}]"
+            chunks.append(DcpChunk(offsets, chunk_sizes, place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
+        size = shape if layers == [None] else (dims.num_layers,) + shape
+        tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
+
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
+    params_dtype = target.dtype or source_dtype
+    args = {
+        **family.megatron_args_from_hf(config, dims),
+        "tensor_model_parallel_size": target.tp, "pipeline_model_parallel_size": 1,
+        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
+        "params_dtype": TorchDtypeValue(_TORCH_DTYPE[params_dtype]),
+        "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
+        "ckpt_format": "torch_dist", "iteration": target.iteration or 0,
+        "pyconv_hf_config": json.dumps(config, sort_keys=True),
+    }
+    common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
+    common_layout, _ = layout_torch_save(common)
+    # A save id that names the content, so the same conversion writes the same bytes.
+    save_id = hashlib.sha1(json.dumps([[t.fqn, t.dtype, list(t.size), len(t.chunks)] for t in tensors]).encode()
+                           + json.dumps(config, sort_keys=True).encode()).hexdigest()
+    meta = metadata_pickle(tensors, byte_items, save_id)
+    backend = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+               "common_backend_version": 1}
+    files = [PlannedFile(f"{iteration_dir}/{DATA_FILE.format(i)}", size, tuple(ts), tuple(lits))
+             for i, (ts, lits, size) in enumerate(zip(planned, literals, sizes))]
+    files += [
+        PlannedFile(f"{iteration_dir}/{COMMON_FILE}", common_layout.size, (), common_layout.literals, kind="metadata"),
+        PlannedFile(f"{iteration_dir}/{METADATA_FILE}", len(meta), (), ((0, meta),), kind="metadata"),
+        plan_text_file(f"{iteration_dir}/{BACKEND_FILE}", json.dumps(backend)),
+        plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)),
+    ]
+    for path, size in catalog.extra_files:
+        files.append(plan_file_copy(path, size, os.path.basename(path)))
+    return files
+
+
+register_format("torch_dist", detect=detect, read=read, plan_output=plan_output, read_options=("family",))
