@@ -169,7 +169,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("execute",
         [](const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,
            const std::vector<std::tuple<uint32_t, uint64_t, py::bytes>>& literals, const py::sequence& tensors,
-           unsigned threads, uint64_t chunk_bytes, bool fsync, py::object progress) {
+           unsigned threads, uint64_t chunk_bytes, uint64_t buffer_bytes, bool fsync, py::object progress) {
           Plan plan;
           plan.sources = sources;
           for (const auto& [path, size] : dests) plan.dests.push_back({path, size});
@@ -179,6 +179,7 @@ PYBIND11_MODULE(_core, m) {
           ExecOptions options;
           options.threads = threads;
           options.chunk_bytes = chunk_bytes;
+          options.buffer_bytes = buffer_bytes;
           options.fsync = fsync;
           bool python_error = false;
           const ProgressTick tick = python_tick(progress, &python_error);
@@ -198,7 +199,8 @@ PYBIND11_MODULE(_core, m) {
           return out;
         },
         py::arg("sources"), py::arg("dests"), py::arg("literals"), py::arg("tensors"), py::arg("threads") = 4,
-        py::arg("chunk_bytes") = 32ull << 20, py::arg("fsync") = true, py::arg("progress") = py::none(),
+        py::arg("chunk_bytes") = 32ull << 20, py::arg("buffer_bytes") = 1ull << 20, py::arg("fsync") = true,
+        py::arg("progress") = py::none(),
         "Runs a plan of block copies. tensors: (dest, offset, dtype, rows, cols, copies[, scale_offset]), "
         "scale_offset (not None) quantizing to F8_E4M3 with 128x128 block scales written there; copies: "
         "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col, transpose[, scale_source, "
@@ -222,6 +224,7 @@ PYBIND11_MODULE(_core, m) {
           ExecOptions options;
           options.threads = threads;
           options.chunk_bytes = chunk_bytes;
+          options.buffer_bytes = chunk_bytes;
           CompareOptions compare{bitwise, atol, rtol};
           bool python_error = false;
           const ProgressTick tick = python_tick(progress, &python_error);
@@ -239,7 +242,7 @@ PYBIND11_MODULE(_core, m) {
                                       r.first_index == UINT64_MAX ? py::object(py::none()) : py::int_(r.first_index)));
           return out;
         },
-        py::arg("sources"), py::arg("tensors"), py::arg("threads") = 4, py::arg("chunk_bytes") = 32ull << 20,
+        py::arg("sources"), py::arg("tensors"), py::arg("threads") = 4, py::arg("chunk_bytes") = 1ull << 20,
         py::arg("bitwise") = true, py::arg("atol") = 0.0, py::arg("rtol") = 0.0, py::arg("progress") = py::none(),
         "Compares tensors gathered from two sets of block copies, chunk by chunk; nothing is written. tensors: "
         "(dtype, rows, cols, copies, other_copies). Returns (differing elements, max |a-b|, first differing flat "

@@ -269,10 +269,23 @@ class Runner {
     }
   }
 
+  // A tensor whose one copy covers it with its own dtype from contiguous rows goes file to
+  // file in large tasks; anything cast, gathered or compared goes through small buffers.
+  bool copies_file_to_file(const OutputTensor& t) const {
+    if (compare_ || t.quantize) return false;
+    for (const auto& c : t.copies)
+      if (c.src_dtype != t.dtype || c.transpose || c.scale_source != kNoScale || c.cols != t.cols ||
+          (c.rows > 1 && c.src_row_stride != c.cols * dtype_itemsize(c.src_dtype)))
+        return false;
+    return true;
+  }
+
   void make_tasks() {
-    const uint64_t chunk = std::max<uint64_t>(options_.chunk_bytes, 4096);
+    const uint64_t direct_chunk = std::max<uint64_t>(options_.chunk_bytes, 4096);
+    const uint64_t buffer_chunk = std::max<uint64_t>(std::min(options_.buffer_bytes, direct_chunk), 4096);
     for (uint32_t ti = 0; ti < plan_.tensors.size(); ++ti) {
       const auto& t = plan_.tensors[ti];
+      const uint64_t chunk = copies_file_to_file(t) ? direct_chunk : buffer_chunk;
       const uint64_t isz = dtype_itemsize(t.dtype);
       const uint64_t row_bytes = t.cols * isz;
       if (t.rows == 0 || row_bytes == 0) continue;
@@ -286,7 +299,14 @@ class Runner {
             tasks_.push_back({ti, r, std::min(t.rows, r + kQuantizeBlock), c, std::min(t.cols, c + width)});
       } else if (row_bytes <= chunk) {
         const uint64_t step = std::max<uint64_t>(1, chunk / row_bytes);
-        for (uint64_t r = 0; r < t.rows; r += step) tasks_.push_back({ti, r, std::min(t.rows, r + step), 0, t.cols});
+        if (chunk == direct_chunk) {
+          // File to file: tasks never straddle two copies, so each is one copy_file_range.
+          for (const auto& c : t.copies)
+            for (uint64_t r = c.dst_row; r < c.dst_row + c.rows; r += step)
+              tasks_.push_back({ti, r, std::min(c.dst_row + c.rows, r + step), 0, t.cols});
+        } else {
+          for (uint64_t r = 0; r < t.rows; r += step) tasks_.push_back({ti, r, std::min(t.rows, r + step), 0, t.cols});
+        }
       } else {
         const uint64_t step = std::max<uint64_t>(1, chunk / isz);
         for (uint64_t r = 0; r < t.rows; ++r)

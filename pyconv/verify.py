@@ -73,7 +73,7 @@ def _compare_dtype(a: CanonicalTensor, b: CanonicalTensor, bitwise: bool) -> str
 
 
 def verify(a, b, *, atol: float | None = None, rtol: float | None = None, threads: int = 4,
-           family: str | None = None, chunk_bytes: int = 16 << 20, progress=None) -> VerifyReport:
+           family: str | None = None, chunk_bytes: int = 1 << 20, progress=None) -> VerifyReport:
     """Compares checkpoints a and b (any supported formats) by canonical tensor name."""
     a, b = os.fspath(a), os.fspath(b)
     cat_a = read_checkpoint(a, family=family)

@@ -115,3 +115,16 @@ def test_transposed_source_bounds_are_checked(tmp_path):
     src = write(tmp_path / "src", np.zeros((4, 3), np.float32))
     with pytest.raises(FormatError, match="outside the file"):  # reads 5 source rows of a 4-row tensor
         _core.execute([src], [(str(tmp_path / "o"), 60)], [], [(0, 0, "F32", 3, 5, [(0, 0, 12, "F32", 3, 5, 0, 0, True)])])
+
+
+def test_row_shards_go_file_to_file_in_tasks_that_never_straddle_shards(tmp_path):
+    rng = np.random.default_rng(5)
+    full = rng.integers(0, 255, size=(300, 64), dtype=np.uint8).view(np.int8)
+    a = write(tmp_path / "a", full[:130])
+    b = write(tmp_path / "b", np.concatenate([np.zeros(7, np.int8), full[130:].ravel()]))
+    copies = [(0, 0, 64, "I8", 130, 64, 0, 0, False), (1, 7, 64, "I8", 170, 64, 130, 0, False)]
+    out = tmp_path / "out.bin"
+    stats = _core.execute([a, b], [(str(out), full.nbytes)], [], [(0, 0, "I8", 300, 64, copies)],
+                          chunk_bytes=4096, threads=2)
+    assert out.read_bytes() == full.tobytes()
+    assert stats["direct_tasks"] == stats["tasks"] == 3 + 3  # 64 rows a task: 130 rows in 3 tasks, 170 in 3
