@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -69,8 +70,16 @@ void MappedFile::will_need(uint64_t offset, uint64_t length) const {
 }
 
 void MappedFile::release(uint64_t offset, uint64_t length) const {
+  // Widened to 2 MiB: a page fault maps the cached pages around it too (fault-around, and
+  // whole large folios on recent kernels), pages outside the range read. Released only to
+  // [offset, offset + length), they stayed mapped: 600 MiB of file RSS converting 4.4 GiB
+  // Megatron -> HF; widened, 12 MiB. A neighbour's pages released early just fault again.
+  constexpr uint64_t kFaultAround = 2 * 1024 * 1024;
   uint64_t lo, hi;
-  if (page_span(offset, length, size_, &lo, &hi)) ::madvise(data_ + lo, hi - lo, MADV_DONTNEED);
+  if (!page_span(offset, length, size_, &lo, &hi)) return;
+  lo &= ~(kFaultAround - 1);
+  hi = std::min(size_, (hi + kFaultAround - 1) & ~(kFaultAround - 1));
+  ::madvise(data_ + lo, hi - lo, MADV_DONTNEED);
 }
 
 }  // namespace pyconv
