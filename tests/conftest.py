@@ -82,3 +82,14 @@ def example_input(model):
 
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, model.config.vocab_size, (2, 11), generator=g)
+
+
+def load_hf_tensors(path):
+    """Every tensor of an HF directory, through the safetensors library (the independent judge)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out

@@ -4,7 +4,6 @@ quantize with --dtype fp8, keep fp8 through a reshard; judged by a torch referen
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import pyconv
+from conftest import load_hf_tensors as hf_tensors
 
 B = 128
 
@@ -42,12 +42,6 @@ def is_quantized_name(name, t):
             and leaf not in ("gate", "shared_expert_gate"))
 
 
-def hf_tensors(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import pyconv
+from conftest import load_hf_tensors as hf_tensors
 from conftest import FAMILIES, example_input
 from pyconv.errors import FormatError, LayoutError
 
 LAYOUTS = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 3)]
 
 
-def hf_tensors(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
 
 
 def rank_files(path):

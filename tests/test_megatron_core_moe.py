@@ -14,10 +14,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import megatron_harness as mh
 import pyconv
+from conftest import load_hf_tensors as hf_tensors
 from conftest import example_input
 
 pytestmark = [
@@ -71,12 +71,6 @@ def hf_logits(model, ids):
         return model(ids).logits.float()
 
 
-def hf_tensors(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
 
 
 def _rank_file(ckpt, name):

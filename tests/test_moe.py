@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 import pyconv
+from conftest import load_hf_tensors as hf_tensors
 from pyconv.errors import LayoutError
 
 CONFIGS = {
@@ -36,12 +36,6 @@ def moe_models(tmp_path_factory):
     return out
 
 
-def hf_tensors(path):
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
 
 
 @pytest.mark.parametrize("tp, pp", [(1, 1), (2, 2), (4, 1)])

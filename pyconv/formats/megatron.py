@@ -452,13 +452,20 @@ def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
                               f"{list(expected)}")
 
 
-def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+def family_and_dims(catalog: Catalog) -> tuple[Family, ModelDims]:
+    """The family table and model dims of a catalog about to be written in a Megatron format,
+    with every tensor checked against them."""
     if catalog.config is None:
         raise LayoutError(f"{catalog.path}: no config.json: cannot derive Megatron args")
     family = family_for_architecture(catalog.architecture, catalog.path)
-    config = catalog.config
-    dims = family.dims_from_hf(config)
+    dims = family.dims_from_hf(catalog.config)
     _check_shapes(catalog, family, dims)
+    return family, dims
+
+
+def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    family, dims = family_and_dims(catalog)
+    config = catalog.config
     tp, pp, ep = target.tp, target.pp, target.ep
     if tp < 1 or pp < 1 or ep < 1:
         raise LayoutError(f"tp, pp and ep must be >= 1 (got tp={tp}, pp={pp}, ep={ep})")

@@ -325,18 +325,14 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     vocabulary padding (to a multiple of make_vocab_size_divisible_by * tp, as Megatron pads for
     that TP); the global tensors are the same for any TP. Keys are TransformerEngine-style
     whatever --megatron-naming says: Megatron-Core's local spec saves and loads the same keys."""
-    from pyconv.formats.megatron import CHECKPOINT_VERSION, _check_shapes, _output_dtype, _region_copies, \
+    from pyconv.formats.megatron import CHECKPOINT_VERSION, _output_dtype, _region_copies, family_and_dims, \
         hf_names, shard_pieces, shard_shape
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
     from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
     from pyconv.layout import padded_vocab_size
 
-    if catalog.config is None:
-        raise LayoutError(f"{catalog.path}: no config.json: cannot derive Megatron args")
-    family = family_for_architecture(catalog.architecture, catalog.path)
+    family, dims = family_and_dims(catalog)
     config = catalog.config
-    dims = family.dims_from_hf(config)
-    _check_shapes(catalog, family, dims)
     if dims.num_experts:
         raise LayoutError(f"{catalog.architecture}: mixture-of-experts models cannot be written as torch_dist yet")
     if target.pp != 1 or target.ep != 1 or target.first_stage_layers or target.last_stage_layers:
