@@ -82,3 +82,9 @@ def test_cli_inspect(tiny_models):
     assert {t["name"] for t in info["tensor_list"]} == set(ckpt.keys())
     r = run_cli("inspect", src)
     assert "LlamaForCausalLM" in r.stdout and "tokenizer.json" in r.stdout
+
+
+def test_demo_the_readme_runs(tmp_path):
+    r = run_cli("demo", "--workdir", tmp_path / "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith("demo OK") and "bit for bit equal" in r.stdout
