@@ -46,6 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=1, help="expert parallel size of a megatron MoE target (default 1)")
     p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
                    help="TransformerEngine fused-norm names (te, default) or local module names")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write experts with TransformerEngine's grouped-GEMM names (experts.linear_fc1.weightJ)")
     p.add_argument("--iteration", type=int, default=None, help="write iter_NNNNNNN/ instead of release/")
     p.add_argument("--make-vocab-size-divisible-by", dest="vocab_divisible_by", type=int, default=128,
                    help="Megatron pads the vocabulary to a multiple of this times tp (default 128)")
@@ -118,7 +120,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, ep=args.ep, megatron_naming=args.megatron_naming, iteration=args.iteration,
+    return dict(tp=args.tp, pp=args.pp, ep=args.ep, megatron_naming=args.megatron_naming,
+                moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
                 vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
                 last_stage_layers=args.last_stage_layers, family=args.family)
 

@@ -208,6 +208,7 @@ class TargetSpec:
     pp: int = 1
     ep: int = 1                          # expert parallel size (experts split into ep ranges)
     megatron_naming: str = "te"          # "te" (TransformerEngine fused norms) or "local"
+    moe_grouped_gemm: bool = False       # experts as TransformerEngine's grouped GEMM (linear_fc1.weightJ)
     iteration: int | None = None         # None: release/
     vocab_divisible_by: int = 128        # Megatron's make_vocab_size_divisible_by
     first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers

@@ -110,6 +110,17 @@ def test_grouped_gemm_expert_names_are_read(moe_models, tmp_path):
     assert source.keys() == output.keys() and all(torch.equal(source[k], output[k]) for k in source)
 
 
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_grouped_gemm_names_are_written(moe_models, tmp_path, family):
+    _, src = moe_models[family]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2, ep=2, moe_grouped_gemm=True)
+    ckpt = torch.load(tmp_path / "meg" / "release" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
+    assert "decoder.layers.0.mlp.experts.linear_fc1.weight1" in ckpt["model"]
+    assert not any(".local_experts." in k for k in ckpt["model"]) and ckpt["args"].moe_grouped_gemm
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    assert pyconv.verify(src, tmp_path / "back").equal
+
+
 def test_bad_expert_layouts(moe_models, tmp_path):
     _, src = moe_models["mixtral"]
     with pytest.raises(LayoutError, match="num_experts = 4 is not divisible by ep = 3"):

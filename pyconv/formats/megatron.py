@@ -482,7 +482,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-        **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": tp} if dims.num_experts else {}),
+        **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": tp,
+            "moe_grouped_gemm": target.moe_grouped_gemm} if dims.num_experts else {}),
         "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
         "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
@@ -529,7 +530,9 @@ def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec
         copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
         dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
         shape = shard_shape(pieces, len(mapping.shape(dims)))
-        name = megatron_tensor_name(mapping, target.megatron_naming, local, entry.local_expert)
+        grouped = target.moe_grouped_gemm and isinstance(mapping.megatron, dict) and "grouped" in mapping.megatron
+        naming = "grouped" if grouped else target.megatron_naming
+        name = megatron_tensor_name(mapping, naming, local, entry.local_expert)
         model[name] = TensorSlot(dtype, shape)
         planned.append((name, dtype, shape, copies))
     obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
