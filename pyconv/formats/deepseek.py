@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
-from pyconv.formats.hf import CONFIG, _extra_files, _load_json, output_dtype
+from pyconv.formats.hf import CONFIG, extra_files, output_dtype
+from pyconv.io.jsonfile import load_json
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
 
@@ -363,7 +364,7 @@ def read(path: str) -> Catalog:
     if not os.path.isfile(config_path):
         raise FormatError(f"{root}: a DeepSeek inference directory holds no config.json, but pyconv needs the "
                           f"model's config.json to name the architecture: copy the Hugging Face config.json into it")
-    config = _load_json(config_path, "config")
+    config = load_json(config_path, "config")
     if not isinstance(config, dict):
         raise FormatError(f"{config_path}: config is not a JSON object")
     archs = config.get("architectures")
@@ -409,7 +410,7 @@ def read(path: str) -> Catalog:
             for rank, st in pieces:
                 blocks += part_blocks(st, dim, rank, shape)
         tensors[hf_name] = CanonicalTensor(hf_name, first.dtype, shape, tuple(blocks))
-    return Catalog("deepseek", root, tensors, config, architecture, _extra_files(root), details={"tp": mp})
+    return Catalog("deepseek", root, tensors, config, architecture, extra_files(root), details={"tp": mp})
 
 
 register_format("deepseek", detect=detect, read=read, plan_output=plan_output)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, StoredTensor, nbytes, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
+from pyconv.io.jsonfile import load_json
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import FP8_BLOCK, PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
 
@@ -33,16 +34,8 @@ def detect(path: str) -> bool:
         os.path.isfile(os.path.join(path, n)) for n in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE))
 
 
-def _load_json(path: str, what: str):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
-
-
 def _read_index(index_path: str) -> dict[str, str]:
-    index = _load_json(index_path, "index")
+    index = load_json(index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{index_path}: index has no 'weight_map' object")
@@ -87,7 +80,7 @@ def _read_bin_tensors(path: str):
     return out
 
 
-def _extra_files(root: str) -> tuple[tuple[str, int], ...]:
+def extra_files(root: str) -> tuple[tuple[str, int], ...]:
     extra = []
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
@@ -116,7 +109,7 @@ def read(path: str) -> Catalog:
     config = None
     config_path = os.path.join(root, CONFIG)
     if os.path.isfile(config_path):
-        config = _load_json(config_path, "config")
+        config = load_json(config_path, "config")
         if not isinstance(config, dict):
             raise FormatError(f"{config_path}: config is not a JSON object")
     architecture = None
@@ -127,7 +120,7 @@ def read(path: str) -> Catalog:
     # Source order: file by file, offset by offset, so output shards read sources sequentially.
     ordered = sorted(stored.items(), key=lambda kv: (kv[1].path, kv[1].offset))
     tensors = {name: CanonicalTensor.whole(name, st) for name, st in ordered}
-    return Catalog("hf", root, tensors, config, architecture, _extra_files(root), metadata)
+    return Catalog("hf", root, tensors, config, architecture, extra_files(root), metadata)
 
 
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv (float32, one per 128 x 128 block)

@@ -40,6 +40,7 @@ from pyconv.families import (
 )
 from pyconv.formats import register_format
 from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpMetadata, DcpTensor, read_metadata
+from pyconv.io.jsonfile import load_json
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, plan_text_file
 
 BACKEND_FILE = "metadata.json"
@@ -85,20 +86,10 @@ def detect(path: str) -> bool:
         return False
 
 
-def _load_json(path: str, what: str):
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read(1 << 24).decode("utf-8"))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read {what}: {e.strerror}") from None
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
-
-
 def _check_backend(directory: str) -> None:
     path = os.path.join(directory, BACKEND_FILE)
     if os.path.isfile(path):
-        meta = _load_json(path, "checkpoint metadata")
+        meta = load_json(path, "checkpoint metadata")
         backend = meta.get("sharded_backend") if isinstance(meta, dict) else None
         if backend != "torch_dist":
             raise FormatError(f"{path}: sharded_backend is {str(backend)[:40]!r}; pyconv reads 'torch_dist' "
@@ -134,7 +125,7 @@ def _model(root: str, directory: str, args: dict | None, family: str | None,
     says what the model is."""
     for candidate in dict.fromkeys((os.path.join(directory, CONFIG), os.path.join(root, CONFIG))):
         if os.path.isfile(candidate):
-            config = _load_json(candidate, "config")
+            config = load_json(candidate, "config")
             if not isinstance(config, dict):
                 raise FormatError(f"{candidate}: config is not a JSON object")
             archs = config.get("architectures")

@@ -1,0 +1,24 @@
+"""Small JSON files of a checkpoint (config.json, index files, metadata.json), read as untrusted."""
+
+from __future__ import annotations
+
+import json
+
+from pyconv.errors import FormatError
+
+MAX_JSON_BYTES = 64 << 20  # an index of a very large model is a few MB
+
+
+def load_json(path: str, what: str):
+    """The parsed file; FormatError naming the file if it cannot be read or is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise FormatError(f"{path}: {what} is larger than {MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
