@@ -196,8 +196,12 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_siz
     if dry_run:
         return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count,
                              plan.total_bytes, time.perf_counter() - started, True, plan)
-    from pyconv.execute import execute_plan
+    from pyconv.scaleout import world_from_env
 
+    if world_from_env() is None:
+        from pyconv.execute import execute_plan
+    else:  # launched by torchrun: this rank writes its share of the files
+        from pyconv.scaleout import execute_plan_distributed as execute_plan
     execute_plan(plan, dst, force=force, threads=threads, progress=progress)
     return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count, plan.total_bytes,
                          time.perf_counter() - started, False, plan)

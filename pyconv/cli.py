@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -142,6 +143,8 @@ def _cmd_reshard(args) -> int:
                                 progress=update, **_layout_options(args))
     finally:
         close()
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_OK  # under torchrun, rank 0 reports for all
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
