@@ -84,6 +84,10 @@ SafetensorsPrefix read_safetensors_prefix(const std::string& path) {
 std::vector<TensorRecord> validate_safetensors(const std::string& path, uint64_t header_len,
                                                uint64_t file_size,
                                                const std::vector<RawTensorEntry>& entries) {
+  // The caller passes what read_safetensors_prefix returned; refuse anything else rather than
+  // let 8 + header_len or file_size - data_start wrap (offsets would land inside the prefix).
+  if (file_size < 8 || header_len > kMaxSafetensorsHeader || header_len > file_size - 8)
+    fail(path, "header length " + std::to_string(header_len) + " does not fit the file (" + std::to_string(file_size) + " bytes)");
   std::vector<TensorRecord> records;
   records.reserve(entries.size());
   std::vector<std::pair<uint64_t, uint64_t>> ranges;  // (begin, end) per record

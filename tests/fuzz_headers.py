@@ -1,0 +1,378 @@
+"""Fuzzer of the untrusted-input parsers: the safetensors header reader and the torch zip reader.
+
+Property: on any bytes, `pyconv.io.safetensors.read_safetensors` and
+`pyconv.io.torchzip.read_torch_checkpoint` either succeed or raise `pyconv.FormatError`; never
+another exception (and never a crash of the C++ core). When the safetensors reader succeeds, every
+tensor it returns lies inside the file.
+
+Inputs (hypothesis):
+  - safetensors files with generated JSON headers: random names, dtypes (valid, lowercase, junk,
+    non-strings), shapes (small, negative, huge, > int64, floats, bools) and data_offsets, optional
+    __metadata__, a true or lying length prefix, data of about the right length;
+  - byte mutations (flips, overwrites, inserts, deletions, truncation, a random length prefix) of
+    valid safetensors files;
+  - byte mutations of a small torch.save file, created once.
+
+    pytest tests/fuzz_headers.py                          # CI slice (derandomized, ~3000 cases)
+    python tests/fuzz_headers.py --examples 100000        # the long run (random seeds)
+
+Every file in tests/data/fuzz/ (*.safetensors and *.pt) is replayed by the pytest slice (and fed to
+the C++ driver by tests/test_sanitizers.py). The script mode writes the smallest failing input it
+finds for each distinct failure there, as fuzz-found-<sha>.{safetensors,pt}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+import traceback
+
+import hypothesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+if __name__ == "__main__":  # run as a script from anywhere
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pyconv  # noqa: E402
+from pyconv.io.safetensors import read_safetensors  # noqa: E402
+from pyconv.io.torchzip import read_torch_checkpoint  # noqa: E402
+
+FUZZ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fuzz")
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
+            "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+CI_EXAMPLES = {"generated": 1500, "mutated": 1000, "torchzip": 600}
+
+_TMP = tempfile.mkdtemp(prefix="pyconv_fuzz_")
+_FAILURES: dict[str, tuple[bytes, str, str]] = {}  # failure signature -> (smallest input, suffix, traceback)
+CALLS = {".safetensors": 0, ".pt": 0}  # inputs checked (shrinking included)
+
+
+# ------------------------------------------------------------------------------------------------
+# The property
+
+
+class FuzzFailure(AssertionError):
+    pass
+
+
+def _write(data: bytes, suffix: str) -> str:
+    CALLS[suffix] += 1
+    path = os.path.join(_TMP, "input" + suffix)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _record(data: bytes, suffix: str, exc: BaseException) -> None:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
+    key = f"{suffix}:{type(exc).__name__}:{where}"
+    known = _FAILURES.get(key)
+    if known is None or len(data) < len(known[0]):
+        _FAILURES[key] = (data, suffix, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def check_safetensors_bytes(data: bytes) -> None:
+    path = _write(data, ".safetensors")
+    try:
+        f = read_safetensors(path)
+    except pyconv.FormatError:
+        return
+    except Exception as e:  # noqa: BLE001 - anything else is the bug being hunted
+        _record(data, ".safetensors", e)
+        raise FuzzFailure(f"read_safetensors raised {type(e).__name__}: {e}") from e
+    size = len(data)
+    for name, t in f.tensors.items():
+        n = ITEMSIZE[t.dtype]
+        for d in t.shape:
+            n *= d
+        if not (0 <= t.offset and t.offset + n <= size):
+            err = FuzzFailure(f"tensor {name!r} at {t.offset} (+{n}) lies outside the {size}-byte file")
+            _record(data, ".safetensors", err)
+            raise err
+
+
+def check_torch_bytes(data: bytes) -> None:
+    path = _write(data, ".pt")
+    try:
+        read_torch_checkpoint(path)
+    except pyconv.FormatError:
+        return
+    except Exception as e:  # noqa: BLE001
+        _record(data, ".pt", e)
+        raise FuzzFailure(f"read_torch_checkpoint raised {type(e).__name__}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategies
+
+_ints = st.one_of(
+    st.integers(0, 16),
+    st.integers(-4, 64),
+    st.sampled_from([2**31 - 1, 2**31, 2**32, 2**32 + 1, 2**62, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1,
+                     10**30, -1]),
+    st.integers(-(2**70), 2**70),
+)
+_dims = st.one_of(_ints, st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(),
+                  st.text(max_size=3), st.just([1]))
+_dtypes = st.one_of(st.sampled_from(sorted(ITEMSIZE)), st.sampled_from(["f32", "F31", "", "F8_E4M3FN", "bf16", "F32 "]),
+                    st.text(max_size=6), st.integers(), st.none(), st.just(["F32"]))
+
+
+@st.composite
+def _entry(draw):
+    entry = {}
+    if draw(st.integers(0, 19)):
+        entry["dtype"] = draw(_dtypes)
+    if draw(st.integers(0, 19)):
+        entry["shape"] = draw(st.one_of(st.lists(_dims, max_size=5), _dims))
+    if draw(st.integers(0, 19)):
+        entry["data_offsets"] = draw(st.one_of(st.lists(_ints, min_size=2, max_size=2), st.lists(_dims, max_size=3), _dims))
+    if draw(st.integers(0, 9)) == 0:
+        entry[draw(st.text(max_size=4))] = draw(_dims)
+    return entry if draw(st.integers(0, 29)) else draw(_dims)
+
+
+@st.composite
+def _valid_layout(draw):
+    """Entries stored back to back from 0 (a valid header), and the data size."""
+    tensors = draw(st.lists(st.tuples(st.sampled_from(sorted(ITEMSIZE)), st.lists(st.integers(0, 5), max_size=3)),
+                            max_size=5))
+    header, pos = {}, 0
+    for i, (dtype, shape) in enumerate(tensors):
+        n = ITEMSIZE[dtype]
+        for d in shape:
+            n *= d
+        header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + n]}
+        pos += n
+    return header, pos
+
+
+@st.composite
+def generated_safetensors(draw) -> bytes:
+    if draw(st.booleans()):
+        header, size = draw(_valid_layout())
+        # Perturb a few fields of the valid layout.
+        for _ in range(draw(st.integers(0, 3))):
+            if not header:
+                break
+            name = draw(st.sampled_from(sorted(header)))
+            field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "drop", "dup"]))
+            if field == "dtype":
+                header[name]["dtype"] = draw(_dtypes)
+            elif field == "shape":
+                header[name]["shape"] = draw(st.lists(_dims, max_size=4))
+            elif field == "data_offsets":
+                header[name]["data_offsets"] = draw(st.lists(_ints, min_size=2, max_size=2))
+            elif field == "drop":
+                del header[name]
+            else:
+                header[name + "x"] = dict(header[name])
+    else:
+        header = draw(st.dictionaries(st.text(max_size=8), _entry(), max_size=5))
+        size = draw(st.integers(0, 64))
+    if draw(st.integers(0, 3)) == 0:
+        header["__metadata__"] = draw(st.one_of(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3),
+                                                st.dictionaries(st.text(max_size=4), _dims, max_size=2), _dims))
+    text = json.dumps(header, ensure_ascii=draw(st.booleans()), allow_nan=True)
+    raw = text.encode("utf-8", "surrogatepass")
+    raw += b" " * draw(st.integers(0, 9))
+    if draw(st.integers(0, 9)) == 0:
+        raw = draw(st.sampled_from([b"", b" ", b"[", b"\xff", b"{\"a\":", b"\xed\xa0\x80"])) + raw
+    length = len(raw)
+    if draw(st.integers(0, 7)) == 0:
+        length = draw(st.one_of(st.integers(0, len(raw) + 16), st.integers(0, 2**64 - 1)))
+    data = bytes(max(0, size + draw(st.integers(-4, 4))))
+    return struct.pack("<Q", length) + raw + data
+
+
+def _mutate(draw, base: bytes, max_ops: int = 4, lo: int = 0) -> bytes:
+    """Up to max_ops random edits of base; positions below lo are left alone while the input is longer."""
+    buf = bytearray(base)
+    for _ in range(draw(st.integers(1, max_ops))):
+        op = draw(st.integers(0, 6))
+        n = len(buf)
+        first = lo if n > lo + 8 else 0
+        if op == 0 and n:  # flip bits of one byte
+            i = draw(st.integers(first, n - 1))
+            buf[i] ^= draw(st.integers(1, 255))
+        elif op == 1 and n:  # overwrite one byte with an interesting value
+            i = draw(st.integers(first, n - 1))
+            buf[i] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF, ord('"'), ord("{"), ord("}"), ord("-"), ord("9"),
+                                           ord(","), ord("["), ord("]"), ord("e"), ord("\\")]))
+        elif op == 2:  # insert bytes
+            i = draw(st.integers(first, n))
+            buf[i:i] = draw(st.binary(min_size=1, max_size=8))
+        elif op == 3 and n:  # delete a range
+            i = draw(st.integers(first, n - 1))
+            del buf[i:i + draw(st.integers(1, 16))]
+        elif op == 4 and n:  # truncate
+            del buf[draw(st.integers(first, n - 1)):]
+        elif op == 5 and n >= 8:  # a random little-endian u64 somewhere (length prefix, zip fields)
+            i = draw(st.one_of(st.just(0), st.integers(first, n - 8)))
+            buf[i:i + 8] = struct.pack("<Q", draw(st.one_of(st.integers(0, n + 16), st.integers(0, 2**64 - 1))))
+        elif op == 6 and n >= 4:  # a random u32 / u16 (zip sizes, offsets, counts)
+            i = draw(st.integers(first, n - 4))
+            if draw(st.booleans()):
+                buf[i:i + 4] = struct.pack("<I", draw(st.sampled_from([0, 1, 0xFFFF, 0xFFFFFFFF, n, n + 1, 2**31])))
+            else:
+                buf[i:i + 2] = struct.pack("<H", draw(st.sampled_from([0, 1, 0xFFFF, n & 0xFFFF])))
+    return bytes(buf)
+
+
+@st.composite
+def mutated_safetensors(draw) -> bytes:
+    header, size = draw(_valid_layout())
+    if draw(st.booleans()):
+        header = {"__metadata__": {"format": "pt"}, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    base = struct.pack("<Q", len(raw)) + raw + bytes(size)
+    return _mutate(draw, base)
+
+
+_TORCH_BASE: bytes | None = None
+
+
+def torch_base() -> bytes:
+    """A small torch.save file (two tensors, a nested dict), made once."""
+    global _TORCH_BASE
+    if _TORCH_BASE is None:
+        import torch
+
+        obj = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": {"b": torch.ones(3, dtype=torch.bfloat16)},
+               "step": 7}
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        _TORCH_BASE = buf.getvalue()
+    return _TORCH_BASE
+
+
+@st.composite
+def mutated_torch(draw) -> bytes:
+    # Mostly past the 4-byte zip signature: hypothesis favours small positions, and a broken
+    # signature is refused at once.
+    return _mutate(draw, torch_base(), max_ops=3, lo=draw(st.sampled_from([0, 4, 4, 4, 30, 30])))
+
+
+# ------------------------------------------------------------------------------------------------
+# Targets (plain functions, wrapped with @given by make_targets)
+
+
+def _fuzz_generated(data):
+    check_safetensors_bytes(data)
+
+
+def _fuzz_mutated(data):
+    check_safetensors_bytes(data)
+
+
+def _fuzz_torchzip(data):
+    check_torch_bytes(data)
+
+
+STRATEGIES = {"generated": (_fuzz_generated, generated_safetensors()), "mutated": (_fuzz_mutated, mutated_safetensors()),
+              "torchzip": (_fuzz_torchzip, mutated_torch())}
+
+
+def make_target(kind: str, examples: int, derandomize: bool):
+    fn, strategy = STRATEGIES[kind]
+    return settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None, print_blob=True,
+                    suppress_health_check=list(HealthCheck))(given(strategy)(fn))
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest: the CI slice and the regression corpus
+
+
+def _corpus() -> list[str]:
+    if not os.path.isdir(FUZZ_DIR):
+        return []
+    return sorted(n for n in os.listdir(FUZZ_DIR) if n.endswith((".safetensors", ".pt")))
+
+
+def test_fuzz_regression_corpus():
+    names = _corpus()
+    for name in names:
+        with open(os.path.join(FUZZ_DIR, name), "rb") as f:
+            data = f.read()
+        (check_torch_bytes if name.endswith(".pt") else check_safetensors_bytes)(data)
+
+
+def test_torch_base_is_readable():
+    path = _write(torch_base(), ".pt")
+    ckpt = read_torch_checkpoint(path)
+    assert ckpt is not None
+
+
+def _ci(kind):
+    def test():
+        make_target(kind, CI_EXAMPLES[kind], derandomize=True)()
+    test.__name__ = f"test_fuzz_{kind}_ci_slice"
+    return test
+
+
+test_fuzz_generated_ci_slice = _ci("generated")
+test_fuzz_mutated_ci_slice = _ci("mutated")
+test_fuzz_torchzip_ci_slice = _ci("torchzip")
+
+
+# ------------------------------------------------------------------------------------------------
+# Script: the long run
+
+
+def _save_failures() -> list[str]:
+    os.makedirs(FUZZ_DIR, exist_ok=True)
+    written = []
+    for key, (data, suffix, tb) in sorted(_FAILURES.items()):
+        name = f"fuzz-found-{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+        with open(os.path.join(FUZZ_DIR, name), "wb") as f:
+            f.write(data)
+        written.append(name)
+        print(f"\n=== {key} -> tests/data/fuzz/{name} ({len(data)} bytes)\n{tb}", file=sys.stderr)
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=100_000, help="total cases over all targets (default 100000)")
+    ap.add_argument("--targets", default="generated,mutated,torchzip")
+    ap.add_argument("--batch", type=int, default=5000, help="cases per hypothesis run (fresh random seed each)")
+    args = ap.parse_args(argv)
+    kinds = args.targets.split(",")
+    share = {"generated": 0.4, "mutated": 0.35, "torchzip": 0.25}
+    total_share = sum(share[k] for k in kinds)
+    start = time.monotonic()
+    counts = {}
+    failed = False
+    for kind in kinds:
+        want = int(args.examples * share[kind] / total_share)
+        done = 0
+        t0 = time.monotonic()
+        while done < want:
+            n = min(args.batch, want - done)
+            try:
+                make_target(kind, n, derandomize=False)()
+            except Exception as e:  # noqa: BLE001 - a falsifying example: keep going with other targets
+                print(f"{kind}: FAILURE after ~{done} cases: {type(e).__name__}: {e}", file=sys.stderr)
+                failed = True
+                done += n
+                break
+            done += n
+        counts[kind] = done
+        print(f"{kind}: {done} cases (inputs checked so far: {CALLS}) in {time.monotonic() - t0:.1f} s", flush=True)
+    written = _save_failures()
+    print(f"total: {sum(counts.values())} cases in {time.monotonic() - start:.1f} s; "
+          f"{'FAILURES: ' + ', '.join(written) if failed or written else 'no failure (only FormatError raised)'}")
+    return 1 if failed or written else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
