@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 
 EXIT_OK, EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -167,13 +169,36 @@ def _cmd_demo(args) -> int:
     return run_demo(args.workdir)
 
 
+@contextmanager
+def _signals_stop_the_command():
+    """SIGTERM and SIGHUP stop any command like Ctrl-C does (exit 130, one line), not only the copy
+    phase (execute.py handles that phase itself): reading headers and planning can take seconds."""
+    from pyconv.errors import Cancelled
+
+    def handler(signum, frame):
+        raise Cancelled(f"interrupted by signal {signal.Signals(signum).name}")
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, handler)
+    except (ValueError, AttributeError):  # not the main thread, or no such signal on this platform
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pyconv.errors import Cancelled, PyconvError
 
     args = _build_parser().parse_args(argv)
     command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
     try:
-        return command(args)
+        with _signals_stop_the_command():
+            return command(args)
     except Cancelled as e:
         print(f"pyconv: stopped: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_INTERRUPTED

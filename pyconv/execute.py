@@ -122,12 +122,12 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
         raise OutputError(f"{parent}: cannot create the destination's parent directory: {e.strerror}") from None
     remove_stale_temporaries(dst)
     tmp = temporary_sibling(dst)
-    try:
-        os.mkdir(tmp)
-    except OSError as e:
-        raise OutputError(f"{dst}: cannot create a temporary directory beside it: {e.strerror}") from None
     started = time.perf_counter()
-    try:
+    try:  # from mkdir on, so that a signal arriving at any point removes the temporary
+        try:
+            os.mkdir(tmp)
+        except OSError as e:
+            raise OutputError(f"{dst}: cannot create a temporary directory beside it: {e.strerror}") from None
         with _signals_raise_cancelled():
             subdirs = sorted({os.path.dirname(f.path) for f in plan.files} - {""})
             for sub in subdirs:
@@ -147,6 +147,11 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(f"{dst}: no space left on the device") from None
         raise OutputError(f"{e.filename or dst}: {e.strerror}") from None
+    except OutputError as e:
+        # The core names the files it writes by their temporary path, which is gone by now:
+        # name them where they would have been, under the destination.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(str(e).replace(tmp, dst)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
