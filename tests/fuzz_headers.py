@@ -48,11 +48,11 @@ from pyconv.io.torchzip import read_torch_checkpoint  # noqa: E402
 FUZZ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fuzz")
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
             "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-CI_EXAMPLES = {"generated": 1500, "mutated": 1000, "torchzip": 600}
+CI_EXAMPLES = {"generated": 1500, "mutated": 1000, "torchzip": 600, "dcp": 600}
 
 _TMP = tempfile.mkdtemp(prefix="pyconv_fuzz_")
 _FAILURES: dict[str, tuple[bytes, str, str]] = {}  # failure signature -> (smallest input, suffix, traceback)
-CALLS = {".safetensors": 0, ".pt": 0}  # inputs checked (shrinking included)
+CALLS = {".safetensors": 0, ".pt": 0, ".metadata": 0}  # inputs checked (shrinking included)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,6 +109,24 @@ def check_torch_bytes(data: bytes) -> None:
     except Exception as e:  # noqa: BLE001
         _record(data, ".pt", e)
         raise FuzzFailure(f"read_torch_checkpoint raised {type(e).__name__}: {e}") from e
+
+
+def check_dcp_metadata_bytes(data: bytes) -> None:
+    """A DCP `.metadata` pickle (torch_dist): read_metadata may only raise FormatError."""
+    from pyconv.io.dcp import METADATA_FILE, read_metadata
+
+    directory = os.path.join(_TMP, "dcp")
+    os.makedirs(directory, exist_ok=True)
+    CALLS[".metadata"] += 1
+    with open(os.path.join(directory, METADATA_FILE), "wb") as f:
+        f.write(data)
+    try:
+        read_metadata(directory)
+    except pyconv.FormatError:
+        return
+    except Exception as e:  # noqa: BLE001
+        _record(data, ".metadata", e)
+        raise FuzzFailure(f"read_metadata raised {type(e).__name__}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,8 +296,36 @@ def _fuzz_torchzip(data):
     check_torch_bytes(data)
 
 
+_DCP_BASE: bytes | None = None
+
+
+def dcp_base() -> bytes:
+    """A small `.metadata` as pyconv's torch_dist writer makes it (two tensors, three chunks)."""
+    global _DCP_BASE
+    if _DCP_BASE is None:
+        from pyconv.io.dcp import DcpChunk, DcpTensor, ItemLocation, metadata_pickle
+
+        tensors = [DcpTensor("decoder.layers.self_attention.linear_qkv.weight", "BF16", (2, 6, 4),
+                             (DcpChunk((0, 0, 0), (1, 6, 4), ItemLocation("__0_0.distcp", 0, 900)),
+                              DcpChunk((1, 0, 0), (1, 6, 4), ItemLocation("__0_0.distcp", 900, 900)))),
+                   DcpTensor("embedding.word_embeddings.weight", "F32", (8, 4),
+                             (DcpChunk((0, 0), (8, 4), ItemLocation("__0_1.distcp", 0, 1100)),))]
+        _DCP_BASE = metadata_pickle(tensors, {"decoder.layers.self_attention.linear_qkv._extra_state/shard_0_2":
+                                              ItemLocation("__0_1.distcp", 1100, 400)}, "fuzz")
+    return _DCP_BASE
+
+
+@st.composite
+def mutated_dcp(draw) -> bytes:
+    return _mutate(draw, dcp_base(), max_ops=3, lo=draw(st.sampled_from([0, 2, 2, 20])))
+
+
+def _fuzz_dcp(data):
+    check_dcp_metadata_bytes(data)
+
+
 STRATEGIES = {"generated": (_fuzz_generated, generated_safetensors()), "mutated": (_fuzz_mutated, mutated_safetensors()),
-              "torchzip": (_fuzz_torchzip, mutated_torch())}
+              "torchzip": (_fuzz_torchzip, mutated_torch()), "dcp": (_fuzz_dcp, mutated_dcp())}
 
 
 def make_target(kind: str, examples: int, derandomize: bool):
@@ -295,7 +341,7 @@ def make_target(kind: str, examples: int, derandomize: bool):
 def _corpus() -> list[str]:
     if not os.path.isdir(FUZZ_DIR):
         return []
-    return sorted(n for n in os.listdir(FUZZ_DIR) if n.endswith((".safetensors", ".pt")))
+    return sorted(n for n in os.listdir(FUZZ_DIR) if n.endswith((".safetensors", ".pt", ".metadata")))
 
 
 def test_fuzz_regression_corpus():
@@ -303,7 +349,9 @@ def test_fuzz_regression_corpus():
     for name in names:
         with open(os.path.join(FUZZ_DIR, name), "rb") as f:
             data = f.read()
-        (check_torch_bytes if name.endswith(".pt") else check_safetensors_bytes)(data)
+        check = {".pt": check_torch_bytes, ".metadata": check_dcp_metadata_bytes}.get(os.path.splitext(name)[1],
+                                                                                    check_safetensors_bytes)
+        check(data)
 
 
 def test_torch_base_is_readable():
@@ -322,6 +370,14 @@ def _ci(kind):
 test_fuzz_generated_ci_slice = _ci("generated")
 test_fuzz_mutated_ci_slice = _ci("mutated")
 test_fuzz_torchzip_ci_slice = _ci("torchzip")
+test_fuzz_dcp_ci_slice = _ci("dcp")
+
+
+def test_dcp_base_is_readable(tmp_path):
+    from pyconv.io.dcp import METADATA_FILE, read_metadata
+
+    (tmp_path / METADATA_FILE).write_bytes(dcp_base())
+    assert len(read_metadata(str(tmp_path)).tensors) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,7 +399,7 @@ def _save_failures() -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=100_000, help="total cases over all targets (default 100000)")
-    ap.add_argument("--targets", default="generated,mutated,torchzip")
+    ap.add_argument("--targets", default="generated,mutated,torchzip,dcp")
     ap.add_argument("--batch", type=int, default=5000, help="cases per hypothesis run (fresh random seed each)")
     args = ap.parse_args(argv)
     kinds = args.targets.split(",")
