@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=5000, help="cases per hypothesis run (fresh random seed each)")
     args = ap.parse_args(argv)
     kinds = args.targets.split(",")
-    share = {"generated": 0.4, "mutated": 0.35, "torchzip": 0.25}
+    share = {"generated": 0.3, "mutated": 0.3, "torchzip": 0.2, "dcp": 0.2}
     total_share = sum(share[k] for k in kinds)
     start = time.monotonic()
     counts = {}
