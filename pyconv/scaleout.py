@@ -56,9 +56,21 @@ def execute_plan_distributed(plan: ReshardPlan, dst: str, *, force: bool = False
                              chunk_bytes: int = 32 << 20, progress=None) -> dict:
     import torch.distributed as dist
 
-    rank, world = world_from_env()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("gloo")
+    try:
+        return _execute_on_this_rank(dist, plan, dst, force=force, threads=threads, chunk_bytes=chunk_bytes,
+                                     progress=progress)
+    finally:
+        if owns_group:
+            # Tear gloo down before interpreter exit: a live group's threads can abort the process.
+            dist.destroy_process_group()
+
+
+def _execute_on_this_rank(dist, plan: ReshardPlan, dst: str, *, force: bool, threads: int, chunk_bytes: int,
+                          progress) -> dict:
+    rank, world = world_from_env()
     dst = os.path.abspath(dst)
     parent, name = os.path.split(dst)
     tmp = os.path.join(parent, f".{name}{TMP_MARK}run-{_run_id()}")
