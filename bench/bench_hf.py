@@ -176,19 +176,25 @@ def ensure_checkpoint(workdir: str, size_gib: float, shard_bytes: int, seed: int
     # every child it launches inherits in ru_maxrss (Linux keeps it across fork and exec).
     sys.stdout.flush()
     sys.stderr.flush()
+    run_in_child(lambda: _generate(src, meta_path, want, cfg, tensors, shards, seed), f"generating {src}")
+    with open(meta_path) as f:
+        return src, json.load(f)
+
+
+def run_in_child(work, what: str) -> None:
+    """Runs work() in a forked child (numpy stays out of the measuring process, whose memory
+    high-water mark every child it launches inherits in ru_maxrss)."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            _generate(src, meta_path, want, cfg, tensors, shards, seed)
+            work()
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"generating {src} failed")
-    with open(meta_path) as f:
-        return src, json.load(f)
+        raise SystemExit(f"{what} failed")
 
 
 def _generate(src, meta_path, want, cfg, tensors, shards, seed) -> None:

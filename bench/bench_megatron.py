@@ -63,17 +63,7 @@ def ensure_bf16_checkpoint(workdir: str, layers: int) -> tuple[str, dict]:
     for i in range(layers):
         tensors += layer_tensors(i)
     tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _generate(src, tensors, layers)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"generating {src} failed")
+    common.run_in_child(lambda: _generate(src, tensors, layers), f"generating {src}")
     largest = max(tensors, key=lambda t: nbytes(t[1]))
     meta = {"layers": layers, "tensor_bytes": sum(nbytes(s) for _, s in tensors), "tensors": len(tensors),
             "largest_tensor": {"name": largest[0], "bytes": nbytes(largest[1])}}
