@@ -100,15 +100,20 @@ def check_safetensors_bytes(data: bytes) -> None:
             raise err
 
 
-def check_torch_bytes(data: bytes) -> None:
-    path = _write(data, ".pt")
+def _only_format_error(data: bytes, suffix: str, read, what: str) -> None:
+    """read() may succeed or raise FormatError; anything else is recorded and fails."""
     try:
-        read_torch_checkpoint(path)
+        read()
     except pyconv.FormatError:
         return
     except Exception as e:  # noqa: BLE001
-        _record(data, ".pt", e)
-        raise FuzzFailure(f"read_torch_checkpoint raised {type(e).__name__}: {e}") from e
+        _record(data, suffix, e)
+        raise FuzzFailure(f"{what} raised {type(e).__name__}: {e}") from e
+
+
+def check_torch_bytes(data: bytes) -> None:
+    path = _write(data, ".pt")
+    _only_format_error(data, ".pt", lambda: read_torch_checkpoint(path), "read_torch_checkpoint")
 
 
 def check_dcp_metadata_bytes(data: bytes) -> None:
@@ -120,13 +125,7 @@ def check_dcp_metadata_bytes(data: bytes) -> None:
     CALLS[".metadata"] += 1
     with open(os.path.join(directory, METADATA_FILE), "wb") as f:
         f.write(data)
-    try:
-        read_metadata(directory)
-    except pyconv.FormatError:
-        return
-    except Exception as e:  # noqa: BLE001
-        _record(data, ".metadata", e)
-        raise FuzzFailure(f"read_metadata raised {type(e).__name__}: {e}") from e
+    _only_format_error(data, ".metadata", lambda: read_metadata(directory), "read_metadata")
 
 
 # ------------------------------------------------------------------------------------------------
