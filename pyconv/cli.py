@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert SRC into DST")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="hf", choices=["hf", "megatron", "torch_dist", "deepseek"],
+    p.add_argument("--to", default="hf", choices=["hf", "megatron", "torch_dist", "deepseek", "mindspore"],
                    help="target format (default: hf)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
@@ -47,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "vocabulary padding (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size of a megatron MoE target (default 1)")
+    p.add_argument("--etp", type=int, default=None,
+                   help="expert tensor parallel size of a megatron MoE target: routed experts split over etp "
+                        "ranks instead of tp (default: tp)")
     p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
                    help="TransformerEngine fused-norm names (te, default) or local module names")
     p.add_argument("--moe-grouped-gemm", action="store_true",
@@ -123,7 +126,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, ep=args.ep, megatron_naming=args.megatron_naming,
+    return dict(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, megatron_naming=args.megatron_naming,
                 moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
                 vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
                 last_stage_layers=args.last_stage_layers, family=args.family)
@@ -152,6 +155,8 @@ def _cmd_reshard(args) -> int:
     else:
         print(f"wrote {report.destination}: {report.files} files, {report.tensors} tensors, "
               f"{report.bytes:,} bytes in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s)")
+        for note in report.plan.notes if report.plan is not None else ():
+            print(f"note: {note}")
     return EXIT_OK
 
 

@@ -15,7 +15,6 @@ import time
 from contextlib import contextmanager
 
 from pyconv import _core
-from pyconv.catalog import view2d
 from pyconv.errors import Cancelled, OutputError
 from pyconv.plan import ReshardPlan
 
@@ -103,7 +102,7 @@ def _core_args(plan: ReshardPlan, root: str):
         dests.append((os.path.join(root, planned.path), planned.size))
         literals.extend((file_index, offset, data) for offset, data in planned.literals)
         for t in planned.tensors:
-            rows, cols = view2d(tuple(t.shape))
+            rows, cols = t.view2d
             tensor = (file_index, t.offset, t.dtype, rows, cols, [copy_fields(c, sources) for c in t.copies])
             tensors.append(tensor if t.quantize is None else tensor + (t.quantize,))
     return list(sources), dests, literals, tensors

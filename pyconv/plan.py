@@ -51,10 +51,17 @@ class PlannedTensor:
     # the same file, of the float32 scale grid [ceil(M/128), ceil(N/128)] the executor
     # writes (plan it as its own region; no copy covers it). None: a plain tensor.
     quantize: int | None = None
+    # The 2-D [rows, cols] the copies address, when not view2d(shape): a row-interleaved
+    # [g0; u0; g1; u1...] weight is [n, 2 * in] to its copies (gate in the left half).
+    view: tuple[int, int] | None = None
+
+    @property
+    def view2d(self) -> tuple[int, int]:
+        return self.view if self.view is not None else view2d(self.shape)
 
     @property
     def nbytes(self) -> int:
-        rows, cols = view2d(self.shape)
+        rows, cols = self.view2d
         return rows * cols * ITEMSIZE[self.dtype]
 
 
@@ -207,6 +214,7 @@ class TargetSpec:
     tp: int = 1
     pp: int = 1
     ep: int = 1                          # expert parallel size (experts split into ep ranges)
+    etp: int | None = None               # expert tensor parallel size (None: tp)
     megatron_naming: str = "te"          # "te" (TransformerEngine fused norms) or "local"
     moe_grouped_gemm: bool = False       # experts as TransformerEngine's grouped GEMM (linear_fc1.weightJ)
     iteration: int | None = None         # None: release/

@@ -32,9 +32,14 @@ def register_format(name: str, *, detect, read, plan_output=None, read_options=(
 
 def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
-    # torch_dist before megatron: both recognise Megatron-LM's latest_checkpointed_iteration.txt,
-    # and torch_dist claims it only when the iteration directory holds a distributed checkpoint.
-    from pyconv.formats import deepseek, hf, torch_dist, megatron  # noqa: F401
+    from pyconv.formats import deepseek, mindspore, hf, torch_dist, megatron  # noqa: F401
+
+
+# Adapters asked first, before the rest in registration order, because what they claim another
+# adapter would claim too: torch_dist an iteration directory Megatron's tracker also names
+# (only when it holds a distributed checkpoint), mindspore safetensors files (only by their
+# MindFormers tensor names).
+DETECT_FIRST = ("torch_dist", "mindspore")
 
 
 def format_names() -> list[str]:
@@ -53,7 +58,8 @@ def detect_format(path: str) -> FormatAdapter:
     _load_builtin()
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
-    for adapter in _FORMATS.values():
+    adapters = sorted(_FORMATS.values(), key=lambda a: a.name not in DETECT_FIRST)
+    for adapter in adapters:
         if adapter.detect(path):
             return adapter
     raise FormatError(f"{path}: not a checkpoint pyconv recognises (looked for: {', '.join(sorted(_FORMATS))})")
