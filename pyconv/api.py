@@ -119,8 +119,8 @@ def open(path: str | os.PathLike, format: str | None = None, family: str | None 
 
 
 def _validate_layout(layout: dict) -> None:
-    for key in ("tp", "pp", "ep"):
-        if key in layout and (not isinstance(layout[key], int) or layout[key] < 1):
+    for key in ("tp", "pp", "ep", "etp"):
+        if key in layout and layout[key] is not None and (not isinstance(layout[key], int) or layout[key] < 1):
             raise LayoutError(f"{key} must be a positive integer, got {layout[key]!r}")
 
 
@@ -155,14 +155,14 @@ def _check_paths(src: str, dst: str) -> None:
 
 def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shard_size=None,
                  source_format: str | None = None, family: str | None = None, tp: int = 1, pp: int = 1, ep: int = 1,
-                 megatron_naming: str = "te", moe_grouped_gemm: bool = False, iteration: int | None = None,
+                 etp: int | None = None, megatron_naming: str = "te", moe_grouped_gemm: bool = False, iteration: int | None = None,
                  vocab_divisible_by: int = 128,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> ReshardPlan:
     """The plan of a conversion, as pure data: nothing is read but headers, nothing written."""
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
     target = TargetSpec(format=to, dtype=parse_dtype(dtype),
                         max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size,
-                        tp=tp, pp=pp, ep=ep, megatron_naming=megatron_naming, moe_grouped_gemm=moe_grouped_gemm,
+                        tp=tp, pp=pp, ep=ep, etp=etp, megatron_naming=megatron_naming, moe_grouped_gemm=moe_grouped_gemm,
                         iteration=iteration,
                         vocab_divisible_by=vocab_divisible_by, first_stage_layers=first_stage_layers,
                         last_stage_layers=last_stage_layers)
@@ -170,7 +170,7 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shar
     if adapter.plan_output is None:
         raise LayoutError(f"format '{to}' can be read but not written")
     files = adapter.plan_output(catalog, target)
-    return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files))
+    return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files), tuple(getattr(files, "notes", ())))
 
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_size=None, force: bool = False,

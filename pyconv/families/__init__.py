@@ -11,6 +11,9 @@ from pyconv.errors import FormatError, LayoutError
 
 # Shard rules (pyconv.layout.shard): how a tensor is split over tensor-parallel ranks.
 REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_FC1 = "replicated", "column", "row", "vocab", "qkv", "gated_fc1"
+# MLA's down projections: TransformerEngine's spec keeps them whole on every rank (TELinear,
+# parallel_mode 'duplicated'); the local spec makes them ColumnParallelLinear (dim 0 split).
+LATENT_DOWN = "latent_down"
 # Where a tensor lives in the pipeline.
 FIRST_STAGE, LAYER, LAST_STAGE = "first", "layer", "last"
 
@@ -30,6 +33,12 @@ class ModelDims:
     moe_ffn: int = 0          # each routed expert's ffn size
     shared_ffn: int = 0       # the shared expert's ffn size (0: none)
     first_dense_layers: int = 0  # leading layers with a dense MLP (DeepSeek's first_k_dense_replace)
+    # Multi-latent attention (DeepSeek-V2/V3); q_lora_rank 0: no query compression (q_proj).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0      # Megatron's qk_head_dim
+    qk_rope_dim: int = 0      # Megatron's qk_pos_emb_head_dim
+    v_head_dim: int = 0
 
     def layer_kind(self, layer: int) -> str:
         """'moe' where the MLP is a mixture of experts, else 'dense'."""
@@ -56,12 +65,16 @@ class TensorMapping:
     optional: bool = False
     transposed: bool = False
     layers: str = "all"
+    # Present only in models whose dims satisfy this (e.g. q_a_proj only with a q_lora_rank).
+    needs: Callable[[ModelDims], bool] | None = None
 
     @property
     def per_expert(self) -> bool:
         return "#" in self.hf[0]
 
     def applies_to(self, dims: ModelDims, layer: int | None) -> bool:
+        if self.needs is not None and not self.needs(dims):
+            return False
         return self.layers == "all" or layer is None or dims.layer_kind(layer) == self.layers
 
     def megatron_name(self, naming: str) -> str:
@@ -93,6 +106,9 @@ class Family:
     hf_config_from_megatron: Callable[[dict], dict]
     matches_megatron_args: Callable[[dict], bool]
     ignored_hf: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
+    # HF layers with index >= num_hidden_layers (DeepSeek-V3's multi-token-prediction layers) are
+    # not part of the model Megatron runs: dropped (and said so) instead of refused.
+    drops_extra_layers: bool = False
     _hf_regex: list = field(default_factory=list, repr=False)
     _megatron_regex: list = field(default_factory=list, repr=False)
 
@@ -111,13 +127,19 @@ class Family:
                 self._megatron_regex.append((_compile(naming_name), m))
         self._ignored_regex = [_compile(p) for p in self.ignored_hf]
 
-    def match_hf(self, name: str):
-        """(mapping, index of the name among the mapping's HF names, layer, expert), or None."""
+    def match_hf(self, name: str, dims: ModelDims | None = None):
+        """(mapping, index of the name among the mapping's HF names, layer, expert), or None.
+        With dims, a mapping that applies to the layer is preferred (the same HF name can map
+        differently in dense and MoE layers)."""
+        found = None
         for regex, mapping, index in self._hf_regex:
             m = regex.match(name)
             if m:
-                return (mapping, index, *_indices(m))
-        return None
+                match = (mapping, index, *_indices(m))
+                if dims is None or mapping.applies_to(dims, match[2]):
+                    return match
+                found = found or match
+        return found
 
     def match_megatron(self, name: str):
         """(mapping, local layer, local expert), or None."""
@@ -140,7 +162,7 @@ def register_family(family: Family) -> Family:
 
 
 def _load_builtin() -> None:
-    from pyconv.families import gpt2, llama, mixtral, qwen2, qwen2_moe  # noqa: F401
+    from pyconv.families import deepseek_v3, gpt2, llama, mixtral, qwen2, qwen2_moe  # noqa: F401
 
 
 def family_names() -> list[str]:

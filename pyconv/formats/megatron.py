@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, REPLICATED, ROW, VOCAB, COLUMN, Family, ModelDims,
+    FIRST_STAGE, GATED_FC1, LAST_STAGE, LATENT_DOWN, LAYER, QKV, REPLICATED, ROW, VOCAB, COLUMN, Family, ModelDims,
     TensorMapping, family_for_architecture, family_for_megatron_args, get_family,
 )
 from pyconv.formats import register_format
@@ -53,9 +53,13 @@ def logical_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
 
 
 def shard_pieces(mapping: TensorMapping, names: list[str], dims: ModelDims, padded_vocab: int,
-                 tp: int, rank: int) -> list[Piece]:
-    """The pieces of the shard that TP rank `rank` holds for one mapping (names: concrete HF names)."""
+                 tp: int, rank: int, naming: str = "te") -> list[Piece]:
+    """The pieces of the shard that TP rank `rank` holds for one mapping (names: concrete HF names).
+    `naming` matters to MLA's down projections only: whole under TransformerEngine's spec,
+    column-parallel under the local one."""
     shape = logical_shape(mapping.shape(dims), mapping.transposed)
+    if mapping.rule == LATENT_DOWN:
+        return replicated(names[0], shape) if naming == "te" else column_parallel(names[0], shape, tp, rank)
     if mapping.rule == REPLICATED:
         return replicated(names[0], shape)
     if mapping.rule == COLUMN:
@@ -123,12 +127,57 @@ class MegatronLayout:
     tp: int
     pp: int
     ep: int
+    etp: int | None = None  # expert tensor parallel size (None: tp)
+    naming: str = "te"      # "te" or "local" (MLA down projections differ in their split)
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
 
     def entries(self, stage: int, ep_rank: int):
         return _stage_entries(self.family, self.dims, stage, self.stages, ep_rank, self.ep)
 
-    def pieces(self, mapping: TensorMapping, names: list[str], tp_rank: int) -> list[Piece]:
-        return shard_pieces(mapping, names, self.dims, self.padded_vocab, self.tp, tp_rank)
+    def pieces(self, mapping: TensorMapping, names: list[str], tp_rank: int, etp_rank: int | None = None,
+               naming: str | None = None) -> list[Piece]:
+        """Routed experts split over the expert-TP ranks (etp_rank), the rest over the TP ranks."""
+        if mapping.per_expert:
+            return shard_pieces(mapping, names, self.dims, self.padded_vocab, self.expert_tp,
+                                tp_rank if etp_rank is None else etp_rank)
+        return shard_pieces(mapping, names, self.dims, self.padded_vocab, self.tp, tp_rank, naming or self.naming)
+
+    def rank_files(self) -> list[tuple[int, int, int]]:
+        """(TP rank, EP rank, expert-TP rank) of every file of a pipeline stage; see expert_grid."""
+        return expert_grid(self.tp, self.ep, self.expert_tp)
+
+
+def expert_grid(tp: int, ep: int, etp: int) -> list[tuple[int, int, int]]:
+    """(TP rank, EP rank, expert-TP rank) of each rank file of one pipeline stage, as Megatron-LM
+    writes them with expert tensor parallelism.
+
+    Megatron-Core orders ranks "tp-cp-ep-dp-pp" for the dense and the expert grids alike
+    (megatron/core/parallel_state.py, initialize_model_parallel: `decoder_rank_generator =
+    RankGenerator(tp=tp, ep=1, dp=dp, ...)` and `expert_decoder_rank_generator =
+    RankGenerator(tp=expert_tensor_parallel_size, ep=expert_model_parallel_size,
+    dp=expert_data_parallel_size, ...)`, order default "tp-cp-ep-dp-pp"), so rank s of a stage
+    is TP rank s % tp, expert-TP rank s % etp and EP rank (s // etp) % ep. Only ranks with
+    expert-data-parallel rank 0 (s < etp * ep) save a legacy checkpoint
+    (megatron/training/checkpointing.py, save_checkpoint: "if not
+    torch.distributed.is_initialized() or mpu.get_expert_data_parallel_rank() == 0 ..."), each
+    into get_checkpoint_name()'s mp_rank_{tensor_rank:02d}[_{pipeline_rank:03d}][_{expert_rank:03d}]
+    with its dense TP shard and its (EP, expert-TP) expert shard. With etp == tp this is every
+    (TP rank, EP rank) pair; with etp < tp fewer directories, e.g. tp=2, etp=1, ep=2:
+    mp_rank_00_000 (experts 0..E/2-1) and mp_rank_01_001 (the others)."""
+    from pyconv.layout import divide
+
+    if etp < 1:
+        raise LayoutError(f"etp must be >= 1 (got {etp})")
+    if etp != tp:
+        divide(tp, etp, "tp", "etp")
+        if etp * ep < tp:
+            raise LayoutError(f"etp={etp} x ep={ep} < tp={tp}: Megatron-LM's legacy checkpoint is saved by the "
+                              f"etp*ep ranks of expert-data-parallel rank 0 only, so TP ranks {etp * ep}..{tp - 1} "
+                              f"of the dense weights would be in no file")
+    return [(s % tp, (s // etp) % ep, s % etp) for s in range(etp * ep)]
 
 
 @dataclass
@@ -250,7 +299,19 @@ def megatron_dims(args: dict, where: str) -> ModelDims:
         vocab=vocab, max_positions=args.get("max_position_embeddings") or 0,
         tied=not args.get("untie_embeddings_and_output_weights", False),
         num_experts=args.get("num_experts") or 0, moe_ffn=args.get("moe_ffn_hidden_size") or 0,
-        shared_ffn=args.get("moe_shared_expert_intermediate_size") or 0)
+        shared_ffn=args.get("moe_shared_expert_intermediate_size") or 0,
+        first_dense_layers=_first_dense_layers(args, where),
+        **(dict(q_lora_rank=args.get("q_lora_rank") or 0, kv_lora_rank=need("kv_lora_rank"),
+                qk_nope_dim=need("qk_head_dim"), qk_rope_dim=need("qk_pos_emb_head_dim"),
+                v_head_dim=need("v_head_dim")) if args.get("multi_latent_attention") else {}))
+
+
+def _first_dense_layers(args: dict, where: str) -> int:
+    if not args.get("num_experts"):
+        return 0
+    from pyconv.families.deepseek_v3 import first_dense_from_freq
+
+    return first_dense_from_freq(args.get("moe_layer_freq"), args.get("num_layers"), where)
 
 
 def read(path: str, family: str | None = None) -> Catalog:
@@ -280,37 +341,49 @@ def read(path: str, family: str | None = None) -> Catalog:
     args = _args_dict(first.get("args"), first_file)
     ranks = _rank_dirs(directory, numbers, args)
     tp, pp, ep = (max(r[i] for r in ranks) + 1 for i in range(3))
-    for t in range(tp):
-        for p in range(pp):
-            for e in range(ep):
-                if (t, p, e) not in ranks:
-                    raise FormatError(f"{directory}: {rank_dir_name(t, p, pp, e, ep)} is missing "
-                                      f"(found tp={tp}, pp={pp}, ep={ep})")
     for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
                        ("expert_model_parallel_size", ep)):
         if args.get(key) not in (None, value):
             raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
     dims = megatron_dims(args, first_file)
+    etp = (args.get("expert_tensor_parallel_size") or tp) if dims.num_experts else tp
+    try:
+        grid = expert_grid(tp, ep, etp)
+    except LayoutError as e:
+        raise FormatError(f"{first_file}: {e}") from None
+    expected = {(t, p, e) for p in range(pp) for t, e, _ in grid}
+    for t, p, e in sorted(expected - set(ranks), key=lambda k: (k[1], k[2], k[0])):
+        raise FormatError(f"{directory}: {rank_dir_name(t, p, pp, e, ep)} is missing "
+                          f"(found tp={tp}, pp={pp}, ep={ep}" + (f", etp={etp})" if etp != tp else ")"))
+    for t, p, e in sorted(set(ranks) - expected):
+        raise FormatError(f"{directory}: {os.path.basename(ranks[(t, p, e)])} does not belong to a checkpoint "
+                          f"with tp={tp}, pp={pp}, ep={ep}, etp={etp} (Megatron-LM writes no such rank)")
     layout = MegatronLayout(
         family=get_family(family) if family else _family_from_args(args, first_file), dims=dims,
         padded_vocab=args.get("padded_vocab_size") or dims.vocab,
         stages=layer_stages(dims.num_layers, pp, args.get("decoder_first_pipeline_num_layers"),
                             args.get("decoder_last_pipeline_num_layers")),
-        tp=tp, pp=pp, ep=ep)
+        tp=tp, pp=pp, ep=ep, etp=etp)
     assembly = _Assembly({}, {}, [])
     for p in range(pp):
-        for t in range(tp):
-            for e in range(ep):
-                file, obj = (first_file, first) if ranks[(t, p, e)] == first_dir else load_file(ranks[(t, p, e)])
-                _read_rank(file, obj, layout, t, p, e, assembly)
+        dense_seen = set()
+        for t, e, et in grid:
+            file, obj = (first_file, first) if ranks[(t, p, e)] == first_dir else load_file(ranks[(t, p, e)])
+            _read_rank(file, obj, layout, t, p, e, assembly, et, dense_replica=t in dense_seen)
+            dense_seen.add(t)
     return _catalog(root, directory, iteration, layout, args, assembly)
 
 
-def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: int, assembly: _Assembly) -> None:
-    """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for."""
+def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: int, assembly: _Assembly,
+               etp_rank: int | None = None, dense_replica: bool | None = None) -> None:
+    """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for.
+    Dense tensors are taken from the first file of each TP rank (dense_replica: this file's
+    are copies); routed experts from every file, as expert-TP rank etp_rank of EP rank e."""
     from pyconv.io.torchzip import TensorRef
 
     fam, dims, padded, tp = layout.family, layout.dims, layout.padded_vocab, layout.tp
+    if dense_replica is None:
+        dense_replica = e > 0
     blocks, dtypes, order = assembly.blocks, assembly.dtypes, assembly.order
     model = obj["model"]
     if not isinstance(model, dict):
@@ -331,13 +404,19 @@ def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: 
         ref = model[key]
         if not isinstance(ref, TensorRef):
             raise FormatError(f"{file}: '{key}' is not a tensor")
-        pieces = layout.pieces(mapping, names, t)
+        pieces = layout.pieces(mapping, names, t, etp_rank)
         expected = shard_shape(pieces, len(mapping.shape(dims)))
+        whole = mapping.rule == REPLICATED
+        if mapping.rule == LATENT_DOWN:  # whole (TransformerEngine spec) or column-parallel (local spec)
+            local = layout.pieces(mapping, names, t, naming="local")
+            whole = tuple(ref.shape) == expected
+            if not whole and tuple(ref.shape) == shard_shape(local, 2):
+                pieces, expected = local, shard_shape(local, 2)
         if tuple(ref.shape) != expected:
             raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
                               f"for tp={tp} (hidden {dims.hidden}, heads {dims.heads}, groups {dims.groups}, "
                               f"head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
-        if (mapping.rule == REPLICATED and t > 0) or (e > 0 and not mapping.per_expert):
+        if (whole and t > 0) or (dense_replica and not mapping.per_expert):
             continue  # replicas: taken from the first tensor- and expert-parallel rank
         stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
@@ -434,9 +513,25 @@ def _region_copies(tensor: CanonicalTensor, piece: Piece, transposed: bool) -> l
     return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col)
 
 
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def dropped_layers(catalog: Catalog, family: Family, dims: ModelDims) -> list[int]:
+    """HF layers past num_hidden_layers that the family drops (DeepSeek-V3's multi-token-prediction
+    layers), in order."""
+    if not family.drops_extra_layers:
+        return []
+    found = {int(m.group(1)) for m in map(_HF_LAYER.match, catalog.tensors) if m}
+    return sorted(i for i in found if i >= dims.num_layers)
+
+
 def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
+    dropped = set(dropped_layers(catalog, family, dims))
     for name, tensor in catalog.tensors.items():
-        match = family.match_hf(name)
+        extra = _HF_LAYER.match(name)
+        if extra and int(extra.group(1)) in dropped:
+            continue
+        match = family.match_hf(name, dims)
         if match is None:
             if family.is_ignored_hf(name):
                 continue
@@ -444,6 +539,10 @@ def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
         mapping, index, layer, expert = match
         if layer is not None and layer >= dims.num_layers:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
+        if not mapping.applies_to(dims, layer):
+            raise LayoutError(f"{catalog.path}: tensor '{name}' does not belong in "
+                              + (f"layer {layer} ({dims.layer_kind(layer)} MLP)" if layer is not None else "this model")
+                              + f" of this {family.name} config")
         if expert is not None and expert >= dims.num_experts:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is expert {expert} of {dims.num_experts}")
         expected = _hf_shape(mapping, index, dims)
@@ -463,15 +562,25 @@ def family_and_dims(catalog: Catalog) -> tuple[Family, ModelDims]:
     return family, dims
 
 
+class PlannedFiles(list):
+    """The planned files, with notes for the plan (what was dropped and why)."""
+
+    notes: tuple[str, ...] = ()
+
+
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     family, dims = family_and_dims(catalog)
     config = catalog.config
     tp, pp, ep = target.tp, target.pp, target.ep
-    if tp < 1 or pp < 1 or ep < 1:
-        raise LayoutError(f"tp, pp and ep must be >= 1 (got tp={tp}, pp={pp}, ep={ep})")
+    etp = tp if getattr(target, "etp", None) is None else target.etp
+    if tp < 1 or pp < 1 or ep < 1 or etp < 1:
+        raise LayoutError(f"tp, pp, ep and etp must be >= 1 (got tp={tp}, pp={pp}, ep={ep}, etp={etp})")
     if ep > 1 and not dims.num_experts:
         raise LayoutError(f"ep={ep} needs a mixture-of-experts model; {catalog.architecture} has no experts")
+    if etp != tp and not dims.num_experts:
+        raise LayoutError(f"etp={etp} needs a mixture-of-experts model; {catalog.architecture} has no experts")
     experts_per_rank(dims, ep)
+    grid = sorted(expert_grid(tp, ep, etp))
     if target.megatron_naming not in ("te", "local"):
         raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
@@ -482,7 +591,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-        **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": tp,
+        **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp,
             "moe_grouped_gemm": target.moe_grouped_gemm} if dims.num_experts else {}),
         "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
         "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
@@ -493,21 +602,26 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
-    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep)
-    files = []
+    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.megatron_naming)
+    files = PlannedFiles()
     for p in range(pp):
-        for t in range(tp):
-            for e in range(ep):
-                files.append(_plan_rank_file(catalog, layout, target, args, iteration_dir, t, p, e))
+        for t, e, et in grid:
+            files.append(_plan_rank_file(catalog, layout, target, args, iteration_dir, t, p, e, et))
     tracker = "release" if target.iteration is None else str(target.iteration)
     files.append(plan_text_file(TRACKER, tracker))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
+    dropped = dropped_layers(catalog, family, dims)
+    if dropped:
+        count = sum(1 for n in catalog.tensors if (m := _HF_LAYER.match(n)) and int(m.group(1)) in dropped)
+        files.notes = (f"dropped {count} tensors of layers {', '.join(map(str, dropped))} (index >= "
+                       f"num_hidden_layers {dims.num_layers}: multi-token-prediction layers, not part of the "
+                       f"Megatron model)",)
     return files
 
 
 def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, args: dict, iteration_dir: str,
-                    t: int, p: int, e: int) -> PlannedFile:
+                    t: int, p: int, e: int, et: int | None = None) -> PlannedFile:
     """One model_optim_rng.pt: the torch.save layout of its state dict, each tensor's block copies."""
     family, dims, pp, ep = layout.family, layout.dims, layout.pp, layout.ep
     model: OrderedDict[str, TensorSlot] = OrderedDict()
@@ -525,7 +639,7 @@ def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec
             if mapping.optional and len(missing) == len(names):
                 continue
             raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
-        pieces = layout.pieces(mapping, names, t)
+        pieces = layout.pieces(mapping, names, t, et)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
         dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)

@@ -1,0 +1,253 @@
+"""DeepSeek-V3: multi-latent attention (MLA), the first `first_k_dense_replace` layers with a
+dense SwiGLU MLP, the others a mixture of experts routed by sigmoid scores with a score
+correction bias, plus shared experts. Megatron-Core names as in 0.16
+(`megatron/core/transformer/multi_latent_attention.py`, `models/gpt/gpt_layer_specs.py`):
+
+    HF self_attn.                 Megatron-Core self_attention.                   TP rule
+    q_a_proj        [q_lora, H]   linear_q_down_proj          TE: whole on every rank (TELinear
+                                                              'duplicated'); local spec: column
+    q_a_layernorm   [q_lora]      TE: linear_q_up_proj.layer_norm_weight, local: q_layernorm
+    q_b_proj        [n*(dn+dr), q_lora]  linear_q_up_proj                         column (heads)
+    q_proj (q_lora_rank None)     linear_q_proj                                   column (heads)
+    kv_a_proj_with_mqa [kv_lora+dr, H]  linear_kv_down_proj   as q_a_proj
+    kv_a_layernorm  [kv_lora]     TE: linear_kv_up_proj.layer_norm_weight, local: kv_layernorm
+    kv_b_proj       [n*(dn+dv), kv_lora] linear_kv_up_proj                        column (heads)
+    o_proj          [H, n*dv]     linear_proj                                     row
+
+Row orders agree, so every tensor moves as is: per head, q rows are [nope | rope] in both (HF
+splits q into [qk_nope_head_dim, qk_rope_head_dim], Megatron into [qk_head_dim,
+qk_pos_emb_head_dim]); kv_b_proj's per-head rows are [k_nope | v] in both; kv_a_proj_with_mqa is
+[kv_lora_rank | rope] in both. The rope dimensions: HF with `rope_interleave` (its default, and
+DeepSeek's layout) takes the even then the odd rope channels and rotates halves; Megatron-Core's
+MLA (`multi_latent_attention=True` in rope_utils._apply_rotary_pos_emb_bshd) does the same
+de-interleave before its half rotation. HF without rope_interleave rotates the raw halves, which
+Megatron-Core has no setting for: refused rather than silently scrambled.
+
+Router: HF `mlp.gate.weight` / `e_score_correction_bias` -> `mlp.router.weight` / `expert_bias`
+(sigmoid scores, group-limited top-k, normalised top-k weights times routed_scaling_factor).
+Multi-token-prediction layers (index >= num_hidden_layers) are not part of the Megatron model:
+dropped.
+"""
+
+from __future__ import annotations
+
+from pyconv.errors import FormatError, LayoutError
+from pyconv.families import (
+    COLUMN, GATED_FC1, LATENT_DOWN, LAYER, REPLICATED, ROW, Family, ModelDims, TensorMapping, hf_int,
+    register_family,
+)
+from pyconv.families.common import arg, original_hf_config
+from pyconv.families.llama import DENSE_MLP, EMBEDDING, HEAD, MOE_NORM, llama_megatron_args
+from pyconv.families.mixtral import expert_mappings
+
+L = "model.layers.*."
+M = "decoder.layers.*."
+A = L + "self_attn."
+S = M + "self_attention."
+
+
+def _q_rows(d: ModelDims) -> int:
+    return d.heads * (d.qk_nope_dim + d.qk_rope_dim)
+
+
+def _has_q_lora(d: ModelDims) -> bool:
+    return d.q_lora_rank > 0
+
+
+def _no_q_lora(d: ModelDims) -> bool:
+    return d.q_lora_rank == 0
+
+
+def _has_shared(d: ModelDims) -> bool:
+    return d.shared_ffn > 0
+
+
+MLA = (
+    TensorMapping((L + "input_layernorm.weight",), M + "input_layernorm.weight", REPLICATED, LAYER,
+                  lambda d: (d.hidden,)),
+    TensorMapping((A + "q_a_proj.weight",), S + "linear_q_down_proj.weight", LATENT_DOWN, LAYER,
+                  lambda d: (d.q_lora_rank, d.hidden), needs=_has_q_lora),
+    TensorMapping((A + "q_a_layernorm.weight",),
+                  {"te": S + "linear_q_up_proj.layer_norm_weight", "local": S + "q_layernorm.weight"},
+                  REPLICATED, LAYER, lambda d: (d.q_lora_rank,), needs=_has_q_lora),
+    TensorMapping((A + "q_b_proj.weight",), S + "linear_q_up_proj.weight", COLUMN, LAYER,
+                  lambda d: (_q_rows(d), d.q_lora_rank), needs=_has_q_lora),
+    TensorMapping((A + "q_proj.weight",), S + "linear_q_proj.weight", COLUMN, LAYER,
+                  lambda d: (_q_rows(d), d.hidden), needs=_no_q_lora),
+    TensorMapping((A + "kv_a_proj_with_mqa.weight",), S + "linear_kv_down_proj.weight", LATENT_DOWN, LAYER,
+                  lambda d: (d.kv_lora_rank + d.qk_rope_dim, d.hidden)),
+    TensorMapping((A + "kv_a_layernorm.weight",),
+                  {"te": S + "linear_kv_up_proj.layer_norm_weight", "local": S + "kv_layernorm.weight"},
+                  REPLICATED, LAYER, lambda d: (d.kv_lora_rank,)),
+    TensorMapping((A + "kv_b_proj.weight",), S + "linear_kv_up_proj.weight", COLUMN, LAYER,
+                  lambda d: (d.heads * (d.qk_nope_dim + d.v_head_dim), d.kv_lora_rank)),
+    TensorMapping((A + "o_proj.weight",), S + "linear_proj.weight", ROW, LAYER,
+                  lambda d: (d.hidden, d.heads * d.v_head_dim)),
+)
+MOE = MOE_NORM + (
+    TensorMapping((L + "mlp.gate.weight",), M + "mlp.router.weight", REPLICATED, LAYER,
+                  lambda d: (d.num_experts, d.hidden), layers="moe"),
+    TensorMapping((L + "mlp.gate.e_score_correction_bias",), M + "mlp.router.expert_bias", REPLICATED, LAYER,
+                  lambda d: (d.num_experts,), layers="moe"),
+) + expert_mappings(L + "mlp.experts.#.", "gate_proj.weight", "up_proj.weight", "down_proj.weight") + (
+    TensorMapping((L + "mlp.shared_experts.gate_proj.weight", L + "mlp.shared_experts.up_proj.weight"),
+                  M + "mlp.shared_experts.linear_fc1.weight", GATED_FC1, LAYER, lambda d: (d.shared_ffn, d.hidden),
+                  layers="moe", needs=_has_shared),
+    TensorMapping((L + "mlp.shared_experts.down_proj.weight",), M + "mlp.shared_experts.linear_fc2.weight", ROW,
+                  LAYER, lambda d: (d.hidden, d.shared_ffn), layers="moe", needs=_has_shared),
+)
+# Dense layers: DENSE_MLP's biases never occur (DeepSeek's MLPs have none).
+DEEPSEEK_V3_MAPPINGS = EMBEDDING + MLA + DENSE_MLP + MOE + HEAD
+
+
+def _optional_int(config: dict, key: str, default: int = 0) -> int:
+    value = config.get(key)
+    if value is None:
+        return default
+    return hf_int(config, key)
+
+
+def deepseek_v3_dims(config: dict) -> ModelDims:
+    hidden, heads = hf_int(config, "hidden_size"), hf_int(config, "num_attention_heads")
+    layers = hf_int(config, "num_hidden_layers")
+    kv_heads = _optional_int(config, "num_key_value_heads", heads)
+    if kv_heads != heads:
+        raise LayoutError(f"config.json: num_key_value_heads {kv_heads} != num_attention_heads {heads}: "
+                          f"multi-latent attention has one key/value head per query head")
+    if config.get("attention_bias"):
+        raise LayoutError("config.json: attention_bias: Megatron-Core's MLA linears have no biases")
+    if not config.get("rope_interleave", True):
+        raise LayoutError("config.json: rope_interleave is false: HF then rotates the raw rope halves, while "
+                          "Megatron-Core's multi-latent attention always de-interleaves the rope channels first; "
+                          "no Megatron setting reproduces it")
+    if config.get("moe_layer_freq", 1) != 1:
+        raise LayoutError(f"config.json: moe_layer_freq {config['moe_layer_freq']} (only 1 is supported)")
+    experts = hf_int(config, "n_routed_experts")
+    moe_ffn = hf_int(config, "moe_intermediate_size")
+    shared = _optional_int(config, "n_shared_experts")
+    first_dense = _optional_int(config, "first_k_dense_replace")
+    if not 0 <= first_dense <= layers:
+        raise LayoutError(f"config.json: first_k_dense_replace {first_dense} outside 0..{layers}")
+    return ModelDims(
+        num_layers=layers, hidden=hidden, heads=heads, groups=heads, head_dim=hf_int(config, "v_head_dim"),
+        ffn=hf_int(config, "intermediate_size"), vocab=hf_int(config, "vocab_size"),
+        max_positions=_optional_int(config, "max_position_embeddings", 2048),
+        tied=bool(config.get("tie_word_embeddings", False)),
+        num_experts=experts, moe_ffn=moe_ffn, shared_ffn=moe_ffn * shared, first_dense_layers=first_dense,
+        q_lora_rank=_optional_int(config, "q_lora_rank"), kv_lora_rank=hf_int(config, "kv_lora_rank"),
+        qk_nope_dim=hf_int(config, "qk_nope_head_dim"), qk_rope_dim=hf_int(config, "qk_rope_head_dim"),
+        v_head_dim=hf_int(config, "v_head_dim"))
+
+
+def _rope_args(config: dict) -> dict:
+    """Megatron-LM's MLA rope arguments: plain rope, or YaRN with its factors."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "default":
+        return dict(rope_type="rope", rotary_scaling_factor=1.0)
+    if rope_type != "yarn":
+        raise LayoutError(f"config.json: rope type '{rope_type}' has no Megatron-Core MLA equivalent (rope or yarn)")
+    return dict(rope_type="yarn", rotary_scaling_factor=float(params["factor"]),
+                mscale=float(params.get("mscale", 1.0)), mscale_all_dim=float(params.get("mscale_all_dim", 0.0)),
+                beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
+                original_max_position_embeddings=int(params.get("original_max_position_embeddings", 4096)))
+
+
+def _router_groups(config: dict, topk: int) -> tuple[int | None, int | None]:
+    """moe_router_num_groups / moe_router_group_topk. HF scores a group by the sum of its top-2
+    scores; Megatron-Core by its top (topk // group_topk): they agree when that is 2, or when
+    every group is kept anyway."""
+    groups, group_topk = _optional_int(config, "n_group", 1), _optional_int(config, "topk_group", 1)
+    if groups <= 1 or group_topk >= groups:
+        return None, None
+    if topk // group_topk != 2:
+        raise LayoutError(f"config.json: n_group {groups}, topk_group {group_topk}, num_experts_per_tok {topk}: "
+                          f"HF ranks groups by their top-2 scores, Megatron-Core by their top "
+                          f"{topk // group_topk}; no Megatron setting reproduces this routing")
+    return groups, group_topk
+
+
+def deepseek_v3_megatron_args(config: dict, dims: ModelDims) -> dict:
+    topk = hf_int(config, "num_experts_per_tok")
+    if not config.get("norm_topk_prob", True) and topk > 1:
+        raise LayoutError("config.json: norm_topk_prob is false: Megatron-Core's sigmoid router always "
+                          "normalises the top-k weights")
+    groups, group_topk = _router_groups(config, topk)
+    base = llama_megatron_args({**config, "attention_bias": False, "mlp_bias": False}, dims)
+    return {
+        **base, "kv_channels": dims.v_head_dim,
+        "multi_latent_attention": True, "qk_layernorm": True,
+        "q_lora_rank": dims.q_lora_rank or None, "kv_lora_rank": dims.kv_lora_rank,
+        "qk_head_dim": dims.qk_nope_dim, "qk_pos_emb_head_dim": dims.qk_rope_dim, "v_head_dim": dims.v_head_dim,
+        **_rope_args(config),
+        "num_experts": dims.num_experts, "moe_ffn_hidden_size": dims.moe_ffn,
+        "moe_layer_freq": [0] * dims.first_dense_layers + [1] * (dims.num_layers - dims.first_dense_layers),
+        "moe_shared_expert_intermediate_size": dims.shared_ffn or None,
+        "moe_router_topk": topk, "moe_router_num_groups": groups, "moe_router_group_topk": group_topk,
+        "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+        "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
+        "moe_router_pre_softmax": False, "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.0,
+        "mtp_num_layers": None,  # the multi-token-prediction layers are not converted
+    }
+
+
+def first_dense_from_freq(freq, num_layers: int, where: str) -> int:
+    """Megatron's moe_layer_freq (an int: every Nth layer is MoE; or a 0/1 list per layer) as a
+    count of leading dense layers, the only pattern DeepSeek-V3 (first_k_dense_replace) has."""
+    if freq is None or freq == 1:
+        return 0
+    if isinstance(freq, (list, tuple)) and len(freq) == num_layers and set(freq) <= {0, 1}:
+        first = freq.index(1) if 1 in freq else num_layers
+        if all(v == 1 for v in freq[first:]):
+            return first
+    raise FormatError(f"{where}: moe_layer_freq {freq!r} is not a run of dense layers followed by MoE layers")
+
+
+def deepseek_v3_hf_config(args: dict) -> dict:
+    where = "megatron args"
+    config = original_hf_config(args)
+    hidden, heads = arg(args, "hidden_size", where), arg(args, "num_attention_heads", where)
+    layers, moe_ffn = arg(args, "num_layers", where), arg(args, "moe_ffn_hidden_size", where)
+    shared = args.get("moe_shared_expert_intermediate_size") or 0
+    if shared % moe_ffn:
+        raise FormatError(f"{where}: moe_shared_expert_intermediate_size {shared} is not a multiple of "
+                          f"moe_ffn_hidden_size {moe_ffn} (HF counts shared experts)")
+    theta = float(args.get("rotary_base", 10000))
+    rope = dict(config.get("rope_parameters") or {"rope_type": "default"}, rope_theta=theta)
+    config.update(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=hidden,
+        intermediate_size=arg(args, "ffn_hidden_size", where), moe_intermediate_size=moe_ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        n_routed_experts=arg(args, "num_experts", where), n_shared_experts=shared // moe_ffn,
+        num_experts_per_tok=arg(args, "moe_router_topk", where),
+        n_group=args.get("moe_router_num_groups") or config.get("n_group", 1),
+        topk_group=args.get("moe_router_group_topk") or config.get("topk_group", 1),
+        routed_scaling_factor=float(args.get("moe_router_topk_scaling_factor") or 1.0),
+        first_k_dense_replace=first_dense_from_freq(args.get("moe_layer_freq"), layers, where),
+        q_lora_rank=args.get("q_lora_rank") or None, kv_lora_rank=arg(args, "kv_lora_rank", where),
+        qk_nope_head_dim=arg(args, "qk_head_dim", where), qk_rope_head_dim=arg(args, "qk_pos_emb_head_dim", where),
+        v_head_dim=arg(args, "v_head_dim", where), norm_topk_prob=True, hidden_act="silu", attention_bias=False,
+        rope_interleave=True, rms_norm_eps=float(args.get("norm_epsilon", 1e-6)),
+        max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
+        tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
+        vocab_size=args.get("vocab_size") or arg(args, "padded_vocab_size", where), rope_parameters=rope)
+    config["qk_head_dim"] = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    config["head_dim"] = config["qk_rope_head_dim"]
+    return config
+
+
+def is_deepseek_v3_args(args: dict) -> bool:
+    return bool(args.get("multi_latent_attention")) and bool(args.get("num_experts"))
+
+
+DEEPSEEK_V3 = register_family(Family(
+    name="deepseek_v3",
+    architectures=("DeepseekV3ForCausalLM",),
+    mappings=DEEPSEEK_V3_MAPPINGS,
+    dims_from_hf=deepseek_v3_dims,
+    megatron_args_from_hf=deepseek_v3_megatron_args,
+    hf_config_from_megatron=deepseek_v3_hf_config,
+    matches_megatron_args=is_deepseek_v3_args,
+    drops_extra_layers=True,
+))
