@@ -38,7 +38,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reshard", help="convert SRC into DST")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", default="hf", choices=["hf", "megatron", "torch_dist", "deepseek", "mindspore"],
+    p.add_argument("--to", default="hf",
+                   choices=["hf", "megatron", "torch_dist", "deepseek", "mindspore", "megatron-legacy"],
                    help="target format (default: hf)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
@@ -67,6 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
     p.add_argument("--json", action="store_true", help="print JSON (the plan with --dry-run, else the report)")
     p.add_argument("--threads", type=int, default=4, help="copy threads (default 4)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: the C++ core (default); cuda: casts and fp8 in Triton kernels on a GPU "
+                        "(on the CPU under TRITON_INTERPRET=1), same output")
 
     p = sub.add_parser("verify", help="compare two checkpoints (any formats) tensor by tensor; exit 1 if they differ")
     p.add_argument("a")
@@ -145,7 +149,7 @@ def _cmd_reshard(args) -> int:
     try:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                 force=args.force, threads=args.threads, source_format=args.source_format,
-                                progress=update, **_layout_options(args))
+                                progress=update, device=args.device, **_layout_options(args))
     finally:
         close()
     if os.environ.get("RANK", "0") != "0":

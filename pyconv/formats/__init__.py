@@ -32,14 +32,15 @@ def register_format(name: str, *, detect, read, plan_output=None, read_options=(
 
 def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
-    from pyconv.formats import deepseek, mindspore, hf, torch_dist, megatron  # noqa: F401
+    from pyconv.formats import deepseek, mindspore, hf, torch_dist, megatron, legacy_megatron  # noqa: F401
 
 
 # Adapters asked first, before the rest in registration order, because what they claim another
 # adapter would claim too: torch_dist an iteration directory Megatron's tracker also names
 # (only when it holds a distributed checkpoint), mindspore safetensors files (only by their
-# MindFormers tensor names).
-DETECT_FIRST = ("torch_dist", "mindspore")
+# MindFormers tensor names), megatron-legacy mp_rank_* directories the megatron adapter would
+# also claim (only when the first rank's model has the legacy `language_model` tree).
+DETECT_FIRST = ("torch_dist", "mindspore", "megatron-legacy")
 
 
 def format_names() -> list[str]:

@@ -1,0 +1,694 @@
+"""Legacy (pre-Megatron-Core) Megatron-LM GPT and BERT checkpoints, format `megatron-legacy`.
+
+Containers read:
+    FILE.pt                                   one rank (tp = pp = 1), a torch.save archive
+    FILE.zip                                  holding [PREFIX/](release|iter_NNNNNNN)/mp_rank_TT[_PPP]/model_optim_rng.pt
+                                              (stored, uncompressed members are read in place)
+    DIR/[latest_checkpointed_iteration.txt, release/ | iter_NNNNNNN/]mp_rank_TT[_PPP]/model_optim_rng.pt
+                                              (or model_rng.pt, as with the distributed optimizer)
+
+Each rank file holds {"args": Namespace, "checkpoint_version": v, "model": {...}} with the
+model as nested state dicts:
+
+    language_model.embedding.{word,position,tokentype}_embeddings.weight
+    language_model.encoder.layers.N.{input_layernorm, self_attention.query_key_value,
+        self_attention.dense, post_attention_layernorm, mlp.dense_h_to_4h, mlp.dense_4h_to_h}.{weight,bias}
+    language_model.encoder.final_layernorm.{weight,bias}     ('transformer' for 'encoder',
+                                                               'attention' for 'self_attention' in old files)
+    language_model.pooler.dense.*, lm_head.{dense.*, layernorm.*, bias}, binary_head.*       (BERT)
+    language_model.output_layer.weight (untied), word_embeddings_for_head.weight (tied, last stage, pp > 1)
+
+Legacy names map one to one onto Megatron-Core's (the table below), and from there the family
+table (gpt2, bert) and the shard rules of pyconv.formats.megatron place every shard's rows in
+the canonical tensors, TP and PP merged through SourceBlocks, nothing loaded whole. The fused
+QKV rows of a TP rank are ordered by checkpoint_version (np = heads on the rank, hn = head dim):
+
+    >= 2.0   [np, 3, hn]   (Megatron-Core's order for multi-head attention)
+       1.0   [np, hn, 3]   read as a [np * hn, 3 * cols] view: q, k, v are column blocks
+       0     [3, np, hn]   per rank, as Megatron's fix_query_key_value_ordering reads it
+
+Vocabulary rows beyond the true vocabulary (args.orig_vocab_size or vocab_size, else the
+padded size, as Hugging Face's converters do; a config.json in the checkpoint directory wins)
+are dropped. Written (HF -> megatron-legacy, GPT-2 and BERT): checkpoint_version 3.0, the
+vocabulary padded by repeating the last row, args as Hugging Face's GPT-2 converter writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import zipfile
+from argparse import Namespace
+from dataclasses import dataclass, replace
+
+from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.errors import FormatError, LayoutError
+from pyconv.families import LAYER, QKV, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, get_family
+from pyconv.formats import register_format
+from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
+    plan_text_file
+
+FORMAT = "megatron-legacy"
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILES = ("model_optim_rng.pt", "model_rng.pt")
+CHECKPOINT_VERSION = 3.0
+CONFIG = "config.json"
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_ZIP_RANK_MEMBER = re.compile(r"^(?P<dir>(?:.*/)?)mp_rank_(?P<t>\d{2})(?:_(?P<p>\d{3}))?/(?P<file>model_optim_rng|model_rng)\.pt$")
+_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+
+# ---- legacy names <-> Megatron-Core names -------------------------------------------------------
+# (legacy name, '/' where the nested state dicts split it; Megatron-Core name; parameters). '*' is
+# the layer index local to the pipeline stage. The first row for a Megatron-Core name is the one
+# written, except output_layer.weight (see _legacy_name).
+_W, _WB = ("weight",), ("weight", "bias")
+_NAME_TABLE = (
+    ("language_model/embedding/word_embeddings/{p}", "embedding.word_embeddings.{p}", _W),
+    ("language_model/embedding/position_embeddings/{p}", "embedding.position_embeddings.{p}", _W),
+    ("language_model/embedding/tokentype_embeddings/{p}", "embedding.tokentype_embeddings.{p}", _W),
+    ("language_model/encoder/layers.*.input_layernorm.{p}", "decoder.layers.*.input_layernorm.{p}", _WB),
+    ("language_model/encoder/layers.*.self_attention.query_key_value.{p}",
+     "decoder.layers.*.self_attention.linear_qkv.{p}", _WB),
+    ("language_model/encoder/layers.*.self_attention.dense.{p}", "decoder.layers.*.self_attention.linear_proj.{p}",
+     _WB),
+    ("language_model/encoder/layers.*.post_attention_layernorm.{p}", "decoder.layers.*.pre_mlp_layernorm.{p}", _WB),
+    ("language_model/encoder/layers.*.mlp.dense_h_to_4h.{p}", "decoder.layers.*.mlp.linear_fc1.{p}", _WB),
+    ("language_model/encoder/layers.*.mlp.dense_4h_to_h.{p}", "decoder.layers.*.mlp.linear_fc2.{p}", _WB),
+    ("language_model/encoder/final_layernorm.{p}", "decoder.final_layernorm.{p}", _WB),
+    ("language_model/pooler/dense.{p}", "pooler.dense.{p}", _WB),
+    ("language_model/output_layer/{p}", "output_layer.{p}", _W),  # untied output layer
+    ("word_embeddings_for_head/{p}", "output_layer.{p}", _W),  # tied: the last stage's copy of the embedding
+    ("lm_head/dense.{p}", "lm_head.dense.{p}", _WB),
+    ("lm_head/layernorm.{p}", "lm_head.layer_norm.{p}", _WB),
+    ("lm_head/{p}", "output_layer.{p}", ("bias",)),
+    ("binary_head/{p}", "binary_head.{p}", _WB),
+)
+# Older spellings, rewritten before the table is consulted.
+_ALIASES = (
+    (re.compile(r"^language_model\.transformer\."), "language_model.encoder."),
+    (re.compile(r"^(language_model\.encoder\.layers\.\d+\.)attention\."), r"\1self_attention."),
+)
+_ROWS = tuple((legacy.format(p=p), mcore.format(p=p)) for legacy, mcore, params in _NAME_TABLE for p in params)
+_TO_MCORE = tuple((re.compile("^" + re.escape(legacy.replace("/", ".")).replace(r"\*", r"(\d+)") + "$"), mcore)
+                  for legacy, mcore in _ROWS)
+_TO_LEGACY: dict[str, str] = {}
+for _legacy, _mcore in _ROWS:
+    _TO_LEGACY.setdefault(_mcore, _legacy)
+_TIED_HEAD = "word_embeddings_for_head/weight"
+_FAMILIES = ("gpt2", "bert")
+
+
+def mcore_name(legacy: str) -> str | None:
+    """The Megatron-Core name of a legacy tensor path (dotted), or None."""
+    for pattern, replacement in _ALIASES:
+        legacy = pattern.sub(replacement, legacy)
+    for regex, mcore in _TO_MCORE:
+        m = regex.match(legacy)
+        if m:
+            return mcore.replace("*", m.group(1)) if m.groups() else mcore
+    return None
+
+
+def _legacy_name(mcore: str, tied: bool) -> str:
+    """The nested legacy path ('/'-separated state dicts) a Megatron-Core name is written under."""
+    if mcore == "output_layer.weight" and tied:
+        return _TIED_HEAD
+    m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", mcore)
+    key = f"decoder.layers.*.{m.group(2)}" if m else mcore
+    legacy = _TO_LEGACY[key]
+    return legacy.replace("*", m.group(1)) if m else legacy
+
+
+# ---- where the rank files are ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankFile:
+    """A torch.save archive: the whole of `path`, or bytes [base, base + size) of it (a stored
+    member of a .zip). `label` is what messages name."""
+
+    label: str
+    path: str
+    base: int = 0
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class _Found:
+    ranks: dict  # (tp rank, pp rank) -> RankFile
+    iteration: str
+    container: str  # "file", "zip" or "directory"
+    where: str  # the directory (or zip prefix) holding the rank dirs, for messages
+
+
+def _load(rank: RankFile):
+    """The rank file's object tree (tensors as TensorRefs with absolute offsets in rank.path)."""
+    try:
+        f = open(rank.path, "rb")
+    except OSError as e:
+        raise FormatError(f"{rank.label}: cannot open: {e.strerror}") from None
+    with f:
+        st = os.fstat(f.fileno())
+        return _load_cached(rank, st.st_size, st.st_mtime_ns, f)
+
+
+_TREES: dict = {}  # (rank file, size, mtime) -> object tree, the last few parsed
+
+
+def _load_cached(rank: RankFile, file_size: int, mtime_ns: int, f):
+    """Detection peeks at the first rank file and reading parses it again: parse once."""
+    from pyconv.io.torchzip import read_torch_archive
+
+    key = (rank, file_size, mtime_ns)
+    if key in _TREES:
+        return _TREES[key]
+    try:
+        obj = read_torch_archive(rank.path, f, rank.base, rank.size).obj
+    except FormatError as e:
+        message = str(e)
+        if rank.label != rank.path and message.startswith(rank.path):
+            message = rank.label + message[len(rank.path):]
+        raise FormatError(message) from None
+    if len(_TREES) >= 4:
+        _TREES.pop(next(iter(_TREES)))
+    _TREES[key] = obj
+    return obj
+
+
+def _rank_key(t: str, p: str | None) -> tuple[int, int]:
+    return int(t), int(p) if p is not None else 0
+
+
+def _find_in_directory(root: str) -> _Found:
+    from pyconv.formats.megatron import _iteration_dir
+
+    directory, iteration = _iteration_dir(root)
+    ranks = {}
+    for entry in sorted(os.listdir(directory)):
+        m = _RANK_DIR.match(entry)
+        rank_dir = os.path.join(directory, entry)
+        if not m or not os.path.isdir(rank_dir):
+            continue
+        file = next((os.path.join(rank_dir, n) for n in RANK_FILES if os.path.isfile(os.path.join(rank_dir, n))), None)
+        if file is None:
+            raise FormatError(f"{rank_dir}: no {' or '.join(RANK_FILES)}")
+        ranks[_rank_key(*m.groups())] = RankFile(file, file)
+    if not ranks:
+        raise FormatError(f"{directory}: no mp_rank_TT[_PPP] directories")
+    return _Found(ranks, iteration, "directory", directory)
+
+
+def _zip_member_offset(path: str, f, info: zipfile.ZipInfo, file_size: int) -> int:
+    """Where a stored member's bytes start, from its local header."""
+    if info.flag_bits & 0x1:
+        raise FormatError(f"{path}: member '{info.filename[:200]}' is encrypted")
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise FormatError(f"{path}: member '{info.filename[:200]}' is compressed (zip method {info.compress_type}); "
+                          "pyconv reads stored (uncompressed) members in place: unzip the archive and convert the "
+                          "directory, or re-zip it with `zip -0`")
+    header = os.pread(f.fileno(), _ZIP_LOCAL_HEADER.size, info.header_offset)
+    if len(header) < _ZIP_LOCAL_HEADER.size or _ZIP_LOCAL_HEADER.unpack(header)[0] != 0x04034B50:
+        raise FormatError(f"{path}: local header of member '{info.filename[:200]}' at byte {info.header_offset} "
+                          "is missing or corrupt")
+    *_, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(header)
+    start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+    if start + info.file_size > file_size:
+        raise FormatError(f"{path}: member '{info.filename[:200]}' (bytes {start}..{start + info.file_size}) runs "
+                          f"past the end of the file ({file_size} bytes): truncated archive?")
+    return start
+
+
+def _find_in_zip(path: str) -> _Found | None:
+    """The rank files of a checkpoint .zip, or None when the zip is a torch.save archive itself."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise FormatError(f"{path}: cannot open: {e.strerror}") from None
+    with f:
+        try:
+            infos = zipfile.ZipFile(f).infolist()
+        except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on hostile directories
+            raise FormatError(f"{path}: not a readable zip archive (truncated or corrupt?): {e}") from None
+        members: dict[str, dict] = {}
+        trackers: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            m = _ZIP_RANK_MEMBER.match(info.filename)
+            if m:
+                members.setdefault(m.group("dir"), {}).setdefault(_rank_key(m.group("t"), m.group("p")), []).append(info)
+            elif info.filename.endswith(TRACKER):
+                trackers[info.filename[:-len(TRACKER)]] = info
+        if not members:
+            return None
+        prefix = _choose_zip_iteration(path, f, members, trackers)
+        file_size = os.fstat(f.fileno()).st_size
+        ranks = {}
+        for key, candidates in sorted(members[prefix].items()):
+            info = min(candidates, key=lambda i: RANK_FILES.index(i.filename.rsplit("/", 1)[1]))
+            offset = _zip_member_offset(path, f, info, file_size)
+            ranks[key] = RankFile(f"{path}!{info.filename}", path, offset, info.file_size)
+    iteration = os.path.basename(prefix.rstrip("/")) or "release"
+    return _Found(ranks, iteration, "zip", f"{path}!{prefix or '/'}")
+
+
+def _choose_zip_iteration(path: str, f, members: dict, trackers: dict) -> str:
+    if len(members) == 1:
+        return next(iter(members))
+    for parent, info in trackers.items():
+        if info.file_size > 64:
+            continue
+        text = zipfile.ZipFile(f).read(info).decode("utf-8", "replace").strip()
+        wanted = parent + ("release/" if text == "release" else f"iter_{int(text):07d}/" if text.isdigit() else "?")
+        if wanted in members:
+            return wanted
+    raise FormatError(f"{path}: holds several checkpoints ({', '.join(sorted(p or '/' for p in members))}) and no "
+                      f"{TRACKER} that names one of them")
+
+
+def _find(root: str) -> _Found:
+    if os.path.isdir(root):
+        return _find_in_directory(root)
+    found = _find_in_zip(root)
+    if found is None:  # a torch.save archive: one rank
+        return _Found({(0, 0): RankFile(root, root)}, "release", "file", os.path.dirname(root))
+    return found
+
+
+# ---- detection -------------------------------------------------------------------------------
+
+def _is_legacy_tree(obj) -> bool:
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return isinstance(model, dict) and isinstance(model.get("language_model"), dict)
+
+
+def detect(path: str) -> bool:
+    """A file that is a zip (a torch.save archive or a checkpoint .zip): always ours, reading says
+    what is wrong with it. A directory of mp_rank_* dirs: ours when the first rank file's model
+    has the legacy `language_model` tree (a Megatron-Core one is the megatron adapter's)."""
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                return f.read(4) == b"PK\x03\x04"
+        except OSError:
+            return False
+    if not os.path.isdir(path):
+        return False
+    if not os.path.isfile(os.path.join(path, TRACKER)) and not any(_RANK_DIR.match(e) for e in os.listdir(path)):
+        return False
+    try:
+        found = _find_in_directory(os.path.abspath(path))
+        return _is_legacy_tree(_load(found.ranks[min(found.ranks)]))
+    except FormatError:
+        return False  # the megatron adapter reports what is wrong
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def _version(obj: dict, where: str) -> float:
+    version = obj.get("checkpoint_version", 0)
+    if isinstance(version, bool) or not isinstance(version, (int, float)):
+        raise FormatError(f"{where}: checkpoint_version is {version!r}, not a number")
+    if version < 2.0 and version not in (0, 1.0):
+        raise FormatError(f"{where}: checkpoint_version {version} is none of 0, 1.0 or >= 2.0 (Megatron refuses it too)")
+    return float(version)
+
+
+def _model_tensors(obj: dict, where: str) -> dict:
+    """Megatron-Core name -> TensorRef for every tensor of a rank file's model."""
+    from pyconv.io.torchzip import iter_tensors
+
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where}: not a Megatron checkpoint (top level is not a dict)")
+    model = obj.get("model")
+    if not isinstance(model, dict):
+        virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()]
+        raise FormatError(f"{where}: " + ("virtual pipeline checkpoints (model0, model1...) are not supported"
+                                          if virtual else "no 'model' state dict"))
+    if not isinstance(model.get("language_model"), dict):
+        raise FormatError(f"{where}: the model has no 'language_model' state dict: not a legacy Megatron "
+                          "checkpoint (a Megatron-Core one reads as --format megatron)")
+    out, legacy_of = {}, {}
+    for legacy, ref in iter_tensors(model):
+        name = mcore_name(legacy)
+        if name is None:
+            raise FormatError(f"{where}: tensor 'model.{legacy}' matches no legacy Megatron GPT/BERT name")
+        if name in out:
+            raise FormatError(f"{where}: tensors 'model.{legacy_of[name]}' and 'model.{legacy}' are both the "
+                              f"output layer")
+        out[name], legacy_of[name] = ref, legacy
+    return out
+
+
+def _normalized_args(args: dict, where: str, tp: int, pp: int, padded_from_shapes: int) -> dict:
+    """Legacy args in the keys megatron_dims and the family tables read."""
+    out = dict(args)
+    padded = args.get("padded_vocab_size")
+    if padded is None:
+        padded = padded_from_shapes
+    elif padded != padded_from_shapes:
+        raise FormatError(f"{where}: args say padded_vocab_size={padded} but the word embeddings hold "
+                          f"{padded_from_shapes} rows over tp={tp}")
+    true_vocab = args.get("orig_vocab_size") or args.get("vocab_size") or padded
+    if not isinstance(true_vocab, int) or not 0 < true_vocab <= padded:
+        raise FormatError(f"{where}: true vocabulary size {true_vocab!r} does not fit the padded size {padded}")
+    out.update(padded_vocab_size=padded, vocab_size=true_vocab)
+    if out.get("norm_epsilon") is None and args.get("layernorm_epsilon") is not None:
+        out["norm_epsilon"] = args["layernorm_epsilon"]
+    out["group_query_attention"] = False
+    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        if args.get(key) not in (None, value):
+            raise FormatError(f"{where}: args say {key}={args[key]} but the checkpoint holds {value}")
+    if args.get("swiglu") or args.get("position_embedding_type") not in (None, "learned_absolute") \
+            or args.get("normalization", "LayerNorm") != "LayerNorm" or args.get("group_query_attention"):
+        raise FormatError(f"{where}: legacy checkpoints with SwiGLU, rotary positions, RMSNorm or grouped-query "
+                          "attention are not supported (GPT-2 and BERT layouts are)")
+    return out
+
+
+def _family(tensors_by_rank: dict, family: str | None, where: str) -> Family:
+    if family is not None:
+        if family not in _FAMILIES:
+            raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (--family gpt2|bert), "
+                              f"not '{family}'")
+        return get_family(family)
+    bert_only = ("embedding.tokentype_embeddings.weight", "pooler.dense.weight", "lm_head.dense.weight",
+                 "output_layer.bias", "binary_head.weight")
+    is_bert = any(n in tensors for tensors in tensors_by_rank.values() for n in bert_only)
+    return get_family("bert" if is_bert else "gpt2")
+
+
+def _dims(family: Family, args: dict, first: dict, where: str) -> ModelDims:
+    from pyconv.formats.megatron import megatron_dims
+
+    dims = megatron_dims(args, where)
+    if family.name == "bert":
+        from pyconv.families.bert import DEFAULT_TOKEN_TYPES, BertDims
+
+        tokentype = first.get("embedding.tokentype_embeddings.weight")
+        token_types = tokentype.shape[0] if tokentype is not None and len(tokentype.shape) == 2 else \
+            args.get("num_tokentypes") or DEFAULT_TOKEN_TYPES
+        dims = BertDims(**{**vars(dims), "token_types": token_types, "tied": True})
+    return dims
+
+
+def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.formats.megatron import MegatronLayout, _args_dict, hf_names, rank_dir_name
+    from pyconv.layout import layer_stages
+
+    root = os.path.abspath(path)
+    found = _find(root)
+    tp = max(t for t, _ in found.ranks) + 1
+    pp = max(p for _, p in found.ranks) + 1
+    for p in range(pp):
+        for t in range(tp):
+            if (t, p) not in found.ranks:
+                raise FormatError(f"{found.where}: {rank_dir_name(t, p, pp)} is missing (found tp={tp}, pp={pp})")
+    first_rank = found.ranks[(0, 0)]
+    trees = {key: _load(rank) for key, rank in found.ranks.items()}
+    tensors_by_rank = {key: _model_tensors(trees[key], rank.label) for key, rank in found.ranks.items()}
+    first = trees[(0, 0)]
+    version = _version(first, first_rank.label)
+    for key, rank in found.ranks.items():
+        if _version(trees[key], rank.label) != version:
+            raise FormatError(f"{rank.label}: checkpoint_version {trees[key].get('checkpoint_version')} differs from "
+                              f"{first_rank.label}'s {version}")
+    raw_args = first.get("args")
+    if raw_args is None:
+        raise FormatError(f"{first_rank.label}: no 'args': pyconv needs the training args (hidden size, heads, "
+                          "layers) that Megatron-LM saves with the model")
+    args = _args_dict(raw_args, first_rank.label)
+    embedding = tensors_by_rank[(0, 0)].get("embedding.word_embeddings.weight")
+    if embedding is None or len(embedding.shape) != 2:
+        raise FormatError(f"{first_rank.label}: no 2-D 'model.language_model.embedding.word_embeddings.weight'")
+    args = _normalized_args(args, first_rank.label, tp, pp, embedding.shape[0] * tp)
+    fam = _family(tensors_by_rank, family, first_rank.label)
+    config_override = _config_beside(root) if found.container == "directory" else None
+    if config_override is not None and isinstance(config_override.get("vocab_size"), int):
+        if not 0 < config_override["vocab_size"] <= args["padded_vocab_size"]:
+            raise FormatError(f"{os.path.join(root, CONFIG)}: vocab_size {config_override['vocab_size']} does not fit "
+                              f"the padded vocabulary of {args['padded_vocab_size']}")
+        args["vocab_size"] = config_override["vocab_size"]
+    dims = _dims(fam, args, tensors_by_rank[(0, 0)], first_rank.label)
+    layout = MegatronLayout(family=fam, dims=dims, padded_vocab=args["padded_vocab_size"],
+                            stages=layer_stages(dims.num_layers, pp), tp=tp, pp=pp, ep=1)
+    blocks: dict[str, list[SourceBlock]] = {}
+    dtypes: dict[str, str] = {}
+    for (t, p), tensors in sorted(found.ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        _read_rank(found.ranks[(t, p)].label, tensors_by_rank[(t, p)], layout, t, p, version, blocks, dtypes)
+    tensors = {}
+    for entry in MegatronLayout(fam, dims, layout.padded_vocab, [range(dims.num_layers)], 1, 1, 1).entries(0, 0):
+        for index, name in enumerate(hf_names(entry.mapping, entry.layer)):
+            if name not in blocks or name in tensors:
+                continue
+            shape = _hf_shape(entry.mapping, index, dims)
+            tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
+            rows, cols = view2d(shape)
+            covered = sum(b.rows * b.cols for b in tensor.blocks)
+            if covered != rows * cols:
+                raise FormatError(f"{found.where}: shards cover {covered} of the {rows * cols} elements of {name}")
+            tensors[name] = tensor
+    config = _hf_config(fam, args, dims)
+    if config_override is not None:
+        config = {**config_override, **{k: config[k] for k in ("architectures", "model_type") if k in config}}
+    dtype = next(iter(dtypes.values()), None)
+    if dtype in _TORCH_DTYPE and config_override is None:
+        config["dtype"] = _TORCH_DTYPE[dtype]
+    extra = ()
+    if found.container == "directory":
+        extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n)))
+                      for n in sorted(os.listdir(root))
+                      if n not in (TRACKER, CONFIG) and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
+    details = {"family": fam.name, "tp": tp, "pp": pp, "iteration": found.iteration, "checkpoint_version": version,
+               "container": found.container, "padded_vocab_size": layout.padded_vocab}
+    return Catalog(FORMAT, root, tensors, config, fam.architectures[0], extra, details=details)
+
+
+def _config_beside(root: str) -> dict | None:
+    """An HF config.json in the checkpoint directory: the user's word on the model (true vocab)."""
+    from pyconv.io.jsonfile import load_json
+
+    path = os.path.join(root, CONFIG)
+    if not os.path.isfile(path):
+        return None
+    config = load_json(path, "config")
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: config is not a JSON object")
+    return config
+
+
+def _hf_shape(mapping: TensorMapping, index: int, dims: ModelDims) -> tuple[int, ...]:
+    shape = mapping.shape(dims)
+    if mapping.rule == QKV and len(mapping.hf) == 3 and index > 0:
+        return (dims.groups * dims.head_dim,) + tuple(shape[1:])
+    return tuple(shape)
+
+
+def _hf_config(family: Family, args: dict, dims: ModelDims) -> dict:
+    from pyconv.families.common import original_hf_config
+
+    if family.name == "bert":
+        return family.hf_config_from_megatron({**args, "num_tokentypes": getattr(dims, "token_types", None)})
+    # GPT-2 as Hugging Face's checkpoint_reshaping_and_interoperability.py builds its config.
+    config = original_hf_config(args)
+    activation = ("gelu_fast" if args.get("bias_gelu_fusion") else "gelu_new" if args.get("openai_gelu") else "gelu")
+    if not config:
+        config.update(bos_token_id=dims.vocab - 1, eos_token_id=dims.vocab - 1, scale_attn_weights=True)
+    config.setdefault("activation_function", activation)
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=dims.vocab,
+                  n_positions=dims.max_positions, n_embd=dims.hidden, n_layer=dims.num_layers, n_head=dims.heads,
+                  layer_norm_epsilon=float(args.get("norm_epsilon") or 1e-5), tie_word_embeddings=dims.tied)
+    if not ("n_inner" in config and config["n_inner"] is None and dims.ffn == 4 * dims.hidden):
+        config["n_inner"] = dims.ffn  # (None, the source's way of saying 4 * n_embd, is kept)
+    return config
+
+
+def legacy_qkv_position(stored: StoredTensor, row: int, rows: int, col: int, dims: ModelDims, tp: int,
+                        version: float) -> tuple[StoredTensor, int, int]:
+    """Where rows [row, row + rows) x col.. of a TP rank's fused QKV shard, in the [np, 3, hn]
+    order of version >= 2.0, lie in a shard stored in `version`'s order: (stored view, row, col).
+    The rows must stay inside one head's q, k or v."""
+    hn, local_heads = dims.head_dim, dims.heads // tp
+    head, rest = divmod(row, 3 * hn)
+    split, d0 = divmod(rest, hn)
+    if d0 + rows > hn:
+        raise LayoutError(f"fused QKV rows {row}..{row + rows} cross a head boundary (head_dim {hn})")
+    if version >= 2.0:
+        return stored, row, col
+    if version == 0:
+        return stored, split * local_heads * hn + head * hn + d0, col
+    cols = view2d(stored.shape)[1]  # 1.0: [np, hn, 3] rows; as [np * hn, 3 * cols] each of q, k, v is a column block
+    return replace(stored, shape=(local_heads * hn, 3 * cols)), head * hn + d0, split * cols + col
+
+
+def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float,
+               blocks: dict, dtypes: dict) -> None:
+    """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for."""
+    from pyconv.formats.megatron import hf_names, megatron_tensor_name, shard_shape
+    from pyconv.layout import divide
+
+    dims, tp = layout.dims, layout.tp
+    divide(dims.heads, tp, "num_attention_heads", "tp")
+    seen = set()
+    for entry in layout.entries(p, 0):
+        mapping = entry.mapping
+        key = megatron_tensor_name(mapping, "local", entry.local_layer)
+        names = hf_names(mapping, entry.layer)
+        if key not in tensors:
+            if mapping.optional:
+                continue
+            raise FormatError(f"{label}: missing tensor 'model.{_legacy_name(key, dims.tied).replace('/', '.')}'")
+        seen.add(key)
+        ref = tensors[key]
+        pieces = layout.pieces(mapping, names, t)
+        expected = shard_shape(pieces, len(mapping.shape(dims)))
+        if tuple(ref.shape) != expected:
+            raise FormatError(f"{label}: tensor 'model.{_legacy_name(key, dims.tied).replace('/', '.')}' has shape "
+                              f"{list(ref.shape)}, expected {list(expected)} for tp={tp} (hidden {dims.hidden}, heads "
+                              f"{dims.heads}, ffn {dims.ffn}, padded vocab {layout.padded_vocab})")
+        if mapping.rule == VOCAB and key == "output_layer.weight" and dims.tied:
+            continue  # the last stage's copy of the tied word embedding
+        if mapping.rule == REPLICATED and t > 0:
+            continue  # replicas: taken from tensor-parallel rank 0
+        stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        for piece in pieces:
+            if piece.repeat:
+                continue  # vocab padding carries nothing back
+            view, row, col = stored, piece.dst_row, piece.dst_col
+            if mapping.rule == QKV:
+                view, row, col = legacy_qkv_position(stored, row, piece.rows, col, dims, tp, version)
+            blocks.setdefault(piece.source, [])
+            if dtypes.setdefault(piece.source, ref.dtype) != ref.dtype:
+                raise FormatError(f"{label}: '{key}' is {ref.dtype} but other shards of {piece.source} are "
+                                  f"{dtypes[piece.source]}")
+            if transposed:
+                block = SourceBlock(view, row, col, piece.cols, piece.rows, piece.col0, piece.row0, transpose=True)
+            else:
+                block = SourceBlock(view, row, col, piece.rows, piece.cols, piece.row0, piece.col0)
+            blocks[piece.source].append(block)
+    unknown = [k for k in tensors if k not in seen]
+    if unknown:
+        raise FormatError(f"{label}: tensor 'model.{_legacy_name(unknown[0], dims.tied).replace('/', '.')}' does not "
+                          f"belong on pipeline stage {p} of a {layout.family.name} model"
+                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def _region_copies(tensor: CanonicalTensor, piece, transposed: bool) -> list[BlockCopy]:
+    if piece.repeat:  # vocab padding: the last real row, repeated (row stride 0)
+        one_row = copies_for_region(tensor, piece.row0, piece.col0, 1, piece.cols, piece.dst_row, piece.dst_col)
+        return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, piece.rows, c.cols, c.dst_row, c.dst_col)
+                for c in one_row]
+    if transposed:
+        return copies_for_region(tensor, piece.col0, piece.row0, piece.cols, piece.rows, piece.dst_row,
+                                 piece.dst_col, transpose=True)
+    return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col)
+
+
+def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSpec, padded: int,
+                 params_dtype: str) -> dict:
+    """The args Hugging Face's GPT-2 converter saves, plus what Megatron-LM's loader and pyconv's
+    reader want (the true vocab, the source config)."""
+    from pyconv.io.torchsave import TorchDtypeValue
+
+    activation = config.get("activation_function", config.get("hidden_act", "gelu"))
+    args = {
+        "orig_vocab_size": dims.vocab, "max_position_embeddings": dims.max_positions, "hidden_size": dims.hidden,
+        "num_layers": dims.num_layers, "num_attention_heads": dims.heads, "ffn_hidden_size": dims.ffn,
+        "kv_channels": dims.head_dim, "tensor_model_parallel_size": target.tp,
+        "pipeline_model_parallel_size": target.pp, "data_parallel_size": 1,
+        "make_vocab_size_divisible_by": target.vocab_divisible_by, "padded_vocab_size": padded, "rank": 0,
+        "bias_gelu_fusion": activation == "gelu_fast", "openai_gelu": activation == "gelu_new",
+        "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
+        "fp16": params_dtype == "F16", "bf16": params_dtype == "BF16",
+        "untie_embeddings_and_output_weights": not dims.tied, "iteration": target.iteration or 0,
+        "pyconv_hf_config": json.dumps(config, sort_keys=True),
+    }
+    if family.name == "bert":
+        eps = float(config.get("layer_norm_eps", 1e-12))
+        args.update(tokenizer_type="BertWordPieceLowerCase", bert_binary_head=True, layernorm_epsilon=eps,
+                    num_tokentypes=getattr(dims, "token_types", 2))
+    else:
+        args.update(tokenizer_type="GPT2BPETokenizer", layernorm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)))
+    return args
+
+
+def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    from pyconv.formats.megatron import MegatronLayout, family_and_dims
+    from pyconv.layout import layer_stages, padded_vocab_size
+
+    family, dims = family_and_dims(catalog)
+    if family.name not in _FAMILIES:
+        raise LayoutError(f"{catalog.path}: legacy Megatron checkpoints hold GPT-2 or BERT models, not "
+                          f"{catalog.architecture} (use --to megatron for Megatron-Core)")
+    if target.tp < 1 or target.pp < 1 or target.ep != 1:
+        raise LayoutError(f"legacy Megatron takes tp >= 1, pp >= 1 and no expert parallelism "
+                          f"(got tp={target.tp}, pp={target.pp}, ep={target.ep})")
+    if target.megatron_naming != "te" or target.moe_grouped_gemm:
+        raise LayoutError("--megatron-naming and --moe-grouped-gemm apply to --to megatron, not legacy checkpoints")
+    from pyconv.layout import divide
+
+    divide(dims.heads, target.tp, "num_attention_heads", "tp")
+    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
+    stages = layer_stages(dims.num_layers, target.pp, target.first_stage_layers, target.last_stage_layers)
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
+    args = _writer_args(family, catalog.config, dims, target, padded, target.dtype or source_dtype)
+    if target.first_stage_layers is not None or target.last_stage_layers is not None:
+        args.update(decoder_first_pipeline_num_layers=target.first_stage_layers,
+                    decoder_last_pipeline_num_layers=target.last_stage_layers)
+    layout = MegatronLayout(family, dims, padded, stages, target.tp, target.pp, 1)
+    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+    files = [_plan_rank_file(catalog, layout, target, args, iteration_dir, t, p)
+             for p in range(target.pp) for t in range(target.tp)]
+    files.append(plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)))
+    files.extend(plan_file_copy(path, size, os.path.basename(path)) for path, size in catalog.extra_files)
+    return files
+
+
+def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, iteration_dir: str,
+                    t: int, p: int) -> PlannedFile:
+    from pyconv.formats.hf import output_dtype
+    from pyconv.formats.megatron import hf_names, megatron_tensor_name, rank_dir_name, shard_shape
+    from pyconv.io.torchsave import TensorSlot, layout_torch_save
+
+    family, dims, pp = layout.family, layout.dims, layout.pp
+    model: dict = {}
+    planned: dict[int, tuple] = {}  # id(slot) -> (name, dtype, shape, copies)
+    for entry in layout.entries(p, 0):
+        mapping = entry.mapping
+        names = hf_names(mapping, entry.layer)
+        mcore = megatron_tensor_name(mapping, "local", entry.local_layer)
+        if mcore == "output_layer.weight" and dims.tied:
+            if pp == 1:
+                continue  # one stage: the output layer is the word embedding itself
+            names = [next(m for m in family.mappings if m.megatron == "embedding.word_embeddings.weight").hf[0]]
+        missing = [n for n in names if n not in catalog.tensors]
+        if missing:
+            if mapping.optional and len(missing) == len(names):
+                continue
+            raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
+        pieces = layout.pieces(mapping, names, t)
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+        dtype = output_dtype(catalog.tensors[names[0]], target.dtype)
+        shape = shard_shape(pieces, len(mapping.shape(dims)))
+        slot = TensorSlot(dtype, shape)
+        legacy = _legacy_name(mcore, dims.tied)
+        *containers, leaf = legacy.split("/")
+        node = model
+        for c in containers:
+            node = node.setdefault(c, {})
+        node[leaf] = slot
+        planned[id(slot)] = (legacy.replace("/", "."), dtype, shape, copies)
+    obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
+           "iteration": target.iteration or 0, "model": model}
+    zip_layout, slots = layout_torch_save(obj)
+    tensors = tuple(PlannedTensor(*planned[id(slot)][:3], offset, tuple(planned[id(slot)][3]))
+                    for slot, offset in zip(slots, zip_layout.record_offsets))
+    path = f"{iteration_dir}/{rank_dir_name(t, p, pp)}/{RANK_FILES[0]}"
+    return PlannedFile(path, zip_layout.size, tensors, zip_layout.literals)
+
+
+register_format(FORMAT, detect=detect, read=read, plan_output=plan_output, read_options=("family",))
