@@ -175,14 +175,15 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shar
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_size=None, force: bool = False,
             dry_run: bool = False, threads: int = 4, source_format: str | None = None,
-            progress=None, **layout) -> ReshardReport:
+            progress=None, device: str = "cpu", **layout) -> ReshardReport:
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
     dtype: fp32 | bf16 | fp16 (floating tensors are cast; others keep theirs);
     max_shard_size: bytes or a size such as '5GB' (hf). layout: tp, pp, ep, megatron_naming, moe_grouped_gemm
     ('te' or 'local'), iteration, vocab_divisible_by, first_stage_layers, last_stage_layers
     (megatron), family (to read a Megatron checkpoint whose family the args do not tell).
-    Nothing is written on dry_run.
+    Nothing is written on dry_run. device: "cpu" (the C++ core) or "cuda" (Triton kernels on a GPU,
+    or on the CPU under TRITON_INTERPRET=1; same output bytes).
     """
     src, dst = os.fspath(src), os.fspath(dst)
     _validate_layout(layout)
@@ -200,8 +201,13 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_siz
 
     if world_from_env() is None:
         from pyconv.execute import execute_plan
+
+        execute_plan(plan, dst, force=force, threads=threads, progress=progress, device=device)
     else:  # launched by torchrun: this rank writes its share of the files
-        from pyconv.scaleout import execute_plan_distributed as execute_plan
-    execute_plan(plan, dst, force=force, threads=threads, progress=progress)
+        from pyconv.scaleout import execute_plan_distributed
+
+        if device != "cpu":
+            raise LayoutError("--device cuda is not supported under torchrun yet; run it single-process")
+        execute_plan_distributed(plan, dst, force=force, threads=threads, progress=progress)
     return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count, plan.total_bytes,
                          time.perf_counter() - started, False, plan)

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 
 from pyconv import _core
-from pyconv.errors import Cancelled, OutputError
+from pyconv.errors import Cancelled, LayoutError, OutputError
 from pyconv.plan import ReshardPlan
 
 TMP_MARK = ".pyconv-tmp-"
@@ -109,8 +109,15 @@ def _core_args(plan: ReshardPlan, root: str):
 
 
 def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: int = 4,
-                 chunk_bytes: int = 32 << 20, progress=None) -> dict:
-    """Writes the plan's files under dst atomically. Returns the core's statistics."""
+                 chunk_bytes: int = 32 << 20, progress=None, device: str = "cpu") -> dict:
+    """Writes the plan's files under dst atomically. Returns the executor's statistics.
+    device "cuda" runs the tensor arithmetic in Triton kernels (pyconv/cuda_exec.py)."""
+    if device not in ("cpu", "cuda"):
+        raise LayoutError(f"unknown device '{device}' (choose cpu or cuda)")
+    if device == "cuda":
+        from pyconv.cuda_exec import load_backend
+
+        load_backend()  # no GPU and no interpreter: refuse before creating anything
     dst = os.path.abspath(dst)
     parent = os.path.dirname(dst)
     if os.path.lexists(dst) and not force:
@@ -132,8 +139,13 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
             for sub in subdirs:
                 os.makedirs(os.path.join(tmp, sub), exist_ok=True)
             sources, dests, literals, tensors = _core_args(plan, tmp)
-            stats = _core.execute(sources, dests, literals, tensors, threads=threads, chunk_bytes=chunk_bytes,
-                                  fsync=True, progress=progress)
+            if device == "cuda":
+                from pyconv.cuda_exec import execute_plan_cuda
+
+                stats = execute_plan_cuda(plan, tmp, threads=threads, progress=progress)
+            else:
+                stats = _core.execute(sources, dests, literals, tensors, threads=threads, chunk_bytes=chunk_bytes,
+                                      fsync=True, progress=progress)
             for sub in subdirs:
                 _fsync_dir(os.path.join(tmp, sub))
             _fsync_dir(tmp)

@@ -1,0 +1,517 @@
+"""The `--device cuda` executor: runs the same ReshardPlan as the C++ core, with the tensor
+arithmetic (casts, fp8 dequantization and quantization, the row permutations around a cast)
+in the Triton kernels of the `kernels` package, and gives the same bytes.
+
+    reader threads                main thread (one CUDA stream per slot)         writer threads
+    pread / strided gather   ──▶  H2D ─▶ kernels ─▶ D2H (non-blocking)     ──▶  wait event, pwrite
+    into a pinned slot            the next item's H2D overlaps these kernels     frees the slot
+
+Work is cut into items: bands of whole rows of one output tensor, sized so that the source
+bytes and the output bytes of a band fit one pinned slot (`slot_bytes`). `slots` slots are
+recycled, so pinned host memory is slots x slot_bytes and device memory about twice that
+(a band's staged source and its output), whatever the model size. A tensor that needs no
+arithmetic (same dtype, no scales) never goes to the GPU: its bytes are read straight into
+place in the slot and written, as the CPU path's copy would.
+
+Under TRITON_INTERPRET=1 the same code runs with CPU tensors: the "device" is the CPU, the
+H2D and D2H copies disappear (the kernels read and write the slot itself), streams and
+events become no-ops. Without a GPU and without the interpreter, --device cuda is refused.
+
+torch and triton are imported only here, and only when --device cuda is asked for.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pyconv.catalog import ITEMSIZE, view2d
+from pyconv.errors import Cancelled, FormatError, PyconvError
+from pyconv.plan import PlannedTensor, ReshardPlan
+
+FLOATS = ("F32", "BF16", "F16")
+QUANT_BLOCK = 128
+ALIGN = 64  # byte alignment of every region inside a slot
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def load_backend():
+    """(torch, kernels.ops, device) for --device cuda, or a PyconvError saying why not."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    try:
+        import torch
+    except ImportError:
+        raise PyconvError("--device cuda needs torch (pip install torch)") from None
+    if not interpret and not torch.cuda.is_available():
+        raise PyconvError("--device cuda: no CUDA GPU is available to torch (set TRITON_INTERPRET=1 to run the "
+                          "GPU kernels on the CPU with Triton's interpreter, or use --device cpu)")
+    try:
+        from kernels import ops
+    except ImportError as e:
+        raise PyconvError(f"--device cuda needs triton (pip install triton): {e}") from None
+    device = torch.device("cpu") if interpret else torch.device("cuda", torch.cuda.current_device())
+    return torch, ops, device
+
+
+# -- what an item needs: reads into the slot, kernel launches, writes ---------------------------
+
+@dataclass
+class _Read:
+    """Copy rows of `row_bytes` from `path` at `offset` (rows `stride` apart; stride 0 repeats
+    one row) into the slot at `at`, rows `dst_stride` apart."""
+    path: str
+    offset: int
+    stride: int
+    rows: int
+    row_bytes: int
+    at: int
+    dst_stride: int
+
+
+@dataclass
+class _Item:
+    file_index: int
+    tensor: PlannedTensor
+    row0: int
+    row1: int
+    reads: list = field(default_factory=list)
+    launches: list = field(default_factory=list)  # (kind, args) for the device
+    stage_bytes: int = 0      # staged source bytes (and row tables) at the start of the slot
+    out_at: int = 0           # where the output band starts in the slot
+    out_bytes: int = 0
+    writes: list = field(default_factory=list)  # (slot offset, length, file offset)
+    on_device: bool = False
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.out_at + self.out_bytes
+
+
+def _needs_kernels(t: PlannedTensor) -> bool:
+    return t.quantize is not None or any(c.src_dtype != t.dtype or c.scale_source is not None for c in t.copies)
+
+
+def _check_tensor(t: PlannedTensor, where: str) -> None:
+    """The dtype pairs the core accepts (executor.cpp check_copy_dtypes), with its messages."""
+    for c in t.copies:
+        if c.scale_source is not None:
+            if c.src_dtype != "F8_E4M3":
+                raise FormatError(f"{where}: block scales given for a {c.src_dtype} source; only F8_E4M3 is block-scaled")
+            if c.transpose:
+                raise FormatError(f"{where}: a transposed copy of a block-scaled F8_E4M3 source is not supported")
+            if t.quantize is None and t.dtype not in FLOATS:
+                raise FormatError(f"{where}: cannot dequantize F8_E4M3 to {t.dtype} (F32, BF16 or F16)")
+        elif t.quantize is not None:
+            if c.src_dtype not in FLOATS:
+                raise FormatError(f"{where}: cannot quantize {c.src_dtype} to F8_E4M3")
+        elif c.src_dtype != t.dtype and not (c.src_dtype in FLOATS and t.dtype in FLOATS):
+            raise FormatError(f"{where}: cannot cast {c.src_dtype} to {t.dtype}")
+    if t.quantize is not None and t.dtype != "F8_E4M3":
+        raise FormatError(f"{where}: quantizes to {t.dtype}; only F8_E4M3 is supported")
+
+
+def _check_ranges(plan: ReshardPlan, sizes: dict) -> None:
+    """Every byte a copy reads lies inside its source file (the core checks the same)."""
+    def inside(path, first, extent, what, where):
+        if path not in sizes:
+            try:
+                sizes[path] = os.stat(path).st_size
+            except OSError as e:
+                raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+        if first < 0 or first + extent > sizes[path]:
+            raise FormatError(f"{path}: {what} [{first}, {first + extent}) of {where} lies past the end of the file "
+                              f"({sizes[path]} bytes)")
+
+    for f in plan.files:
+        for t in f.tensors:
+            where = f"{f.path}: {t.name}"
+            rows, cols = view2d(tuple(t.shape))
+            covered = 0
+            for c in t.copies:
+                if c.dst_row + c.rows > rows or c.dst_col + c.cols > cols:
+                    raise FormatError(f"{where}: a block copy lies outside the tensor [{rows}, {cols}]")
+                if not c.rows or not c.cols:
+                    continue
+                src_rows, src_cols = (c.cols, c.rows) if c.transpose else (c.rows, c.cols)
+                inside(c.source, c.src_offset, (src_rows - 1) * c.src_row_stride + src_cols * ITEMSIZE[c.src_dtype],
+                       "block copy source range", where)
+                if c.scale_source is not None:
+                    b = c.scale_block
+                    r0, r1 = c.scale_row0 // b, (c.scale_row0 + c.rows - 1) // b
+                    k0, k1 = c.scale_col0 // b, (c.scale_col0 + c.cols - 1) // b
+                    inside(c.scale_source, c.scale_offset + r0 * c.scale_row_stride + k0 * 4,
+                           (r1 - r0) * c.scale_row_stride + (k1 - k0 + 1) * 4, "block scale range", where)
+                covered += c.rows * c.cols
+            if covered != rows * cols:
+                raise FormatError(f"{where}: block copies cover {covered} of {rows * cols} elements")
+
+
+def _band_rows(t: PlannedTensor, rows: int, cols: int, budget: int) -> int:
+    src_isz = max([ITEMSIZE[c.src_dtype] for c in t.copies] + [1])
+    per_row = cols * (src_isz + ITEMSIZE[t.dtype]) + 16  # staged source + output + row tables
+    if t.quantize is not None:
+        per_row += 8  # the scales, amortised
+        return max(QUANT_BLOCK, budget // per_row // QUANT_BLOCK * QUANT_BLOCK)
+    return max(1, min(rows, budget // max(per_row, 1)))
+
+
+def _items(plan: ReshardPlan, budget: int) -> list[_Item]:
+    items = []
+    for fi, f in enumerate(plan.files):
+        for t in sorted(f.tensors, key=lambda t: t.offset):
+            rows, cols = view2d(tuple(t.shape))
+            if not rows or not cols:
+                continue
+            step = _band_rows(t, rows, cols, budget)
+            for r0 in range(0, rows, step):
+                items.append(_layout(fi, t, r0, min(rows, r0 + step)))
+    return items
+
+
+def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
+    """Plans one band: where its source bytes go in the slot, which kernels run, what is written."""
+    rows, cols = view2d(tuple(t.shape))
+    isz = ITEMSIZE[t.dtype]
+    item = _Item(fi, t, r0, r1)
+    n = r1 - r0
+    hits = []
+    for c in t.copies:
+        h0, h1 = max(r0, c.dst_row), min(r1, c.dst_row + c.rows)
+        if h0 < h1 and c.cols:
+            hits.append((c, h0, h1))
+
+    if not _needs_kernels(t):
+        # Bytes in place: each copy's rows land at their output position in the slot.
+        out_row = cols * isz
+        for c, h0, h1 in hits:
+            at = (h0 - r0) * out_row + c.dst_col * isz
+            if c.transpose:
+                item.launches.append(("host_transpose", c, h0, h1, at, out_row))
+                continue
+            first = c.src_offset + (h0 - c.dst_row) * c.src_row_stride
+            item.reads.append(_Read(c.source, first, c.src_row_stride, h1 - h0, c.cols * isz, at, out_row))
+        item.out_at, item.out_bytes = 0, n * out_row
+        item.writes.append((0, n * out_row, t.offset + r0 * out_row))
+        return item
+
+    item.on_device = True
+    at = 0
+    out_fmt = "F32" if t.quantize is not None else t.dtype
+    rows_groups: dict = {}  # (src dtype, cols) -> [(src element start, dst element start)]
+    # Stage the copies in source order, so that neighbouring source ranges (the q, k, v row
+    # blocks of one rank's fused QKV shard, say) become one read each.
+    for c, h0, h1 in sorted(hits, key=lambda h: (h[0].source, h[0].src_offset)):
+        s_isz = ITEMSIZE[c.src_dtype]
+        if c.transpose:  # source rows are output columns: c.cols rows of (h1 - h0) elements
+            first = c.src_offset + (h0 - c.dst_row) * s_isz
+            item.reads.append(_Read(c.source, first, c.src_row_stride, c.cols, (h1 - h0) * s_isz, at, (h1 - h0) * s_isz))
+            item.launches.append(("transpose", c.src_dtype, at // s_isz, h1 - h0, c.cols,
+                                  (h0 - r0) * cols + c.dst_col))
+            at = _round_up(at + c.cols * (h1 - h0) * s_isz)
+            continue
+        first = c.src_offset + (h0 - c.dst_row) * c.src_row_stride
+        stored_rows = 1 if c.src_row_stride == 0 else h1 - h0
+        item.reads.append(_Read(c.source, first, c.src_row_stride, stored_rows, c.cols * s_isz, at, c.cols * s_isz))
+        if c.scale_source is not None:
+            q_at = at
+            at = _round_up(at + stored_rows * c.cols)
+            b = c.scale_block
+            srow0 = c.scale_row0 + (h0 - c.dst_row)
+            b0, b1 = srow0 // b, (srow0 + h1 - h0 - 1) // b
+            k0, k1 = c.scale_col0 // b, (c.scale_col0 + c.cols - 1) // b
+            nk = k1 - k0 + 1
+            item.reads.append(_Read(c.scale_source, c.scale_offset + b0 * c.scale_row_stride + k0 * 4,
+                                    c.scale_row_stride, b1 - b0 + 1, nk * 4, at, nk * 4))
+            item.launches.append(("dequant", q_at, at // 4, h1 - h0, c.cols, (h0 - r0) * cols + c.dst_col, nk,
+                                  srow0 - b0 * b, c.scale_col0 - k0 * b, b))
+            at = _round_up(at + (b1 - b0 + 1) * nk * 4)
+            continue
+        base = at // s_isz
+        group = rows_groups.setdefault((c.src_dtype, c.cols), [])
+        for i in range(h1 - h0):
+            src = base + (0 if c.src_row_stride == 0 else i * c.cols)
+            group.append((src, (h0 - r0 + i) * cols + c.dst_col))
+        at = _round_up(at + stored_rows * c.cols * s_isz)
+    for (src_dtype, ccols), pairs in rows_groups.items():
+        table_at = at
+        at = _round_up(at + 16 * len(pairs))
+        bits = ccols
+        for s, d in pairs:
+            bits |= s | d
+        align = min(16, bits & -bits) if bits else 16  # divides every start and the width
+        item.launches.append(("rows", src_dtype, ccols, table_at, pairs, align))
+    item.stage_bytes = at
+
+    if t.quantize is not None:
+        grid_cols = -(-cols // QUANT_BLOCK)
+        bands = -(-n // QUANT_BLOCK)
+        item.out_at = at
+        item.out_bytes = _round_up(n * cols) + bands * grid_cols * 4
+        item.launches.append(("quantize", n, cols, _round_up(n * cols), bands * grid_cols))
+        item.writes.append((at, n * cols, t.offset + r0 * cols))
+        item.writes.append((at + _round_up(n * cols), bands * grid_cols * 4,
+                            t.quantize + (r0 // QUANT_BLOCK) * grid_cols * 4))
+    else:
+        item.out_at = at
+        item.out_bytes = n * cols * isz
+        item.writes.append((at, n * cols * isz, t.offset + r0 * cols * isz))
+    item.launches.append(("out_fmt", out_fmt))
+    return item
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+class _Sources:
+    """Source files opened once: descriptors for pread, mappings for strided gathers."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._fds: dict = {}
+        self._maps: dict = {}
+
+    def fd(self, path: str) -> int:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise FormatError(f"{path}: cannot open: {e.strerror}") from None
+            return self._fds[path]
+
+    def view(self, path: str):
+        import numpy as np
+
+        fd = self.fd(path)
+        with self._lock:
+            if path not in self._maps:
+                size = os.fstat(fd).st_size
+                self._maps[path] = np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), dtype=np.uint8) \
+                    if size else np.zeros(0, np.uint8)
+            return self._maps[path]
+
+    def close(self):
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _do_read(sources: _Sources, r: _Read, slot) -> None:
+    """One read into the slot (a numpy uint8 view of pinned memory)."""
+    import numpy as np
+
+    length = r.rows * r.row_bytes
+    if r.rows == 1 or (r.stride == r.row_bytes and r.dst_stride == r.row_bytes):
+        buf = memoryview(slot[r.at:r.at + length])
+        done = 0
+        while done < length:
+            got = os.preadv(sources.fd(r.path), [buf[done:]], r.offset + done)
+            if got <= 0:
+                raise FormatError(f"{r.path}: unexpected end of file at byte {r.offset + done}")
+            done += got
+        return
+    src = sources.view(r.path)
+    block = np.lib.stride_tricks.as_strided(src[r.offset:], shape=(r.rows, r.row_bytes), strides=(r.stride, 1))
+    dst = np.lib.stride_tricks.as_strided(slot[r.at:], shape=(r.rows, r.row_bytes), strides=(r.dst_stride, 1))
+    dst[...] = block
+
+
+def _host_transpose(sources: _Sources, c, h0: int, h1: int, at: int, out_row: int, slot) -> None:
+    """A same-dtype transposed copy (GPT-2's Conv1D): gathered transposed on the host."""
+    import numpy as np
+
+    isz = ITEMSIZE[c.src_dtype]
+    src = sources.view(c.source)
+    first = c.src_offset + (h0 - c.dst_row) * isz
+    block = np.lib.stride_tricks.as_strided(src[first:], shape=(h1 - h0, c.cols, isz),
+                                            strides=(isz, c.src_row_stride, 1))
+    dst = np.lib.stride_tricks.as_strided(slot[at:], shape=(h1 - h0, c.cols, isz), strides=(out_row, isz, 1))
+    dst[...] = block
+
+
+class _NoEvent:
+    def synchronize(self):
+        pass
+
+
+def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_bytes: int = 64 << 20,
+                      slots: int = 4, progress=None) -> dict:
+    """Writes the plan's files under root (the temporary directory execute_plan commits)."""
+    torch, ops, device = load_backend()
+    import numpy as np
+
+    started = time.perf_counter()
+    on_gpu = device.type == "cuda"
+    for f in plan.files:
+        for t in f.tensors:
+            _check_tensor(t, f"{f.path}: {t.name}")
+    _check_ranges(plan, {})
+    items = _items(plan, slot_bytes)
+    total = sum(i.out_bytes for i in items) + sum(len(d) for f in plan.files for _, d in f.literals)
+
+    sources = _Sources()
+    fds = []
+    pool = queue.Queue()
+    for _ in range(slots):
+        pool.put(None)  # slots are allocated on first use, at slot_bytes
+    streams = [torch.cuda.Stream(device) for _ in range(2)] if on_gpu else [None, None]
+    readers = ThreadPoolExecutor(max(1, threads), thread_name_prefix="pyconv-read")
+    writers = ThreadPoolExecutor(max(1, min(threads, slots)), thread_name_prefix="pyconv-write")
+    done = [0]
+    done_lock = threading.Lock()
+    launches = [0]
+
+    def new_slot(size):
+        return torch.empty(size, dtype=torch.uint8, pin_memory=on_gpu)
+
+    def read_item(item: _Item, slot):
+        if slot is None or slot.numel() < item.slot_bytes:
+            slot = new_slot(max(item.slot_bytes, slot_bytes if slot is None else 0))
+        host = slot.numpy()
+        for r in item.reads:
+            _do_read(sources, r, host)
+        for launch in item.launches:
+            if launch[0] == "host_transpose":
+                _host_transpose(sources, *launch[1:], host)
+            elif launch[0] == "rows":
+                table_at, pairs = launch[3], launch[4]
+                host[table_at:table_at + 16 * len(pairs)].view(np.int64)[:] = np.asarray(pairs, np.int64).T.reshape(-1)
+        return slot
+
+    def write_item(item: _Item, slot, event):
+        event.synchronize()
+        host = slot.numpy()
+        fd = fds[item.file_index]
+        for at, length, offset in item.writes:
+            buf = memoryview(host[at:at + length])
+            while len(buf):
+                n = os.pwrite(fd, buf, offset)
+                buf, offset = buf[n:], offset + n
+        with done_lock:
+            done[0] += item.out_bytes
+        pool.put(slot if slot.numel() <= slot_bytes else None)
+
+    def run_on_device(item: _Item, slot, stream):
+        """H2D, kernels, D2H on `stream`; returns the event the writer waits for."""
+        t = item.tensor
+        rows, cols = view2d(tuple(t.shape))
+        n = item.row1 - item.row0
+        ctx = torch.cuda.stream(stream) if on_gpu else _nullcontext()
+        with ctx:
+            stage = slot[:item.stage_bytes].to(device, non_blocking=True) if on_gpu else slot[:item.stage_bytes]
+            out_fmt = ops.FORMAT_NAMES[item.launches[-1][1]]
+            if t.quantize is not None:
+                band = torch.empty(n * cols * 4, dtype=torch.uint8, device=device)
+            elif on_gpu:
+                band = torch.empty(item.out_bytes, dtype=torch.uint8, device=device)
+            else:
+                band = slot[item.out_at:item.out_at + item.out_bytes]
+            band_bits = band.view(ops.BITS_DTYPE[out_fmt])
+            for launch in item.launches:
+                kind = launch[0]
+                if kind == "rows":
+                    _, src_dtype, ccols, table_at, pairs, align = launch
+                    fmt = ops.FORMAT_NAMES[src_dtype]
+                    table = stage[table_at:table_at + 16 * len(pairs)].view(torch.int64)
+                    ops.launch_gather_rows(stage.view(ops.BITS_DTYPE[fmt]), fmt, table[:len(pairs)], band_bits,
+                                           out_fmt, table[len(pairs):], len(pairs), ccols, align)
+                elif kind == "transpose":
+                    _, src_dtype, src_elem, r, c, dst_elem = launch
+                    fmt = ops.FORMAT_NAMES[src_dtype]
+                    ops.launch_transpose(stage.view(ops.BITS_DTYPE[fmt])[src_elem:], fmt, band_bits, out_fmt, dst_elem,
+                                         r, c, cols)
+                elif kind == "dequant":
+                    _, q_at, s_elem, r, c, dst_elem, nk, row_base, col_base, b = launch
+                    ops.launch_dequant(stage[q_at:], stage.view(torch.int32)[s_elem:], band_bits, out_fmt, dst_elem,
+                                       r, c, cols, nk, row_base, col_base, b)
+                elif kind == "quantize":
+                    _, qr, qc, q_bytes, grid = launch
+                    out = (torch.empty(item.out_bytes, dtype=torch.uint8, device=device) if on_gpu
+                           else slot[item.out_at:item.out_at + item.out_bytes])
+                    ops.launch_quantize(band_bits, out[:qr * qc], out[q_bytes:q_bytes + grid * 4].view(torch.int32),
+                                        qr, qc)
+                    band = out
+                else:
+                    continue
+                launches[0] += 1
+            if not on_gpu:
+                return _NoEvent()
+            slot[item.out_at:item.out_at + item.out_bytes].copy_(band[:item.out_bytes], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            return event
+
+    try:
+        for f in plan.files:
+            path = os.path.join(root, f.path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            fds.append(fd)
+            if f.size:
+                os.posix_fallocate(fd, 0, f.size)  # a full disk fails now, before any copying
+            for offset, data in f.literals:
+                os.pwrite(fd, data, offset)
+                done[0] += len(data)
+        pending: deque = deque()
+        writes: deque = deque()
+        upcoming = iter(items)
+
+        def fill():
+            while len(pending) < slots:
+                item = next(upcoming, None)
+                if item is None:
+                    return
+                while True:  # slots are taken in item order, so the window always moves on
+                    try:
+                        slot = pool.get(timeout=0.05)
+                        break
+                    except queue.Empty:
+                        for w in writes:  # a failed write frees no slot: raise its error
+                            if w.done():
+                                w.result()
+                pending.append((item, readers.submit(read_item, item, slot)))
+
+        fill()
+        k = 0
+        while pending:
+            item, future = pending.popleft()
+            slot = future.result()
+            event = run_on_device(item, slot, streams[k % 2]) if item.on_device else _NoEvent()
+            k += 1
+            writes.append(writers.submit(write_item, item, slot, event))
+            while writes and writes[0].done():
+                writes.popleft().result()
+            if progress is not None and progress(done[0], total) is False:
+                raise Cancelled("cancelled")
+            fill()
+        for w in writes:
+            w.result()
+        for fd in fds:
+            os.fsync(fd)
+        if progress is not None and progress(done[0], total) is False:
+            raise Cancelled("cancelled")
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=True)
+        for fd in fds:
+            os.close(fd)
+        sources.close()
+    return {"bytes_written": done[0], "tasks": len(items), "device_tasks": sum(i.on_device for i in items),
+            "kernel_launches": launches[0], "seconds": time.perf_counter() - started,
+            "device": torch.cuda.get_device_name(device) if on_gpu else "cpu (TRITON_INTERPRET=1)"}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
