@@ -24,21 +24,18 @@ with the source in the page cache and no dirty pages.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
-GiB = 1 << 30
-MiB = 1 << 20
-GB = 1e9
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import (GB, GiB, MiB, core_identity, dir_files, drop_caches, filesystem,  # noqa: E402
+                     free_page_reporting, machine, pyconv_argv, read_status, run_in_child, run_measured, wait_idle,
+                     warm)
 
 # ----------------------------------------------------------------------------- synthetic model
 
@@ -149,15 +146,6 @@ def _write_safetensors(path: str, entries, rng, chunk_elems: int = 8 << 20) -> N
         os.fsync(f.fileno())
 
 
-def _dir_files(path: str) -> dict[str, int]:
-    out = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, path)] = os.path.getsize(p)
-    return out
-
-
 def ensure_checkpoint(workdir: str, size_gib: float, shard_bytes: int, seed: int = 0) -> tuple[str, dict]:
     """The synthetic checkpoint for this size, generated unless a complete one is cached."""
     size_bytes = int(size_gib * GiB)
@@ -170,7 +158,7 @@ def ensure_checkpoint(workdir: str, size_gib: float, shard_bytes: int, seed: int
     if os.path.isfile(meta_path) and os.path.isdir(src):
         with open(meta_path) as f:
             meta = json.load(f)
-        if {k: meta.get(k) for k in want} == want and _dir_files(src) == meta.get("files"):
+        if {k: meta.get(k) for k in want} == want and dir_files(src) == meta.get("files"):
             return src, meta
     # Generate in a forked child: numpy stays out of this process, whose memory high-water mark
     # every child it launches inherits in ru_maxrss (Linux keeps it across fork and exec).
@@ -179,22 +167,6 @@ def ensure_checkpoint(workdir: str, size_gib: float, shard_bytes: int, seed: int
     run_in_child(lambda: _generate(src, meta_path, want, cfg, tensors, shards, seed), f"generating {src}")
     with open(meta_path) as f:
         return src, json.load(f)
-
-
-def run_in_child(work, what: str) -> None:
-    """Runs work() in a forked child (numpy stays out of the measuring process, whose memory
-    high-water mark every child it launches inherits in ru_maxrss)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{what} failed")
 
 
 def _generate(src, meta_path, want, cfg, tensors, shards, seed) -> None:
@@ -220,196 +192,11 @@ def _generate(src, meta_path, want, cfg, tensors, shards, seed) -> None:
     with open(os.path.join(src, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     largest = max(tensors, key=lambda t: _nbytes(t[1]))
-    meta = {**want, "files": _dir_files(src), "tensor_bytes": total, "tensors": len(tensors),
+    meta = {**want, "files": dir_files(src), "tensor_bytes": total, "tensors": len(tensors),
             "largest_tensor": {"name": largest[0], "shape": list(largest[1]), "bytes": _nbytes(largest[1])}}
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
     print(f"generated in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- measuring
-
-
-_STATUS_KEYS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
-
-
-def _read_status(pid: int) -> dict[str, int] | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            text = f.read().decode()
-    except OSError:
-        return None
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in _STATUS_KEYS:
-            out[key] = int(value.split()[0]) * 1024  # kB -> bytes
-    return out
-
-
-def _vmstat() -> dict[str, int]:
-    out = {}
-    with open("/proc/vmstat") as f:
-        for line in f:
-            k, v = line.split()
-            if k in ("pgpgin", "pgpgout"):
-                out[k] = int(v) * 1024  # counted in KiB
-    return out
-
-
-def _cpu_times() -> tuple[float, float]:
-    """(busy, iowait) CPU seconds of the whole machine since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / tick, iowait / tick
-
-
-def wait_idle(max_wait_s: float, busy_limit: float = 0.25, window_s: float = 1.0) -> float:
-    """Waits (at most max_wait_s) until the machine's CPUs were busy less than busy_limit of one
-    CPU over a window_s window; returns the busy fraction of the last window. On a shared machine
-    this keeps other people's work out of the measured interval as far as possible."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        b0 = _cpu_times()[0]
-        time.sleep(window_s)
-        busy = (_cpu_times()[0] - b0) / window_s
-        if busy < busy_limit or time.monotonic() >= deadline:
-            return busy
-
-
-def run_measured(argv: list[str], sample_s: float = 0.02, env=None) -> dict:
-    """Runs argv; returns wall time, wait4 rusage and the maxima of /proc/PID/status fields."""
-    vm0 = _vmstat()
-    load0 = os.getloadavg()[0]
-    cpu0 = _cpu_times()
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    peaks = {k: 0 for k in _STATUS_KEYS}
-    samples = [0]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            st = _read_status(proc.pid)
-            if st:
-                samples[0] += 1
-                for k, v in st.items():
-                    peaks[k] = max(peaks[k], v)
-            done.wait(sample_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    # Read the pipes without reaping the child, then reap it with wait4 for its own rusage.
-    out_chunks, err_chunks = [], []
-    readers = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()), daemon=True)
-               for s, b in ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
-    for r in readers:
-        r.start()
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    for r in readers:
-        r.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    vm1 = _vmstat()
-    cpu1 = _cpu_times()
-    stdout = b"".join(out_chunks).decode(errors="replace")
-    stderr = b"".join(err_chunks).decode(errors="replace")
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed with exit code {proc.returncode}:\n{stderr}")
-    return {
-        "argv": argv, "wall_s": wall, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-        "ru_maxrss_bytes": ru.ru_maxrss * 1024, "majflt": ru.ru_majflt, "minflt": ru.ru_minflt,
-        "peak_vmhwm_bytes": peaks["VmHWM"], "peak_rss_bytes": peaks["VmRSS"],
-        "peak_rss_anon_bytes": peaks["RssAnon"], "peak_rss_file_bytes": peaks["RssFile"],
-        "peak_rss_shmem_bytes": peaks["RssShmem"], "status_samples": samples[0],
-        "system_pgpgin_bytes": vm1["pgpgin"] - vm0["pgpgin"], "system_pgpgout_bytes": vm1["pgpgout"] - vm0["pgpgout"],
-        "loadavg1_before": load0,
-        # CPU time the rest of the machine used meanwhile (other users' work competes for the
-        # same cores; runs with a large figure here are noisy), and time spent waiting for I/O.
-        "others_cpu_s": max(0.0, cpu1[0] - cpu0[0] - ru.ru_utime - ru.ru_stime), "iowait_s": cpu1[1] - cpu0[1], "stdout": stdout[-4000:], "stderr": stderr[-4000:],
-    }
-
-
-def _sync() -> None:
-    os.sync()
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def warm(path: str) -> None:
-    """Reads every file once so the source is in the page cache."""
-    buf = bytearray(MiB)
-    for rel in sorted(_dir_files(path)):
-        with open(os.path.join(path, rel), "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
-def _pyconv_argv() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "pyconv")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "pyconv"]
-
-
-def _core_identity() -> dict:
-    """Which compiled core ran: other people rebuild it, so each run records it."""
-    import glob
-    import sysconfig
-
-    # Found by name, not imported: importing pyconv here would raise this process's RSS.
-    candidates = []
-    for key in ("platlib", "purelib"):
-        candidates += glob.glob(os.path.join(sysconfig.get_paths()[key], "pyconv", "_core*.so"))
-    candidates += glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyconv", "_core*.so"))
-    if not candidates:
-        return {"error": "pyconv/_core*.so not found"}
-    path = candidates[0]
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    return {"path": path, "sha256_16": digest,
-            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(os.path.getmtime(path)))}
-
-
-def machine() -> dict:
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "mem_bytes": mem, "kernel": platform.release(),
-            "python": platform.python_version()}
-
-
-def _free_page_reporting() -> bool | None:
-    """Whether the kernel reports free pages to a hypervisor (see --settle)."""
-    try:
-        with open("/proc/cmdline") as f:
-            cmdline = f.read()
-        return "page_reporting" in cmdline or os.path.isdir("/sys/module/virtio_balloon")
-    except OSError:
-        return None
-
-
-def filesystem(path: str) -> str:
-    try:
-        out = subprocess.run(["df", "-T", path], capture_output=True, text=True, check=True).stdout.splitlines()
-        dev, fstype = out[1].split()[:2]
-        return f"{fstype} on {dev}"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------- main
@@ -451,16 +238,16 @@ def main(argv=None) -> int:
 
     os.makedirs(args.workdir, exist_ok=True)
     src, meta = ensure_checkpoint(args.workdir, args.size_gib, parse_size(args.src_shard_size))
-    src_files = _dir_files(src)
+    src_files = dir_files(src)
     src_bytes = sum(src_files.values())
 
     steps_all = {
         "cp": ("cp -r + sync", lambda dst: ["sh", "-c", 'cp -r "$0" "$1" && date +%s.%N && sync', src, dst]),
         "bf16": ("pyconv reshard --dtype bf16",
-                 lambda dst: _pyconv_argv() + ["reshard", src, dst, "--to", "hf", "--dtype", "bf16", "--force", "--json"]
+                 lambda dst: pyconv_argv() + ["reshard", src, dst, "--to", "hf", "--dtype", "bf16", "--force", "--json"]
                  + (["--threads", str(args.threads)] if args.threads else [])),
         "copy": (f"pyconv reshard --max-shard-size {args.copy_shard_size}",
-                 lambda dst: _pyconv_argv() + ["reshard", src, dst, "--to", "hf", "--max-shard-size",
+                 lambda dst: pyconv_argv() + ["reshard", src, dst, "--to", "hf", "--max-shard-size",
                                               args.copy_shard_size, "--force", "--json"]
                  + (["--threads", str(args.threads)] if args.threads else [])),
     }
@@ -475,17 +262,17 @@ def main(argv=None) -> int:
     def clean() -> None:
         for d in dsts.values():
             shutil.rmtree(d, ignore_errors=True)
-        _sync()
+        os.sync()
 
-    core_before = _core_identity()
+    core_before = core_identity()
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(),
             "filesystem": filesystem(args.workdir), "source": src, "source_bytes": src_bytes,
             "source_files": len(src_files), "config": meta["config"], "tensors": meta["tensors"],
             "largest_tensor": meta["largest_tensor"], "cold": args.cold, "repeat": args.repeat,
             "pyconv_core": core_before, "settle_s": args.settle, "wait_idle_s": args.wait_idle,
-            "free_page_reporting": _free_page_reporting(), "runs": []}
+            "free_page_reporting": free_page_reporting(), "runs": []}
     # ru_maxrss of every child starts from this process's high-water mark (see ensure_checkpoint).
-    info["launcher_vmhwm_bytes"] = (_read_status(os.getpid()) or {}).get("VmHWM")
+    info["launcher_vmhwm_bytes"] = (read_status(os.getpid()) or {}).get("VmHWM")
 
     clean()
     if not args.cold:
@@ -513,7 +300,7 @@ def main(argv=None) -> int:
                     r["sync_s"] = r["wall_s"] - r["cp_s"]
                 except (ValueError, IndexError):
                     pass
-            written = _dir_files(dsts[s])
+            written = dir_files(dsts[s])
             r.update(step=s, label=label, cpu_busy_before=busy_before, repeat=rep, position=order.index(s),
                      bytes_read=src_bytes, bytes_written=sum(written.values()), files_written=len(written))
             if s != "cp":
@@ -529,7 +316,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     if not args.keep:
         clean()
-    info["pyconv_core_after"] = _core_identity()
+    info["pyconv_core_after"] = core_identity()
     if info["pyconv_core_after"] != core_before:
         print("warning: the compiled core changed during the run; figures mix two builds", file=sys.stderr)
 
