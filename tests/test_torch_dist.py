@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 
 # ---- Megatron-Core's side (in this process, or one torchrun rank) ----------------------------------
 
-def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False) -> None:
-    """Inside megatron_parallel(tp): a GPTModel filled from the HF weights, saved with
+def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int = 1) -> None:
+    """Inside megatron_parallel(tp, 1, ep): a GPTModel filled from the HF weights, saved with
     dist_checkpointing.save. megatron_lm: as Megatron-LM's training loop saves it (the state under
     "model", args in common.pt, iter_0000007/ and the tracker file)."""
     import torch
@@ -40,14 +40,15 @@ def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False) -> None:
 
     cfg = mh._config_dict(hf_dir)
     rank = parallel_state.get_tensor_model_parallel_rank()
-    model = mh.gpt_model_from_hf_config(cfg, tp)
-    shard = mh.megatron_shard(mh.megatron_full_tensors(mh._read_hf_weights(hf_dir), cfg), cfg, tp, rank)
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
+    model = mh.gpt_model_from_hf_config(cfg, tp, ep=ep)
+    shard = mh.megatron_shard(mh.megatron_full_tensors(mh._read_hf_weights(hf_dir), cfg), cfg, tp, rank, ep, ep_rank)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(shard[name])
     state, directory = model.sharded_state_dict(), Path(out_dir)
     if megatron_lm:
-        state = {"model": state, "args": mh.megatron_args(cfg, tp), "checkpoint_version": 3.0,
+        state = {"model": state, "args": mh.megatron_args(cfg, tp, ep=ep), "checkpoint_version": 3.0,
                  "iteration": MEGATRON_LM_ITERATION}
         directory = directory / f"iter_{MEGATRON_LM_ITERATION:07d}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,14 +57,14 @@ def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False) -> None:
         (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text(str(MEGATRON_LM_ITERATION))
 
 
-def megatron_load_logits(ckpt_dir, hf_dir, tp: int, input_ids):
-    """Inside megatron_parallel(tp): Megatron-Core loads the checkpoint (dist_checkpointing.load,
+def megatron_load_logits(ckpt_dir, hf_dir, tp: int, input_ids, ep: int = 1):
+    """Inside megatron_parallel(tp, 1, ep): Megatron-Core loads the checkpoint (dist_checkpointing.load,
     then a strict load_state_dict into a NaN-filled GPTModel) and runs the forward."""
     import torch
     from megatron.core import dist_checkpointing
 
     cfg = mh._config_dict(hf_dir)
-    model = mh.gpt_model_from_hf_config(cfg, tp)
+    model = mh.gpt_model_from_hf_config(cfg, tp, ep=ep)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float("nan"))
@@ -74,18 +75,20 @@ def megatron_load_logits(ckpt_dir, hf_dir, tp: int, input_ids):
 
 def _run_jobs(jobs_file) -> int:
     """Every rank takes part in every job: {"save": HF_DIR, "out": DIR, "tp": N} or
-    {"load": DIR, "hf": HF_DIR, "tp": N, "input": IDS.pt, "logits": OUT.pt}."""
+    {"load": DIR, "hf": HF_DIR, "tp": N, "input": IDS.pt, "logits": OUT.pt}; "ep": N (default 1)
+    for mixture-of-experts models (world = tp * ep)."""
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="env://")
     try:
         for job in json.loads(Path(jobs_file).read_text()):
-            with mh.megatron_parallel(job["tp"]):
+            ep = job.get("ep", 1)
+            with mh.megatron_parallel(job["tp"], 1, ep):
                 if "save" in job:
-                    megatron_save(job["save"], job["out"], job["tp"])
+                    megatron_save(job["save"], job["out"], job["tp"], ep=ep)
                     continue
-                logits = megatron_load_logits(job["load"], job["hf"], job["tp"], job["input"])
+                logits = megatron_load_logits(job["load"], job["hf"], job["tp"], job["input"], ep)
             if dist.get_rank() == 0:
                 torch.save(logits, job["logits"])
         dist.barrier()

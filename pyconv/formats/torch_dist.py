@@ -19,6 +19,15 @@ rank saved: one layer's rows of one TP rank, the gate or the up half of fc1 of a
 reader describes the TP=1 tensor of each mapping with the family table's shard pieces at tp=1
 and clips every chunk against them, so chunks may cut layers, rows and columns anywhere.
 
+Mixture-of-experts layers add an expert axis after the layer axis: Megatron-Core 0.16's
+SequentialMLP, GroupedMLP and TEGroupedMLP all save the routed experts under one key,
+`decoder.layers.mlp.experts.experts.linear_fc1.weight [L, E, 2 * moe_ffn, hidden]` (each
+expert's fc1 [gate; up], cut by TP like a dense fc1) and `...experts.linear_fc2.weight
+[L, E, hidden, moe_ffn]`, their extra state as `..._extra_state/shard_{l}.{e}_{L}.{E}`; the
+router and the shared expert are ordinary layer keys (`decoder.layers.mlp.router.weight
+[L, E, hidden]`, `decoder.layers.mlp.shared_experts.linear_fc1.weight`). A key covers every
+layer, so a model that mixes dense and MoE layers would leave holes in it: not supported.
+
 The model's dims come from a Hugging Face config.json placed in the checkpoint directory (or its
 iteration directory) when there is one, else from common.pt's Megatron args (Megatron-LM and
 pyconv write them): the shapes alone cannot tell heads from head_dim. Optimizer state
@@ -29,6 +38,7 @@ other key must map.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from argparse import Namespace
@@ -146,8 +156,45 @@ def _model(root: str, directory: str, args: dict | None, family: str | None,
 
 
 def stacked_key(name: str) -> str:
-    """'decoder.layers.*.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight'."""
-    return name.replace(".*.", ".")
+    """'decoder.layers.*.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight';
+    'decoder.layers.*.mlp.experts.local_experts.#.linear_fc1.weight' ->
+    'decoder.layers.mlp.experts.experts.linear_fc1.weight' (the expert axis follows the layer axis)."""
+    return name.replace(".*.", ".").replace(".local_experts.#.", ".experts.")
+
+
+# Megatron-Core's local layer spec renames its norms in the sharded state dict to the names
+# TransformerEngine's fused LayerNormLinear modules have (sharded_state_dict_keys_map).
+_LOCAL_NORM_KEYS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm_"),
+                    (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
+
+
+def dist_key(mapping: TensorMapping, naming: str = "te") -> str:
+    """The torch_dist key of a mapping as a model of the given layer spec saves it. The two
+    agree except for a mixture-of-experts layer's pre-MLP norm: TransformerEngine's spec keeps
+    it a separate module (`decoder.layers.pre_mlp_layernorm.weight`), the local spec saves it as
+    `decoder.layers.mlp.linear_fc1.layer_norm_weight` as for a dense layer."""
+    key = stacked_key(mapping.megatron_name(naming))
+    if naming == "local":
+        for local, te in _LOCAL_NORM_KEYS:
+            key = key.replace(local, te)
+    return key
+
+
+def leading_axes(mapping: TensorMapping) -> int:
+    """How many stacking axes precede the Megatron tensor: layer, then expert."""
+    return (mapping.where == LAYER) + mapping.per_expert
+
+
+def stack_indices(mapping: TensorMapping, dims: ModelDims, where: str, error=FormatError) -> list[tuple]:
+    """(layer, expert) of every stacked slice of a mapping, in the key's row-major order."""
+    if mapping.where != LAYER:
+        return [(None, None)]
+    layers = [layer for layer in range(dims.num_layers) if mapping.applies_to(dims, layer)]
+    if len(layers) != dims.num_layers:
+        raise error(f"{where}: '{dist_key(mapping)}' would cover {len(layers)} of {dims.num_layers} layers: models "
+                    "mixing dense and mixture-of-experts layers are not supported in torch_dist yet")
+    experts = range(dims.num_experts) if mapping.per_expert else [None]
+    return [(layer, expert) for layer in layers for expert in experts]
 
 
 def _padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str) -> int:
@@ -176,8 +223,6 @@ def read(path: str, family: str | None = None) -> Catalog:
     except FormatError as e:
         args, common_problem = None, str(e)
     fam, dims, config, config_source = _model(root, directory, args, family, common_problem)
-    if dims.num_experts or any(m.per_expert for m in fam.mappings):
-        raise FormatError(f"{directory}: mixture-of-experts models ({fam.name}) are not supported in torch_dist yet")
     padded = _padded_vocab(fam, dims, md, directory)
 
     blocks: dict[str, list[SourceBlock]] = {}
@@ -185,25 +230,28 @@ def read(path: str, family: str | None = None) -> Catalog:
     seen: set[str] = set()
     with ChunkLocator(md) as locator:
         for mapping in fam.mappings:
-            key = next((k for k in map(stacked_key, mapping.megatron_names()) if k in md.tensors), None)
+            key = next((k for k in (dist_key(mapping, "te"), dist_key(mapping, "local")) if k in md.tensors), None)
             if key is None:
                 if mapping.optional and not (mapping.hf == ("lm_head.weight",) and not dims.tied):
                     continue  # absent biases; the output layer of a model that ties it to the embedding
-                raise FormatError(f"{directory}: no '{stacked_key(mapping.megatron_name('te'))}' in {METADATA_FILE}")
+                raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}")
             seen.add(key)
             if mapping.hf == ("lm_head.weight",) and dims.tied:
                 continue  # a copy of the tied embedding
             tensor = md.tensors[key]
-            layers = range(dims.num_layers) if mapping.where == LAYER else [None]
-            pieces = {layer: shard_pieces(mapping, hf_names(mapping, layer), dims, padded, 1, 0) for layer in layers}
+            indices = stack_indices(mapping, dims, directory)
+            pieces = {(layer, expert): shard_pieces(mapping, hf_names(mapping, layer, expert), dims, padded, 1, 0)
+                      for layer, expert in indices}
             canonical_rank = len(mapping.shape(dims))
-            expected = shard_shape(pieces[layers[0]], canonical_rank)
+            expected = shard_shape(pieces[indices[0]], canonical_rank)
             if mapping.where == LAYER:
-                expected = (dims.num_layers,) + expected
+                expected = (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + expected
             if tensor.size != expected:
                 raise FormatError(f"{directory}: '{key}' has size {list(tensor.size)}, expected {list(expected)} "
                                   f"(layers {dims.num_layers}, hidden {dims.hidden}, heads {dims.heads}, groups "
-                                  f"{dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
+                                  f"{dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded}"
+                                  + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
+                                     else "") + ")")
             transposed = mapping.transposed and canonical_rank == 2
             for chunk in tensor.chunks:
                 stored = locator.locate(tensor, chunk)
@@ -245,28 +293,33 @@ def read(path: str, family: str | None = None) -> Catalog:
 
 def _chunk_blocks(mapping: TensorMapping, tensor: DcpTensor, chunk, stored: StoredTensor, pieces: dict,
                   transposed: bool):
-    """(canonical name, SourceBlock) for every piece of every layer the chunk touches.
+    """(canonical name, SourceBlock) for every piece of every (layer, expert) the chunk touches.
 
-    In Megatron's [out, in] view of one layer a chunk is rows [r0, r0 + nr) x cols [c0, c0 + nc)
-    (a vector: cols [0, 1)); its bytes are `nl` such layers back to back, seen here as one
-    [nl * nr, nc] stored tensor."""
-    stacked = mapping.where == LAYER
-    offsets, sizes = chunk.offsets[stacked:], chunk.sizes[stacked:]
-    l0, nl = (chunk.offsets[0], chunk.sizes[0]) if stacked else (0, 1)
+    In Megatron's [out, in] view of one layer's (one expert's) tensor a chunk is rows
+    [r0, r0 + nr) x cols [c0, c0 + nc) (a vector: cols [0, 1)); its bytes are such blocks back to
+    back for each (layer, expert) it spans, row-major, seen here as one [n * nr, nc] stored tensor."""
+    lead = leading_axes(mapping)
+    offsets, sizes = chunk.offsets[lead:], chunk.sizes[lead:]
     r0, nr = offsets[0], sizes[0]
     c0, nc = (offsets[1], sizes[1]) if len(offsets) > 1 else (0, 1)
-    if nl * nr * nc == 0:
+    spans = [range(o, o + n) for o, n in zip(chunk.offsets[:lead], chunk.sizes[:lead])]
+    count = 1
+    for span in spans:
+        count *= len(span)
+    if count * nr * nc == 0:
         return
-    grid = StoredTensor(stored.path, stored.offset, stored.dtype, (nl * nr, nc))
-    for layer in range(l0, l0 + nl):
-        for piece in pieces[layer if stacked else None]:
+    grid = StoredTensor(stored.path, stored.offset, stored.dtype, (count * nr, nc))
+    for i, index in enumerate(itertools.product(*spans)):
+        layer = index[0] if mapping.where == LAYER else None
+        expert = index[-1] if mapping.per_expert else None
+        for piece in pieces[(layer, expert)]:
             if piece.repeat:
                 continue  # vocab padding carries nothing back
             ra, rb = max(r0, piece.dst_row), min(r0 + nr, piece.dst_row + piece.rows)
             ca, cb = max(c0, piece.dst_col), min(c0 + nc, piece.dst_col + piece.cols)
             if ra >= rb or ca >= cb:
                 continue
-            src_row, src_col = (layer - l0) * nr + (ra - r0), ca - c0
+            src_row, src_col = i * nr + (ra - r0), ca - c0
             row, col = piece.row0 + (ra - piece.dst_row), piece.col0 + (ca - piece.dst_col)
             if transposed:
                 yield piece.source, SourceBlock(grid, src_row, src_col, cb - ca, rb - ra, col, row, transpose=True)
@@ -290,19 +343,29 @@ def _extra_files(root: str, directory: str) -> tuple[tuple[str, int], ...]:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def extra_state_modules(family: Family) -> list[str]:
-    """The stacked names of the layer modules whose `_extra_state` Megatron-Core saves and loads:
-    every linear layer of the table (linear_qkv, linear_proj, linear_fc1, linear_fc2), and
+def extra_state_keys(family: Family, dims: ModelDims) -> list[str]:
+    """The `_extra_state` keys Megatron-Core saves and asks for on load (ShardedObjects): one per
+    layer (`{module}._extra_state/shard_{l}_{L}`) of every linear layer of the table
+    (linear_qkv, linear_proj, linear_fc1, linear_fc2, the shared expert's), one per layer and
+    expert (`shard_{l}.{e}_{L}.{E}`) of the routed experts' linear_fc1 and linear_fc2, and
     TransformerEngine's core attention (the local spec does not ask for it; an unasked key is no
     error for Megatron-Core's loader)."""
-    modules = []
+    modules: dict[str, bool] = {}
     for m in family.mappings:
-        name = stacked_key(m.megatron_name("te"))
+        name = dist_key(m)
         module = name.rsplit(".", 1)[0]
         if m.where == LAYER and name.endswith(".weight") and module.rsplit(".", 1)[-1].startswith("linear_"):
-            modules.append(module)
-    modules.append("decoder.layers.self_attention.core_attention")
-    return list(dict.fromkeys(modules))
+            modules.setdefault(module, m.per_expert)
+    modules.setdefault("decoder.layers.self_attention.core_attention", False)
+    layers, experts = dims.num_layers, dims.num_experts
+    keys = []
+    for layer in range(layers):
+        for module, per_expert in modules.items():
+            if per_expert:
+                keys += [f"{module}._extra_state/shard_{layer}.{e}_{layers}.{experts}" for e in range(experts)]
+            else:
+                keys.append(f"{module}._extra_state/shard_{layer}_{layers}")
+    return keys
 
 
 DATA_FILE = "__0_{}.distcp"  # as rank 0's writer names its files
@@ -312,10 +375,11 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     """A Megatron-LM-style torch_dist checkpoint: the tracker file and `release/` (or
     `iter_NNNNNNN/`) with metadata.json, common.pt (Megatron args, so that pyconv and Megatron-LM
     read the model back), .metadata and the data files. Every key is written as Megatron-Core
-    saves it at TP=1: one chunk per layer, a torch.save archive each. `--tp` only sets the
-    vocabulary padding (to a multiple of make_vocab_size_divisible_by * tp, as Megatron pads for
-    that TP); the global tensors are the same for any TP. Keys are TransformerEngine-style
-    whatever --megatron-naming says: Megatron-Core's local spec saves and loads the same keys."""
+    saves it at TP=1: one chunk per layer (per layer and expert), a torch.save archive each.
+    `--tp` only sets the vocabulary padding (to a multiple of make_vocab_size_divisible_by * tp,
+    as Megatron pads for that TP); the global tensors are the same for any TP and EP. Keys are
+    TransformerEngine-style: Megatron-Core's local spec saves and loads the same keys, except a
+    mixture-of-experts layer's pre-MLP norm, which follows --megatron-naming (see dist_key)."""
     from pyconv.formats.megatron import CHECKPOINT_VERSION, _output_dtype, _region_copies, family_and_dims, \
         hf_names, shard_pieces, shard_shape
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
@@ -324,8 +388,6 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 
     family, dims = family_and_dims(catalog)
     config = catalog.config
-    if dims.num_experts:
-        raise LayoutError(f"{catalog.architecture}: mixture-of-experts models cannot be written as torch_dist yet")
     if target.pp != 1 or target.ep != 1 or target.first_stage_layers or target.last_stage_layers:
         raise LayoutError("a torch_dist checkpoint holds global tensors that load at any pipeline and expert "
                           "parallelism: --pp, --ep and stage sizes do not apply (--tp sets the vocabulary padding)")
@@ -366,41 +428,40 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     # what Megatron-Core saves for the local spec and what TransformerEngine's modules accept.
     none_layout, _ = layout_torch_save([None])
     byte_items: dict[str, ItemLocation] = {}
-    for prefix in extra_state_modules(family):
-        for layer in range(dims.num_layers):
-            byte_items[f"{prefix}._extra_state/shard_{layer}_{dims.num_layers}"] = place_bytes(none_layout)
+    for key in extra_state_keys(family, dims):
+        byte_items[key] = place_bytes(none_layout)
 
     for mapping in family.mappings:
         if mapping.hf == ("lm_head.weight",) and dims.tied:
             continue
-        layers = list(range(dims.num_layers)) if mapping.where == LAYER else [None]
-        present = [all(n in catalog.tensors for n in hf_names(mapping, layer)) for layer in layers]
+        indices = stack_indices(mapping, dims, catalog.path, LayoutError)
+        present = [all(n in catalog.tensors for n in hf_names(mapping, *index)) for index in indices]
         if not all(present):
-            if mapping.optional and not any(any(n in catalog.tensors for n in hf_names(mapping, layer))
-                                            for layer in layers):
+            if mapping.optional and not any(any(n in catalog.tensors for n in hf_names(mapping, *index))
+                                            for index in indices):
                 continue
-            layer = layers[present.index(False)]
-            missing = next(n for n in hf_names(mapping, layer) if n not in catalog.tensors)
+            index = indices[present.index(False)]
+            missing = next(n for n in hf_names(mapping, *index) if n not in catalog.tensors)
             raise LayoutError(f"{catalog.path}: tensor '{missing}' is missing")
-        key = stacked_key(mapping.megatron_name("te"))
+        key = dist_key(mapping, target.megatron_naming)
+        lead = leading_axes(mapping)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         chunks, dtype, shape = [], None, None
-        for layer in layers:
-            names = hf_names(mapping, layer)
+        for index in indices:
+            names = hf_names(mapping, *index)
             pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
             shape = shard_shape(pieces, len(mapping.shape(dims)))
-            layer_dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
-            if dtype not in (None, layer_dtype):
-                raise LayoutError(f"{catalog.path}: '{names[0]}' is {layer_dtype} but earlier layers of {key} are "
+            slice_dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+            if dtype not in (None, slice_dtype):
+                raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier layers of {key} are "
                                   f"{dtype}; pass --dtype")
-            dtype = layer_dtype
+            dtype = slice_dtype
             copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
-            offsets, chunk_sizes = (0,) * len(shape), shape
-            if layer is not None:
-                offsets, chunk_sizes = (layer,) + offsets, (1,) + shape
-            label = key if layer is None else f"{key}[{layer}]"
+            stacked = tuple(i for i in index if i is not None)
+            offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
+            label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"
             chunks.append(DcpChunk(offsets, chunk_sizes, place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
-        size = shape if layers == [None] else (dims.num_layers,) + shape
+        size = shape if not lead else (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + shape
         tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
 
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
