@@ -22,11 +22,13 @@ STYLE = {"cp": ("black", "o", "-"), "to_meg": ("tab:blue", "s", "-"), "to_meg_2r
 
 
 def _series(rows, cache, key):
-    out: dict[str, tuple[list, list, str]] = {}
+    """(kind, step) -> (sizes, values, label): dense sizes make lines, the MoE its own points."""
+    out: dict[tuple[str, str], tuple[list, list, str]] = {}
     for r in rows:
         if r["cache"] != cache or "wall_s" not in r:
             continue
-        xs, ys, label = out.setdefault(r["step"], ([], [], r["label"]))
+        label = r["label"] + (" [fp8 MoE]" if r["kind"] != "dense" and r["step"] == "cp" else "")
+        xs, ys, label = out.setdefault((r["kind"], r["step"]), ([], [], label))
         xs.append(r["source_bytes"] / GiB)
         ys.append(key(r))
     return out
@@ -49,29 +51,34 @@ def plot(info: dict, out_dir: str) -> list[str]:
          lambda r: r["peak_rss_anon_bytes"] / MiB, True),
     )
     for fname, ylabel, key, log in figures:
-        fig, axes = plt.subplots(1, len(caches), figsize=(7 * len(caches), 5.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(caches), figsize=(max(10, 7 * len(caches)), 6.5), squeeze=False)
         for ax, cache in zip(axes[0], caches):
-            for step, (xs, ys, label) in sorted(_series(rows, cache, key).items()):
+            for (kind, step), (xs, ys, label) in sorted(_series(rows, cache, key).items()):
                 color, marker, line = STYLE.get(step, ("gray", ".", "-"))
-                ax.plot(xs, ys, color=color, marker=marker, linestyle=line, label=label)
+                if kind != "dense":
+                    line = "none"
+                    marker = "P" if step == "cp" else marker
+                ax.plot(xs, ys, color=color, marker=marker, linestyle=line, label=label, markersize=8)
             if log:
                 # The target: 512 MiB + the largest tensor, per dense source.
                 dense = sorted({(r["source_bytes"] / GiB, (512 * MiB + r["largest_tensor"]["bytes"]) / MiB)
                                 for r in rows if r["kind"] == "dense"})
                 if dense:
-                    ax.plot([d[0] for d in dense], [d[1] for d in dense], color="gray", linestyle="-.",
-                            label="target: 512 MiB + largest tensor")
+                    ax.plot([d[0] for d in dense], [d[1] for d in dense], color="gray", linestyle="-.", marker="_",
+                            markersize=14, label="target: 512 MiB + largest tensor (dense)")
                 ax.set_yscale("log")
-            ax.set_xlabel("source checkpoint, GiB")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("source checkpoint, GiB (log scale)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{cache} page cache")
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=2 if len(caches) == 1 else 3, fontsize=8)
         load = info.get("loadavg1") or {}
         fig.suptitle(f"pyconv benchmark, {info['date']}, {info['machine']['cpus']} CPUs"
                      + (f", load average {load.get('min', 0):.1f}-{load.get('max', 0):.1f} (shared machine)"
                         if load else ""), fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
         path = os.path.join(out_dir, fname)
         fig.savefig(path, dpi=110)
         plt.close(fig)
