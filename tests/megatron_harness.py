@@ -116,7 +116,7 @@ def _rope_theta(cfg: dict) -> float:
     return float(theta)
 
 
-def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int) -> dict:
+def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int, etp: int | None = None) -> dict:
     """TransformerConfig kwargs of the mixture-of-experts MLP that reproduce HF's numerically.
 
     HF Mixtral routes by softmax over all experts, top-k, then renormalises the k weights: the same
@@ -147,11 +147,72 @@ def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int) -> dic
         moe_permute_fusion=False, moe_router_fusion=False,
         moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=shared is not None,
         moe_shared_expert_overlap=False,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp if etp is None else etp,
     )
 
 
-def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1) -> dict:
+def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> tuple[dict, dict, dict, dict]:
+    """MLATransformerConfig kwargs (and GPTModel kwargs, extras, the MoE part) reproducing HF's
+    DeepseekV3ForCausalLM: multi-latent attention with q/kv layernorms (local spec: q_layernorm,
+    kv_layernorm), plain rope on de-interleaved rope channels (HF rope_interleave=True equals
+    Megatron-Core's MLA rope with rotary_interleaved=False), rotary_scaling_factor 1 so the
+    softmax scale is 1/sqrt(qk_head_dim + qk_pos_emb_head_dim); the first first_k_dense_replace
+    layers dense (moe_layer_freq list); sigmoid router with expert_bias (HF e_score_correction_bias,
+    used for choosing only), group-limited top-k (HF sums the top-2 scores of a group,
+    Megatron-Core the top topk // group_topk: equal when that is 2), top-k weights normalised
+    (norm_topk_prob) and scaled by routed_scaling_factor; shared experts without a gate."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if (params.get("rope_type") or params.get("type") or "default") != "default":
+        raise NotImplementedError("DeepSeek-V3 with rope scaling (only plain rope is translated)")
+    if not cfg.get("rope_interleave", True):
+        raise NotImplementedError("rope_interleave=False has no Megatron-Core MLA equivalent")
+    if not cfg.get("norm_topk_prob", True):
+        raise NotImplementedError("norm_topk_prob=False: Megatron-Core's sigmoid router always normalises")
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    experts, topk = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    if groups > 1 and group_topk < groups:
+        if topk // group_topk != 2:
+            raise NotImplementedError("HF ranks expert groups by their top-2 scores; Megatron-Core by top "
+                                      f"{topk // group_topk}")
+    else:
+        groups = group_topk = None
+    if experts % ep:
+        raise ValueError(f"num_experts = {experts} is not divisible by ep = {ep}")
+    first_dense = cfg.get("first_k_dense_replace") or 0
+    shared = (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
+    moe = dict(
+        num_moe_experts=experts, moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+        moe_layer_freq=[0] * first_dense + [1] * (layers - first_dense),
+        moe_router_topk=topk, moe_router_num_groups=groups, moe_router_group_topk=group_topk,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)), moe_router_pre_softmax=False,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None, moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False,
+        moe_router_fusion=False, moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=False,
+        moe_shared_expert_overlap=False,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp if etp is None else etp,
+    )
+    tc = dict(
+        num_layers=layers, hidden_size=cfg["hidden_size"], num_attention_heads=heads, num_query_groups=heads,
+        kv_channels=cfg["v_head_dim"], ffn_hidden_size=cfg["intermediate_size"],
+        normalization="RMSNorm", layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        gated_linear_unit=True, activation_func=_activation(cfg.get("hidden_act", "silu")),
+        add_bias_linear=False, add_qkv_bias=False,
+        multi_latent_attention=True, qk_layernorm=True, q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=cfg["kv_lora_rank"], qk_head_dim=cfg["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"],
+        rope_type="rope", rotary_base=_rope_theta(cfg), rotary_percent=1.0, rotary_scaling_factor=1.0,
+        mscale=1.0, mscale_all_dim=0.0, **moe,
+    )
+    gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=_rope_theta(cfg),
+              max_sequence_length=cfg["max_position_embeddings"],
+              share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
+    return tc, gm, dict(swiglu=True, openai_gelu=False), moe
+
+
+def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> dict:
     """The Megatron-Core description of an HF model.
 
     Returns {"family", "transformer_config": {TransformerConfig kwargs}, "gpt_model": {GPTModel
@@ -194,7 +255,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1) -> dic
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
         extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False)
         if model_type in ("mixtral", "qwen2_moe"):
-            moe = _moe_transformer_config(cfg, model_type, tp, ep)
+            moe = _moe_transformer_config(cfg, model_type, tp, ep, etp)
             tc.update(moe)
     elif model_type == "gpt2":
         hidden = cfg["n_embd"]
@@ -216,6 +277,9 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1) -> dic
                   max_sequence_length=cfg["n_positions"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", True)))
         extra = dict(swiglu=False, openai_gelu=(act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")))
+    elif model_type == "deepseek_v3":
+        tc, gm, extra, moe = _deepseek_v3_config(cfg, tp, ep, etp)
+        extra["mla"] = True
     else:
         raise NotImplementedError(f"model_type {model_type!r}")
     if ep != 1 and not moe:
@@ -286,22 +350,30 @@ def cpu_patches():
     """The patches Megatron-Core 0.16 needs to run on a CPU with gloo, undone on exit.
 
     MoE: without TransformerEngine `moe_utils.te_general_gemm` is never defined, and the router's
-    gating GEMM (`router_gating_linear`) tests it against None: set it to None (plain torch GEMM)."""
+    gating GEMM (`router_gating_linear`) tests it against None: set it to None (plain torch GEMM).
+
+    MLA: `megatron.core.extensions.transformer_engine` imports without TransformerEngine, its
+    classes being MagicMock stand-ins, so multi_latent_attention sets HAVE_TE = True and its
+    `isinstance(self.linear_proj, TELinear)` raises TypeError: set HAVE_TE = False there."""
     import torch
 
     import_megatron_core()
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import moe_utils
 
     saved = [(torch.cuda, "current_device", torch.cuda.current_device),
              (torch.cuda, "synchronize", torch.cuda.synchronize),
              (mrandom.CudaRNGStatesTracker, "fork", mrandom.CudaRNGStatesTracker.fork),
-             (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", _ABSENT))]
+             (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", _ABSENT)),
+             (mla, "HAVE_TE", mla.HAVE_TE)]
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-    if saved[-1][2] is _ABSENT:
+    if saved[-2][2] is _ABSENT:
         moe_utils.te_general_gemm = None
+    if not isinstance(mla.TELinear, type):  # a MagicMock: TransformerEngine is absent
+        mla.HAVE_TE = False
     try:
         yield
     finally:
@@ -312,8 +384,16 @@ def cpu_patches():
                 setattr(obj, attr, value)
 
 
+def world_size(tp: int, pp: int = 1, ep: int = 1, etp: int | None = None) -> int:
+    """Processes a run needs: tp * pp * ep (data-parallel size ep) when expert-TP = tp; with another
+    expert-TP size the smallest world both grids divide: pp * lcm(tp, etp * ep)."""
+    if etp is None or etp == tp:
+        return tp * pp * ep
+    return pp * math.lcm(tp, etp * ep)
+
+
 @contextlib.contextmanager
-def megatron_parallel(tp: int = 1, pp: int = 1, ep: int = 1):
+def megatron_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None):
     """CPU patches + torch.distributed (gloo) + Megatron parallel_state for tp x pp (x ep).
 
     Under torchrun (RANK/WORLD_SIZE set) it joins that job (env://); otherwise it creates a world of
@@ -334,14 +414,15 @@ def megatron_parallel(tp: int = 1, pp: int = 1, ep: int = 1):
                 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
             undo.callback(dist.destroy_process_group)
         world = dist.get_world_size()
-        if world != tp * pp * ep:
-            raise RuntimeError(f"tp={tp} x pp={pp} x ep={ep} needs {tp * pp * ep} processes; this world has {world}"
+        if world != world_size(tp, pp, ep, etp):
+            raise RuntimeError(f"tp={tp} x pp={pp} x ep={ep} (etp={etp}) needs {world_size(tp, pp, ep, etp)} "
+                               f"processes; this world has {world}"
                                + ("" if world > 1 else " (use torchrun / run_torchrun for tp*pp*ep > 1)"))
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                      pipeline_model_parallel_size=pp,
                                                      expert_model_parallel_size=ep,
-                                                     expert_tensor_parallel_size=tp)
+                                                     expert_tensor_parallel_size=tp if etp is None else etp)
             undo.callback(parallel_state.destroy_model_parallel)
         yield
 
@@ -350,7 +431,8 @@ def megatron_parallel(tp: int = 1, pp: int = 1, ep: int = 1):
 # Model, load, forward
 # --------------------------------------------------------------------------------------------------
 
-def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: bool = False, ep: int = 1):
+def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: bool = False, ep: int = 1,
+                             etp: int | None = None):
     """A Megatron-Core GPTModel (local spec, no TransformerEngine) for this rank, matching the HF
     model's forward. Call inside `megatron_parallel(tp, pp, ep)`. parallel_output=False gathers the
     vocab-parallel logits on every rank. MoE models get the local spec's MoE layer with sequential
@@ -361,9 +443,20 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    t = translate_hf_config(hf_config, tp, pp, ep)
-    config = TransformerConfig(**t["transformer_config"])
-    if t["num_experts"]:
+    t = translate_hf_config(hf_config, tp, pp, ep, etp)
+    if t.get("mla"):  # DeepSeek-V3: MLA everywhere, dense or MoE MLP per moe_layer_freq
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config = MLATransformerConfig(**t["transformer_config"])
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = mla_dot_product_attention()
+    else:
+        config = TransformerConfig(**t["transformer_config"])
+    if t.get("mla"):
+        pass
+    elif t["num_experts"]:
         spec = get_gpt_layer_local_spec(num_experts=t["num_experts"], moe_grouped_gemm=False,
                                         normalization=t["normalization"])
     else:
@@ -377,6 +470,25 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
                      pre_process=pre, post_process=post, parallel_output=parallel_output,
                      **t["gpt_model"])
     return model.eval()
+
+
+def mla_dot_product_attention():
+    """The local spec's DotProductAttention for MLA. MultiLatentAttention builds its core attention
+    with `k_channels` (qk_head_dim + qk_pos_emb_head_dim) and `v_channels` (v_head_dim), keywords
+    only TransformerEngine's attention takes; the local DotProductAttention already computes with
+    the query/key and value head sizes of the tensors it gets (its output is heads * kv_channels =
+    heads * v_head_dim wide) and MLA passes its softmax_scale, so dropping the two keywords is the
+    whole patch (a spec substitution, nothing global)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None and v_channels != self.config.kv_channels:
+                raise ValueError(f"v_channels {v_channels} != kv_channels {self.config.kv_channels}: the local "
+                                 f"DotProductAttention's output width would be wrong")
+
+    return MLADotProductAttention
 
 
 def checkpoint_file(ckpt_dir, tp_rank: int, pp_rank: int = 0, pp: int = 1, iteration="release",
@@ -463,11 +575,12 @@ def _load_input(input_ids):
     return torch.as_tensor(input_ids, dtype=torch.long)
 
 
-def _logits_this_rank(ckpt_dir, hf_config, tp: int, input_ids, ep: int = 1):
-    """Inside megatron_parallel(tp, 1, ep): build, load this rank's shard, forward (logits gathered)."""
+def _logits_this_rank(ckpt_dir, hf_config, tp: int, input_ids, ep: int = 1, etp: int | None = None):
+    """Inside megatron_parallel(tp, 1, ep, etp): build, load this rank's shard, forward (logits
+    gathered). The file is mp_rank_<its TP rank>[_<its EP rank>], as Megatron-LM names it."""
     from megatron.core import parallel_state
 
-    model = gpt_model_from_hf_config(hf_config, tp, ep=ep)
+    model = gpt_model_from_hf_config(hf_config, tp, ep=ep, etp=etp)
     ep_rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
     load_megatron_checkpoint(model, ckpt_dir, parallel_state.get_tensor_model_parallel_rank(), 0, ep_rank, ep)
     return forward_logits(model, _load_input(input_ids), _config_dict(hf_config)["vocab_size"])
@@ -483,7 +596,7 @@ def megatron_logits(ckpt_dir, hf_config, tp: int, input_ids, timeout: float = 12
 
 
 def megatron_logits_many(runs, timeout: float = 180.0, saves=()) -> list:
-    """Logits for several runs, each (ckpt_dir, hf_config, tp, ep, input_ids); returns them in order.
+    """Logits for several runs, each (ckpt_dir, hf_config, tp, ep, input_ids[, etp]); returns them in order.
 
     Runs with tp * ep == 1 go in this process; the others are grouped by world size tp * ep, and
     each group is one torchrun job (`--jobs`): one process start (torch + Megatron imports, the
@@ -504,22 +617,23 @@ def megatron_logits_many(runs, timeout: float = 180.0, saves=()) -> list:
         else:
             save_groups.setdefault(tp * ep, []).append(dict(save_from=str(hf_model_dir), ckpt=str(out_dir),
                                                             tp=tp, ep=ep))
-    for i, (ckpt_dir, hf_config, tp, ep, input_ids) in enumerate(runs):
-        if tp * ep == 1:
+    for i, (ckpt_dir, hf_config, tp, ep, input_ids, *etp) in enumerate(runs):
+        world = world_size(tp, 1, ep, *etp)
+        if world == 1:
             with megatron_parallel(1):
                 results[i] = _logits_this_rank(ckpt_dir, hf_config, 1, input_ids)
         else:
-            groups.setdefault(tp * ep, []).append(i)
+            groups.setdefault(world, []).append(i)
     for world in sorted(set(groups) | set(save_groups)):
         indices = groups.get(world, [])
         with tempfile.TemporaryDirectory(prefix="megatron_logits_") as tmp:
             jobs = list(save_groups.get(world, []))
             for i in indices:
-                ckpt_dir, hf_config, tp, ep, input_ids = runs[i]
+                ckpt_dir, hf_config, tp, ep, input_ids, *etp = runs[i]
                 cfg_path, ids_path = Path(tmp) / f"config{i}.json", Path(tmp) / f"ids{i}.pt"
                 cfg_path.write_text(json.dumps(_config_dict(hf_config)))
                 torch.save(_load_input(input_ids), ids_path)
-                jobs.append(dict(ckpt=str(ckpt_dir), hf_config=str(cfg_path), tp=tp, ep=ep,
+                jobs.append(dict(ckpt=str(ckpt_dir), hf_config=str(cfg_path), tp=tp, ep=ep, etp=(etp or [None])[0],
                                  input=str(ids_path), out=str(Path(tmp) / f"logits{i}.pt")))
             jobs_path = Path(tmp) / "jobs.json"
             jobs_path.write_text(json.dumps(jobs))
@@ -618,6 +732,9 @@ def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
                 return hf_weights[n]
         raise KeyError(f"none of {names} in the HF checkpoint")
 
+    if t["family"] == "deepseek_v3":
+        return _deepseek_v3_full_tensors(get, t)
+
     if t["family"] == "gpt2":
         def g2(name):
             return get(f"transformer.{name}", name)
@@ -695,6 +812,53 @@ def _moe_full_tensors(out: dict, get, t: dict, p: str, m: str) -> None:
         out[m + "mlp.shared_experts.gate_weight"] = get(p + "mlp.shared_expert_gate.weight")  # [1, hidden]
 
 
+def _deepseek_v3_full_tensors(get, t: dict) -> dict:
+    """DeepSeek-V3 HF tensors under Megatron-Core's local-spec MLA names (unsharded; routed experts
+    under their global index). Every MLA tensor keeps its rows: HF's per-head [nope | rope] (q) and
+    [k_nope | v] (kv_b_proj) and [kv_lora | rope] (kv_a_proj_with_mqa) are Megatron's orders."""
+    tc = t["transformer_config"]
+    out = {"embedding.word_embeddings.weight": get("model.embed_tokens.weight")}
+    for i in range(tc["num_layers"]):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        a, s = p + "self_attn.", m + "self_attention."
+        out[m + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
+        if tc["q_lora_rank"]:
+            out[s + "linear_q_down_proj.weight"] = get(a + "q_a_proj.weight")
+            out[s + "q_layernorm.weight"] = get(a + "q_a_layernorm.weight")
+            out[s + "linear_q_up_proj.weight"] = get(a + "q_b_proj.weight")
+        else:
+            out[s + "linear_q_proj.weight"] = get(a + "q_proj.weight")
+        out[s + "linear_kv_down_proj.weight"] = get(a + "kv_a_proj_with_mqa.weight")
+        out[s + "kv_layernorm.weight"] = get(a + "kv_a_layernorm.weight")
+        out[s + "linear_kv_up_proj.weight"] = get(a + "kv_b_proj.weight")
+        out[s + "linear_proj.weight"] = get(a + "o_proj.weight")
+        out[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
+        if not tc["moe_layer_freq"][i]:
+            out[m + "mlp.linear_fc1.weight"] = (get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
+            out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
+            continue
+        out[m + "mlp.router.weight"] = get(p + "mlp.gate.weight")
+        out[m + "mlp.router.expert_bias"] = get(p + "mlp.gate.e_score_correction_bias")
+        for e in range(tc["num_moe_experts"]):
+            x, y = f"{p}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
+            out[y + "linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))
+            out[y + "linear_fc2.weight"] = get(x + "down_proj.weight")
+        if tc["moe_shared_expert_intermediate_size"]:
+            x = p + "mlp.shared_experts."
+            out[m + "mlp.shared_experts.linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))
+            out[m + "mlp.shared_experts.linear_fc2.weight"] = get(x + "down_proj.weight")
+    out["decoder.final_layernorm.weight"] = get("model.norm.weight")
+    if not t["tied"]:
+        out["output_layer.weight"] = get("lm_head.weight")
+    return out
+
+
+# MLA's local-spec linears: all ColumnParallelLinear (the down projections too; their outputs are
+# gathered again before the layernorm).
+_MLA_COLUMN_LEAVES = ("linear_q_down_proj.weight", "linear_q_up_proj.weight", "linear_q_proj.weight",
+                      "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
+
+
 def megatron_shard(full: dict, hf_config, tp: int, tp_rank: int, ep: int = 1, ep_rank: int = 0) -> dict:
     """The simple gather/split way: one rank's tensors from the unsharded ones. Routed experts:
     expert e goes to EP rank e // (E/ep) as local expert e % (E/ep); inside it the TP rules apply."""
@@ -719,7 +883,7 @@ def megatron_shard(full: dict, hf_config, tp: int, tp_rank: int, ep: int = 1, ep
         elif isinstance(w, tuple):  # gated fc1: [gate_r; up_r]
             gate, up = w
             out[name] = torch.cat([gate.chunk(tp, 0)[tp_rank], up.chunk(tp, 0)[tp_rank]], 0)
-        elif leaf in ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias"):
+        elif leaf in ("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight", "linear_fc1.bias") + _MLA_COLUMN_LEAVES:
             out[name] = w.chunk(tp, 0)[tp_rank]  # column parallel
         elif leaf in ("linear_proj.weight", "linear_fc2.weight"):
             out[name] = w.chunk(tp, 1)[tp_rank]  # row parallel (its bias is replicated)
@@ -827,12 +991,12 @@ def _run_jobs(jobs_file) -> int:
         dist.init_process_group("gloo", init_method="env://")
     try:
         for job in jobs:
-            tp, ep = int(job.get("tp", 1)), int(job.get("ep", 1))
-            with megatron_parallel(tp, 1, ep):
+            tp, ep, etp = int(job.get("tp", 1)), int(job.get("ep", 1)), job.get("etp")
+            with megatron_parallel(tp, 1, ep, etp):
                 if job.get("save_from"):
                     _save_this_rank(job["save_from"], job["ckpt"], tp, ep)
                     continue
-                logits = _logits_this_rank(job["ckpt"], job["hf_config"], tp, job["input"], ep)
+                logits = _logits_this_rank(job["ckpt"], job["hf_config"], tp, job["input"], ep, etp)
             if dist.get_rank() == 0:
                 torch.save(logits, job["out"])
         dist.barrier()

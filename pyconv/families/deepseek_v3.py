@@ -110,10 +110,6 @@ def _optional_int(config: dict, key: str, default: int = 0) -> int:
 def deepseek_v3_dims(config: dict) -> ModelDims:
     hidden, heads = hf_int(config, "hidden_size"), hf_int(config, "num_attention_heads")
     layers = hf_int(config, "num_hidden_layers")
-    kv_heads = _optional_int(config, "num_key_value_heads", heads)
-    if kv_heads != heads:
-        raise LayoutError(f"config.json: num_key_value_heads {kv_heads} != num_attention_heads {heads}: "
-                          f"multi-latent attention has one key/value head per query head")
     if config.get("attention_bias"):
         raise LayoutError("config.json: attention_bias: Megatron-Core's MLA linears have no biases")
     if not config.get("rope_interleave", True):
@@ -218,7 +214,7 @@ def deepseek_v3_hf_config(args: dict) -> dict:
     config.update(
         architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=hidden,
         intermediate_size=arg(args, "ffn_hidden_size", where), moe_intermediate_size=moe_ffn,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        num_hidden_layers=layers, num_attention_heads=heads,
         n_routed_experts=arg(args, "num_experts", where), n_shared_experts=shared // moe_ffn,
         num_experts_per_tok=arg(args, "moe_router_topk", where),
         n_group=args.get("moe_router_num_groups") or config.get("n_group", 1),
@@ -232,6 +228,7 @@ def deepseek_v3_hf_config(args: dict) -> dict:
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
         vocab_size=args.get("vocab_size") or arg(args, "padded_vocab_size", where), rope_parameters=rope)
+    config.setdefault("num_key_value_heads", heads)  # MLA's weights do not depend on it
     config["qk_head_dim"] = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
     config["head_dim"] = config["qk_rope_head_dim"]
     return config
