@@ -3,8 +3,8 @@
 the masked-LM head (`cls.predictions.transform` + a vocab-sized bias, decoder tied to the word
 embedding) and the next-sentence head (`cls.seq_relationship`).
 
-Megatron-side names are Megatron-Core's BertModel names (`embedding.tokentype_embeddings`,
-`pooler.dense`, `lm_head.dense`, `lm_head.layer_norm`, `output_layer.bias`, `binary_head`);
+Megatron-side names are Megatron-Core's BertModel names (`encoder.layers.N...`,
+`embedding.tokentype_embeddings`, `pooler.dense`, `lm_head.dense`, `lm_head.layer_norm`, `output_layer.bias`, `binary_head`);
 legacy Megatron checkpoints map onto them in pyconv.formats.legacy_megatron."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pyconv.families import (
 from pyconv.families.common import arg, original_hf_config
 
 L = "bert.encoder.layer.*."
-M = "decoder.layers.*."
+M = "encoder.layers.*."  # Megatron-Core's BertModel calls its TransformerBlock `encoder`
 DEFAULT_TOKEN_TYPES = 2  # Megatron's num_tokentypes when the binary head is on
 
 
@@ -67,8 +67,8 @@ BERT_MAPPINGS = (
     TensorMapping((L + "intermediate.dense.bias",), M + "mlp.linear_fc1.bias", COLUMN, LAYER, lambda d: (d.ffn,)),
     TensorMapping((L + "output.dense.weight",), M + "mlp.linear_fc2.weight", ROW, LAYER, lambda d: (d.hidden, d.ffn)),
     TensorMapping((L + "output.dense.bias",), M + "mlp.linear_fc2.bias", REPLICATED, LAYER, _hidden),
-    _last("bert.encoder.ln.weight", "decoder.final_layernorm.weight", _hidden),
-    _last("bert.encoder.ln.bias", "decoder.final_layernorm.bias", _hidden),
+    _last("bert.encoder.ln.weight", "encoder.final_layernorm.weight", _hidden),
+    _last("bert.encoder.ln.bias", "encoder.final_layernorm.bias", _hidden),
     _last("bert.pooler.dense.weight", "pooler.dense.weight", lambda d: (d.hidden, d.hidden)),
     _last("bert.pooler.dense.bias", "pooler.dense.bias", _hidden),
     _last("cls.predictions.transform.dense.weight", "lm_head.dense.weight", lambda d: (d.hidden, d.hidden)),

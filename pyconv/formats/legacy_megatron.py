@@ -101,14 +101,20 @@ _TIED_HEAD = "word_embeddings_for_head/weight"
 _FAMILIES = ("gpt2", "bert")
 
 
-def mcore_name(legacy: str) -> str | None:
-    """The Megatron-Core name of a legacy tensor path (dotted), or None."""
+# Megatron-Core's name for the transformer block: GPTModel's `decoder`, BertModel's `encoder`.
+_STACK = {"gpt2": "decoder", "bert": "encoder"}
+
+
+def mcore_name(legacy: str, stack: str = "decoder") -> str | None:
+    """The Megatron-Core name of a legacy tensor path (dotted), or None; `stack` names the
+    transformer block (decoder: GPT, encoder: BERT)."""
     for pattern, replacement in _ALIASES:
         legacy = pattern.sub(replacement, legacy)
     for regex, mcore in _TO_MCORE:
         m = regex.match(legacy)
         if m:
-            return mcore.replace("*", m.group(1)) if m.groups() else mcore
+            name = mcore.replace("*", m.group(1)) if m.groups() else mcore
+            return stack + name[len("decoder"):] if name.startswith("decoder.") else name
     return None
 
 
@@ -116,6 +122,7 @@ def _legacy_name(mcore: str, tied: bool) -> str:
     """The nested legacy path ('/'-separated state dicts) a Megatron-Core name is written under."""
     if mcore == "output_layer.weight" and tied:
         return _TIED_HEAD
+    mcore = re.sub(r"^encoder\.", "decoder.", mcore)
     m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", mcore)
     key = f"decoder.layers.*.{m.group(2)}" if m else mcore
     legacy = _TO_LEGACY[key]
@@ -314,7 +321,7 @@ def _version(obj: dict, where: str) -> float:
     return float(version)
 
 
-def _model_tensors(obj: dict, where: str) -> dict:
+def _model_tensors(obj: dict, where: str, stack: str) -> dict:
     """Megatron-Core name -> TensorRef for every tensor of a rank file's model."""
     from pyconv.io.torchzip import iter_tensors
 
@@ -330,7 +337,7 @@ def _model_tensors(obj: dict, where: str) -> dict:
                           "checkpoint (a Megatron-Core one reads as --format megatron)")
     out, legacy_of = {}, {}
     for legacy, ref in iter_tensors(model):
-        name = mcore_name(legacy)
+        name = mcore_name(legacy, stack)
         if name is None:
             raise FormatError(f"{where}: tensor 'model.{legacy}' matches no legacy Megatron GPT/BERT name")
         if name in out:
@@ -366,16 +373,23 @@ def _normalized_args(args: dict, where: str, tp: int, pp: int, padded_from_shape
     return out
 
 
-def _family(tensors_by_rank: dict, family: str | None, where: str) -> Family:
+def _family(trees: dict, family: str | None, where: str) -> Family:
+    """BERT when any rank holds a BERT-only part (token types, pooler, LM head, binary head)."""
     if family is not None:
         if family not in _FAMILIES:
             raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (--family gpt2|bert), "
                               f"not '{family}'")
         return get_family(family)
-    bert_only = ("embedding.tokentype_embeddings.weight", "pooler.dense.weight", "lm_head.dense.weight",
-                 "output_layer.bias", "binary_head.weight")
-    is_bert = any(n in tensors for tensors in tensors_by_rank.values() for n in bert_only)
-    return get_family("bert" if is_bert else "gpt2")
+    for obj in trees.values():
+        model = obj.get("model") if isinstance(obj, dict) else None
+        language_model = model.get("language_model") if isinstance(model, dict) else None
+        if not isinstance(language_model, dict):
+            continue
+        embedding = language_model.get("embedding")
+        if "lm_head" in model or "binary_head" in model or "pooler" in language_model or \
+                (isinstance(embedding, dict) and "tokentype_embeddings" in embedding):
+            return get_family("bert")
+    return get_family("gpt2")
 
 
 def _dims(family: Family, args: dict, first: dict, where: str) -> ModelDims:
@@ -406,7 +420,9 @@ def read(path: str, family: str | None = None) -> Catalog:
                 raise FormatError(f"{found.where}: {rank_dir_name(t, p, pp)} is missing (found tp={tp}, pp={pp})")
     first_rank = found.ranks[(0, 0)]
     trees = {key: _load(rank) for key, rank in found.ranks.items()}
-    tensors_by_rank = {key: _model_tensors(trees[key], rank.label) for key, rank in found.ranks.items()}
+    fam = _family(trees, family, first_rank.label)
+    tensors_by_rank = {key: _model_tensors(trees[key], rank.label, _STACK[fam.name])
+                       for key, rank in found.ranks.items()}
     first = trees[(0, 0)]
     version = _version(first, first_rank.label)
     for key, rank in found.ranks.items():
@@ -422,7 +438,6 @@ def read(path: str, family: str | None = None) -> Catalog:
     if embedding is None or len(embedding.shape) != 2:
         raise FormatError(f"{first_rank.label}: no 2-D 'model.language_model.embedding.word_embeddings.weight'")
     args = _normalized_args(args, first_rank.label, tp, pp, embedding.shape[0] * tp)
-    fam = _family(tensors_by_rank, family, first_rank.label)
     config_override = _config_beside(root) if found.container == "directory" else None
     if config_override is not None and isinstance(config_override.get("vocab_size"), int):
         if not 0 < config_override["vocab_size"] <= args["padded_vocab_size"]:
