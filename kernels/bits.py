@@ -122,8 +122,10 @@ def to_f32_bits(x, SRC: tl.constexpr):
         return x
     elif SRC == 1:
         return f32_from_bf16(x)
-    else:
+    elif SRC == 2:
         return f32_from_f16(x)
+    else:
+        return f32_from_e4m3(x)
 
 
 @triton.jit
@@ -132,17 +134,23 @@ def from_f32_bits(u, DST: tl.constexpr):
         return u
     elif DST == 1:
         return bf16_from_f32(u)
-    else:
+    elif DST == 2:
         return f16_from_f32(u)
+    else:
+        return e4m3_from_f32(u)
 
 
 @triton.jit
 def convert(x, SRC: tl.constexpr, DST: tl.constexpr):
-    """Bits of format SRC -> bits of format DST (F32, BF16, F16), as csrc/cast.cpp does."""
+    """Bits of format SRC -> bits of format DST (F32, BF16, F16, and unscaled F8_E4M3 to or
+    from those), as csrc/cast.cpp and csrc/fp8.cpp (fp8_cast_elements) do."""
     if SRC == DST:
         return x
     elif SRC == 2 and DST == 1:
         return bf16_from_f16(x)  # torch's scalar path: every NaN 0x7FC0
+    elif SRC == 3 and DST == 1:
+        f = f32_from_e4m3(x)  # exact in bf16; c10's scalar BFloat16 makes every NaN 0x7FC0
+        return tl.where((x & 0x7F) == 0x7F, 0x7FC0, f >> 16).to(tl.uint32)
     else:
         return from_f32_bits(to_f32_bits(x, SRC), DST)
 
