@@ -197,14 +197,14 @@ def stack_indices(mapping: TensorMapping, dims: ModelDims, where: str, error=For
     return [(layer, expert) for layer in layers for expert in experts]
 
 
-def _padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str) -> int:
+def padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str, keys: dict[str, str]) -> int:
     embedding = next(m for m in fam.mappings if m.where == FIRST_STAGE and m.rule == VOCAB)
-    key = next((k for k in embedding.megatron_names() if k in md.tensors), None)
+    key = next((k for k in embedding.megatron_names() if k in keys), None)
     if key is None:
         raise FormatError(f"{directory}: no '{embedding.megatron_names()[0]}' in {METADATA_FILE}")
-    size = md.tensors[key].size
+    size = md.tensors[keys[key]].size
     if len(size) != 2 or size[0] < dims.vocab or size[1] != dims.hidden:
-        raise FormatError(f"{directory}: '{key}' has size {list(size)}, expected [>= vocab {dims.vocab}, "
+        raise FormatError(f"{directory}: '{keys[key]}' has size {list(size)}, expected [>= vocab {dims.vocab}, "
                           f"hidden {dims.hidden}]")
     return size[0]
 
@@ -212,8 +212,6 @@ def _padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str)
 # ---- reading -----------------------------------------------------------------------------------
 
 def read(path: str, family: str | None = None) -> Catalog:
-    from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, shard_pieces, shard_shape
-
     root = os.path.abspath(path)
     directory, iteration = _checkpoint_dir(root)
     _check_backend(directory)
@@ -223,58 +221,10 @@ def read(path: str, family: str | None = None) -> Catalog:
     except FormatError as e:
         args, common_problem = None, str(e)
     fam, dims, config, config_source = _model(root, directory, args, family, common_problem)
-    padded = _padded_vocab(fam, dims, md, directory)
-
-    blocks: dict[str, list[SourceBlock]] = {}
-    dtypes: dict[str, str] = {}
-    seen: set[str] = set()
-    with ChunkLocator(md) as locator:
-        for mapping in fam.mappings:
-            key = next((k for k in (dist_key(mapping, "te"), dist_key(mapping, "local")) if k in md.tensors), None)
-            if key is None:
-                if mapping.optional and not (mapping.hf == ("lm_head.weight",) and not dims.tied):
-                    continue  # absent biases; the output layer of a model that ties it to the embedding
-                raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}")
-            seen.add(key)
-            if mapping.hf == ("lm_head.weight",) and dims.tied:
-                continue  # a copy of the tied embedding
-            tensor = md.tensors[key]
-            indices = stack_indices(mapping, dims, directory)
-            pieces = {(layer, expert): shard_pieces(mapping, hf_names(mapping, layer, expert), dims, padded, 1, 0)
-                      for layer, expert in indices}
-            canonical_rank = len(mapping.shape(dims))
-            expected = shard_shape(pieces[indices[0]], canonical_rank)
-            if mapping.where == LAYER:
-                expected = (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + expected
-            if tensor.size != expected:
-                raise FormatError(f"{directory}: '{key}' has size {list(tensor.size)}, expected {list(expected)} "
-                                  f"(layers {dims.num_layers}, hidden {dims.hidden}, heads {dims.heads}, groups "
-                                  f"{dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded}"
-                                  + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
-                                     else "") + ")")
-            transposed = mapping.transposed and canonical_rank == 2
-            for chunk in tensor.chunks:
-                stored = locator.locate(tensor, chunk)
-                for name, block in _chunk_blocks(mapping, tensor, chunk, stored, pieces, transposed):
-                    if name not in blocks:
-                        blocks[name], dtypes[name] = [], tensor.dtype
-                    blocks[name].append(block)
-    unknown = [k for k in md.tensors if k not in seen and not k.startswith(_SKIPPED_PREFIXES)]
-    if unknown:
-        raise FormatError(f"{directory}: tensor '{unknown[0]}' matches no {fam.name} mapping"
-                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-
-    tensors = {}
-    for name in _hf_order(fam, dims, list(blocks)):
-        mapping, index, _, _ = fam.match_hf(name)
-        shape = _hf_shape(mapping, index, dims)
-        tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
-        rows, cols = view2d(shape)
-        covered = sum(b.rows * b.cols for b in tensor.blocks)
-        if covered != rows * cols:
-            raise FormatError(f"{directory}: chunks cover {covered} of the {rows * cols} elements of {name}")
-        tensors[name] = tensor
-    dtype = next(iter(dtypes.values()), None)
+    keys = {k: k for k in md.tensors if not k.startswith(_SKIPPED_PREFIXES)}
+    padded = padded_vocab(fam, dims, md, directory, keys)
+    tensors = read_tensors(md, directory, fam, dims, padded, keys)
+    dtype = next((t.dtype for t in tensors.values()), None)
     if dtype in _TORCH_DTYPE:
         config["dtype"] = _TORCH_DTYPE[dtype]
     details = {"family": fam.name, "padded_vocab_size": padded, "dcp_version": md.version,
@@ -289,6 +239,66 @@ def read(path: str, family: str | None = None) -> Catalog:
         details["args"] = {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}
     return Catalog("torch_dist", root, tensors, config, fam.architectures[0], _extra_files(root, directory),
                    details=details)
+
+
+def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, padded: int,
+                 keys: dict[str, str]) -> dict[str, CanonicalTensor]:
+    """The canonical tensors of a DCP checkpoint's model keys. `keys` maps each Megatron-Core
+    key (`decoder.layers.mlp.linear_fc1.weight`) to the checkpoint's own name for it (the same,
+    or NeMo's `module.`-prefixed one); every key in it must map."""
+    from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, shard_pieces, shard_shape
+
+    blocks: dict[str, list[SourceBlock]] = {}
+    dtypes: dict[str, str] = {}
+    seen: set[str] = set()
+    with ChunkLocator(md) as locator:
+        for mapping in fam.mappings:
+            key = next((k for k in (dist_key(mapping, "te"), dist_key(mapping, "local")) if k in keys), None)
+            if key is None:
+                if mapping.optional and not (mapping.hf == ("lm_head.weight",) and not dims.tied):
+                    continue  # absent biases; the output layer of a model that ties it to the embedding
+                raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}")
+            seen.add(key)
+            if mapping.hf == ("lm_head.weight",) and dims.tied:
+                continue  # a copy of the tied embedding
+            tensor = md.tensors[keys[key]]
+            indices = stack_indices(mapping, dims, directory)
+            pieces = {(layer, expert): shard_pieces(mapping, hf_names(mapping, layer, expert), dims, padded, 1, 0)
+                      for layer, expert in indices}
+            canonical_rank = len(mapping.shape(dims))
+            expected = shard_shape(pieces[indices[0]], canonical_rank)
+            if mapping.where == LAYER:
+                expected = (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + expected
+            if tensor.size != expected:
+                raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected "
+                                  f"{list(expected)} (layers {dims.num_layers}, hidden {dims.hidden}, heads "
+                                  f"{dims.heads}, groups {dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, "
+                                  f"padded vocab {padded}"
+                                  + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
+                                     else "") + ")")
+            transposed = mapping.transposed and canonical_rank == 2
+            for chunk in tensor.chunks:
+                stored = locator.locate(tensor, chunk)
+                for name, block in _chunk_blocks(mapping, tensor, chunk, stored, pieces, transposed):
+                    if name not in blocks:
+                        blocks[name], dtypes[name] = [], tensor.dtype
+                    blocks[name].append(block)
+    unknown = [keys[k] for k in keys if k not in seen]
+    if unknown:
+        raise FormatError(f"{directory}: tensor '{unknown[0]}' matches no {fam.name} mapping"
+                          + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+
+    tensors = {}
+    for name in _hf_order(fam, dims, list(blocks)):
+        mapping, index, _, _ = fam.match_hf(name)
+        shape = _hf_shape(mapping, index, dims)
+        tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
+        rows, cols = view2d(shape)
+        covered = sum(b.rows * b.cols for b in tensor.blocks)
+        if covered != rows * cols:
+            raise FormatError(f"{directory}: chunks cover {covered} of the {rows * cols} elements of {name}")
+        tensors[name] = tensor
+    return tensors
 
 
 def _chunk_blocks(mapping: TensorMapping, tensor: DcpTensor, chunk, stored: StoredTensor, pieces: dict,
@@ -380,21 +390,53 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     as Megatron pads for that TP); the global tensors are the same for any TP and EP. Keys are
     TransformerEngine-style: Megatron-Core's local spec saves and loads the same keys, except a
     mixture-of-experts layer's pre-MLP norm, which follows --megatron-naming (see dist_key)."""
-    from pyconv.formats.megatron import CHECKPOINT_VERSION, _output_dtype, _region_copies, family_and_dims, \
-        hf_names, shard_pieces, shard_shape
-    from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
-    from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
+    from pyconv.formats.megatron import CHECKPOINT_VERSION, family_and_dims
+    from pyconv.io.torchsave import TorchDtypeValue
     from pyconv.layout import padded_vocab_size
 
     family, dims = family_and_dims(catalog)
     config = catalog.config
+    check_global_target(target)
+    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
+    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
+    params_dtype = target.dtype or source_dtype
+    args = {
+        **family.megatron_args_from_hf(config, dims),
+        "tensor_model_parallel_size": target.tp, "pipeline_model_parallel_size": 1,
+        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
+        "params_dtype": TorchDtypeValue(_TORCH_DTYPE[params_dtype]),
+        "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
+        "ckpt_format": "torch_dist", "iteration": target.iteration or 0,
+        "pyconv_hf_config": json.dumps(config, sort_keys=True),
+    }
+    common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
+    files = plan_dcp(catalog, target, family, dims, padded, iteration_dir, common)
+    files.append(plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)))
+    for path, size in catalog.extra_files:
+        files.append(plan_file_copy(path, size, os.path.basename(path)))
+    return files
+
+
+def check_global_target(target: TargetSpec) -> None:
     if target.pp != 1 or target.ep != 1 or target.first_stage_layers or target.last_stage_layers:
         raise LayoutError("a torch_dist checkpoint holds global tensors that load at any pipeline and expert "
                           "parallelism: --pp, --ep and stage sizes do not apply (--tp sets the vocabulary padding)")
     if target.tp < 1:
         raise LayoutError(f"tp must be >= 1, got {target.tp}")
-    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
-    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+
+
+def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDims, padded: int, directory: str,
+             common, key_prefix: str = "") -> list[PlannedFile]:
+    """The files of one Megatron-Core distributed checkpoint directory: data files, .metadata,
+    common.pt (torch.save of `common`) and metadata.json, every key prefixed with `key_prefix`
+    (NeMo 2 saves its model under 'module.')."""
+    from pyconv.formats.megatron import _output_dtype, _region_copies, hf_names, shard_pieces, shard_shape
+    from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
+    from pyconv.io.torchsave import TensorSlot, layout_torch_save
+
+    config = catalog.config
+    iteration_dir = directory
 
     tensors: list[DcpTensor] = []
     planned: list[list[PlannedTensor]] = [[]]
@@ -429,7 +471,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     none_layout, _ = layout_torch_save([None])
     byte_items: dict[str, ItemLocation] = {}
     for key in extra_state_keys(family, dims):
-        byte_items[key] = place_bytes(none_layout)
+        byte_items[key_prefix + key] = place_bytes(none_layout)
 
     for mapping in family.mappings:
         if mapping.hf == ("lm_head.weight",) and dims.tied:
@@ -443,7 +485,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
             index = indices[present.index(False)]
             missing = next(n for n in hf_names(mapping, *index) if n not in catalog.tensors)
             raise LayoutError(f"{catalog.path}: tensor '{missing}' is missing")
-        key = dist_key(mapping, target.megatron_naming)
+        key = key_prefix + dist_key(mapping, target.megatron_naming)
         lead = leading_axes(mapping)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         chunks, dtype, shape = [], None, None
@@ -464,18 +506,6 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         size = shape if not lead else (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + shape
         tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
 
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
-    params_dtype = target.dtype or source_dtype
-    args = {
-        **family.megatron_args_from_hf(config, dims),
-        "tensor_model_parallel_size": target.tp, "pipeline_model_parallel_size": 1,
-        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
-        "params_dtype": TorchDtypeValue(_TORCH_DTYPE[params_dtype]),
-        "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
-        "ckpt_format": "torch_dist", "iteration": target.iteration or 0,
-        "pyconv_hf_config": json.dumps(config, sort_keys=True),
-    }
-    common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
     common_layout, _ = layout_torch_save(common)
     # A save id that names the content, so the same conversion writes the same bytes.
     save_id = hashlib.sha1(json.dumps([[t.fqn, t.dtype, list(t.size), len(t.chunks)] for t in tensors]).encode()
@@ -489,10 +519,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         PlannedFile(f"{iteration_dir}/{COMMON_FILE}", common_layout.size, (), common_layout.literals, kind="metadata"),
         PlannedFile(f"{iteration_dir}/{METADATA_FILE}", len(meta), (), ((0, meta),), kind="metadata"),
         plan_text_file(f"{iteration_dir}/{BACKEND_FILE}", json.dumps(backend)),
-        plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)),
     ]
-    for path, size in catalog.extra_files:
-        files.append(plan_file_copy(path, size, os.path.basename(path)))
     return files
 
 
