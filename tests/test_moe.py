@@ -4,6 +4,7 @@ the safetensors library and transformers."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -131,3 +132,94 @@ def test_bad_expert_layouts(moe_models, tmp_path):
     transformers.LlamaForCausalLM(dense).save_pretrained(tmp_path / "dense")
     with pytest.raises(LayoutError, match="ep=2 needs a mixture-of-experts model"):
         pyconv.reshard(tmp_path / "dense", tmp_path / "y", to="megatron", ep=2)
+
+
+# ---- expert tensor parallelism ------------------------------------------------------------------
+
+def _megatron_saving_ranks(tp: int, ep: int, etp: int, dp_factor: int = 1):
+    """(TP rank, EP rank, expert-TP rank) of the ranks that write a legacy checkpoint, computed
+    with Megatron-Core's own RankGenerator (parallel_state.initialize_model_parallel builds the
+    dense grid with tp, dp and the expert grid with etp, ep, edp, both in order tp-cp-ep-dp-pp),
+    and Megatron-LM's save condition (checkpointing.save_checkpoint: expert-data-parallel rank 0)."""
+    import math
+
+    from megatron.core.parallel_state import RankGenerator
+
+    world = math.lcm(tp, etp * ep) * dp_factor
+    order = "tp-cp-ep-dp-pp"
+    dense = RankGenerator(tp=tp, ep=1, dp=world // tp, pp=1, cp=1, order=order)
+    expert = RankGenerator(tp=etp, ep=ep, dp=world // (etp * ep), pp=1, cp=1, order=order)
+
+    def rank_in(groups, r):
+        return next(g.index(r) for g in groups if r in g)
+
+    out = []
+    for r in range(world):
+        if rank_in(expert.get_ranks("dp"), r) == 0:
+            out.append((rank_in(dense.get_ranks("tp"), r), rank_in(expert.get_ranks("ep"), r),
+                        rank_in(expert.get_ranks("tp"), r)))
+    return out
+
+
+@pytest.mark.parametrize("tp, ep, etp", [(2, 2, 1), (4, 2, 2), (2, 4, 1), (2, 2, 2), (4, 4, 1)])
+def test_expert_tensor_parallel_files_follow_megatron(moe_models, tmp_path, tp, ep, etp):
+    """Which directory holds which dense and expert shard, checked against Megatron's own rank
+    grids; then the round trip is bitwise."""
+    pytest.importorskip("megatron.core")
+    _, src = moe_models["mixtral"]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=tp, ep=ep, etp=etp, megatron_naming="local")
+    expected = _megatron_saving_ranks(tp, ep, etp)
+    assert expected == _megatron_saving_ranks(tp, ep, etp, dp_factor=2)  # the data-parallel size does not matter
+    dirs = sorted(os.listdir(tmp_path / "meg" / "release"))
+    assert dirs == sorted(f"mp_rank_{t:02d}_{e:03d}" for t, e, _ in expected)
+    source = hf_tensors(src)
+    per_rank = 4 // ep
+    for t, e, et in expected:
+        ckpt = torch.load(tmp_path / "meg" / "release" / f"mp_rank_{t:02d}_{e:03d}" / "model_optim_rng.pt",
+                          weights_only=False)
+        model = ckpt["model"]
+        assert ckpt["args"].expert_tensor_parallel_size == etp
+        o = model["decoder.layers.1.self_attention.linear_proj.weight"]  # dense: TP rank t
+        assert torch.equal(o, source["model.layers.1.self_attn.o_proj.weight"].chunk(tp, 1)[t])
+        for j in range(per_rank):  # experts: EP rank e, expert-TP rank et
+            x = f"model.layers.1.block_sparse_moe.experts.{e * per_rank + j}."
+            fc1 = model[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc1.weight"]
+            assert torch.equal(fc1, torch.cat([source[x + "w1.weight"].chunk(etp, 0)[et],
+                                               source[x + "w3.weight"].chunk(etp, 0)[et]]))
+            fc2 = model[f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc2.weight"]
+            assert torch.equal(fc2, source[x + "w2.weight"].chunk(etp, 1)[et])
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    output = hf_tensors(tmp_path / "back")
+    assert source.keys() == output.keys() and all(torch.equal(source[k], output[k]) for k in source)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_etp1_tp2_ep2_round_trip_is_bitwise(moe_models, tmp_path, family):
+    _, src = moe_models[family]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2, ep=2, etp=1)
+    assert sorted(os.listdir(tmp_path / "meg" / "release")) == ["mp_rank_00_000", "mp_rank_01_001"]
+    pyconv.reshard(tmp_path / "meg", tmp_path / "meg2", to="megatron", tp=1, pp=2, ep=4)  # etp = tp
+    pyconv.reshard(tmp_path / "meg2", tmp_path / "back", to="hf")
+    source, output = hf_tensors(src), hf_tensors(tmp_path / "back")
+    assert source.keys() == output.keys() and all(torch.equal(source[k], output[k]) for k in source)
+
+
+def test_bad_expert_tensor_parallel_layouts(moe_models, tmp_path):
+    _, src = moe_models["mixtral"]
+    with pytest.raises(LayoutError, match=r"etp=1 x ep=2 < tp=4: .* TP ranks 2..3"):
+        pyconv.reshard(src, tmp_path / "a", to="megatron", tp=4, ep=2, etp=1)
+    with pytest.raises(LayoutError, match="tp = 2 is not divisible by etp = 4"):
+        pyconv.reshard(src, tmp_path / "b", to="megatron", tp=2, ep=2, etp=4)
+    pyconv.reshard(src, tmp_path / "c", to="megatron", tp=2, ep=2, etp=1)
+    release = tmp_path / "c" / "release"
+    shutil.copytree(release / "mp_rank_00_000", release / "mp_rank_01_000")
+    with pytest.raises(pyconv.FormatError, match="mp_rank_01_000 does not belong to a checkpoint with tp=2, pp=1, "
+                                                 "ep=2, etp=1"):
+        pyconv.open(tmp_path / "c")
+    shutil.rmtree(release / "mp_rank_01_000")
+    for d in release.iterdir():  # args that claim etp = tp: then every (TP, EP) pair must be there
+        ckpt = torch.load(d / "model_optim_rng.pt", weights_only=False)
+        ckpt["args"].expert_tensor_parallel_size = 2
+        torch.save(ckpt, d / "model_optim_rng.pt")
+    with pytest.raises(pyconv.FormatError, match=r"mp_rank_01_000 is missing \(found tp=2, pp=1, ep=2\)"):
+        pyconv.open(tmp_path / "c")
