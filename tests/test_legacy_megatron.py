@@ -436,3 +436,75 @@ def test_bad_targets_are_refused(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     with pytest.raises(LayoutError, match="GPT-2 or BERT"):
         pyconv.reshard(tmp_path / "llama", tmp_path / "out", to="megatron-legacy")
+
+
+# ---- Megatron-Core judges the bert table ----------------------------------------------------
+
+def test_megatron_core_bert_loads_converted_legacy_bert_with_equal_logits(bert, tmp_path):
+    """legacy BERT (v1.0, tp 2) -> pyconv -> Megatron-Core names (local spec): Megatron-Core's own
+    BertModel loads the rank file strictly and its logits equal transformers' on the source model."""
+    harness = pytest.importorskip("megatron_harness")
+    if not harness.megatron_available():
+        pytest.skip("megatron-core is not installed")
+    src = save_legacy(legacy_rank_dicts(bert, "bert", 2, 1, 1.0), tmp_path / "legacy", "dir")
+    pyconv.reshard(src, tmp_path / "mcore", to="megatron", megatron_naming="local", vocab_divisible_by=DIVISIBLE_BY)
+    assert pyconv.open(tmp_path / "mcore").architecture == "MegatronBertForPreTraining"
+    state = torch.load(tmp_path / "mcore" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
+    g = torch.Generator().manual_seed(3)
+    ids, types = torch.randint(0, VOCAB, (2, 11), generator=g), torch.randint(0, 2, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    with harness.megatron_parallel(1):
+        from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+        from megatron.core.models.bert.bert_model import BertModel
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        config = TransformerConfig(
+            num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
+            layernorm_epsilon=1e-5, hidden_dropout=0.0, attention_dropout=0.0, add_bias_linear=True,
+            params_dtype=torch.float32, use_cpu_initialization=True, activation_func=torch.nn.functional.gelu,
+            bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+            persist_layer_norm=False, gradient_accumulation_fusion=False)
+        model = BertModel(config=config, num_tokentypes=2, transformer_layer_spec=bert_layer_local_spec,
+                          vocab_size=state["args"].padded_vocab_size, max_sequence_length=POSITIONS,
+                          add_binary_head=True, parallel_output=False,
+                          share_embeddings_and_output_weights=True).eval()
+        model.load_state_dict(state["model"], strict=True)
+        with torch.no_grad():
+            lm_logits, binary_logits = model(ids, mask, tokentype_ids=types)
+    with torch.no_grad():
+        reference = bert(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    torch.testing.assert_close(lm_logits[..., :VOCAB], reference.prediction_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(binary_logits, reference.seq_relationship_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_zip_with_iterations_follows_its_tracker(gpt2, tmp_path):
+    """A .zip of a training directory: two iterations, the tracker names one; model_rng.pt (the
+    distributed optimizer's name) is read like model_optim_rng.pt."""
+    good = legacy_rank_dicts(gpt2, "gpt2", 1, 1, 3.0)
+    stale = copy.deepcopy(good)
+    stale[(0, 0)]["model"]["language_model"]["encoder"]["final_layernorm.bias"] += 1
+    file = tmp_path / "run.zip"
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("run/latest_checkpointed_iteration.txt", "200")
+        for iteration, dicts in ((100, stale), (200, good)):
+            torch.save(dicts[(0, 0)], tmp_path / "rank.pt")
+            z.write(tmp_path / "rank.pt", f"run/iter_{iteration:07d}/mp_rank_00/model_rng.pt")
+    ckpt = pyconv.open(file)
+    assert ckpt.catalog.details["iteration"] == "iter_0000200"
+    assert torch.equal(ckpt.get("transformer.ln_f.bias"), gpt2.state_dict()["transformer.ln_f.bias"])
+    pyconv.reshard(file, tmp_path / "hf", to="hf")
+    converted = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "hf")
+    assert torch.equal(_gpt2_logits(converted), _gpt2_logits(gpt2))
+
+
+def test_config_json_in_the_directory_gives_the_true_vocab(gpt2, tmp_path):
+    """Megatron-LM's own args carry only the padded vocab; a config.json beside the checkpoint
+    says how many rows are real (Hugging Face's BERT converter takes it as --config_file)."""
+    dicts = legacy_rank_dicts(gpt2, "gpt2", 2, 1, 3.0)
+    del dicts[(0, 0)]["args"].orig_vocab_size  # one Namespace shared by the ranks
+    src = save_legacy(dicts, tmp_path / "legacy", "dir")
+    assert pyconv.open(src).shape("transformer.wte.weight") == (96, HIDDEN)  # the padded size, as HF's script
+    gpt2.config.to_json_file(os.path.join(src, "config.json"))
+    pyconv.reshard(src, tmp_path / "hf", to="hf")
+    converted = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "hf")
+    assert torch.equal(_gpt2_logits(converted), _gpt2_logits(gpt2))
