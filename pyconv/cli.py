@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", default="hf",
-                   choices=["hf", "megatron", "torch_dist", "deepseek", "mindspore", "megatron-legacy"],
+                   choices=["hf", "megatron", "torch_dist", "deepseek", "mindspore", "megatron-legacy", "nemo"],
                    help="target format (default: hf)")
     p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")

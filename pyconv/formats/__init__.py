@@ -32,7 +32,7 @@ def register_format(name: str, *, detect, read, plan_output=None, read_options=(
 
 def _load_builtin() -> None:
     # Imported lazily so `pyconv --help` does not pay for every adapter.
-    from pyconv.formats import deepseek, mindspore, hf, torch_dist, megatron, legacy_megatron  # noqa: F401
+    from pyconv.formats import deepseek, mindspore, hf, torch_dist, megatron, legacy_megatron, nemo  # noqa: F401
 
 
 # Adapters asked first, before the rest in registration order, because what they claim another
