@@ -288,3 +288,49 @@ def test_megatron_core_runs_pyconv_output_torchrun(models, torchrun_logits, vari
     if etp is not None:  # Megatron-Core's ranks 0 and 1 read mp_rank_00_000 and mp_rank_01_001
         assert ranks == ["mp_rank_00_000", "mp_rank_01_001"]
     assert (got - _logits(model, example_input(model))).abs().max().item() < ATOL
+
+
+# ---- fp8 (DeepSeek's released layout) ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fp8_model(models, tmp_path_factory):
+    """The q_lora model with its layers' linear weights in e4m3fn with 128x128 block scales."""
+    _, src = models["q_lora"]
+    out = tmp_path_factory.mktemp("deepseek_v3_fp8") / "fp8"
+    pyconv.reshard(src, out, to="hf", dtype="fp8")
+    return str(out)
+
+
+def test_fp8_source_needs_a_float_dtype(fp8_model, tmp_path):
+    with pytest.raises(LayoutError, match="is fp8 with block scales, which a Megatron checkpoint cannot hold: "
+                                          "pass --dtype bf16"):
+        pyconv.reshard(fp8_model, tmp_path / "meg", to="megatron", tp=2, ep=2)
+
+
+def test_fp8_to_megatron_bf16_dequantizes_as_the_hf_path(fp8_model, tmp_path):
+    """fp8 -> Megatron (bf16, dequantized in the core) -> HF equals fp8 -> HF bf16, except the
+    router's score-correction bias, which Megatron keeps in float32."""
+    pyconv.reshard(fp8_model, tmp_path / "meg", to="megatron", tp=2, ep=2, dtype="bf16", megatron_naming="local")
+    sd = _rank(tmp_path / "meg", "mp_rank_01_001")["model"]
+    assert sd["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"].dtype == torch.bfloat16
+    assert sd["decoder.layers.1.mlp.router.expert_bias"].dtype == torch.float32
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    pyconv.reshard(fp8_model, tmp_path / "direct", to="hf", dtype="bf16")
+    back, direct, fp8 = hf_tensors(tmp_path / "back"), hf_tensors(tmp_path / "direct"), hf_tensors(fp8_model)
+    assert back.keys() == direct.keys()
+    bias = {k for k in back if k.endswith("e_score_correction_bias")}
+    assert [k for k in back if k not in bias and not torch.equal(back[k], direct[k])] == []
+    assert all(torch.equal(back[k], fp8[k]) and back[k].dtype == torch.float32 for k in bias)
+    w = "model.layers.1.self_attn.kv_b_proj.weight"  # W = fp8 x scale (one 128 x 128 block here)
+    assert torch.equal(back[w], (fp8[w].float() * fp8[w + "_scale_inv"]).to(torch.bfloat16))
+
+
+@needs_megatron
+def test_megatron_core_runs_dequantized_fp8(models, fp8_model, tmp_path):
+    model, _ = models["q_lora"]
+    pyconv.reshard(fp8_model, tmp_path / "meg", to="megatron", dtype="bf16", megatron_naming="local")
+    pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
+    reference = type(model).from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = example_input(model)
+    got = mh.megatron_logits(tmp_path / "meg", str(tmp_path / "hf"), 1, ids)
+    assert (got - _logits(reference, ids)).abs().max().item() < ATOL

@@ -67,6 +67,8 @@ class TensorMapping:
     layers: str = "all"
     # Present only in models whose dims satisfy this (e.g. q_a_proj only with a q_lora_rank).
     needs: Callable[[ModelDims], bool] | None = None
+    # Never cast by --dtype (Megatron-Core keeps the router's expert_bias in float32).
+    keep_dtype: bool = False
 
     @property
     def per_expert(self) -> bool:

@@ -88,7 +88,7 @@ MOE = MOE_NORM + (
     TensorMapping((L + "mlp.gate.weight",), M + "mlp.router.weight", REPLICATED, LAYER,
                   lambda d: (d.num_experts, d.hidden), layers="moe"),
     TensorMapping((L + "mlp.gate.e_score_correction_bias",), M + "mlp.router.expert_bias", REPLICATED, LAYER,
-                  lambda d: (d.num_experts,), layers="moe"),
+                  lambda d: (d.num_experts,), layers="moe", keep_dtype=True),
 ) + expert_mappings(L + "mlp.experts.#.", "gate_proj.weight", "up_proj.weight", "down_proj.weight") + (
     TensorMapping((L + "mlp.shared_experts.gate_proj.weight", L + "mlp.shared_experts.up_proj.weight"),
                   M + "mlp.shared_experts.linear_fc1.weight", GATED_FC1, LAYER, lambda d: (d.shared_ffn, d.hidden),

@@ -502,15 +502,28 @@ def _hf_order(family: Family, dims: ModelDims, names: list[str]) -> list[str]:
 
 # ---- writing ---------------------------------------------------------------------------
 
-def _region_copies(tensor: CanonicalTensor, piece: Piece, transposed: bool) -> list[BlockCopy]:
+def _region_copies(tensor: CanonicalTensor, piece: Piece, transposed: bool, dtype: str | None = None) -> list[BlockCopy]:
+    """The copies of one piece; written as `dtype`, a block-scaled fp8 source is dequantized."""
     if piece.repeat:
-        one_row = copies_for_region(tensor, piece.row0, piece.col0, 1, piece.cols, piece.dst_row, piece.dst_col)
+        one_row = copies_for_region(tensor, piece.row0, piece.col0, 1, piece.cols, piece.dst_row, piece.dst_col,
+                                    dtype=dtype)
+        if any(c.scale_source for c in one_row):
+            raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 row cannot be repeated as vocab padding")
         return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, piece.rows, c.cols, c.dst_row, c.dst_col)
                 for c in one_row]
     if transposed:
         return copies_for_region(tensor, piece.col0, piece.row0, piece.cols, piece.rows, piece.dst_row,
-                                 piece.dst_col, transpose=True)
-    return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col)
+                                 piece.dst_col, transpose=True, dtype=dtype)
+    return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col,
+                             dtype=dtype)
+
+
+def _fp8_scales(catalog: Catalog) -> set[str]:
+    """Names of the weight_scale_inv grids that travel with their fp8 weights."""
+    from pyconv.formats.hf import SCALE_SUFFIX
+
+    return {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"
+            and n + SCALE_SUFFIX in catalog.tensors}
 
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -527,9 +540,10 @@ def dropped_layers(catalog: Catalog, family: Family, dims: ModelDims) -> list[in
 
 def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
     dropped = set(dropped_layers(catalog, family, dims))
+    scales = _fp8_scales(catalog)
     for name, tensor in catalog.tensors.items():
         extra = _HF_LAYER.match(name)
-        if extra and int(extra.group(1)) in dropped:
+        if (extra and int(extra.group(1)) in dropped) or name in scales:
             continue
         match = family.match_hf(name, dims)
         if match is None:
@@ -581,6 +595,10 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         raise LayoutError(f"etp={etp} needs a mixture-of-experts model; {catalog.architecture} has no experts")
     experts_per_rank(dims, ep)
     grid = sorted(expert_grid(tp, ep, etp))
+    fp8 = [n for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"]
+    if fp8 and target.dtype in (None, "F8_E4M3"):
+        raise LayoutError(f"{catalog.path}: '{fp8[0]}' (and {len(fp8) - 1} more) is fp8 with block scales, which a "
+                          f"Megatron checkpoint cannot hold: pass --dtype bf16 (or fp16/fp32) to dequantize")
     if target.megatron_naming not in ("te", "local"):
         raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
@@ -641,8 +659,9 @@ def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec
             raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
         pieces = layout.pieces(mapping, names, t, et)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-        copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
-        dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+        dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
+        copies = [c for piece in pieces
+                  for c in _region_copies(catalog.tensors[piece.source], piece, transposed, dtype)]
         shape = shard_shape(pieces, len(mapping.shape(dims)))
         grouped = target.moe_grouped_gemm and isinstance(mapping.megatron, dict) and "grouped" in mapping.megatron
         naming = "grouped" if grouped else target.megatron_naming
