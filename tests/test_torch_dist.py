@@ -31,10 +31,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 
 # ---- Megatron-Core's side (in this process, or one torchrun rank) ----------------------------------
 
-def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int = 1) -> None:
+def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int = 1, prefix: str = "") -> None:
     """Inside megatron_parallel(tp, 1, ep): a GPTModel filled from the HF weights, saved with
     dist_checkpointing.save. megatron_lm: as Megatron-LM's training loop saves it (the state under
-    "model", args in common.pt, iter_0000007/ and the tracker file)."""
+    "model", args in common.pt, iter_0000007/ and the tracker file). prefix: of every key (NeMo 2
+    saves its model's sharded state dict under 'module.')."""
     import torch
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -46,7 +47,7 @@ def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int =
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(shard[name])
-    state, directory = model.sharded_state_dict(), Path(out_dir)
+    state, directory = model.sharded_state_dict(prefix=prefix), Path(out_dir)
     if megatron_lm:
         state = {"model": state, "args": mh.megatron_args(cfg, tp, ep=ep), "checkpoint_version": 3.0,
                  "iteration": MEGATRON_LM_ITERATION}

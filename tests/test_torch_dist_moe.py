@@ -144,7 +144,8 @@ def test_megatron_core_moe_layout_facts(saved_tp1, torchrun_moe):
     from pyconv.io.dcp import read_metadata
 
     md = read_metadata(str(saved_tp1["mixtral"]))
-    fc1, fc2 = "decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.experts.experts.linear_fc2.weight"
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    fc2 = "decoder.layers.mlp.experts.experts.linear_fc2.weight"
     assert md.tensors[fc1].size == (LAYERS, EXPERTS, 2 * 96, 64)
     assert md.tensors[fc2].size == (LAYERS, EXPERTS, 64, 96)
     assert {(c.offsets, c.sizes) for c in md.tensors[fc1].chunks if c.offsets[:2] == (1, 3)} == {

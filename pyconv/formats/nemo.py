@@ -1,0 +1,526 @@
+"""NeMo 2 checkpoint directories, and NeMo 1 key names.
+
+    DIR/weights/      a Megatron-Core distributed checkpoint (torch_dist: metadata.json,
+                      .metadata, __R_N.distcp, common.pt) whose keys carry NeMo's `module.`
+                      prefix: `module.decoder.layers.self_attention.linear_qkv.weight`
+    DIR/context/      io.json     fiddle's JSON serialization of the TrainerContext; the model
+                                  config is the object at path `<root>.model.config`: a
+                                  fiddle Config of e.g. `nemo.collections.llm.gpt.model.llama.
+                                  LlamaConfig` whose items are the arguments set explicitly
+                                  (the others keep the class defaults)
+                      model.yaml  the same model as YAML (`_target_` keys)
+                      nemo_tokenizer/   the tokenizer artifact (HF tokenizer files)
+
+Reading maps every key to its Megatron-Core name (`nemo_to_mcore_key`: NeMo 2's `module.`, NeMo
+1's `model.` and `language_model.` dropped, the pre-Megatron-Core names of NeMo 1 models
+renamed: dense_h_to_4h -> linear_fc1, dense_4h_to_h -> linear_fc2, query_key_value ->
+linear_qkv, self_attention.dense -> linear_proj, post_attention_layernorm -> pre_mlp_layernorm,
+lm_head -> output_layer, encoder -> decoder) and reads the weights with the torch_dist reader.
+The model's dims come from a Hugging Face config.json where one lies beside the checkpoint (in
+DIR or in the tokenizer artifact, where pyconv's writer puts it), else from io.json's config
+(model.yaml when io.json is absent and PyYAML is installed), translated to Megatron-LM's args.
+
+Writing produces weights/ as NeMo's HF importer does (no vocabulary padding: the divisor is the
+largest power of two <= 128 that divides the vocabulary), context/io.json and model.yaml naming
+NeMo's model and config classes with every field explicit, and context/nemo_tokenizer/ with the
+tokenizer files and the HF config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from pyconv.catalog import Catalog
+from pyconv.errors import FormatError, LayoutError
+from pyconv.families import Family, get_family
+from pyconv.formats import register_format
+from pyconv.io.jsonfile import load_json
+from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
+
+WEIGHTS = "weights"
+CONTEXT = "context"
+IO_JSON = "io.json"
+MODEL_YAML = "model.yaml"
+TOKENIZER_DIR = "nemo_tokenizer"
+CONFIG = "config.json"
+NEMO2_PREFIX = "module."
+_SKIPPED_PREFIXES = ("optimizer.",)
+_MODEL_CONFIG_PATH = "<root>.model.config"
+
+# ---- NeMo 1 / NeMo 2 key names -> Megatron-Core ----------------------------------------------------
+
+# Pre-Megatron-Core (NeMo 1 "language_model") names -> Megatron-Core names, applied in order to
+# the dotted components of a key with its prefix removed.
+_LEGACY_RENAMES = (
+    (re.compile(r"(^|\.)dense_h_to_4h\."), r"\1linear_fc1."),
+    (re.compile(r"(^|\.)dense_4h_to_h\."), r"\1linear_fc2."),
+    (re.compile(r"(^|\.)query_key_value\."), r"\1linear_qkv."),
+    (re.compile(r"(^|\.)self_attention\.dense\."), r"\1self_attention.linear_proj."),
+    (re.compile(r"(^|\.)post_attention_layernorm\."), r"\1pre_mlp_layernorm."),
+    (re.compile(r"^lm_head\.(weight|bias)$"), r"output_layer.\1"),
+    (re.compile(r"^encoder\."), "decoder."),  # GPT: the legacy "encoder" stack is Megatron-Core's decoder
+)
+
+
+def nemo_to_mcore_key(key: str) -> str:
+    """'module.decoder.layers.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight';
+    'model.language_model.encoder.layers.0.mlp.dense_h_to_4h.weight' ->
+    'decoder.layers.0.mlp.linear_fc1.weight'. Megatron-Core names pass through unchanged."""
+    for prefix in (NEMO2_PREFIX, "model."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    if key.startswith("language_model."):
+        key = key[len("language_model."):]
+    for pattern, replacement in _LEGACY_RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+# ---- where the checkpoint is -----------------------------------------------------------------------
+
+def detect(path: str) -> bool:
+    from pyconv.formats.torch_dist import _is_dcp_dir
+
+    return (os.path.isdir(path) and os.path.isdir(os.path.join(path, CONTEXT))
+            and _is_dcp_dir(os.path.join(path, WEIGHTS)))
+
+
+# ---- the model config in context/ -------------------------------------------------------------------
+
+def _attr_name(label, where: str) -> str:
+    m = re.fullmatch(r"Attr\(name='([A-Za-z_][A-Za-z0-9_]*)'\)", label) if isinstance(label, str) else None
+    if m is None:
+        raise FormatError(f"{where}: item label {str(label)[:80]!r} is not an Attr(name='...')")
+    return m.group(1)
+
+
+class _FiddleGraph:
+    """Reads values out of fiddle's JSON serialization (objects by key, refs, pyrefs, leaves)
+    without importing anything it names: a pyref becomes the string 'module.name'."""
+
+    def __init__(self, data, where: str):
+        if not isinstance(data, dict) or not isinstance(data.get("objects"), dict):
+            raise FormatError(f"{where}: not a fiddle serialization (no 'objects')")
+        self.objects, self.where = data["objects"], where
+
+    def find(self, path: str):
+        for key, obj in self.objects.items():
+            if isinstance(obj, dict) and path in (obj.get("paths") or ()):
+                return obj
+        return None
+
+    def value(self, node, depth: int = 0):
+        if depth > 32:
+            raise FormatError(f"{self.where}: values nested too deeply")
+        if isinstance(node, list):
+            return [self.value(v, depth + 1) for v in node]
+        if not isinstance(node, dict):
+            return node
+        kind = node.get("type")
+        if kind == "leaf":
+            return node.get("value")
+        if kind == "pyref":
+            return f"{node.get('module')}.{node.get('name')}"
+        if kind == "ref":
+            target = self.objects.get(node.get("key"))
+            if target is None:
+                raise FormatError(f"{self.where}: reference to a missing object {str(node.get('key'))[:80]!r}")
+            return self.value(target, depth + 1)
+        if isinstance(kind, dict) and kind.get("type") == "pyref":
+            type_name = f"{kind.get('module')}.{kind.get('name')}"
+            items = node.get("items") or []
+            if type_name in ("builtins.tuple", "builtins.list"):
+                return [self.value(v, depth + 1) for _, v in items]
+            if type_name == "builtins.dict":
+                return {}  # no model field needs a dict's contents
+            if type_name.startswith("fiddle.") and type_name.endswith((".Config", ".Partial")):
+                return self.config(node, depth + 1)[1]
+            return type_name
+        raise FormatError(f"{self.where}: unknown serialized value of type {str(kind)[:80]!r}")
+
+    def config(self, node, depth: int = 0) -> tuple[str, dict]:
+        """(the configured class as 'module.name', its explicitly set arguments)."""
+        metadata = self.value_of_metadata(node)
+        fields = {}
+        for item in node.get("items") or []:
+            if not isinstance(item, list) or len(item) != 2:
+                raise FormatError(f"{self.where}: a config item is not a [label, value] pair")
+            fields[_attr_name(item[0], self.where)] = self.value(item[1], depth + 1)
+        return metadata, fields
+
+    def value_of_metadata(self, node) -> str:
+        meta = node.get("metadata")
+        if isinstance(meta, dict) and meta.get("type") == "ref":
+            meta = self.objects.get(meta.get("key"))
+        for item in (meta or {}).get("items") or []:
+            if isinstance(item, list) and len(item) == 2 and item[0] == "Attr(name='fn_or_cls')":
+                ref = item[1]
+                if isinstance(ref, dict) and ref.get("type") == "pyref":
+                    return f"{ref.get('module')}.{ref.get('name')}"
+        raise FormatError(f"{self.where}: the model config names no class (fn_or_cls)")
+
+
+def read_io_json(path: str) -> tuple[str, dict]:
+    """(config class, explicit fields) of the model config in a NeMo 2 context/io.json."""
+    graph = _FiddleGraph(load_json(path, "NeMo context"), path)
+    node = graph.find(_MODEL_CONFIG_PATH)
+    if node is None:
+        raise FormatError(f"{path}: no object at {_MODEL_CONFIG_PATH} (the model's config)")
+    return graph.config(node)
+
+
+def read_model_yaml(path: str) -> tuple[str, dict]:
+    try:
+        import yaml
+    except ImportError:
+        raise FormatError(f"{path}: reading model.yaml needs PyYAML (pip install pyyaml), or put the model's "
+                          f"Hugging Face {CONFIG} beside the checkpoint") from None
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f.read(1 << 24))
+    except (OSError, yaml.YAMLError) as e:
+        raise FormatError(f"{path}: cannot read: {e}") from None
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("_target_"), str):
+        raise FormatError(f"{path}: no 'config' with a '_target_' (the model's config class)")
+    fields = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict) and "_target_" in value:
+            value = value["_target_"]  # a callable or dtype, as fiddle's pyref
+        fields[key] = value
+    return config["_target_"], fields
+
+
+# The defaults of the NeMo config classes pyconv knows, for the fields it reads (io.json lists
+# only the arguments set explicitly). GPTConfig is Megatron-Core's TransformerConfig + GPTConfig.
+_GPT_DEFAULTS = dict(
+    normalization="LayerNorm", gated_linear_unit=False, activation_func="torch.nn.functional.gelu",
+    add_bias_linear=True, add_qkv_bias=False, position_embedding_type="learned_absolute",
+    share_embeddings_and_output_weights=True, layernorm_epsilon=1e-5, rotary_base=10000, rotary_percent=1.0,
+    seq_length=1024, make_vocab_size_divisible_by=128, kv_channels=None, num_query_groups=None, vocab_size=None,
+    num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2, moe_router_pre_softmax=False,
+    moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
+_LLAMA_DEFAULTS = {**_GPT_DEFAULTS, "normalization": "RMSNorm", "gated_linear_unit": True,
+                   "activation_func": "torch.nn.functional.silu", "add_bias_linear": False,
+                   "position_embedding_type": "rope", "share_embeddings_and_output_weights": False, "seq_length": 4096}
+_CLASS_DEFAULTS = (  # (class name prefix, defaults), first match wins
+    ("Qwen2", {**_LLAMA_DEFAULTS, "add_qkv_bias": True, "layernorm_epsilon": 1e-6, "rotary_base": 1000000.0,
+               "vocab_size": 151936}),
+    ("Qwen25", {**_LLAMA_DEFAULTS, "add_qkv_bias": True, "layernorm_epsilon": 1e-6, "rotary_base": 1000000.0,
+                "vocab_size": 151936}),
+    ("Mixtral", {**_LLAMA_DEFAULTS, "num_moe_experts": 8, "rotary_base": 1000000.0}),
+    ("Mistral", {**_LLAMA_DEFAULTS, "seq_length": 32768}),
+    ("Llama", _LLAMA_DEFAULTS),
+    ("CodeLlama", _LLAMA_DEFAULTS),
+    ("GPTConfig", _GPT_DEFAULTS),
+)
+_SIZE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+
+
+def nemo_config_to_args(cls: str, explicit: dict, where: str) -> dict:
+    """A NeMo model config (class and explicit fields) as the Megatron-LM args the family tables read."""
+    name = cls.rsplit(".", 1)[-1]
+    defaults = next((d for prefix, d in _CLASS_DEFAULTS if name.startswith(prefix)), None)
+    if defaults is None:
+        raise FormatError(f"{where}: NeMo config class {cls} is not one pyconv knows "
+                          f"({', '.join(p + '*' for p, _ in _CLASS_DEFAULTS)}); put the model's HF {CONFIG} beside it")
+    c = {**defaults, **explicit}
+    missing = [k for k in _SIZE_FIELDS if not isinstance(c.get(k), int)]
+    if missing:
+        raise FormatError(f"{where}: {name} does not set {', '.join(missing)} (preset model sizes are not "
+                          f"tabulated in pyconv); put the model's HF {CONFIG} beside the checkpoint")
+    heads = c["num_attention_heads"]
+    groups = c.get("num_query_groups") or heads
+    activation = str(c.get("activation_func") or "")
+    gated = bool(c.get("gated_linear_unit"))
+    args = dict(
+        num_layers=c["num_layers"], hidden_size=c["hidden_size"], ffn_hidden_size=c["ffn_hidden_size"],
+        num_attention_heads=heads, num_query_groups=groups, group_query_attention=groups != heads,
+        kv_channels=c.get("kv_channels") or c["hidden_size"] // heads, normalization=c["normalization"],
+        swiglu=gated and activation.endswith(".silu"), add_bias_linear=bool(c["add_bias_linear"]),
+        add_qkv_bias=bool(c["add_qkv_bias"]) or bool(c["add_bias_linear"]),
+        position_embedding_type=c["position_embedding_type"], rotary_base=c["rotary_base"],
+        rotary_percent=c.get("rotary_percent", 1.0), max_position_embeddings=c["seq_length"],
+        seq_length=c["seq_length"], norm_epsilon=c["layernorm_epsilon"],
+        untie_embeddings_and_output_weights=not c["share_embeddings_and_output_weights"],
+        make_vocab_size_divisible_by=c.get("make_vocab_size_divisible_by") or 128)
+    if gated and not args["swiglu"]:
+        raise FormatError(f"{where}: gated linear unit with activation {activation!r}: no pyconv family")
+    if c.get("vocab_size"):
+        args["vocab_size"] = c["vocab_size"]
+    if c.get("num_moe_experts"):
+        args.update(num_experts=c["num_moe_experts"], moe_ffn_hidden_size=c.get("moe_ffn_hidden_size")
+                    or c["ffn_hidden_size"], moe_router_topk=c.get("moe_router_topk", 2),
+                    moe_router_pre_softmax=bool(c.get("moe_router_pre_softmax")),
+                    moe_shared_expert_intermediate_size=c.get("moe_shared_expert_intermediate_size"),
+                    moe_shared_expert_gate=bool(c.get("moe_shared_expert_gate")))
+    return args
+
+
+def _context_model(root: str, context: str, weights_vocab_rows: int, family: str | None):
+    """(family, dims, HF config, where they came from)."""
+    from pyconv.families import family_for_architecture, family_for_megatron_args
+    from pyconv.formats.megatron import megatron_dims
+
+    for candidate in (os.path.join(root, CONFIG), os.path.join(context, TOKENIZER_DIR, CONFIG)):
+        if os.path.isfile(candidate):
+            config = load_json(candidate, "config")
+            archs = config.get("architectures") if isinstance(config, dict) else None
+            if isinstance(archs, list) and archs:
+                fam = get_family(family) if family else family_for_architecture(archs[0], candidate)
+                return fam, fam.dims_from_hf(config), dict(config), os.path.relpath(candidate, root)
+    io_json, model_yaml = os.path.join(context, IO_JSON), os.path.join(context, MODEL_YAML)
+    if os.path.isfile(io_json):
+        where = io_json
+        cls, explicit = read_io_json(io_json)
+    elif os.path.isfile(model_yaml):
+        where = model_yaml
+        cls, explicit = read_model_yaml(model_yaml)
+    else:
+        raise FormatError(f"{context}: neither {IO_JSON} nor {MODEL_YAML}: the model config is unknown")
+    args = nemo_config_to_args(cls, explicit, where)
+    args.setdefault("vocab_size", weights_vocab_rows)  # NeMo keeps the true vocabulary in the tokenizer
+    fam = get_family(family) if family else family_for_megatron_args(args, where)
+    return fam, megatron_dims(args, where), fam.hf_config_from_megatron(args), os.path.relpath(where, root)
+
+
+def _embedding_rows(md, keys: dict[str, str], where: str) -> int:
+    key = keys.get("embedding.word_embeddings.weight")
+    if key is None:
+        raise FormatError(f"{where}: no 'embedding.word_embeddings.weight' (as '{NEMO2_PREFIX}embedding."
+                          "word_embeddings.weight')")
+    return md.tensors[key].size[0]
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.formats.torch_dist import _TORCH_DTYPE, _check_backend, padded_vocab, read_tensors
+    from pyconv.io.dcp import read_metadata
+
+    root = os.path.abspath(path)
+    weights, context = os.path.join(root, WEIGHTS), os.path.join(root, CONTEXT)
+    _check_backend(weights)
+    md = read_metadata(weights)
+    keys: dict[str, str] = {}
+    for fqn in md.tensors:
+        if fqn.startswith(_SKIPPED_PREFIXES):
+            continue
+        key = nemo_to_mcore_key(fqn)
+        if key in keys:
+            raise FormatError(f"{weights}: '{keys[key]}' and '{fqn}' are both '{key}'")
+        keys[key] = fqn
+    fam, dims, config, config_source = _context_model(root, context, _embedding_rows(md, keys, weights), family)
+    padded = padded_vocab(fam, dims, md, weights, keys)
+    tensors = read_tensors(md, weights, fam, dims, padded, keys)
+    dtype = next((t.dtype for t in tensors.values()), None)
+    if dtype in _TORCH_DTYPE:
+        config["dtype"] = _TORCH_DTYPE[dtype]
+    details = {"family": fam.name, "padded_vocab_size": padded, "config_from": config_source,
+               "chunks": sum(len(t.chunks) for t in md.tensors.values()),
+               "key_style": "nemo2" if any(k.startswith(NEMO2_PREFIX) for k in keys.values()) else "nemo1"}
+    return Catalog("nemo", root, tensors, config, fam.architectures[0], _tokenizer_files(root, context),
+                   details=details)
+
+
+def _tokenizer_files(root: str, context: str) -> tuple[tuple[str, int], ...]:
+    """The tokenizer artifact's files (and small files beside the checkpoint), carried over to HF."""
+    files: dict[str, tuple[str, int]] = {}
+    for folder in (os.path.join(context, TOKENIZER_DIR), root):
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            file = os.path.join(folder, name)
+            if name in files or name == CONFIG or name.startswith(".") or not os.path.isfile(file) \
+                    or os.path.islink(file):
+                continue
+            files[name] = (file, os.path.getsize(file))
+    return tuple(files.values())
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+# (module, model class, config class) NeMo 2 uses for each family.
+_NEMO_CLASSES = {
+    "llama": ("nemo.collections.llm.gpt.model.llama", "LlamaModel", "LlamaConfig"),
+    "qwen2": ("nemo.collections.llm.gpt.model.qwen2", "Qwen2Model", "Qwen2Config"),
+    "mixtral": ("nemo.collections.llm.gpt.model.mixtral", "MixtralModel", "MixtralConfig"),
+    "gpt2": ("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
+    "qwen2_moe": ("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
+}
+_TOKENIZER_CLASS = ("nemo.collections.common.tokenizers.huggingface.auto_tokenizer", "AutoTokenizer")
+_TRAINER_CONTEXT = ("nemo.lightning.io.pl", "TrainerContext")
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+class Pyref(str):
+    """A value written as fiddle's pyref to 'module.name' (a function, a class, a torch dtype)."""
+
+
+def nemo_vocab_divisor(vocab: int) -> int:
+    """NeMo's HF importers: the largest power of two <= 128 that divides the vocabulary (no padding)."""
+    base = 128
+    while vocab % base:
+        base //= 2
+    return base
+
+
+def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) -> dict:
+    """Every NeMo config field pyconv sets, from the family's Megatron args."""
+    args = family.megatron_args_from_hf(config, dims)
+    swiglu = bool(args.get("swiglu"))
+    fields = dict(
+        num_layers=args["num_layers"], hidden_size=args["hidden_size"], ffn_hidden_size=args["ffn_hidden_size"],
+        num_attention_heads=args["num_attention_heads"], num_query_groups=args.get("num_query_groups") or
+        args["num_attention_heads"], kv_channels=args.get("kv_channels"), normalization=args["normalization"],
+        gated_linear_unit=swiglu,
+        activation_func=Pyref("torch.nn.functional.silu" if swiglu else "torch.nn.functional.gelu"),
+        add_bias_linear=bool(args.get("add_bias_linear")), add_qkv_bias=bool(args.get("add_qkv_bias")),
+        position_embedding_type=args["position_embedding_type"], rotary_base=float(args.get("rotary_base", 10000)),
+        rotary_percent=float(args.get("rotary_percent", 1.0)), seq_length=args["seq_length"],
+        layernorm_epsilon=float(args["norm_epsilon"]),
+        share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
+        make_vocab_size_divisible_by=nemo_vocab_divisor(dims.vocab), vocab_size=dims.vocab,
+        fp16=params_dtype == "F16", bf16=params_dtype == "BF16",
+        params_dtype=Pyref(f"torch.{_DTYPE_NAMES[params_dtype]}"))
+    if args.get("num_experts"):
+        fields.update(num_moe_experts=args["num_experts"], moe_ffn_hidden_size=args["moe_ffn_hidden_size"],
+                      moe_router_topk=args["moe_router_topk"],
+                      moe_router_pre_softmax=bool(args.get("moe_router_pre_softmax")))
+        if args.get("moe_shared_expert_intermediate_size"):
+            fields.update(moe_shared_expert_intermediate_size=args["moe_shared_expert_intermediate_size"],
+                          moe_shared_expert_gate=bool(args.get("moe_shared_expert_gate")))
+    return fields
+
+
+class _FiddleWriter:
+    """fiddle's JSON serialization (format 0.0.1) of nested fdl.Config values, as
+    `fiddle._src.experimental.serialization.dump_json` lays it out: every Config an object with
+    its items, paths and a BuildableTraverserMetadata naming the class."""
+
+    def __init__(self):
+        self.objects: dict = {}
+        self.refcounts: dict = {}
+
+    def _name(self, hint: str) -> str:
+        hint = re.sub(r"(?<=[^_A-Z])(?=[A-Z])", "_", hint).lower()
+        i = 1
+        while f"{hint}_{i}" in self.objects:
+            i += 1
+        return f"{hint}_{i}"
+
+    def _ref(self, key: str) -> dict:
+        self.refcounts[key] = self.refcounts.get(key, 0) + 1
+        return {"type": "ref", "key": key}
+
+    @staticmethod
+    def _pyref(dotted: str) -> dict:
+        module, name = dotted.rsplit(".", 1)
+        return {"type": "pyref", "module": module, "name": name}
+
+    def _container(self, kind: str, values: list, paths=None) -> dict:
+        items = [[f"Index(index={i})", v] for i, v in enumerate(values)]
+        node = {"type": self._pyref(f"builtins.{kind}"), "items": items, "metadata": None}
+        if kind == "dict":
+            node["metadata"] = {"type": self._pyref("builtins.tuple"), "items": [], "metadata": None}
+        if paths is not None:
+            node["paths"] = paths
+        key = self._name(kind)
+        self.objects[key] = node
+        return self._ref(key)
+
+    def config(self, cls: tuple[str, str], fields: dict, path: str) -> dict:
+        """A fdl.Config(cls, **fields) at `path`; values: scalars, Pyref, nested (cls, fields)."""
+        items = []
+        for name, value in fields.items():
+            child = f"{path}.{name}"
+            if isinstance(value, tuple):
+                serialized = self.config(value[0], value[1], child)
+            elif isinstance(value, Pyref):
+                serialized = {**self._pyref(value), "paths": [child]}
+            elif isinstance(value, dict):
+                serialized = self._container("dict", [], [child])
+            else:
+                serialized = {"type": "leaf", "value": value, "paths": [child]}
+            items.append([f"Attr(name='{name}')", serialized])
+        meta_key = self._name("BuildableTraverserMetadata")
+        self.objects[meta_key] = None  # reserve the name before the containers take theirs
+        names = self._container("tuple", list(fields))
+        tags, history = self._container("dict", []), self._container("dict", [])
+        self.objects[meta_key] = {
+            "type": self._pyref("fiddle._src.config.BuildableTraverserMetadata"),
+            "items": [["Attr(name='fn_or_cls')", self._pyref(".".join(cls))],
+                      ["Attr(name='argument_names')", names], ["Attr(name='argument_tags')", tags],
+                      ["Attr(name='argument_history')", history]],
+            "metadata": self._pyref("fiddle._src.config.BuildableTraverserMetadata")}
+        key = self._name(cls[1])
+        self.objects[key] = {"type": self._pyref("fiddle._src.config.Config"), "items": items,
+                             "metadata": self._ref(meta_key), "paths": [path]}
+        return self._ref(key)
+
+    def dump(self, cls: tuple[str, str], fields: dict) -> str:
+        root = self.config(cls, fields, "<root>")
+        return json.dumps({"root": root, "objects": self.objects, "refcounts": self.refcounts, "version": "0.0.1"},
+                          indent=2)
+
+
+def _yaml_scalar(value) -> str:
+    """JSON scalars (numbers, true/false/null, quoted strings) are YAML, except that YAML 1.1
+    (PyYAML) reads an exponent without a '.' ('1e-05') as a string: write '1.0e-05'."""
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def model_yaml(model_cls: tuple[str, str], config_cls: tuple[str, str], fields: dict) -> str:
+    lines = [f"_target_: {'.'.join(model_cls)}", "config:"]
+    for name, value in [("_target_", None)] + sorted(fields.items()):
+        if name == "_target_":
+            lines.append(f"  _target_: {'.'.join(config_cls)}")
+        elif isinstance(value, Pyref):
+            lines += [f"  {name}:", "    _call_: false", f"    _target_: {value}"]
+        else:
+            lines.append(f"  {name}: {_yaml_scalar(value)}")
+    lines += ["tokenizer:", f"  _target_: {'.'.join(_TOKENIZER_CLASS)}", f"  pretrained_model_name: {TOKENIZER_DIR}"]
+    return "\n".join(lines) + "\n"
+
+
+def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    from pyconv.formats.megatron import family_and_dims
+    from pyconv.formats.torch_dist import _TORCH_DTYPE, check_global_target, plan_dcp
+
+    family, dims = family_and_dims(catalog)
+    if family.name not in _NEMO_CLASSES:
+        raise LayoutError(f"{catalog.architecture}: pyconv has no NeMo 2 model class for the {family.name} family")
+    check_global_target(target)
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
+    params_dtype = target.dtype or source_dtype
+    fields = nemo_config_fields(family, catalog.config, dims, params_dtype)
+    module, model_name, config_name = _NEMO_CLASSES[family.name]
+    # No vocabulary padding (as NeMo's importers): the embedding keeps the true vocabulary.
+    files = plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX)
+    model_fields = {"config": ((module, config_name), fields),
+                    "tokenizer": (_TOKENIZER_CLASS, {"pretrained_model_name": TOKENIZER_DIR})}
+    io_json = _FiddleWriter().dump(_TRAINER_CONTEXT, {"model": ((module, model_name), model_fields), "extra": {}})
+    files.append(plan_text_file(f"{CONTEXT}/{IO_JSON}", io_json))
+    files.append(plan_text_file(f"{CONTEXT}/{MODEL_YAML}",
+                                model_yaml((module, model_name), (module, config_name), fields)))
+    config = dict(catalog.config)
+    if target.dtype in _DTYPE_NAMES:
+        config["dtype"] = _DTYPE_NAMES[target.dtype]
+    files.append(plan_text_file(f"{CONTEXT}/{TOKENIZER_DIR}/{CONFIG}", json.dumps(config, indent=2, sort_keys=True)))
+    for path, size in catalog.extra_files:
+        name = os.path.basename(path)
+        if name != CONFIG:
+            files.append(plan_file_copy(path, size, f"{CONTEXT}/{TOKENIZER_DIR}/{name}"))
+    return files
+
+
+register_format("nemo", detect=detect, read=read, plan_output=plan_output, read_options=("family",))

@@ -1,0 +1,361 @@
+"""NeMo 2 checkpoint directories (weights/ + context/) and NeMo 1 key names.
+
+NeMo itself does not install here; its two halves are judged by what it is built on:
+- weights/: Megatron-Core saves a GPTModel's sharded state dict under NeMo's `module.` prefix
+  (what NeMo's MegatronParallel passes) and pyconv converts it to HF with transformers' logits;
+  Megatron-Core loads pyconv's weights/ under that prefix with transformers' logits.
+- context/io.json: fiddle (NeMo's serializer) writes a TrainerContext of stand-ins registered
+  under NeMo's module and class names, and pyconv reads the model config from it; fiddle loads
+  the io.json pyconv writes back into those stand-ins with every field pyconv set.
+Round trips HF -> NeMo -> HF are bit for bit, with the config from the HF config.json pyconv keeps
+in the tokenizer artifact or, without it, from io.json alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import megatron_harness as mh
+from conftest import example_input, load_hf_tensors
+from test_torch_dist import hf_logits, megatron_save
+from test_torch_dist_moe import _config as moe_config
+
+ATOL = 1e-5
+needs_megatron = pytest.mark.skipif(not mh.megatron_available(), reason="megatron-core is not installed")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+FAMILIES = ("llama", "gpt2", "qwen2", "mixtral")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory):
+    """{family: (model, HF dir)}: the conftest models and a tiny Mixtral."""
+    import torch
+    import transformers
+
+    torch.manual_seed(3)
+    mixtral = transformers.AutoModelForCausalLM.from_config(moe_config("mixtral")).eval()
+    path = tmp_path_factory.mktemp("nemo_models") / "mixtral"
+    mixtral.save_pretrained(path)
+    return {**tiny_models, "mixtral": (mixtral, str(path))}
+
+
+@pytest.fixture(scope="module")
+def pyconv_nemo(models, tmp_path_factory):
+    import pyconv
+
+    root = tmp_path_factory.mktemp("pyconv_nemo")
+    for family, (_, src) in models.items():
+        pyconv.reshard(src, root / family, to="nemo", megatron_naming="local" if family == "mixtral" else "te")
+    return root
+
+
+def without_hf_config(ckpt: Path, tmp_path: Path) -> Path:
+    """A copy whose model config can only come from context/io.json."""
+    copy = tmp_path / f"{ckpt.name}_io_json_only"
+    shutil.copytree(ckpt, copy)
+    (copy / "context" / "nemo_tokenizer" / "config.json").unlink()
+    return copy
+
+
+def assert_hf_output(model, src, out_dir):
+    import torch
+
+    source, output = load_hf_tensors(src), load_hf_tensors(out_dir)
+    assert source.keys() == output.keys()
+    for name in source:
+        assert torch.equal(source[name], output[name]), name
+    loaded, info = type(model).from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = example_input(model)
+    assert torch.equal(hf_logits(model, ids), hf_logits(loaded.eval(), ids))
+
+
+# ---- NeMo 1 / NeMo 2 key names ------------------------------------------------------------------
+
+@pytest.mark.parametrize("nemo, mcore", [
+    # NeMo 2: the Megatron-Core names under MegatronParallel's module. prefix
+    ("module.decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.self_attention.linear_qkv.weight"),
+    ("module.embedding.word_embeddings.weight", "embedding.word_embeddings.weight"),
+    ("module.decoder.layers.mlp.experts.experts.linear_fc1.weight",
+     "decoder.layers.mlp.experts.experts.linear_fc1.weight"),
+    # NeMo 1 Megatron-Core models: model. prefix
+    ("model.decoder.layers.3.mlp.linear_fc1.layer_norm_weight", "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"),
+    # NeMo 1 pre-Megatron-Core models (BioNeMo's nemo1 -> nemo2 mapping, GPT's encoder stack -> decoder)
+    ("model.language_model.embedding.word_embeddings.weight", "embedding.word_embeddings.weight"),
+    ("model.language_model.embedding.position_embeddings.weight", "embedding.position_embeddings.weight"),
+    ("model.language_model.encoder.layers.0.self_attention.query_key_value.weight",
+     "decoder.layers.0.self_attention.linear_qkv.weight"),
+    ("model.language_model.encoder.layers.11.self_attention.dense.bias",
+     "decoder.layers.11.self_attention.linear_proj.bias"),
+    ("model.language_model.encoder.layers.2.mlp.dense_h_to_4h.weight", "decoder.layers.2.mlp.linear_fc1.weight"),
+    ("model.language_model.encoder.layers.2.mlp.dense_4h_to_h.bias", "decoder.layers.2.mlp.linear_fc2.bias"),
+    ("model.language_model.encoder.layers.5.post_attention_layernorm.weight",
+     "decoder.layers.5.pre_mlp_layernorm.weight"),
+    ("model.language_model.encoder.layers.5.input_layernorm.bias", "decoder.layers.5.input_layernorm.bias"),
+    ("model.language_model.encoder.final_layernorm.weight", "decoder.final_layernorm.weight"),
+    ("model.language_model.output_layer.weight", "output_layer.weight"),
+    ("model.lm_head.weight", "output_layer.weight"),
+])
+def test_nemo_key_names(nemo, mcore):
+    from pyconv.formats.nemo import nemo_to_mcore_key
+
+    assert nemo_to_mcore_key(nemo) == mcore
+
+
+# ---- round trips ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_nemo_hf_roundtrip(models, pyconv_nemo, tmp_path, family):
+    import pyconv
+
+    model, src = models[family]
+    ckpt = pyconv_nemo / family
+    assert sorted(p.name for p in ckpt.iterdir()) == ["context", "weights"]
+    assert {".metadata", "__0_0.distcp", "common.pt", "metadata.json"} <= {p.name for p in (ckpt / "weights").iterdir()}
+    info = pyconv.open(ckpt).summary()
+    assert (info["format"], info["family"], info["key_style"]) == ("nemo", family, "nemo2")
+    assert info["padded_vocab_size"] == 96  # NeMo's importers do not pad the vocabulary
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf")
+    original = json.loads((Path(src) / "config.json").read_text())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == original
+    if family != "mixtral":  # the conftest models carry tokenizer files
+        assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (Path(src) / "tokenizer.json").read_bytes()
+
+    # The same from io.json alone: every tensor, and the config fields that define the model.
+    bare = without_hf_config(ckpt, tmp_path)
+    assert pyconv.open(bare).summary()["config_from"] == "context/io.json"
+    pyconv.reshard(bare, tmp_path / "hf2", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf2")
+
+
+def test_dcp_keys_carry_the_module_prefix(pyconv_nemo):
+    from pyconv.io.dcp import read_metadata
+
+    md = read_metadata(str(pyconv_nemo / "llama" / "weights"))
+    assert md.tensors and all(k.startswith("module.") for k in md.tensors)
+    assert "module.decoder.layers.self_attention.linear_qkv.weight" in md.tensors
+    assert "module.decoder.layers.mlp.linear_fc1._extra_state/shard_0_6" in md.byte_items
+    assert md.tensors["module.embedding.word_embeddings.weight"].size == (96, 64)
+
+
+def test_cli_writes_nemo_bf16(models, tmp_path):
+    import pyconv
+    from pyconv.cli import main
+
+    assert main(["reshard", models["llama"][1], str(tmp_path / "nemo"), "--to", "nemo", "--dtype", "bf16"]) == 0
+    ckpt = pyconv.open(tmp_path / "nemo")
+    assert {ckpt.dtype(n) for n in ckpt.keys()} == {"BF16"}
+    yaml_text = (tmp_path / "nemo" / "context" / "model.yaml").read_text()
+    assert "bf16: true" in yaml_text and "_target_: torch.bfloat16" in yaml_text
+
+
+def test_model_yaml_alone_gives_the_config(pyconv_nemo, tmp_path):
+    """Without io.json (and without the HF config), model.yaml describes the model."""
+    import pyconv
+
+    pytest.importorskip("yaml")
+    bare = without_hf_config(pyconv_nemo / "qwen2", tmp_path)
+    (bare / "context" / "io.json").unlink()
+    from_yaml = pyconv.open(bare)
+    assert from_yaml.summary()["config_from"] == "context/model.yaml"
+    assert from_yaml.config == pyconv.open(without_hf_config(pyconv_nemo / "qwen2", tmp_path / "b")).config
+
+
+# ---- fiddle: NeMo's serializer of context/io.json -----------------------------------------------------
+
+class _StandIn:
+    """Any NeMo class: takes its arguments as keywords."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+NEMO_CLASSES = {"nemo.collections.llm.gpt.model.llama": ("LlamaModel", "LlamaConfig", "Llama31Config"),
+                "nemo.collections.llm.gpt.model.qwen2": ("Qwen2Model", "Qwen2Config"),
+                "nemo.collections.llm.gpt.model.mixtral": ("MixtralModel", "MixtralConfig"),
+                "nemo.collections.llm.gpt.model.base": ("GPTModel", "GPTConfig"),
+                "nemo.collections.common.tokenizers.huggingface.auto_tokenizer": ("AutoTokenizer",),
+                "nemo.lightning.io.pl": ("TrainerContext",)}
+
+
+@pytest.fixture
+def nemo_stand_ins(monkeypatch):
+    """NeMo's modules and classes as stand-ins (fiddle imports what a pyref names), and the torch
+    dtypes registered as fiddle constants, as NeMo's fdl_torch does."""
+    fiddle = pytest.importorskip("fiddle")
+    from fiddle._src.experimental import serialization
+
+    for module, names in NEMO_CLASSES.items():
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):
+            name = ".".join(parts[:i])
+            if name not in sys.modules:
+                monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        for cls_name in names:
+            cls = type(cls_name, (_StandIn,), {"__module__": module, "__qualname__": cls_name})
+            monkeypatch.setattr(sys.modules[module], cls_name, cls, raising=False)
+    for dtype in ("float32", "bfloat16", "float16"):
+        serialization.register_constant("torch", dtype, compare_by_identity=True)
+    return fiddle, serialization
+
+
+def test_fiddle_loads_the_io_json_pyconv_writes(pyconv_nemo, nemo_stand_ins):
+    import torch
+    import torch.nn.functional as F
+
+    fdl, serialization = nemo_stand_ins
+    config = serialization.load_json((pyconv_nemo / "mixtral" / "context" / "io.json").read_text())
+    assert fdl.get_callable(config).__qualname__ == "TrainerContext"
+    model = config.model
+    assert (fdl.get_callable(model).__module__, fdl.get_callable(model).__qualname__) == (
+        "nemo.collections.llm.gpt.model.mixtral", "MixtralModel")
+    c = model.config
+    assert fdl.get_callable(c).__qualname__ == "MixtralConfig"
+    sizes = (c.num_layers, c.hidden_size, c.ffn_hidden_size, c.num_attention_heads, c.num_query_groups)
+    assert sizes == (2, 64, 96, 4, 2)
+    assert (c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size, c.vocab_size) == (4, 2, 96, 96)
+    assert c.activation_func is F.silu and c.params_dtype is torch.float32 and c.gated_linear_unit
+    assert (c.normalization, c.position_embedding_type, c.rotary_base) == ("RMSNorm", "rope", 5000.0)
+    assert model.tokenizer.pretrained_model_name == "nemo_tokenizer"
+    built = fdl.build(model)  # the stand-ins receive every argument
+    assert built.kwargs["config"].kwargs["layernorm_epsilon"] == 1e-5
+
+
+def _importer_style_context(fdl, serialization, hf_config: dict, family: str) -> str:
+    """The io.json NeMo's HF importer writes for a Llama or GPT model (HFLlamaImporter.config sets
+    these arguments; the rest stay class defaults), dumped by fiddle itself."""
+    import torch
+
+    module = sys.modules["nemo.collections.llm.gpt.model.llama" if family == "llama" else
+                         "nemo.collections.llm.gpt.model.base"]
+    if family == "llama":
+        config = fdl.Config(module.LlamaConfig, num_layers=hf_config["num_hidden_layers"],
+                            hidden_size=hf_config["hidden_size"], ffn_hidden_size=hf_config["intermediate_size"],
+                            num_attention_heads=hf_config["num_attention_heads"], init_method_std=0.02,
+                            layernorm_epsilon=hf_config["rms_norm_eps"],
+                            num_query_groups=hf_config["num_key_value_heads"],
+                            seq_length=hf_config["max_position_embeddings"],
+                            rotary_base=hf_config.get("rope_theta", 10000.0), gated_linear_unit=True,
+                            make_vocab_size_divisible_by=32, share_embeddings_and_output_weights=False,
+                            fp16=False, bf16=False, params_dtype=torch.float32, vocab_size=hf_config["vocab_size"],
+                            kv_channels=hf_config["head_dim"])
+        model_cls = module.LlamaModel
+    else:  # GPT-2 as a generic GPTConfig: LayerNorm, biases, learned positions (GPTConfig defaults)
+        config = fdl.Config(module.GPTConfig, num_layers=hf_config["n_layer"], hidden_size=hf_config["n_embd"],
+                            ffn_hidden_size=4 * hf_config["n_embd"], num_attention_heads=hf_config["n_head"],
+                            seq_length=hf_config["n_positions"], add_qkv_bias=True,
+                            layernorm_epsilon=hf_config["layer_norm_epsilon"],
+                            vocab_size=hf_config["vocab_size"])
+        model_cls = module.GPTModel
+    tokenizer = fdl.Config(sys.modules["nemo.collections.common.tokenizers.huggingface.auto_tokenizer"].AutoTokenizer,
+                           pretrained_model_name="nemo_tokenizer")
+    context = fdl.Config(sys.modules["nemo.lightning.io.pl"].TrainerContext,
+                         model=fdl.Config(model_cls, config=config, tokenizer=tokenizer), extra={})
+    return serialization.dump_json(context, indent=2)
+
+
+@needs_megatron
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_megatron_core_nemo2_checkpoint_converts_to_hf(models, nemo_stand_ins, tmp_path, family):
+    """A NeMo 2 checkpoint as NeMo lays it out: Megatron-Core's dist_checkpointing.save of the
+    model's sharded state dict under the `module.` prefix in weights/, fiddle's io.json in
+    context/ (no HF config anywhere): pyconv -> HF gives the tensors bit for bit (the vocabulary
+    the embedding holds) and transformers' logits."""
+    import pyconv
+
+    fdl, serialization = nemo_stand_ins
+    model, src = models[family]
+    with mh.megatron_parallel(1):
+        megatron_save(src, tmp_path / "nemo" / "weights", 1, prefix="module.")
+    (tmp_path / "nemo" / "context").mkdir()
+    hf_config = json.loads((Path(src) / "config.json").read_text())
+    (tmp_path / "nemo" / "context" / "io.json").write_text(
+        _importer_style_context(fdl, serialization, hf_config, family))
+    ckpt = pyconv.open(tmp_path / "nemo")
+    assert (ckpt.format, ckpt.summary()["config_from"], ckpt.summary()["family"]) == ("nemo", "context/io.json", family)
+    padded = ckpt.summary()["padded_vocab_size"]
+    assert padded == 128  # Megatron-Core padded the vocabulary; io.json's vocab_size says 96 are real
+    pyconv.reshard(tmp_path / "nemo", tmp_path / "hf", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf")
+
+
+@needs_megatron
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_megatron_core_loads_pyconv_nemo_weights(models, pyconv_nemo, family):
+    """Megatron-Core loads weights/ into a GPTModel whose sharded state dict carries NeMo's
+    `module.` prefix, with transformers' logits."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    model, src = models[family]
+    ids = example_input(model)
+    with mh.megatron_parallel(1):
+        gpt = _unpadded_model(mh._config_dict(src))
+        with torch.no_grad():
+            for p in gpt.parameters():
+                p.fill_(float("nan"))
+        loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict(prefix="module.")},
+                                         str(pyconv_nemo / family / "weights"))
+        gpt.load_state_dict({k.removeprefix("module."): v for k, v in loaded["model"].items()}, strict=True)
+        got = mh.forward_logits(gpt, ids, 96)
+    assert (got - hf_logits(model, ids)).abs().max().item() < ATOL
+
+
+def _unpadded_model(cfg):
+    """The harness's GPTModel with the vocabulary unpadded (NeMo's importers pick a divisor of the vocab)."""
+    from unittest import mock
+
+    with mock.patch.object(mh, "padded_vocab_size", lambda vocab, tp, divisible_by=128: vocab):
+        return mh.gpt_model_from_hf_config(cfg, 1)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_unknown_config_class_is_named(pyconv_nemo, tmp_path):
+    import pyconv
+    from pyconv.errors import FormatError
+
+    bare = without_hf_config(pyconv_nemo / "llama", tmp_path)
+    io_json = bare / "context" / "io.json"
+    io_json.write_text(io_json.read_text().replace('"name": "LlamaConfig"', '"name": "HyenaConfig"'))
+    with pytest.raises(FormatError, match=r"io\.json: NeMo config class nemo\.collections\.llm\.gpt\.model\.llama\."
+                                          r"HyenaConfig is not one pyconv knows"):
+        pyconv.open(bare)
+
+
+def test_missing_context_config_is_refused(pyconv_nemo, tmp_path):
+    import pyconv
+    from pyconv.errors import FormatError
+
+    bare = without_hf_config(pyconv_nemo / "llama", tmp_path)
+    (bare / "context" / "io.json").unlink()
+    (bare / "context" / "model.yaml").unlink()
+    with pytest.raises(FormatError, match=r"context: neither io\.json nor model\.yaml: the model config is unknown"):
+        pyconv.open(bare)
+
+
+def test_preset_config_without_sizes_is_refused(pyconv_nemo, tmp_path):
+    """A preset class (Llama3Config8B) that leaves the sizes to its class defaults: pyconv does
+    not tabulate them, and says so instead of guessing."""
+    import pyconv
+    from pyconv.errors import FormatError
+
+    bare = without_hf_config(pyconv_nemo / "llama", tmp_path)
+    io_json = bare / "context" / "io.json"
+    data = json.loads(io_json.read_text())
+    for obj in data["objects"].values():
+        if obj and "<root>.model.config" in obj.get("paths", ()):
+            obj["items"] = [i for i in obj["items"] if i[0] not in ("Attr(name='num_layers')",
+                                                                    "Attr(name='hidden_size')")]
+    io_json.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=r"LlamaConfig does not set num_layers, hidden_size"):
+        pyconv.open(bare)
