@@ -508,3 +508,96 @@ def test_config_json_in_the_directory_gives_the_true_vocab(gpt2, tmp_path):
     pyconv.reshard(src, tmp_path / "hf", to="hf")
     converted = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "hf")
     assert torch.equal(_gpt2_logits(converted), _gpt2_logits(gpt2))
+
+
+# ---- NeMo 1 (BERT-style and GPT-style key names) ---------------------------------------------
+
+def nemo1_state_dicts(rank_dicts):
+    """NeMo 1's model_weights.ckpt per rank: the LightningModule's flat state dict, every key under
+    `model.`, the last stage's embedding copy under its attribute name `word_embeddings`."""
+    out = {}
+    for key, obj in rank_dicts.items():
+        flat = {}
+        for name, tensor in _tree_tensors(obj["model"]).items():
+            flat["model." + name.replace("word_embeddings_for_head.", "word_embeddings.")] = tensor
+        out[key] = flat
+    return out
+
+
+def nemo1_model_config(family, tp, pp):
+    config = {"num_layers": LAYERS, "hidden_size": HIDDEN, "ffn_hidden_size": FFN, "num_attention_heads": HEADS,
+              "max_position_embeddings": POSITIONS, "encoder_seq_length": POSITIONS, "layernorm_epsilon": 1e-5,
+              "make_vocab_size_divisible_by": DIVISIBLE_BY, "tensor_model_parallel_size": tp,
+              "pipeline_model_parallel_size": pp, "normalization": "layernorm", "precision": 32,
+              "tokenizer": {"library": "megatron", "type": "BertWordPieceLowerCase" if family == "bert" else "GPT2BPETokenizer"}}
+    if family == "bert":
+        config.update(num_tokentypes=2, bert_binary_head=True, activation="gelu", bias_activation_fusion=False)
+    else:
+        config.update(activation="gelu", openai_gelu=True, position_embedding_type="learned_absolute")
+    return config
+
+
+def save_nemo1(state_dicts, config, path, container):
+    import tarfile
+
+    import yaml
+
+    tp = max(t for t, _ in state_dicts) + 1
+    pp = max(p for _, p in state_dicts) + 1
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "model_config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    for (t, p), flat in state_dicts.items():
+        if tp == pp == 1:
+            relative = "model_weights.ckpt"
+        elif pp == 1:
+            relative = f"mp_rank_{t:02d}/model_weights.ckpt"
+        else:
+            relative = f"tp_rank_{t:02d}_pp_rank_{p:03d}/model_weights.ckpt"
+        os.makedirs(os.path.dirname(os.path.join(path, relative)), exist_ok=True)
+        torch.save(flat, os.path.join(path, relative))
+    if container == "dir":
+        return str(path)
+    file = f"{path}.nemo"
+    with tarfile.open(file, "w:") as tar:  # as NeMo's save_to writes it
+        tar.add(path, arcname=".")
+    return file
+
+
+@pytest.mark.parametrize("family, tp, pp, container", [
+    ("bert", 2, 2, "dir"),
+    ("bert", 2, 1, "nemo"),
+    ("gpt2", 1, 2, "dir"),
+    ("gpt2", 1, 1, "nemo"),
+])
+def test_nemo1_checkpoints_to_hf(gpt2, bert, tmp_path, family, tp, pp, container):
+    model = gpt2 if family == "gpt2" else bert
+    src = save_nemo1(nemo1_state_dicts(legacy_rank_dicts(model, family, tp, pp, 3.0)),
+                     nemo1_model_config(family, tp, pp), tmp_path / "nemo1", container)
+    ckpt = pyconv.open(src)
+    assert ckpt.format == "megatron-legacy" and ckpt.catalog.details["container"] == (
+        "nemo" if container == "nemo" else "nemo-directory")
+    if container == "dir":  # the true vocabulary from the model's HF config beside the weights
+        model.config.to_json_file(os.path.join(src, "config.json"))
+    pyconv.reshard(src, tmp_path / "hf", to="hf")
+    cls = transformers.GPT2LMHeadModel if family == "gpt2" else transformers.MegatronBertForPreTraining
+    converted = _load_hf(cls, tmp_path / "hf")
+    # Without a config.json NeMo 1 does not say the true vocabulary: the padded rows come along.
+    assert converted.config.vocab_size == (VOCAB if container == "dir" else _padded(VOCAB, tp))
+    ours = _gpt2_logits(converted) if family == "gpt2" else _bert_logits(converted)
+    theirs = _gpt2_logits(model) if family == "gpt2" else _bert_logits(model)
+    if family == "gpt2":
+        assert torch.equal(ours[..., :VOCAB], theirs)
+    else:
+        assert torch.equal(ours[0][..., :VOCAB], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_compressed_nemo_is_refused(tmp_path):
+    import tarfile
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model_config.yaml").write_text("num_layers: 1\n")
+    with tarfile.open(tmp_path / "m.nemo", "w:gz") as tar:
+        tar.add(tmp_path / "m", arcname=".")
+    with pytest.raises(FormatError, match=r"m\.nemo: a gzip-compressed \.nemo archive"):
+        pyconv.open(tmp_path / "m.nemo")

@@ -56,6 +56,12 @@ RANK_FILES = ("model_optim_rng.pt", "model_rng.pt")
 CHECKPOINT_VERSION = 3.0
 CONFIG = "config.json"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+# NeMo 1 (.nemo tar or its extracted directory): model_config.yaml plus model_weights.ckpt, or
+# mp_rank_TT/model_weights.ckpt (tp > 1), or tp_rank_TT_pp_rank_PPP/model_weights.ckpt (pp > 1).
+NEMO1_WEIGHTS = "model_weights.ckpt"
+NEMO1_CONFIG = "model_config.yaml"
+_NEMO1_RANK = re.compile(r"^(?:mp_rank_(?P<mp>\d{2})|tp_rank_(?P<t>\d{2})_pp_rank_(?P<p>\d{3}))/" + re.escape(NEMO1_WEIGHTS) + "$")
+_NEMO1_PREFIXES = ("model.module.", "model.")  # NeMo's LightningModule (and its O2 wrapper) around the model
 _ZIP_RANK_MEMBER = re.compile(r"^(?P<dir>(?:.*/)?)mp_rank_(?P<t>\d{2})(?:_(?P<p>\d{3}))?/(?P<file>model_optim_rng|model_rng)\.pt$")
 _TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
@@ -81,6 +87,7 @@ _NAME_TABLE = (
     ("language_model/pooler/dense.{p}", "pooler.dense.{p}", _WB),
     ("language_model/output_layer/{p}", "output_layer.{p}", _W),  # untied output layer
     ("word_embeddings_for_head/{p}", "output_layer.{p}", _W),  # tied: the last stage's copy of the embedding
+    ("word_embeddings/{p}", "output_layer.{p}", _W),  # the same copy as NeMo 1 names it (the module's attribute)
     ("lm_head/dense.{p}", "lm_head.dense.{p}", _WB),
     ("lm_head/layernorm.{p}", "lm_head.layer_norm.{p}", _WB),
     ("lm_head/{p}", "output_layer.{p}", ("bias",)),
@@ -146,8 +153,9 @@ class RankFile:
 class _Found:
     ranks: dict  # (tp rank, pp rank) -> RankFile
     iteration: str
-    container: str  # "file", "zip" or "directory"
+    container: str  # "file", "zip", "directory", "nemo" or "nemo-directory"
     where: str  # the directory (or zip prefix) holding the rank dirs, for messages
+    nemo_config: dict | None = None  # NeMo 1's model_config.yaml
 
 
 def _load(rank: RankFile):
@@ -273,9 +281,93 @@ def _choose_zip_iteration(path: str, f, members: dict, trackers: dict) -> str:
                       f"{TRACKER} that names one of them")
 
 
+def _yaml(data: bytes, where: str) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        raise FormatError(f"{where}: reading NeMo's {NEMO1_CONFIG} needs PyYAML (pip install pyyaml)") from None
+    try:
+        config = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        raise FormatError(f"{where}: not valid YAML: {str(e)[:200]}") from None
+    if isinstance(config, dict) and "num_layers" not in config and isinstance(config.get("model"), dict):
+        config = config["model"]
+    if not isinstance(config, dict):
+        raise FormatError(f"{where}: not a NeMo model config (a YAML mapping)")
+    return config
+
+
+def _nemo1_rank(relative: str) -> tuple[int, int] | None:
+    if relative == NEMO1_WEIGHTS:
+        return 0, 0
+    m = _NEMO1_RANK.match(relative)
+    if m is None:
+        return None
+    return (int(m.group("mp")), 0) if m.group("mp") is not None else (int(m.group("t")), int(m.group("p")))
+
+
+def _is_nemo1_dir(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, NEMO1_CONFIG)) and (
+        os.path.isfile(os.path.join(root, NEMO1_WEIGHTS))
+        or any(_nemo1_rank(f"{e}/{NEMO1_WEIGHTS}") for e in os.listdir(root)))
+
+
+def _find_nemo1_dir(root: str) -> _Found:
+    ranks = {}
+    for entry in sorted(os.listdir(root)):
+        relative = entry if entry == NEMO1_WEIGHTS else f"{entry}/{NEMO1_WEIGHTS}"
+        key = _nemo1_rank(relative)
+        if key is not None and os.path.isfile(os.path.join(root, relative)):
+            ranks[key] = RankFile(os.path.join(root, relative), os.path.join(root, relative))
+    if not ranks:
+        raise FormatError(f"{root}: no {NEMO1_WEIGHTS} (nor mp_rank_TT/ or tp_rank_TT_pp_rank_PPP/ holding one)")
+    config_path = os.path.join(root, NEMO1_CONFIG)
+    with open(config_path, "rb") as f:
+        config = _yaml(f.read(1 << 24), config_path)
+    return _Found(ranks, "release", "nemo-directory", root, config)
+
+
+def _find_in_tar(path: str) -> _Found:
+    """A .nemo file: an uncompressed tar whose model_weights.ckpt members are read in place."""
+    import tarfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head == b"\x1f\x8b":
+        raise FormatError(f"{path}: a gzip-compressed .nemo archive; pyconv reads uncompressed ones in place: "
+                          "extract it (tar -xzf) and convert the directory")
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
+            file_size = os.path.getsize(path)
+            ranks, config = {}, None
+            for m in members:
+                name = m.name[2:] if m.name.startswith("./") else m.name
+                key = _nemo1_rank(name)
+                if key is not None and m.isreg():
+                    if m.offset_data + m.size > file_size:
+                        raise FormatError(f"{path}: member '{name}' runs past the end of the file: truncated archive?")
+                    ranks[key] = RankFile(f"{path}!{name}", path, m.offset_data, m.size)
+                elif name == NEMO1_CONFIG and m.isreg() and m.size <= 1 << 24:
+                    config = _yaml(tar.extractfile(m).read(), f"{path}!{name}")
+    except tarfile.TarError as e:
+        raise FormatError(f"{path}: not a readable tar archive (truncated or corrupt?): {e}") from None
+    if not ranks:
+        raise FormatError(f"{path}: no {NEMO1_WEIGHTS} in the archive")
+    return _Found(ranks, "release", "nemo", f"{path}!", config)
+
+
+def _is_tar(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(257)
+        return f.read(5) == b"ustar"
+
+
 def _find(root: str) -> _Found:
     if os.path.isdir(root):
-        return _find_in_directory(root)
+        return _find_nemo1_dir(root) if _is_nemo1_dir(root) else _find_in_directory(root)
+    if _is_tar(root) or root.endswith(".nemo"):
+        return _find_in_tar(root)
     found = _find_in_zip(root)
     if found is None:  # a torch.save archive: one rank
         return _Found({(0, 0): RankFile(root, root)}, "release", "file", os.path.dirname(root))
@@ -284,9 +376,15 @@ def _find(root: str) -> _Found:
 
 # ---- detection -------------------------------------------------------------------------------
 
+def _is_nemo1_state(obj) -> bool:
+    """NeMo 1's model_weights.ckpt: one flat state dict, `model.language_model....` keys."""
+    return isinstance(obj, dict) and "model" not in obj and any(
+        isinstance(k, str) and k.startswith(tuple(p + "language_model." for p in _NEMO1_PREFIXES)) for k in obj)
+
+
 def _is_legacy_tree(obj) -> bool:
     model = obj.get("model") if isinstance(obj, dict) else None
-    return isinstance(model, dict) and isinstance(model.get("language_model"), dict)
+    return (isinstance(model, dict) and isinstance(model.get("language_model"), dict)) or _is_nemo1_state(obj)
 
 
 def detect(path: str) -> bool:
@@ -296,11 +394,13 @@ def detect(path: str) -> bool:
     if os.path.isfile(path):
         try:
             with open(path, "rb") as f:
-                return f.read(4) == b"PK\x03\x04"
+                return f.read(4) == b"PK\x03\x04" or _is_tar(path) or path.endswith(".nemo")
         except OSError:
             return False
     if not os.path.isdir(path):
         return False
+    if _is_nemo1_dir(path):
+        return True
     if not os.path.isfile(os.path.join(path, TRACKER)) and not any(_RANK_DIR.match(e) for e in os.listdir(path)):
         return False
     try:
@@ -313,6 +413,8 @@ def detect(path: str) -> bool:
 # ---- reading ---------------------------------------------------------------------------------
 
 def _version(obj: dict, where: str) -> float:
+    if _is_nemo1_state(obj):
+        return 3.0  # NeMo 1's Megatron code orders fused QKV rows [np, 3, hn]
     version = obj.get("checkpoint_version", 0)
     if isinstance(version, bool) or not isinstance(version, (int, float)):
         raise FormatError(f"{where}: checkpoint_version is {version!r}, not a number")
@@ -321,12 +423,21 @@ def _version(obj: dict, where: str) -> float:
     return float(version)
 
 
-def _model_tensors(obj: dict, where: str, stack: str) -> dict:
-    """Megatron-Core name -> TensorRef for every tensor of a rank file's model."""
+def _legacy_refs(obj: dict, where: str) -> dict:
+    """Legacy dotted name (no `model.` prefix) -> TensorRef, from a Megatron-LM rank file's model
+    tree or a NeMo 1 flat state dict."""
     from pyconv.io.torchzip import iter_tensors
 
     if not isinstance(obj, dict):
         raise FormatError(f"{where}: not a Megatron checkpoint (top level is not a dict)")
+    if _is_nemo1_state(obj):
+        out = {}
+        for key, ref in iter_tensors(obj):
+            prefix = next((p for p in _NEMO1_PREFIXES if key.startswith(p)), None)
+            if prefix is None:
+                raise FormatError(f"{where}: tensor '{key}' is outside NeMo's 'model.' module")
+            out[key[len(prefix):]] = ref
+        return out
     model = obj.get("model")
     if not isinstance(model, dict):
         virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()]
@@ -335,8 +446,13 @@ def _model_tensors(obj: dict, where: str, stack: str) -> dict:
     if not isinstance(model.get("language_model"), dict):
         raise FormatError(f"{where}: the model has no 'language_model' state dict: not a legacy Megatron "
                           "checkpoint (a Megatron-Core one reads as --format megatron)")
+    return dict(iter_tensors(model))
+
+
+def _model_tensors(refs: dict, where: str, stack: str) -> dict:
+    """Megatron-Core name -> TensorRef for every tensor of a rank file's model."""
     out, legacy_of = {}, {}
-    for legacy, ref in iter_tensors(model):
+    for legacy, ref in refs.items():
         name = mcore_name(legacy, stack)
         if name is None:
             raise FormatError(f"{where}: tensor 'model.{legacy}' matches no legacy Megatron GPT/BERT name")
@@ -380,15 +496,9 @@ def _family(trees: dict, family: str | None, where: str) -> Family:
             raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (--family gpt2|bert), "
                               f"not '{family}'")
         return get_family(family)
-    for obj in trees.values():
-        model = obj.get("model") if isinstance(obj, dict) else None
-        language_model = model.get("language_model") if isinstance(model, dict) else None
-        if not isinstance(language_model, dict):
-            continue
-        embedding = language_model.get("embedding")
-        if "lm_head" in model or "binary_head" in model or "pooler" in language_model or \
-                (isinstance(embedding, dict) and "tokentype_embeddings" in embedding):
-            return get_family("bert")
+    bert_only = ("lm_head.", "binary_head.", "language_model.pooler.", "language_model.embedding.tokentype_embeddings.")
+    if any(name.startswith(bert_only) for refs in trees.values() for name in refs):
+        return get_family("bert")
     return get_family("gpt2")
 
 
@@ -420,8 +530,9 @@ def read(path: str, family: str | None = None) -> Catalog:
                 raise FormatError(f"{found.where}: {rank_dir_name(t, p, pp)} is missing (found tp={tp}, pp={pp})")
     first_rank = found.ranks[(0, 0)]
     trees = {key: _load(rank) for key, rank in found.ranks.items()}
-    fam = _family(trees, family, first_rank.label)
-    tensors_by_rank = {key: _model_tensors(trees[key], rank.label, _STACK[fam.name])
+    refs = {key: _legacy_refs(trees[key], rank.label) for key, rank in found.ranks.items()}
+    fam = _family(refs, family, first_rank.label)
+    tensors_by_rank = {key: _model_tensors(refs[key], rank.label, _STACK[fam.name])
                        for key, rank in found.ranks.items()}
     first = trees[(0, 0)]
     version = _version(first, first_rank.label)
@@ -429,16 +540,23 @@ def read(path: str, family: str | None = None) -> Catalog:
         if _version(trees[key], rank.label) != version:
             raise FormatError(f"{rank.label}: checkpoint_version {trees[key].get('checkpoint_version')} differs from "
                               f"{first_rank.label}'s {version}")
-    raw_args = first.get("args")
-    if raw_args is None:
-        raise FormatError(f"{first_rank.label}: no 'args': pyconv needs the training args (hidden size, heads, "
-                          "layers) that Megatron-LM saves with the model")
-    args = _args_dict(raw_args, first_rank.label)
+    config_override = _config_beside(root) if found.container in ("directory", "nemo-directory") else None
+    if _is_nemo1_state(first):
+        if found.nemo_config is None and config_override is None:
+            raise FormatError(f"{found.where}: a NeMo 1 checkpoint without {NEMO1_CONFIG}: pyconv needs the model "
+                              f"config (or the model's Hugging Face {CONFIG} beside the weights)")
+        args = _nemo1_args(found.nemo_config, f"{found.where.rstrip('/')}/{NEMO1_CONFIG}") \
+            if found.nemo_config is not None else _args_from_hf(fam, config_override, os.path.join(root, CONFIG))
+    else:
+        raw_args = first.get("args")
+        if raw_args is None:
+            raise FormatError(f"{first_rank.label}: no 'args': pyconv needs the training args (hidden size, heads, "
+                              "layers) that Megatron-LM saves with the model")
+        args = _args_dict(raw_args, first_rank.label)
     embedding = tensors_by_rank[(0, 0)].get("embedding.word_embeddings.weight")
     if embedding is None or len(embedding.shape) != 2:
         raise FormatError(f"{first_rank.label}: no 2-D 'model.language_model.embedding.word_embeddings.weight'")
     args = _normalized_args(args, first_rank.label, tp, pp, embedding.shape[0] * tp)
-    config_override = _config_beside(root) if found.container == "directory" else None
     if config_override is not None and isinstance(config_override.get("vocab_size"), int):
         if not 0 < config_override["vocab_size"] <= args["padded_vocab_size"]:
             raise FormatError(f"{os.path.join(root, CONFIG)}: vocab_size {config_override['vocab_size']} does not fit "
@@ -470,13 +588,40 @@ def read(path: str, family: str | None = None) -> Catalog:
     if dtype in _TORCH_DTYPE and config_override is None:
         config["dtype"] = _TORCH_DTYPE[dtype]
     extra = ()
-    if found.container == "directory":
+    if found.container == "directory":  # (a NeMo directory's files are its tokenizer artifacts and YAML)
         extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n)))
                       for n in sorted(os.listdir(root))
                       if n not in (TRACKER, CONFIG) and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
     details = {"family": fam.name, "tp": tp, "pp": pp, "iteration": found.iteration, "checkpoint_version": version,
                "container": found.container, "padded_vocab_size": layout.padded_vocab}
     return Catalog(FORMAT, root, tensors, config, fam.architectures[0], extra, details=details)
+
+
+def _nemo1_args(config: dict, where: str) -> dict:
+    """NeMo 1's model config (Megatron-LM's argument names, mostly) as Megatron args."""
+    args = {k: v for k, v in config.items() if isinstance(k, str) and not isinstance(v, (dict, list))}
+    normalization = str(config.get("normalization", "layernorm")).lower()
+    args["normalization"] = {"layernorm": "LayerNorm", "layernorm1p": "LayerNorm1p", "rmsnorm": "RMSNorm"}.get(
+        normalization, normalization)
+    activation = str(config.get("activation", "gelu")).lower()
+    args["swiglu"] = activation in ("swiglu", "fast-swiglu")
+    # NeMo fuses bias + GELU (the tanh approximation) unless told otherwise, as Megatron-LM does.
+    args["bias_gelu_fusion"] = activation == "gelu" and bool(config.get("bias_activation_fusion", True)) \
+        and not config.get("openai_gelu")
+    args["openai_gelu"] = bool(config.get("openai_gelu"))
+    if args.get("ffn_hidden_size") is None and isinstance(args.get("hidden_size"), int):
+        args["ffn_hidden_size"] = 4 * args["hidden_size"]
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+        if not isinstance(args.get(key), int) or isinstance(args.get(key), bool):
+            raise FormatError(f"{where}: no integer '{key}'")
+    return args
+
+
+def _args_from_hf(family: Family, config: dict, where: str) -> dict:
+    try:
+        return family.megatron_args_from_hf(config, family.dims_from_hf(config))
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
 
 
 def _config_beside(root: str) -> dict | None:
