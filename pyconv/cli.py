@@ -119,7 +119,7 @@ def _cmd_inspect(args) -> int:
           + ", ".join(f"{d} {b:,}" for d, b in sorted(summary["bytes_by_dtype"].items())) + ")")
     if summary["extra_files"]:
         print(f"  other files:  {', '.join(summary['extra_files'])}")
-    for key in ("family", "tp", "pp", "ep", "iteration", "padded_vocab_size"):
+    for key in ("family", "tp", "pp", "ep", "etp", "iteration", "padded_vocab_size"):
         if key in summary:
             print(f"  {key + ':':<13} {summary[key]}")
     if "args" in summary:

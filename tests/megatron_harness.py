@@ -907,6 +907,12 @@ def megatron_args(hf_config, tp: int, pp: int = 1, ep: int = 1) -> argparse.Name
                    moe_shared_expert_intermediate_size=tc["moe_shared_expert_intermediate_size"],
                    moe_shared_expert_gate=tc["moe_shared_expert_gate"],
                    expert_model_parallel_size=ep, expert_tensor_parallel_size=tp)
+    if t.get("mla"):  # Megatron-LM's --multi-latent-attention, --q-lora-rank ... (DeepSeek-V3)
+        moe.update({k: tc[k] for k in (
+            "multi_latent_attention", "qk_layernorm", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+            "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim",
+            "moe_layer_freq", "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+            "moe_router_topk_scaling_factor")})
     return argparse.Namespace(**moe,
         num_layers=tc["num_layers"], hidden_size=tc["hidden_size"], ffn_hidden_size=tc["ffn_hidden_size"],
         num_attention_heads=tc["num_attention_heads"], num_query_groups=tc["num_query_groups"],
@@ -939,6 +945,7 @@ def _save_this_rank(hf_model_dir, out_dir, tp: int, ep: int = 1) -> Path:
     model = gpt_model_from_hf_config(cfg, tp, ep=ep)
     shard = megatron_shard(megatron_full_tensors(_read_hf_weights(hf_model_dir), cfg), cfg, tp, rank, ep, ep_rank)
     params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if n in shard})  # e.g. the router's expert_bias
     missing = sorted(set(params) - set(shard))
     unused = sorted(set(shard) - set(params))
     if missing or unused:

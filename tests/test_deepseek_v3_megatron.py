@@ -241,7 +241,9 @@ def torchrun_logits(models, tmp_path_factory):
         out = root / f"{variant}_tp{tp}_ep{ep}_etp{etp}"
         pyconv.reshard(src, out, to="megatron", tp=tp, ep=ep, etp=etp, megatron_naming="local")
         runs.append((out, src, tp, ep, example_input(model), etp))
-    return dict(zip(TORCHRUN, zip((r[0] for r in runs), mh.megatron_logits_many(runs, timeout=240))))
+    saves = [(models["q_lora"][1], root / "saved_by_megatron_tp2", 2, 1)]
+    logits = mh.megatron_logits_many(runs, timeout=240, saves=saves)
+    return {**dict(zip(TORCHRUN, zip((r[0] for r in runs), logits))), "saved_tp2": saves[0][1]}
 
 
 pytestmark = [
@@ -334,3 +336,24 @@ def test_megatron_core_runs_dequantized_fp8(models, fp8_model, tmp_path):
     ids = example_input(model)
     got = mh.megatron_logits(tmp_path / "meg", str(tmp_path / "hf"), 1, ids)
     assert (got - _logits(reference, ids)).abs().max().item() < ATOL
+
+
+@needs_megatron
+@pytest.mark.parametrize("tp", [1, 2])
+def test_checkpoint_saved_by_megatron_core_converts_to_hf(models, torchrun_logits, tmp_path, tp):
+    """The other direction: Megatron-Core's own MLA GPTModel.state_dict() (filled by plain
+    gather/split code), read by pyconv, gives back the HF tensors; at tp=2 its local-spec down
+    projections are column-parallel shards."""
+    model, src = models["q_lora"]
+    if tp == 1:
+        ckpt = mh.save_with_megatron(src, tmp_path / "mg", tp=1)
+    else:
+        ckpt = torchrun_logits["saved_tp2"]
+        sd = _rank(ckpt, "mp_rank_01")["model"]
+        assert tuple(sd["decoder.layers.0.self_attention.linear_kv_down_proj.weight"].shape) == (20, HIDDEN)
+    info = pyconv.open(ckpt).summary()
+    assert (info["family"], info["tp"]) == ("deepseek_v3", tp)
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf")
+    source, output = hf_tensors(src), hf_tensors(tmp_path / "hf")
+    assert source.keys() == output.keys()
+    assert [k for k in source if not torch.equal(source[k], output[k])] == []

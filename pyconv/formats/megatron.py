@@ -461,7 +461,8 @@ def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, 
         config["dtype"] = _TORCH_DTYPE[dtype]
     extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
                   if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
-    details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "iteration": iteration,
+    details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
+               **({"etp": layout.expert_tp} if dims.num_experts else {}), "iteration": iteration,
                "padded_vocab_size": layout.padded_vocab,
                "args": {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}}
     return Catalog("megatron", root, tensors, config, fam.architectures[0], extra, details=details)
