@@ -357,3 +357,27 @@ def test_checkpoint_saved_by_megatron_core_converts_to_hf(models, torchrun_logit
     source, output = hf_tensors(src), hf_tensors(tmp_path / "hf")
     assert source.keys() == output.keys()
     assert [k for k in source if not torch.equal(source[k], output[k])] == []
+
+
+def test_megatron_to_deepseek_layout_equals_hf_to_deepseek(models, tmp_path):
+    _, src = models["q_lora"]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2, pp=3, ep=4, etp=1)
+    pyconv.reshard(tmp_path / "meg", tmp_path / "ds", to="deepseek", tp=2)
+    pyconv.reshard(src, tmp_path / "ds_direct", to="deepseek", tp=2)
+    for name in ("model0-mp2.safetensors", "model1-mp2.safetensors"):
+        assert (tmp_path / "ds" / name).read_bytes() == (tmp_path / "ds_direct" / name).read_bytes()
+
+
+def test_yarn_rope_args_and_back(tmp_path):
+    """DeepSeek-V3's released config uses YaRN: Megatron-LM's --rope-type yarn and its factors."""
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 16}
+    _, src = _build("q_lora", tmp_path / "yarn", 0, rope_parameters=rope)
+    pyconv.reshard(src, tmp_path / "meg", to="megatron")
+    args = vars(_rank(tmp_path / "meg", "mp_rank_00")["args"])
+    assert {k: args[k] for k in ("rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast",
+                                 "beta_slow", "original_max_position_embeddings", "rotary_base")} == \
+        {"rope_type": "yarn", "rotary_scaling_factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32.0,
+         "beta_slow": 1.0, "original_max_position_embeddings": 16, "rotary_base": 10000.0}
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == _source_config(src)
