@@ -58,6 +58,13 @@ def load_backend():
         from kernels import ops
     except ImportError as e:
         raise PyconvError(f"--device cuda needs triton (pip install triton): {e}") from None
+    if interpret:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.max, InterpretedFunction):  # triton's own jit functions were compiled for a GPU
+            raise PyconvError("--device cuda: TRITON_INTERPRET=1 was set after triton had been imported in this "
+                              "process; set it before Python starts")
     device = torch.device("cpu") if interpret else torch.device("cuda", torch.cuda.current_device())
     return torch, ops, device
 
@@ -343,10 +350,15 @@ class _NoEvent:
         pass
 
 
-def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_bytes: int = 64 << 20,
-                      slots: int = 4, progress=None) -> dict:
+SLOT_BYTES = 64 << 20  # one pinned slot: a band's staged source and its output
+SLOTS = 4
+
+
+def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_bytes: int | None = None,
+                      slots: int | None = None, progress=None) -> dict:
     """Writes the plan's files under root (the temporary directory execute_plan commits)."""
     torch, ops, device = load_backend()
+    slot_bytes, slots = slot_bytes or SLOT_BYTES, slots or SLOTS
     import numpy as np
 
     started = time.perf_counter()

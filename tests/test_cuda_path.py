@@ -1,0 +1,131 @@
+"""--device cuda end to end: the same plan executed by the Triton path gives the same bytes as
+the C++ core. Run under TRITON_INTERPRET=1 (the kernels on CPU tensors, the whole executor
+path otherwise unchanged); on a machine with a GPU the in-process tests use it instead."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    # Before anything imports triton (building the fixtures' models may): triton decides at
+    # import whether its own jit functions run interpreted.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pyconv  # noqa: E402
+from pyconv import cuda_exec  # noqa: E402
+from pyconv.execute import execute_plan  # noqa: E402
+from test_fp8_hf import deepseek_fp8  # noqa: E402,F401  (the DeepSeek-V3-style fp8 checkpoint fixture)
+
+
+@pytest.fixture
+def interpreted():
+    """Kernels interpreted on the CPU unless a GPU is here (see above)."""
+    assert HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tree(path) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+def assert_same_tree(got, expected) -> None:
+    a, b = tree(got), tree(expected)
+    assert sorted(a) == sorted(b), f"files differ: {sorted(set(a) ^ set(b))}"
+    differing = [name for name in a if a[name] != b[name]]
+    assert not differing, f"{len(differing)} of {len(a)} files differ: {differing[:5]}"
+
+
+def both_ways(src, tmp_path, **options) -> dict:
+    """Runs one plan through the C++ core and through --device cuda; returns the cuda stats."""
+    plan = pyconv.plan_reshard(str(src), **options)
+    execute_plan(plan, tmp_path / "cpu")
+    stats = execute_plan(plan, tmp_path / "cuda", device="cuda")
+    assert_same_tree(tmp_path / "cuda", tmp_path / "cpu")
+    return plan, stats
+
+
+def cast_tensors(plan) -> int:
+    return sum(any(c.src_dtype != t.dtype or c.scale_source for c in t.copies) or t.quantize is not None
+               for f in plan.files for t in f.tensors)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pyconv", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def test_llama_gqa_to_megatron_tp2_bf16_cli_equals_cpu(tiny_models, tmp_path):
+    # GQA (4 heads, 2 KV heads, head_dim 24): each rank's linear_qkv is the fused permutation
+    # of its q, k, v rows, cast fp32 -> bf16 in one kernel.
+    src = tiny_models["llama"][1]
+    args = ("reshard", src, None, "--to", "megatron", "--tp", "2", "--dtype", "bf16")
+    cpu = run_cli(*[tmp_path / "cpu" if a is None else a for a in args])
+    assert cpu.returncode == 0, cpu.stderr
+    env = dict(os.environ, **({} if HAS_GPU else {"TRITON_INTERPRET": "1"}))
+    gpu = run_cli(*[tmp_path / "cuda" if a is None else a for a in args], "--device", "cuda", env=env)
+    assert gpu.returncode == 0, gpu.stderr
+    assert_same_tree(tmp_path / "cuda", tmp_path / "cpu")
+
+
+def test_megatron_tp2_back_to_hf_fp16_in_small_bands(tiny_models, tmp_path, interpreted, monkeypatch):
+    # Megatron -> HF: the inverse QKV permutation, row-parallel shards placed side by side,
+    # vocab padding dropped; slots of 8 KiB cut tensors into many bands, and a row too wide
+    # for a slot gets one of its own.
+    meg = tmp_path / "meg"
+    pyconv.reshard(tiny_models["llama"][1], meg, to="megatron", tp=2)
+    monkeypatch.setattr(cuda_exec, "SLOT_BYTES", 8192)
+    monkeypatch.setattr(cuda_exec, "SLOTS", 2)
+    _, stats = both_ways(meg, tmp_path, to="hf", dtype="fp16", max_shard_size="60KB")
+    assert stats["device_tasks"] > 50 and stats["tasks"] > stats["device_tasks"] // 2
+
+
+def test_deepseek_fp8_to_bf16_equals_cpu(deepseek_fp8, tmp_path, interpreted):  # noqa: F811
+    _, src, _, _ = deepseek_fp8
+    plan, stats = both_ways(src, tmp_path, to="hf", dtype="bf16", max_shard_size="300KB")
+    assert stats["device_tasks"] == cast_tensors(plan) > 0 and stats["kernel_launches"] >= stats["device_tasks"]
+
+
+def test_quantize_to_fp8_equals_cpu(deepseek_fp8, tmp_path, interpreted):  # noqa: F811
+    _, src, _, _ = deepseek_fp8
+    plan, stats = both_ways(src.parent / "bf16-source", tmp_path, to="hf", dtype="fp8", max_shard_size="200KB")
+    assert sum(t.quantize is not None for f in plan.files for t in f.tensors) > 10
+    assert stats["device_tasks"] == cast_tensors(plan)
+
+
+def test_gpt2_transposed_weights_with_and_without_a_cast(tiny_models, tmp_path, interpreted):
+    # GPT-2's Conv1D weights are transposed on the way to Megatron: on the device with a cast,
+    # on the host without one.
+    src = tiny_models["gpt2"][1]
+    plan, stats = both_ways(src, tmp_path / "bf16", to="megatron", tp=2, dtype="bf16")
+    assert any(c.transpose for f in plan.files for t in f.tensors for c in t.copies)
+    assert stats["device_tasks"] == cast_tensors(plan) > 0
+    plan, stats = both_ways(src, tmp_path / "same", to="megatron", tp=2)
+    assert stats["device_tasks"] == cast_tensors(plan) == 0
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present")
+def test_without_gpu_or_interpreter_exit_2_and_nothing_written(tiny_models, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = run_cli("reshard", tiny_models["llama"][1], tmp_path / "out", "--dtype", "bf16", "--device", "cuda", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "--device cuda: no CUDA GPU" in r.stderr and "TRITON_INTERPRET=1" in r.stderr
+    assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path) == []
+
+
+def test_cpu_path_imports_neither_torch_nor_triton(tiny_models, tmp_path):
+    code = ("import sys, pyconv; pyconv.reshard(sys.argv[1], sys.argv[2], dtype='bf16'); "
+            "print(sorted(m for m in ('torch', 'triton', 'kernels') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, tiny_models["llama"][1], tmp_path / "out"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
