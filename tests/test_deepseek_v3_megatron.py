@@ -381,3 +381,16 @@ def test_yarn_rope_args_and_back(tmp_path):
          "beta_slow": 1.0, "original_max_position_embeddings": 16, "rotary_base": 10000.0}
     pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == _source_config(src)
+
+
+def test_wrong_latent_down_shard_is_named(models, tmp_path):
+    _, src = models["q_lora"]
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2, megatron_naming="local")
+    f = tmp_path / "meg" / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    ckpt = torch.load(f, weights_only=False)
+    key = "decoder.layers.2.self_attention.linear_kv_down_proj.weight"
+    ckpt["model"][key] = ckpt["model"][key][:10].clone()
+    torch.save(ckpt, f)
+    with pytest.raises(pyconv.FormatError, match=rf"mp_rank_01/model_optim_rng.pt: tensor '{key}' has shape "
+                                                 r"\[10, 64\], expected \[40, 64\]"):
+        pyconv.open(tmp_path / "meg")

@@ -406,12 +406,15 @@ def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: 
             raise FormatError(f"{file}: '{key}' is not a tensor")
         pieces = layout.pieces(mapping, names, t, etp_rank)
         expected = shard_shape(pieces, len(mapping.shape(dims)))
-        whole = mapping.rule == REPLICATED
-        if mapping.rule == LATENT_DOWN:  # whole (TransformerEngine spec) or column-parallel (local spec)
-            local = layout.pieces(mapping, names, t, naming="local")
-            whole = tuple(ref.shape) == expected
-            if not whole and tuple(ref.shape) == shard_shape(local, 2):
-                pieces, expected = local, shard_shape(local, 2)
+        whole = mapping.rule in (REPLICATED, LATENT_DOWN)
+        if mapping.rule == LATENT_DOWN and tuple(ref.shape) != expected:
+            # whole under the TransformerEngine spec, column-parallel under the local spec
+            try:
+                local = layout.pieces(mapping, names, t, naming="local")
+            except LayoutError:
+                local = None
+            if local and tuple(ref.shape) == shard_shape(local, 2):
+                pieces, expected, whole = local, shard_shape(local, 2), False
         if tuple(ref.shape) != expected:
             raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
                               f"for tp={tp} (hidden {dims.hidden}, heads {dims.heads}, groups {dims.groups}, "
