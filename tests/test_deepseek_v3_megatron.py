@@ -357,6 +357,11 @@ def test_checkpoint_saved_by_megatron_core_converts_to_hf(models, torchrun_logit
     source, output = hf_tensors(src), hf_tensors(tmp_path / "hf")
     assert source.keys() == output.keys()
     assert [k for k in source if not torch.equal(source[k], output[k])] == []
+    # No HF config travels with Megatron-Core's checkpoint: the one rebuilt from its args runs the same model.
+    loaded, info = type(model).from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = example_input(model)
+    assert torch.equal(_logits(model, ids), _logits(loaded.eval(), ids))
 
 
 def test_megatron_to_deepseek_layout_equals_hf_to_deepseek(models, tmp_path):
