@@ -107,6 +107,10 @@ def _needs_kernels(t: PlannedTensor) -> bool:
     return t.quantize is not None or any(c.src_dtype != t.dtype or c.scale_source is not None for c in t.copies)
 
 
+def cols_of(item: _Item) -> int:
+    return view2d(tuple(item.tensor.shape))[1]
+
+
 def _check_tensor(t: PlannedTensor, where: str) -> None:
     """The dtype pairs the core accepts (executor.cpp check_copy_dtypes), with its messages."""
     for c in t.copies:
@@ -213,7 +217,7 @@ def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
     item.on_device = True
     at = 0
     out_fmt = "F32" if t.quantize is not None else t.dtype
-    rows_groups: dict = {}  # (src dtype, cols) -> [(src element start, dst element start)]
+    rows_groups: dict = {}  # (src dtype, cols) -> row segments
     # Stage the copies in source order, so that neighbouring source ranges (the q, k, v row
     # blocks of one rank's fused QKV shard, say) become one read each.
     for c, h0, h1 in sorted(hits, key=lambda h: (h[0].source, h[0].src_offset)):
@@ -242,20 +246,26 @@ def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
                                   srow0 - b0 * b, c.scale_col0 - k0 * b, b))
             at = _round_up(at + (b1 - b0 + 1) * nk * 4)
             continue
-        base = at // s_isz
-        group = rows_groups.setdefault((c.src_dtype, c.cols), [])
-        for i in range(h1 - h0):
-            src = base + (0 if c.src_row_stride == 0 else i * c.cols)
-            group.append((src, (h0 - r0 + i) * cols + c.dst_col))
+        # (first source element, first output element, rows, whether one source row repeats)
+        rows_groups.setdefault((c.src_dtype, c.cols), []).append(
+            (at // s_isz, (h0 - r0) * cols + c.dst_col, h1 - h0, c.src_row_stride == 0))
         at = _round_up(at + stored_rows * c.cols * s_isz)
-    for (src_dtype, ccols), pairs in rows_groups.items():
-        table_at = at
-        at = _round_up(at + 16 * len(pairs))
-        bits = ccols
-        for s, d in pairs:
-            bits |= s | d
-        align = min(16, bits & -bits) if bits else 16  # divides every start and the width
-        item.launches.append(("rows", src_dtype, ccols, table_at, pairs, align))
+    for (src_dtype, ccols), segments in rows_groups.items():
+        if len(segments) == 1 and ccols == cols and not segments[0][3]:
+            # One run of whole rows in, one out: a plain contiguous cast.
+            src0, dst0, nrows, _ = segments[0]
+            item.launches.append(("cast", src_dtype, src0, dst0, nrows * cols))
+            continue
+        # Anything else (the q, k, v row blocks of a fused QKV shard, [gate; up], repeated
+        # padding rows, shards placed side by side) is one row-table launch per source dtype
+        # and width: the table, built by the reader, gives each output row its source row.
+        nrows = sum(seg[2] for seg in segments)
+        bits = ccols | cols
+        for src0, dst0, _, _ in segments:
+            bits |= src0 | dst0
+        align = min(16, bits & -bits)  # divides every row start and the width: vector loads
+        item.launches.append(("rows", src_dtype, ccols, at, segments, nrows, align))
+        at = _round_up(at + 16 * nrows)
     item.stage_bytes = at
 
     if t.quantize is not None:
@@ -380,7 +390,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     writers = ThreadPoolExecutor(max(1, min(threads, slots)), thread_name_prefix="pyconv-write")
     done = [0]
     done_lock = threading.Lock()
-    launches = [0]
+    launches: dict = {}  # kernel launches by kind
 
     def new_slot(size):
         return torch.empty(size, dtype=torch.uint8, pin_memory=on_gpu)
@@ -395,8 +405,14 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             if launch[0] == "host_transpose":
                 _host_transpose(sources, *launch[1:], host)
             elif launch[0] == "rows":
-                table_at, pairs = launch[3], launch[4]
-                host[table_at:table_at + 16 * len(pairs)].view(np.int64)[:] = np.asarray(pairs, np.int64).T.reshape(-1)
+                _, _, ccols, table_at, segments, nrows, _ = launch
+                table = host[table_at:table_at + 16 * nrows].view(np.int64)
+                at = 0
+                for src0, dst0, n, repeat in segments:
+                    i = np.arange(n, dtype=np.int64)
+                    table[at:at + n] = src0 if repeat else src0 + i * ccols
+                    table[nrows + at:nrows + at + n] = dst0 + i * cols_of(item)
+                    at += n
         return slot
 
     def write_item(item: _Item, slot, event):
@@ -431,11 +447,15 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             for launch in item.launches:
                 kind = launch[0]
                 if kind == "rows":
-                    _, src_dtype, ccols, table_at, pairs, align = launch
+                    _, src_dtype, ccols, table_at, _, nrows, align = launch
                     fmt = ops.FORMAT_NAMES[src_dtype]
-                    table = stage[table_at:table_at + 16 * len(pairs)].view(torch.int64)
-                    ops.launch_gather_rows(stage.view(ops.BITS_DTYPE[fmt]), fmt, table[:len(pairs)], band_bits,
-                                           out_fmt, table[len(pairs):], len(pairs), ccols, align)
+                    table = stage[table_at:table_at + 16 * nrows].view(torch.int64)
+                    ops.launch_gather_rows(stage.view(ops.BITS_DTYPE[fmt]), fmt, table[:nrows], band_bits,
+                                           out_fmt, table[nrows:], nrows, ccols, align)
+                elif kind == "cast":
+                    _, src_dtype, src0, dst0, count = launch
+                    fmt = ops.FORMAT_NAMES[src_dtype]
+                    ops.launch_cast(stage.view(ops.BITS_DTYPE[fmt])[src0:], fmt, band_bits[dst0:], out_fmt, count)
                 elif kind == "transpose":
                     _, src_dtype, src_elem, r, c, dst_elem = launch
                     fmt = ops.FORMAT_NAMES[src_dtype]
@@ -454,7 +474,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
                     band = out
                 else:
                     continue
-                launches[0] += 1
+                launches[kind] = launches.get(kind, 0) + 1
             if not on_gpu:
                 return _NoEvent()
             slot[item.out_at:item.out_at + item.out_bytes].copy_(band[:item.out_bytes], non_blocking=True)
@@ -517,7 +537,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             os.close(fd)
         sources.close()
     return {"bytes_written": done[0], "tasks": len(items), "device_tasks": sum(i.on_device for i in items),
-            "kernel_launches": launches[0], "seconds": time.perf_counter() - started,
+            "kernel_launches": sum(launches.values()), "launches": launches, "seconds": time.perf_counter() - started,
             "device": torch.cuda.get_device_name(device) if on_gpu else "cpu (TRITON_INTERPRET=1)"}
 
 
