@@ -124,8 +124,9 @@ def legacy_rank_dicts(model, family, tp, pp, version, dtype=torch.float32, old_n
     attention = "attention" if old_names else "self_attention"
     per_stage = LAYERS // pp
     args = Namespace(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_hidden_size=FFN,
-                     max_position_embeddings=POSITIONS, padded_vocab_size=padded, make_vocab_size_divisible_by=DIVISIBLE_BY,
-                     tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, layernorm_epsilon=1e-5,
+                     max_position_embeddings=POSITIONS, padded_vocab_size=padded,
+                     make_vocab_size_divisible_by=DIVISIBLE_BY, tensor_model_parallel_size=tp,
+                     pipeline_model_parallel_size=pp, layernorm_epsilon=1e-5,
                      params_dtype=dtype, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16)
     if family == "gpt2":
         args.orig_vocab_size = VOCAB  # as Hugging Face's GPT-2 converter records the true vocab
@@ -300,7 +301,8 @@ def _tree_tensors(tree, prefix=""):
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_hf_to_legacy_matches_the_reference_layout_and_round_trips(gpt2, bert, tmp_path, family):
-    model, cls = (gpt2, transformers.GPT2LMHeadModel) if family == "gpt2" else (bert, transformers.MegatronBertForPreTraining)
+    model, cls = ((gpt2, transformers.GPT2LMHeadModel) if family == "gpt2"
+                  else (bert, transformers.MegatronBertForPreTraining))
     model.save_pretrained(tmp_path / "hf")
     pyconv.reshard(tmp_path / "hf", tmp_path / "legacy", to="megatron-legacy", tp=2, pp=2, dtype="bf16",
                    vocab_divisible_by=DIVISIBLE_BY)
@@ -438,6 +440,21 @@ def test_bad_targets_are_refused(tmp_path):
         pyconv.reshard(tmp_path / "llama", tmp_path / "out", to="megatron-legacy")
 
 
+def test_uneven_stages_round_trip_and_fp8_is_refused(gpt2, tmp_path):
+    gpt2.save_pretrained(tmp_path / "hf")
+    pyconv.reshard(tmp_path / "hf", tmp_path / "legacy", to="megatron-legacy", pp=3, first_stage_layers=2,
+                   last_stage_layers=1)
+    layers = [len(torch.load(tmp_path / "legacy" / "release" / f"mp_rank_00_{p:03d}" / "model_optim_rng.pt",
+                             weights_only=False)["model"]["language_model"]["encoder"]) for p in range(3)]
+    assert layers == [2 * 12, 1 * 12, 1 * 12 + 2]  # 12 tensors a layer; the final norm on the last stage
+    pyconv.reshard(tmp_path / "legacy", tmp_path / "back", to="hf")
+    back = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "back")
+    reference = gpt2.state_dict()
+    assert all(torch.equal(t, reference[n]) for n, t in back.state_dict().items())
+    with pytest.raises(LayoutError, match="not F8_E4M3"):
+        pyconv.reshard(tmp_path / "hf", tmp_path / "fp8", to="megatron-legacy", dtype="fp8")
+
+
 # ---- Megatron-Core judges the bert table ----------------------------------------------------
 
 def test_megatron_core_bert_loads_converted_legacy_bert_with_equal_logits(bert, tmp_path):
@@ -529,7 +546,8 @@ def nemo1_model_config(family, tp, pp):
               "max_position_embeddings": POSITIONS, "encoder_seq_length": POSITIONS, "layernorm_epsilon": 1e-5,
               "make_vocab_size_divisible_by": DIVISIBLE_BY, "tensor_model_parallel_size": tp,
               "pipeline_model_parallel_size": pp, "normalization": "layernorm", "precision": 32,
-              "tokenizer": {"library": "megatron", "type": "BertWordPieceLowerCase" if family == "bert" else "GPT2BPETokenizer"}}
+              "tokenizer": {"library": "megatron",
+                            "type": "BertWordPieceLowerCase" if family == "bert" else "GPT2BPETokenizer"}}
     if family == "bert":
         config.update(num_tokentypes=2, bert_binary_head=True, activation="gelu", bias_activation_fusion=False)
     else:

@@ -4,7 +4,8 @@ the masked-LM head (`cls.predictions.transform` + a vocab-sized bias, decoder ti
 embedding) and the next-sentence head (`cls.seq_relationship`).
 
 Megatron-side names are Megatron-Core's BertModel names (`encoder.layers.N...`,
-`embedding.tokentype_embeddings`, `pooler.dense`, `lm_head.dense`, `lm_head.layer_norm`, `output_layer.bias`, `binary_head`);
+`embedding.tokentype_embeddings`, `pooler.dense`, `lm_head.dense`, `lm_head.layer_norm`,
+`output_layer.bias`, `binary_head`);
 legacy Megatron checkpoints map onto them in pyconv.formats.legacy_megatron."""
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ BERT_MAPPINGS = (
                   REPLICATED, FIRST_STAGE, lambda d: (_token_types(d), d.hidden)),
     _norm("attention.ln.weight", "self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
     _norm("attention.ln.bias", "self_attention.linear_qkv.layer_norm_bias", "input_layernorm.bias"),
-    TensorMapping((L + "attention.self.query.weight", L + "attention.self.key.weight", L + "attention.self.value.weight"),
+    TensorMapping(tuple(L + f"attention.self.{n}.weight" for n in ("query", "key", "value")),
                   M + "self_attention.linear_qkv.weight", QKV, LAYER, lambda d: (d.hidden, d.hidden)),
-    TensorMapping((L + "attention.self.query.bias", L + "attention.self.key.bias", L + "attention.self.value.bias"),
+    TensorMapping(tuple(L + f"attention.self.{n}.bias" for n in ("query", "key", "value")),
                   M + "self_attention.linear_qkv.bias", QKV, LAYER, _hidden),
     TensorMapping((L + "attention.output.dense.weight",), M + "self_attention.linear_proj.weight", ROW, LAYER,
                   lambda d: (d.hidden, d.hidden)),

@@ -2,10 +2,13 @@
 
 Containers read:
     FILE.pt                                   one rank (tp = pp = 1), a torch.save archive
-    FILE.zip                                  holding [PREFIX/](release|iter_NNNNNNN)/mp_rank_TT[_PPP]/model_optim_rng.pt
-                                              (stored, uncompressed members are read in place)
+    FILE.zip                                  holding [PREFIX/](release|iter_NNNNNNN)/mp_rank_TT[_PPP]/
+                                              model_optim_rng.pt (stored, uncompressed members are read in place)
     DIR/[latest_checkpointed_iteration.txt, release/ | iter_NNNNNNN/]mp_rank_TT[_PPP]/model_optim_rng.pt
                                               (or model_rng.pt, as with the distributed optimizer)
+    FILE.nemo or its extracted DIR            NeMo 1: model_config.yaml + model_weights.ckpt (or mp_rank_TT/,
+                                              tp_rank_TT_pp_rank_PPP/), a flat state dict under `model.`
+                                              (an uncompressed .nemo tar is read in place)
 
 Each rank file holds {"args": Namespace, "checkpoint_version": v, "model": {...}} with the
 model as nested state dicts:
@@ -45,7 +48,7 @@ from dataclasses import dataclass, replace
 
 from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import LAYER, QKV, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, get_family
+from pyconv.families import QKV, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, get_family
 from pyconv.formats import register_format
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
     plan_text_file
@@ -60,9 +63,11 @@ _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # mp_rank_TT/model_weights.ckpt (tp > 1), or tp_rank_TT_pp_rank_PPP/model_weights.ckpt (pp > 1).
 NEMO1_WEIGHTS = "model_weights.ckpt"
 NEMO1_CONFIG = "model_config.yaml"
-_NEMO1_RANK = re.compile(r"^(?:mp_rank_(?P<mp>\d{2})|tp_rank_(?P<t>\d{2})_pp_rank_(?P<p>\d{3}))/" + re.escape(NEMO1_WEIGHTS) + "$")
+_NEMO1_RANK = re.compile(r"^(?:mp_rank_(?P<mp>\d{2})|tp_rank_(?P<t>\d{2})_pp_rank_(?P<p>\d{3}))/"
+                         + re.escape(NEMO1_WEIGHTS) + "$")
 _NEMO1_PREFIXES = ("model.module.", "model.")  # NeMo's LightningModule (and its O2 wrapper) around the model
-_ZIP_RANK_MEMBER = re.compile(r"^(?P<dir>(?:.*/)?)mp_rank_(?P<t>\d{2})(?:_(?P<p>\d{3}))?/(?P<file>model_optim_rng|model_rng)\.pt$")
+_ZIP_RANK_MEMBER = re.compile(r"^(?P<dir>(?:.*/)?)mp_rank_(?P<t>\d{2})(?:_(?P<p>\d{3}))?/"
+                              r"(?P<file>model_optim_rng|model_rng)\.pt$")
 _TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 
@@ -251,7 +256,8 @@ def _find_in_zip(path: str) -> _Found | None:
         for info in infos:
             m = _ZIP_RANK_MEMBER.match(info.filename)
             if m:
-                members.setdefault(m.group("dir"), {}).setdefault(_rank_key(m.group("t"), m.group("p")), []).append(info)
+                by_rank = members.setdefault(m.group("dir"), {})
+                by_rank.setdefault(_rank_key(m.group("t"), m.group("p")), []).append(info)
             elif info.filename.endswith(TRACKER):
                 trackers[info.filename[:-len(TRACKER)]] = info
         if not members:
@@ -419,7 +425,8 @@ def _version(obj: dict, where: str) -> float:
     if isinstance(version, bool) or not isinstance(version, (int, float)):
         raise FormatError(f"{where}: checkpoint_version is {version!r}, not a number")
     if version < 2.0 and version not in (0, 1.0):
-        raise FormatError(f"{where}: checkpoint_version {version} is none of 0, 1.0 or >= 2.0 (Megatron refuses it too)")
+        raise FormatError(f"{where}: checkpoint_version {version} is none of 0, 1.0 or >= 2.0 "
+                          "(Megatron refuses it too)")
     return float(version)
 
 
@@ -438,6 +445,10 @@ def _legacy_refs(obj: dict, where: str) -> dict:
                 raise FormatError(f"{where}: tensor '{key}' is outside NeMo's 'model.' module")
             out[key[len(prefix):]] = ref
         return out
+    if any(isinstance(k, str) and k.startswith(("model.decoder.", "model.embedding.", "model.encoder.")) for k in obj):
+        raise FormatError(f"{where}: NeMo 1 weights in Megatron-Core names (model.decoder...): the nemo format reads "
+                          "them from the extracted directory (tar -xf the .nemo); megatron-legacy reads the "
+                          "pre-Megatron-Core language_model names")
     model = obj.get("model")
     if not isinstance(model, dict):
         virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()]
@@ -563,8 +574,10 @@ def read(path: str, family: str | None = None) -> Catalog:
                               f"the padded vocabulary of {args['padded_vocab_size']}")
         args["vocab_size"] = config_override["vocab_size"]
     dims = _dims(fam, args, tensors_by_rank[(0, 0)], first_rank.label)
-    layout = MegatronLayout(family=fam, dims=dims, padded_vocab=args["padded_vocab_size"],
-                            stages=layer_stages(dims.num_layers, pp), tp=tp, pp=pp, ep=1)
+    stages = layer_stages(dims.num_layers, pp, args.get("decoder_first_pipeline_num_layers"),
+                          args.get("decoder_last_pipeline_num_layers"))
+    layout = MegatronLayout(family=fam, dims=dims, padded_vocab=args["padded_vocab_size"], stages=stages,
+                            tp=tp, pp=pp, ep=1)
     blocks: dict[str, list[SourceBlock]] = {}
     dtypes: dict[str, str] = {}
     for (t, p), tensors in sorted(found.ranks.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -748,7 +761,7 @@ def _region_copies(tensor: CanonicalTensor, piece, transposed: bool) -> list[Blo
 
 
 def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSpec, padded: int,
-                 params_dtype: str) -> dict:
+                 params_dtype: str, binary_head: bool) -> dict:
     """The args Hugging Face's GPT-2 converter saves, plus what Megatron-LM's loader and pyconv's
     reader want (the true vocab, the source config)."""
     from pyconv.io.torchsave import TorchDtypeValue
@@ -768,7 +781,7 @@ def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSp
     }
     if family.name == "bert":
         eps = float(config.get("layer_norm_eps", 1e-12))
-        args.update(tokenizer_type="BertWordPieceLowerCase", bert_binary_head=True, layernorm_epsilon=eps,
+        args.update(tokenizer_type="BertWordPieceLowerCase", bert_binary_head=binary_head, layernorm_epsilon=eps,
                     num_tokentypes=getattr(dims, "token_types", 2))
     else:
         args.update(tokenizer_type="GPT2BPETokenizer", layernorm_epsilon=float(config.get("layer_norm_epsilon", 1e-5)))
@@ -788,13 +801,16 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
                           f"(got tp={target.tp}, pp={target.pp}, ep={target.ep})")
     if target.megatron_naming != "te" or target.moe_grouped_gemm:
         raise LayoutError("--megatron-naming and --moe-grouped-gemm apply to --to megatron, not legacy checkpoints")
+    if target.dtype not in (None, *FLOAT_DTYPES):
+        raise LayoutError(f"legacy Megatron checkpoints hold fp32, bf16 or fp16 weights, not {target.dtype}")
     from pyconv.layout import divide
 
     divide(dims.heads, target.tp, "num_attention_heads", "tp")
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
     stages = layer_stages(dims.num_layers, target.pp, target.first_stage_layers, target.last_stage_layers)
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
-    args = _writer_args(family, catalog.config, dims, target, padded, target.dtype or source_dtype)
+    args = _writer_args(family, catalog.config, dims, target, padded, target.dtype or source_dtype,
+                        binary_head="cls.seq_relationship.weight" in catalog.tensors)
     if target.first_stage_layers is not None or target.last_stage_layers is not None:
         args.update(decoder_first_pipeline_num_layers=target.first_stage_layers,
                     decoder_last_pipeline_num_layers=target.last_stage_layers)
