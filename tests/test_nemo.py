@@ -359,3 +359,159 @@ def test_preset_config_without_sizes_is_refused(pyconv_nemo, tmp_path):
     io_json.write_text(json.dumps(data))
     with pytest.raises(FormatError, match=r"LlamaConfig does not set num_layers, hidden_size"):
         pyconv.open(bare)
+
+
+# ---- NeMo 1 (an extracted .nemo archive) ---------------------------------------------------------------
+
+# Megatron-Core local names -> the pre-Megatron-Core names of NeMo 1 GPT models (the inverse of
+# BioNeMo's nemo1 -> nemo2 mapping, with GPT's decoder stack called "encoder" there).
+LEGACY_NAMES = (("self_attention.linear_qkv.", "self_attention.query_key_value."),
+                ("self_attention.linear_proj.", "self_attention.dense."), ("mlp.linear_fc1.", "mlp.dense_h_to_4h."),
+                ("mlp.linear_fc2.", "mlp.dense_4h_to_h."), ("pre_mlp_layernorm.", "post_attention_layernorm."))
+
+
+def legacy_nemo1_key(name: str) -> str:
+    for new, old in LEGACY_NAMES:
+        name = name.replace(new, old)
+    if name.startswith("decoder."):
+        name = "encoder." + name[len("decoder."):]
+    return "model.language_model." + name
+
+
+def nemo1_model_config(hf_config: dict, tp: int, legacy: bool) -> dict:
+    """model_config.yaml as NeMo 1's megatron_gpt_config.yaml names the fields."""
+    if hf_config["model_type"] == "gpt2":
+        return dict(mcore_gpt=not legacy, num_layers=hf_config["n_layer"], hidden_size=hf_config["n_embd"],
+                    ffn_hidden_size=4 * hf_config["n_embd"], num_attention_heads=hf_config["n_head"],
+                    encoder_seq_length=hf_config["n_positions"], max_position_embeddings=hf_config["n_positions"],
+                    normalization="layernorm", layernorm_epsilon=hf_config["layer_norm_epsilon"], bias=True,
+                    activation="gelu", position_embedding_type="learned_absolute",
+                    share_embeddings_and_output_weights=True, tensor_model_parallel_size=tp,
+                    pipeline_model_parallel_size=1, make_vocab_size_divisible_by=128,
+                    tokenizer={"library": "huggingface", "type": "gpt2"})
+    return dict(mcore_gpt=not legacy, num_layers=hf_config["num_hidden_layers"], hidden_size=hf_config["hidden_size"],
+                ffn_hidden_size=hf_config["intermediate_size"], num_attention_heads=hf_config["num_attention_heads"],
+                num_query_groups=hf_config["num_key_value_heads"], kv_channels=hf_config.get("head_dim"),
+                encoder_seq_length=hf_config["max_position_embeddings"],
+                max_position_embeddings=hf_config["max_position_embeddings"], normalization="rmsnorm",
+                layernorm_epsilon=hf_config["rms_norm_eps"], bias=False, activation="fast-swiglu",
+                position_embedding_type="rope", rotary_base=hf_config.get("rope_theta", 10000.0),
+                share_embeddings_and_output_weights=hf_config.get("tie_word_embeddings", False),
+                tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, make_vocab_size_divisible_by=128,
+                precision="32", tokenizer={"library": "sentencepiece", "model": "nemo:tokenizer.model"})
+
+
+def write_nemo1(src, out: Path, tp: int, legacy: bool, with_hf_config: bool) -> Path:
+    """An extracted NeMo 1 checkpoint built from the HF weights by the harness's reference
+    mapping (independent of pyconv): model_config.yaml and model_weights.ckpt, or
+    mp_rank_TT/model_weights.ckpt for tp > 1, keys under `model.` (legacy: language_model names)."""
+    import torch
+    import yaml
+
+    cfg = mh._config_dict(src)
+    full = mh.megatron_full_tensors(mh._read_hf_weights(src), cfg)
+    out.mkdir(parents=True)
+    (out / "model_config.yaml").write_text(yaml.safe_dump(nemo1_model_config(cfg, tp, legacy)))
+    if with_hf_config:
+        shutil.copy(Path(src) / "config.json", out / "config.json")
+    for rank in range(tp):
+        shard = mh.megatron_shard(full, cfg, tp, rank)
+        state = {(legacy_nemo1_key(k) if legacy else "model." + k): v for k, v in shard.items()}
+        file = out / (f"mp_rank_{rank:02d}" if tp > 1 else "") / "model_weights.ckpt"
+        file.parent.mkdir(exist_ok=True)
+        torch.save(state, file)
+    return out
+
+
+@pytest.mark.parametrize("family, tp, legacy", [("llama", 2, True), ("gpt2", 1, False), ("qwen2", 2, False)])
+def test_nemo1_checkpoint_with_hf_config_converts_to_hf(models, tmp_path, family, tp, legacy):
+    import pyconv
+
+    model, src = models[family]
+    ckpt = write_nemo1(src, tmp_path / "nemo1", tp, legacy, with_hf_config=True)
+    info = pyconv.open(ckpt).summary()
+    assert (info["format"], info["family"], info["key_style"], info["tp"]) == ("nemo", family, "nemo1", tp)
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_nemo1_model_config_yaml_describes_the_model(models, tmp_path, family):
+    """Without an HF config: the dims from model_config.yaml; the vocabulary is the embedding's
+    padded rows (NeMo 1 keeps the true size in its tokenizer), the first rows the source's."""
+    import torch
+
+    import pyconv
+
+    model, src = models[family]
+    ckpt = write_nemo1(src, tmp_path / "nemo1", 2, family == "llama", with_hf_config=False)
+    catalog = pyconv.open(ckpt)
+    assert catalog.summary()["config_from"] == "model_config.yaml"
+    original = json.loads((Path(src) / "config.json").read_text())
+    keys = (["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "rms_norm_eps", "tie_word_embeddings"] if family == "llama"
+            else ["n_layer", "n_embd", "n_head", "n_positions", "layer_norm_epsilon", "tie_word_embeddings"])
+    assert {k: catalog.config.get(k) for k in keys} == {k: original.get(k) for k in keys}
+    assert catalog.config["vocab_size"] == 256  # padded to a multiple of 128 * tp
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf")
+    source, output = load_hf_tensors(src), load_hf_tensors(tmp_path / "hf")
+    assert source.keys() == output.keys()
+    for name in source:
+        got = output[name][:96] if output[name].shape[0] == 256 else output[name]
+        assert torch.equal(source[name], got), name
+
+
+@needs_megatron
+def test_nemo1_distributed_weights_convert_to_hf(models, tmp_path):
+    """NeMo 1 Megatron-Core models save distributed weights (model_weights/) under `model.`."""
+    import pyconv
+
+    model, src = models["llama"]
+    ckpt = tmp_path / "nemo1"
+    with mh.megatron_parallel(1):
+        megatron_save(src, ckpt / "model_weights", 1, prefix="model.")
+    import yaml
+
+    cfg = mh._config_dict(src)
+    (ckpt / "model_config.yaml").write_text(yaml.safe_dump({**nemo1_model_config(cfg, 1, False)}))
+    shutil.copy(Path(src) / "config.json", ckpt / "config.json")
+    assert pyconv.open(ckpt).summary()["key_style"] == "nemo1"
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf")
+
+
+def test_nemo1_unknown_activation_is_named(models, tmp_path):
+    import yaml
+
+    import pyconv
+    from pyconv.errors import FormatError
+
+    ckpt = write_nemo1(models["llama"][1], tmp_path / "nemo1", 1, True, with_hf_config=False)
+    cfg = yaml.safe_load((ckpt / "model_config.yaml").read_text())
+    (ckpt / "model_config.yaml").write_text(yaml.safe_dump({**cfg, "activation": "squared-relu"}))
+    with pytest.raises(FormatError, match=r"model_config\.yaml: activation 'squared-relu' has no pyconv family"):
+        pyconv.open(ckpt)
+
+
+def test_nemo1_missing_rank_is_named(models, tmp_path):
+    import pyconv
+    from pyconv.errors import FormatError
+
+    ckpt = write_nemo1(models["llama"][1], tmp_path / "nemo1", 2, True, with_hf_config=True)
+    shutil.rmtree(ckpt / "mp_rank_00")
+    (ckpt / "mp_rank_02").mkdir()
+    (ckpt / "mp_rank_02" / "model_weights.ckpt").write_bytes((ckpt / "mp_rank_01" / "model_weights.ckpt").read_bytes())
+    with pytest.raises(FormatError, match=r"weights of tensor-parallel rank 0, pipeline rank 0 are missing"):
+        pyconv.open(ckpt)
+
+
+def test_nemo1_detection_shares_with_megatron_legacy(models, tmp_path):
+    """GPT-2 in the pre-Megatron-Core names is megatron-legacy's to read; Megatron-Core names and
+    Llama-style models in the old names are this adapter's."""
+    import pyconv
+
+    gpt2_legacy = write_nemo1(models["gpt2"][1], tmp_path / "a", 1, True, with_hf_config=False)
+    gpt2_mcore = write_nemo1(models["gpt2"][1], tmp_path / "b", 1, False, with_hf_config=False)
+    llama_legacy = write_nemo1(models["llama"][1], tmp_path / "c", 1, True, with_hf_config=False)
+    assert [pyconv.open(p).format for p in (gpt2_legacy, gpt2_mcore, llama_legacy)] == [
+        "megatron-legacy", "nemo", "nemo"]

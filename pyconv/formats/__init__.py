@@ -39,8 +39,10 @@ def _load_builtin() -> None:
 # adapter would claim too: torch_dist an iteration directory Megatron's tracker also names
 # (only when it holds a distributed checkpoint), mindspore safetensors files (only by their
 # MindFormers tensor names), megatron-legacy mp_rank_* directories the megatron adapter would
-# also claim (only when the first rank's model has the legacy `language_model` tree).
-DETECT_FIRST = ("torch_dist", "mindspore", "megatron-legacy")
+# also claim (only when the first rank's model has the legacy `language_model` tree), nemo
+# directories holding mp_rank_* or a DCP directory too (only with NeMo's model_config.yaml or
+# weights/ + context/).
+DETECT_FIRST = ("nemo", "torch_dist", "mindspore", "megatron-legacy")
 
 
 def format_names() -> list[str]:
@@ -59,7 +61,8 @@ def detect_format(path: str) -> FormatAdapter:
     _load_builtin()
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
-    adapters = sorted(_FORMATS.values(), key=lambda a: a.name not in DETECT_FIRST)
+    first = {name: i for i, name in enumerate(DETECT_FIRST)}
+    adapters = sorted(_FORMATS.values(), key=lambda a: first.get(a.name, len(first)))
     for adapter in adapters:
         if adapter.detect(path):
             return adapter

@@ -11,6 +11,12 @@
                       model.yaml  the same model as YAML (`_target_` keys)
                       nemo_tokenizer/   the tokenizer artifact (HF tokenizer files)
 
+NeMo 1 (an extracted .nemo archive: model_config.yaml with model_weights.ckpt, mp_rank_TT/ or
+tp_rank_TT_pp_rank_PPP/ rank directories, or distributed model_weights/) is read here when its
+keys are Megatron-Core's (`model.decoder...`), its weights distributed, or its model Llama-style;
+GPT-2 and BERT in the pre-Megatron-Core names (and .nemo archives) are the megatron-legacy
+adapter's.
+
 Reading maps every key to its Megatron-Core name (`nemo_to_mcore_key`: NeMo 2's `module.`, NeMo
 1's `model.` and `language_model.` dropped, the pre-Megatron-Core names of NeMo 1 models
 renamed: dense_h_to_4h -> linear_fc1, dense_4h_to_h -> linear_fc2, query_key_value ->
@@ -46,6 +52,11 @@ MODEL_YAML = "model.yaml"
 TOKENIZER_DIR = "nemo_tokenizer"
 CONFIG = "config.json"
 NEMO2_PREFIX = "module."
+NEMO1_CONFIG = "model_config.yaml"        # an extracted NeMo 1 .nemo archive
+NEMO1_WEIGHTS_FILE = "model_weights.ckpt"
+NEMO1_WEIGHTS_DIR = "model_weights"       # its distributed (torch_dist) weights
+_MCORE_PREFIXES = ("model.decoder.", "model.embedding.", "model.output_layer.")
+_NEMO1_RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
 _SKIPPED_PREFIXES = ("optimizer.",)
 _MODEL_CONFIG_PATH = "<root>.model.config"
 
@@ -81,11 +92,49 @@ def nemo_to_mcore_key(key: str) -> str:
 
 # ---- where the checkpoint is -----------------------------------------------------------------------
 
-def detect(path: str) -> bool:
+def _is_nemo2(path: str) -> bool:
     from pyconv.formats.torch_dist import _is_dcp_dir
 
     return (os.path.isdir(path) and os.path.isdir(os.path.join(path, CONTEXT))
             and _is_dcp_dir(os.path.join(path, WEIGHTS)))
+
+
+def _is_nemo1(path: str) -> bool:
+    """An extracted NeMo 1 checkpoint this adapter reads. The megatron-legacy adapter reads the
+    GPT-2 and BERT ones in pre-Megatron-Core names (and .nemo archives); this one the rest:
+    distributed weights, Megatron-Core names (`model.decoder...`), and Llama-style models
+    (SwiGLU, RMSNorm, rotary positions, grouped-query attention) in the old names."""
+    if not (os.path.isdir(path) and os.path.isfile(os.path.join(path, NEMO1_CONFIG))):
+        return False
+    if os.path.isdir(os.path.join(path, NEMO1_WEIGHTS_DIR)):
+        return True
+    try:
+        files = _nemo1_rank_files(path, complete=False)  # reading reports a missing rank
+        if not files:
+            return False
+        from pyconv.io.torchzip import read_torch_checkpoint
+
+        state = _nemo1_state(read_torch_checkpoint(files[min(files)]).obj, files[min(files)])
+    except FormatError:
+        return False  # not ours to judge: megatron-legacy (or nobody) reports what is wrong
+    if any(str(k).startswith(_MCORE_PREFIXES) for k in state):
+        return True
+    try:
+        import yaml
+
+        with open(os.path.join(path, NEMO1_CONFIG), "rb") as f:
+            cfg = yaml.safe_load(f.read(1 << 24))
+    except Exception:  # noqa: BLE001 - unreadable config: megatron-legacy reports it
+        return False
+    if not isinstance(cfg, dict):
+        return False
+    heads = cfg.get("num_attention_heads")
+    return (str(cfg.get("activation", "")).endswith("swiglu") or cfg.get("normalization") == "rmsnorm"
+            or cfg.get("position_embedding_type") == "rope" or cfg.get("num_query_groups") not in (None, heads))
+
+
+def detect(path: str) -> bool:
+    return _is_nemo2(path) or _is_nemo1(path)
 
 
 # ---- the model config in context/ -------------------------------------------------------------------
@@ -299,14 +348,8 @@ def _embedding_rows(md, keys: dict[str, str], where: str) -> int:
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-def read(path: str, family: str | None = None) -> Catalog:
-    from pyconv.formats.torch_dist import _TORCH_DTYPE, _check_backend, padded_vocab, read_tensors
-    from pyconv.io.dcp import read_metadata
-
-    root = os.path.abspath(path)
-    weights, context = os.path.join(root, WEIGHTS), os.path.join(root, CONTEXT)
-    _check_backend(weights)
-    md = read_metadata(weights)
+def _dcp_keys(md, weights: str) -> dict[str, str]:
+    """Megatron-Core key -> the checkpoint's own key, for every model tensor of a DCP directory."""
     keys: dict[str, str] = {}
     for fqn in md.tensors:
         if fqn.startswith(_SKIPPED_PREFIXES):
@@ -315,6 +358,20 @@ def read(path: str, family: str | None = None) -> Catalog:
         if key in keys:
             raise FormatError(f"{weights}: '{keys[key]}' and '{fqn}' are both '{key}'")
         keys[key] = fqn
+    return keys
+
+
+def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.formats.torch_dist import _TORCH_DTYPE, _check_backend, padded_vocab, read_tensors
+    from pyconv.io.dcp import read_metadata
+
+    root = os.path.abspath(path)
+    if not _is_nemo2(root):
+        return _read_nemo1(root, family)
+    weights, context = os.path.join(root, WEIGHTS), os.path.join(root, CONTEXT)
+    _check_backend(weights)
+    md = read_metadata(weights)
+    keys = _dcp_keys(md, weights)
     fam, dims, config, config_source = _context_model(root, context, _embedding_rows(md, keys, weights), family)
     padded = padded_vocab(fam, dims, md, weights, keys)
     tensors = read_tensors(md, weights, fam, dims, padded, keys)
@@ -341,6 +398,166 @@ def _tokenizer_files(root: str, context: str) -> tuple[tuple[str, int], ...]:
                 continue
             files[name] = (file, os.path.getsize(file))
     return tuple(files.values())
+
+
+# ---- NeMo 1 (an extracted .nemo archive) --------------------------------------------------------------
+
+def nemo1_config_to_args(cfg: dict, where: str) -> dict:
+    """NeMo 1's model_config.yaml (megatron_gpt_config.yaml's fields) as Megatron-LM args."""
+    def need(key):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
+            raise FormatError(f"{where}: no integer '{key}'")
+        return cfg[key]
+
+    activation = str(cfg.get("activation", "gelu"))
+    if activation not in ("gelu", "swiglu", "fast-swiglu"):
+        raise FormatError(f"{where}: activation '{activation[:40]}' has no pyconv family (gelu, swiglu, fast-swiglu)")
+    normalization = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}.get(str(cfg.get("normalization", "layernorm")))
+    if normalization is None:
+        raise FormatError(f"{where}: normalization '{str(cfg.get('normalization'))[:40]}' has no pyconv family "
+                          "(layernorm, rmsnorm)")
+    heads = need("num_attention_heads")
+    groups = cfg.get("num_query_groups") or heads
+    bias = bool(cfg.get("bias", True))
+    positions = cfg.get("max_position_embeddings") or cfg.get("encoder_seq_length") or 0
+    args = dict(
+        num_layers=need("num_layers"), hidden_size=need("hidden_size"), ffn_hidden_size=need("ffn_hidden_size"),
+        num_attention_heads=heads, num_query_groups=groups, group_query_attention=groups != heads,
+        kv_channels=cfg.get("kv_channels") or need("hidden_size") // heads, normalization=normalization,
+        swiglu=activation.endswith("swiglu"), add_bias_linear=bias, add_qkv_bias=bool(cfg.get("qkv_bias", bias)),
+        position_embedding_type=str(cfg.get("position_embedding_type", "learned_absolute")),
+        rotary_base=cfg.get("rotary_base", 10000), rotary_percent=cfg.get("rotary_percentage", 1.0),
+        max_position_embeddings=positions, seq_length=positions, norm_epsilon=float(cfg.get("layernorm_epsilon", 1e-5)),
+        untie_embeddings_and_output_weights=not cfg.get("share_embeddings_and_output_weights", True),
+        make_vocab_size_divisible_by=cfg.get("make_vocab_size_divisible_by") or 128)
+    if cfg.get("num_moe_experts"):
+        args.update(num_experts=cfg["num_moe_experts"], moe_ffn_hidden_size=cfg.get("moe_ffn_hidden_size")
+                    or args["ffn_hidden_size"], moe_router_topk=cfg.get("moe_router_topk", 2))
+    return args
+
+
+def _nemo1_state(state, file: str) -> dict:
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning .ckpt
+    if not isinstance(state, dict):
+        raise FormatError(f"{file}: not a state dict")
+    return state
+
+
+def _nemo1_rank_files(root: str, complete: bool = True) -> dict[tuple[int, int], str]:
+    """(tp rank, pp rank) -> model_weights.ckpt: one file, mp_rank_TT/ (pp = 1) or
+    tp_rank_TT_pp_rank_PPP/ directories, as NeMo 1 lays out model-parallel weights."""
+    single = os.path.join(root, NEMO1_WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return {(0, 0): single}
+    files = {}
+    for entry in sorted(os.listdir(root)):
+        m = _NEMO1_RANK_DIR.match(entry)
+        if not m or not os.path.isdir(os.path.join(root, entry)):
+            continue
+        rank = (int(m.group(1)), 0) if m.group(1) is not None else (int(m.group(2)), int(m.group(3)))
+        file = os.path.join(root, entry, NEMO1_WEIGHTS_FILE)
+        if not os.path.isfile(file):
+            raise FormatError(f"{os.path.join(root, entry)}: no {NEMO1_WEIGHTS_FILE}")
+        files[rank] = file
+    if not files or not complete:
+        return files
+    tp, pp = (max(r[i] for r in files) + 1 for i in range(2))
+    for t in range(tp):
+        for p in range(pp):
+            if (t, p) not in files:
+                raise FormatError(f"{root}: the weights of tensor-parallel rank {t}, pipeline rank {p} are missing "
+                                  f"(found tp={tp}, pp={pp})")
+    return files
+
+
+def _read_nemo1(root: str, family: str | None) -> Catalog:
+    """An extracted NeMo 1 checkpoint: model_config.yaml and model_weights.ckpt (or its
+    model-parallel rank directories, or a distributed model_weights/), keys under `model.` in
+    Megatron-Core or pre-Megatron-Core (language_model) names."""
+    from pyconv.families import family_for_architecture, family_for_megatron_args
+    from pyconv.formats.megatron import MegatronLayout, _Assembly, _catalog, _read_rank, megatron_dims
+    from pyconv.formats.torch_dist import _TORCH_DTYPE, padded_vocab, read_tensors
+    from pyconv.io.dcp import read_metadata
+    from pyconv.io.torchzip import TensorRef, read_torch_checkpoint
+    from pyconv.layout import layer_stages
+
+    where = os.path.join(root, NEMO1_CONFIG)
+    hf_config = os.path.join(root, CONFIG)
+    if os.path.isfile(hf_config):
+        config = load_json(hf_config, "config")
+        archs = config.get("architectures") if isinstance(config, dict) else None
+        fam = get_family(family) if family else family_for_architecture(
+            archs[0] if isinstance(archs, list) and archs else None, hf_config)
+        dims = fam.dims_from_hf(config)
+        args = {**fam.megatron_args_from_hf(config, dims), "pyconv_hf_config": json.dumps(config)}
+        config_source = CONFIG
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise FormatError(f"{where}: reading it needs PyYAML (pip install pyyaml), or put the model's Hugging "
+                              f"Face {CONFIG} beside it") from None
+        try:
+            with open(where, "rb") as f:
+                cfg = yaml.safe_load(f.read(1 << 24))
+        except (OSError, yaml.YAMLError) as e:
+            raise FormatError(f"{where}: cannot read: {e}") from None
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{where}: not a mapping")
+        args, config_source = nemo1_config_to_args(cfg, where), NEMO1_CONFIG
+        fam = None
+    details = {"config_from": config_source, "key_style": "nemo1"}
+
+    weights_dir = os.path.join(root, NEMO1_WEIGHTS_DIR)
+    if os.path.isdir(weights_dir):  # distributed: the torch_dist reader, keys under model.
+        md = read_metadata(weights_dir)
+        keys = _dcp_keys(md, weights_dir)
+        args.setdefault("vocab_size", _embedding_rows(md, keys, weights_dir))
+        fam = fam or (get_family(family) if family else family_for_megatron_args(args, where))
+        dims = megatron_dims(args, where)
+        padded = padded_vocab(fam, dims, md, weights_dir, keys)
+        tensors = read_tensors(md, weights_dir, fam, dims, padded, keys)
+        config = fam.hf_config_from_megatron(args)
+    else:
+        files = _nemo1_rank_files(root)
+        if not files:
+            raise FormatError(f"{root}: no {NEMO1_WEIGHTS_FILE} (nor mp_rank_TT/ or tp_rank_TT_pp_rank_PPP/ holding "
+                              f"one, nor {NEMO1_WEIGHTS_DIR}/)")
+        tp, pp = (max(r[i] for r in files) + 1 for i in range(2))
+        states = {}
+        for rank, file in sorted(files.items()):
+            state = _nemo1_state(read_torch_checkpoint(file).obj, file)
+            model = {}
+            for key, value in state.items():
+                mapped = nemo_to_mcore_key(str(key))
+                if mapped in model:
+                    raise FormatError(f"{file}: two tensors map to '{mapped}'")
+                model[mapped] = value
+            states[rank] = (file, {"model": model})
+        embedding = states[(0, 0)][1]["model"].get("embedding.word_embeddings.weight")
+        if not isinstance(embedding, TensorRef):
+            raise FormatError(f"{files[(0, 0)]}: no tensor 'model.language_model.embedding.word_embeddings.weight' "
+                              "(or 'model.embedding.word_embeddings.weight')")
+        padded = embedding.shape[0] * tp
+        args.setdefault("vocab_size", padded)
+        fam = fam or (get_family(family) if family else family_for_megatron_args(args, where))
+        dims = megatron_dims(args, where)
+        layout = MegatronLayout(family=fam, dims=dims, padded_vocab=padded, stages=layer_stages(dims.num_layers, pp),
+                                tp=tp, pp=pp, ep=1)
+        assembly = _Assembly({}, {}, [])
+        for p in range(pp):
+            for t in range(tp):
+                file, obj = states[(t, p)]
+                _read_rank(file, obj, layout, t, p, 0, assembly)
+        catalog = _catalog(root, root, "release", layout, args, assembly)
+        tensors, config = catalog.tensors, catalog.config
+        details.update(tp=tp, pp=pp)
+    dtype = next((t.dtype for t in tensors.values()), None)
+    if dtype in _TORCH_DTYPE:
+        config["dtype"] = _TORCH_DTYPE[dtype]
+    details.update(family=fam.name, padded_vocab_size=padded)
+    return Catalog("nemo", root, tensors, config, fam.architectures[0], (), details=details)
 
 
 # ---- writing ----------------------------------------------------------------------------------------
