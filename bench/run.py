@@ -136,7 +136,7 @@ def bf16_matches_peer(src: str):
     reference leaves in float32; those are accepted when they are the source's float32
     tensors and differ only by that rounding."""
     def check(out: str, ctx: dict) -> dict:
-        peer = ctx.get("peer_output")
+        peer = ctx["outputs"].get("peer_bf16")
         if not peer:
             return {"ok": None, "how": "not checked: the reference peer was skipped"}
         r = subprocess.run(pyconv_argv() + ["verify", out, peer, "--json"], capture_output=True, text=True)
@@ -214,8 +214,8 @@ def moe_steps(src: str, work: str, meta: dict, threads: list[str]) -> list[Step]
     largest_file = max(size for name, size in meta["files"].items() if name.endswith(".safetensors"))
 
     def deepseek_check(out, ctx):
-        if ctx.get("peer_output"):
-            return same_files(out, ctx["peer_output"])
+        if ctx["outputs"].get("peer_deepseek"):
+            return same_files(out, ctx["outputs"]["peer_deepseek"])
         # No peer output: read it back through pyconv (the layout has no config.json; lend it one).
         shutil.copyfile(os.path.join(src, "config.json"), os.path.join(out, "config.json"))
         return _pyconv_verify(out, src)
@@ -254,78 +254,113 @@ def source_dtypes(src: str) -> dict[str, str]:
     return out
 
 
+def child_env(args, torch_child: bool) -> dict:
+    """Children run with a bytecode cache, as an installed package does: a development shell with
+    PYTHONDONTWRITEBYTECODE=1 would make every pyconv start compile its modules (~0.3 s of CPU
+    here). The cache goes under --workdir, not into the source tree."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(os.path.abspath(args.workdir), "pycache")
+    if torch_child:
+        env["OMP_NUM_THREADS"] = "1"  # torchrun sets it anyway, with a warning
+    return env
+
+
+def _run_once(step: Step, cache: str, args, ctx: dict, cp_wall: float | None) -> dict:
+    if os.path.exists(step.out):
+        shutil.rmtree(step.out)
+    if cache == "cold":
+        drop_caches()
+    else:
+        warm(step.src)
+    os.sync()
+    if args.settle:
+        time.sleep(args.settle)
+    r = run_measured(step.argv, env=child_env(args, "torch" in " ".join(step.argv)), check=False)
+    r["stdout"], r["stderr"] = r["stdout"][-1000:], r["stderr"][-2000:]
+    if r["returncode"] != 0:
+        r["check"] = {"ok": False, "how": "the command failed", "error": r["stderr"]}
+        shutil.rmtree(step.out, ignore_errors=True)
+        return r
+    written = dir_files(step.out)
+    r["bytes_written"] = sum(written.values())
+    r["files_written"] = len(written)
+    r["check"] = step.check(step.out, ctx)
+    if step.keep:  # a later step reads or is compared with this output
+        ctx["outputs"][step.name] = step.out
+    else:
+        shutil.rmtree(step.out, ignore_errors=True)
+    return r
+
+
 def run_steps(kind: str, size: int, src: str, meta: dict, steps: list[Step], cache: str, args, info: dict) -> None:
-    ctx = {"source_dtypes": source_dtypes(src)}
-    outputs_to_remove = []
-    cp_wall = None
+    """Runs every step --repeat times (peers once), checking every output; one row per step with
+    the median wall time and the largest memory figures of its runs."""
+    ctx = {"source_dtypes": source_dtypes(src), "outputs": {}}
+    rows = {}
     for step in steps:
-        row = {"kind": kind, "size_bytes": size, "size_label": size_label(size), "cache": cache, "step": step.name,
-               "label": step.label, "peer": step.peer, "source_bytes": meta["tensor_bytes"],
-               "largest_tensor": meta["largest_tensor"], "argv": step.argv}
-        info["rows"].append(row)
-        if step.peer and step.predicted_bytes is not None:
-            avail = mem_available() - int(args.mem_margin_gib * GiB)
-            row["predicted_peak_bytes"] = step.predicted_bytes
-            if step.predicted_bytes > avail:
-                row["skipped"] = (f"needs ~{step.predicted_bytes / GiB:.1f} GiB, "
-                                  f"{max(avail, 0) / GiB:.1f} GiB available after a {args.mem_margin_gib:g} GiB margin")
-                print(f"  {cache} {size_label(size):>8} {step.name:<14} skipped: {row['skipped']}", file=sys.stderr)
+        rows[step.name] = {"kind": kind, "size_bytes": size, "size_label": size_label(size), "cache": cache,
+                           "step": step.name, "label": step.label, "peer": step.peer,
+                           "source_bytes": meta["tensor_bytes"], "largest_tensor": meta["largest_tensor"],
+                           "argv": step.argv, "runs": []}
+        info["rows"].append(rows[step.name])
+    for rep in range(args.repeat):
+        cp_wall = None
+        for step in steps:
+            row = rows[step.name]
+            if step.peer and (rep > 0 or "skipped" in row):
                 continue
-        if os.path.exists(step.out):
-            shutil.rmtree(step.out)
-        if cache == "cold":
-            drop_caches()
-        else:
-            warm(step.src)
-        os.sync()
-        if args.settle:
-            time.sleep(args.settle)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"} if "torch" in " ".join(step.argv) else None
-        r = run_measured(step.argv, env=env, check=False)
-        r["stdout"], r["stderr"] = r["stdout"][-1000:], r["stderr"][-2000:]
-        row.update(r)
-        if r["returncode"] != 0:
-            row["check"] = {"ok": False, "how": "the command failed", "error": r["stderr"]}
-            print(f"  {cache} {size_label(size):>8} {step.name:<14} FAILED (exit {r['returncode']}): "
-                  f"{r['stderr'][-500:]}", file=sys.stderr)
-            shutil.rmtree(step.out, ignore_errors=True)
-            continue
-        written = dir_files(step.out)
-        row["bytes_written"] = sum(written.values())
-        row["files_written"] = len(written)
-        row["written_gb_per_s"] = row["bytes_written"] / r["wall_s"] / GB
-        if step.name == "cp":
-            cp_wall = r["wall_s"]
-        row["ratio_to_cp"] = r["wall_s"] / cp_wall if cp_wall else None
-        row["check"] = step.check(step.out, ctx)
-        if step.peer and step.keep:  # the pyconv step after it is compared with this output
-            ctx["peer_output"] = step.out
-        ok = row["check"]["ok"]
-        print(f"  {cache} {size_label(size):>8} {step.name:<14} {r['wall_s']:7.2f} s  "
-              f"{row['written_gb_per_s']:5.2f} GB/s  x cp {row['ratio_to_cp'] or 0:5.2f}  "
-              f"anon {r['peak_rss_anon_bytes'] / MiB:8.1f} MiB  file {r['peak_rss_file_bytes'] / MiB:8.1f} MiB  "
-              f"load {r['loadavg1_before']:.2f}  check: {'ok' if ok else ('-' if ok is None else 'FAILED')}",
-              file=sys.stderr, flush=True)
-        if step.keep:
-            outputs_to_remove.append(step.out)
-        else:
-            shutil.rmtree(step.out, ignore_errors=True)
-            if not step.peer and ctx.get("peer_output"):  # the peer output was compared: done with it
-                shutil.rmtree(ctx.pop("peer_output"), ignore_errors=True)
-    for out in outputs_to_remove:
+            if step.peer and step.predicted_bytes is not None:
+                avail = mem_available() - int(args.mem_margin_gib * GiB)
+                row["predicted_peak_bytes"] = step.predicted_bytes
+                if step.predicted_bytes > avail:
+                    row["skipped"] = (f"needs ~{step.predicted_bytes / GiB:.1f} GiB, {max(avail, 0) / GiB:.1f} GiB "
+                                      f"available after a {args.mem_margin_gib:g} GiB margin")
+                    print(f"  {cache} {size_label(size):>8} {step.name:<14} skipped: {row['skipped']}", file=sys.stderr)
+                    continue
+            r = _run_once(step, cache, args, ctx, cp_wall)
+            r["repeat"] = rep
+            row["runs"].append(r)
+            if step.name == "cp" and r["returncode"] == 0:
+                cp_wall = r["wall_s"]
+            r["ratio_to_cp"] = r["wall_s"] / cp_wall if cp_wall else None
+            ok = r["check"]["ok"]
+            print(f"  {cache} {size_label(size):>8} {step.name:<14} {r['wall_s']:7.2f} s  "
+                  f"CPU {r['user_s'] + r['sys_s']:6.2f} s  x cp {r['ratio_to_cp'] or 0:5.2f}  "
+                  f"anon {r['peak_rss_anon_bytes'] / MiB:8.1f} MiB  file {r['peak_rss_file_bytes'] / MiB:8.1f} MiB  "
+                  f"load {r['loadavg1_before']:.2f}  check: {'ok' if ok else ('-' if ok is None else 'FAILED')}"
+                  + (f" ({r['check'].get('error', '')[-300:]})" if ok is False else ""), file=sys.stderr, flush=True)
+    for out in ctx["outputs"].values():
         shutil.rmtree(out, ignore_errors=True)
-    # Ratios to the peer doing the same conversion, in the same cache state.
-    these = [r for r in info["rows"] if r["kind"] == kind and r["size_bytes"] == size and r["cache"] == cache]
-    by_step = {r["step"]: r for r in these}
-    for r in these:
-        peer = by_step.get(PEER_OF.get(r["step"], ""))
-        if peer is not None and "wall_s" in r:
-            r["peer_step"] = peer["step"]
-            if "wall_s" in peer:
-                r["peer_speedup"] = peer["wall_s"] / r["wall_s"]
-            else:
-                r["peer_speedup"] = None
-                r["peer_skipped"] = peer.get("skipped") or "failed"
+    for row in rows.values():
+        good = [r for r in row["runs"] if r["returncode"] == 0]
+        checks = [r["check"] for r in row["runs"]]
+        if checks:  # the first failed check if any, else the first run's
+            row["check"] = next((c for c in checks if c["ok"] is False), checks[0])
+        if not good:
+            continue
+        wall = statistics.median(r["wall_s"] for r in good)
+        written = good[0]["bytes_written"]
+        row.update(
+            wall_s=wall, wall_s_all=[round(r["wall_s"], 3) for r in good],
+            cpu_s=statistics.median(r["user_s"] + r["sys_s"] for r in good),
+            bytes_written=written, files_written=good[0]["files_written"], written_gb_per_s=written / wall / GB,
+            peak_rss_anon_bytes=max(r["peak_rss_anon_bytes"] for r in good),
+            peak_rss_file_bytes=max(r["peak_rss_file_bytes"] for r in good),
+            loadavg1_before=[round(r["loadavg1_before"], 2) for r in good],
+            others_cpu_s=[round(r["others_cpu_s"], 2) for r in good])
+    cp = rows.get("cp")
+    for row in rows.values():
+        if "wall_s" in row and cp is not None and "wall_s" in cp:
+            row["ratio_to_cp"] = row["wall_s"] / cp["wall_s"]
+            # Paired within each repetition: the spread of the ratio on a shared machine.
+            row["ratio_to_cp_per_repeat"] = [round(r["ratio_to_cp"], 3) for r in row["runs"]
+                                             if r.get("ratio_to_cp") is not None]
+        peer = rows.get(PEER_OF.get(row["step"], ""))
+        if peer is not None and "wall_s" in row:
+            row["peer_step"] = peer["step"]
+            row["peer_speedup"] = peer["wall_s"] / row["wall_s"] if "wall_s" in peer else None
+            if "wall_s" not in peer:
+                row["peer_skipped"] = peer.get("skipped") or "failed"
 
 
 # ----------------------------------------------------------------------------- targets
@@ -370,23 +405,24 @@ def fmt_check(r: dict) -> str:
 
 
 def markdown(info: dict) -> str:
-    lines = ["| model | size | cache | step | wall s | GB written | GB/s written | x cp | peer x slower "
-             "| anon MiB | file MiB | largest tensor MiB | check |",
-             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    reps = info.get("repeat", 1)
+    lines = [f"| model | size | cache | step | wall s{' (median of ' + str(reps) + ')' if reps > 1 else ''} | CPU s "
+             "| GB written | GB/s written | x cp | peer x slower | anon MiB | file MiB | largest tensor MiB | check |",
+             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in info["rows"]:
         lt = r["largest_tensor"]["bytes"] / MiB
         model = "Llama bf16" if r["kind"] == "dense" else "DeepSeek-like fp8 MoE"
         if "wall_s" not in r:
-            lines.append(f"| {model} | {r['size_label']} | {r['cache']} | {r['label']} | - | - | - | - | - | - | - "
-                         f"| {lt:.0f} | {fmt_check(r)} |")
+            lines.append(f"| {model} | {r['size_label']} | {r['cache']} | {r['label']} | - | - | - | - | - | - | - | - "
+                         f"| {lt:.1f} | {fmt_check(r)} |")
             continue
         ratio = f"{r['ratio_to_cp']:.2f}" if r.get("ratio_to_cp") else "-"
         peer = (f"{r['peer_speedup']:.1f}" if r.get("peer_speedup") else
                 ("skipped" if r.get("peer_skipped") else "-"))
         lines.append(f"| {model} | {r['size_label']} | {r['cache']} | {r['label']} | {r['wall_s']:.2f} "
-                     f"| {r['bytes_written'] / GB:.2f} | {r['written_gb_per_s']:.2f} | {ratio} | {peer} "
-                     f"| {r['peak_rss_anon_bytes'] / MiB:.1f} | {r['peak_rss_file_bytes'] / MiB:.1f} | {lt:.0f} "
-                     f"| {fmt_check(r)} |")
+                     f"| {r['cpu_s']:.2f} | {r['bytes_written'] / GB:.2f} | {r['written_gb_per_s']:.2f} | {ratio} "
+                     f"| {peer} | {r['peak_rss_anon_bytes'] / MiB:.1f} | {r['peak_rss_file_bytes'] / MiB:.1f} "
+                     f"| {lt:.1f} | {fmt_check(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -402,6 +438,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plots", metavar="DIR", help="write PNG plots here (bench/plot.py; needs matplotlib)")
     ap.add_argument("--ranks", type=int, default=2, help="torchrun processes of the scale-out step (default 2; 1: skip it)")
     ap.add_argument("--no-peers", action="store_true", help="skip the reference peers")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of every cp and pyconv step per size and cache state, medians reported (peers run once)")
     ap.add_argument("--threads", type=int, default=None, help="--threads for pyconv (default: its own)")
     ap.add_argument("--settle", type=float, default=2.0, help="pause before each step, seconds (default 2)")
     ap.add_argument("--mem-margin-gib", type=float, default=3.0,
@@ -420,7 +458,8 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(),
             "filesystem": filesystem(args.workdir), "free_page_reporting": free_page_reporting(),
-            "pyconv_core": core_identity(), "argv": sys.argv, "settle_s": args.settle, "rows": [], "sources": []}
+            "pyconv_core": core_identity(), "argv": sys.argv, "settle_s": args.settle, "repeat": args.repeat,
+            "rows": [], "sources": []}
     started = time.time()
     with LoadSampler() as load:
         for kind, size in jobs:

@@ -28,9 +28,13 @@ BLOCK = 128
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W = fp8 * S per block, in float32, rounded to bf16 (the Triton kernel's arithmetic)."""
     rows, cols = weight.shape
-    s = scale.repeat_interleave(BLOCK, dim=0)[:rows].repeat_interleave(BLOCK, dim=1)[:, :cols]
-    return (weight.to(torch.float32) * s).to(torch.bfloat16)
+    s = scale.repeat_interleave(BLOCK, dim=0)[:rows]  # [rows, column blocks]
+    w = weight.to(torch.float32)
+    if cols % BLOCK == 0:  # broadcast the scale over each block's columns, no full-size scale matrix
+        return (w.view(rows, cols // BLOCK, BLOCK) * s[:, :, None]).view(rows, cols).to(torch.bfloat16)
+    return (w * s.repeat_interleave(BLOCK, dim=1)[:, :cols]).to(torch.bfloat16)
 
 
 def convert(src: str, dst: str) -> None:
