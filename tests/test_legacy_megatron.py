@@ -619,3 +619,21 @@ def test_compressed_nemo_is_refused(tmp_path):
         tar.add(tmp_path / "m", arcname=".")
     with pytest.raises(FormatError, match=r"m\.nemo: a gzip-compressed \.nemo archive"):
         pyconv.open(tmp_path / "m.nemo")
+
+
+def test_untied_output_layer_round_trips(tmp_path):
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=2, n_head=HEADS,
+                                     tie_word_embeddings=False)
+    model = _randomize_vectors(transformers.GPT2LMHeadModel(config).eval())
+    model.save_pretrained(tmp_path / "hf")
+    pyconv.reshard(tmp_path / "hf", tmp_path / "legacy", to="megatron-legacy", tp=2, pp=2,
+                   vocab_divisible_by=DIVISIBLE_BY)
+    last = torch.load(tmp_path / "legacy" / "release" / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
+    assert last["args"].untie_embeddings_and_output_weights is True and "word_embeddings_for_head" not in last["model"]
+    head = model.state_dict()["lm_head.weight"]
+    assert torch.equal(last["model"]["language_model"]["output_layer"]["weight"][:VOCAB - 48], head[48:])
+    pyconv.reshard(tmp_path / "legacy", tmp_path / "back", to="hf")
+    back = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "back")
+    assert torch.equal(back.lm_head.weight, head) and not back.config.tie_word_embeddings
+    assert torch.equal(_gpt2_logits(back), _gpt2_logits(model))
