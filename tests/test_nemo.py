@@ -515,3 +515,36 @@ def test_nemo1_detection_shares_with_megatron_legacy(models, tmp_path):
     llama_legacy = write_nemo1(models["llama"][1], tmp_path / "c", 1, True, with_hf_config=False)
     assert [pyconv.open(p).format for p in (gpt2_legacy, gpt2_mcore, llama_legacy)] == [
         "megatron-legacy", "nemo", "nemo"]
+
+
+def test_nemo1_bert_megatron_core_names_keep_the_encoder_stack(tmp_path):
+    """Megatron-Core's BertModel calls its layer stack `encoder` (GPTModel: `decoder`): NeMo 1
+    mcore_bert weights (`model.encoder.layers...`) read with the bert family's names. The rank file
+    comes from pyconv's Megatron writer (BertModel names), its keys put under `model.`."""
+    import torch
+    import transformers
+
+    import pyconv
+    from pyconv.formats.nemo import nemo_to_mcore_key
+
+    assert nemo_to_mcore_key("model.encoder.layers.1.self_attention.linear_qkv.weight", "encoder") == \
+        "encoder.layers.1.self_attention.linear_qkv.weight"
+    assert nemo_to_mcore_key("model.language_model.lm_head.layernorm.weight", "encoder") == "lm_head.layer_norm.weight"
+    torch.manual_seed(5)
+    config = transformers.MegatronBertConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=96, max_position_embeddings=32, type_vocab_size=2)
+    model = transformers.MegatronBertForPreTraining(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    pyconv.reshard(tmp_path / "hf", tmp_path / "meg", to="megatron")
+    state = torch.load(tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["model"]
+    assert any(k.startswith("encoder.layers.") for k in state)
+    ckpt = tmp_path / "nemo1"
+    ckpt.mkdir()
+    torch.save({"model." + k: v for k, v in state.items()}, ckpt / "model_weights.ckpt")
+    (ckpt / "model_config.yaml").write_text("mcore_bert: true\nnum_layers: 2\n")
+    shutil.copy(tmp_path / "hf" / "config.json", ckpt / "config.json")
+    catalog = pyconv.open(ckpt)
+    assert (catalog.format, catalog.summary()["family"]) == ("nemo", "bert")
+    pyconv.reshard(ckpt, tmp_path / "out", to="hf")
+    source, output = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(tmp_path / "out")
+    assert source.keys() == output.keys() and all(torch.equal(source[k], output[k]) for k in source)

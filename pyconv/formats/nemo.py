@@ -71,14 +71,17 @@ _LEGACY_RENAMES = (
     (re.compile(r"(^|\.)self_attention\.dense\."), r"\1self_attention.linear_proj."),
     (re.compile(r"(^|\.)post_attention_layernorm\."), r"\1pre_mlp_layernorm."),
     (re.compile(r"^lm_head\.(weight|bias)$"), r"output_layer.\1"),
+    (re.compile(r"^lm_head\.layernorm\."), "lm_head.layer_norm."),  # BERT's masked-LM head
     (re.compile(r"^encoder\."), "decoder."),  # GPT: the legacy "encoder" stack is Megatron-Core's decoder
 )
 
 
-def nemo_to_mcore_key(key: str) -> str:
+def nemo_to_mcore_key(key: str, stack: str = "decoder") -> str:
     """'module.decoder.layers.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight';
     'model.language_model.encoder.layers.0.mlp.dense_h_to_4h.weight' ->
-    'decoder.layers.0.mlp.linear_fc1.weight'. Megatron-Core names pass through unchanged."""
+    'decoder.layers.0.mlp.linear_fc1.weight'. Megatron-Core names pass through unchanged, except
+    that the layer stack is called `stack`: Megatron-Core's GPTModel calls it decoder, its
+    BertModel encoder (NeMo 1's pre-Megatron-Core models encoder in both)."""
     for prefix in (NEMO2_PREFIX, "model."):
         if key.startswith(prefix):
             key = key[len(prefix):]
@@ -87,7 +90,17 @@ def nemo_to_mcore_key(key: str) -> str:
         key = key[len("language_model."):]
     for pattern, replacement in _LEGACY_RENAMES:
         key = pattern.sub(replacement, key)
+    if stack != "decoder" and key.startswith("decoder."):
+        key = stack + key[len("decoder"):]
     return key
+
+
+def layer_stack(family: Family) -> str:
+    """'decoder' or 'encoder': what the family's Megatron-Core names call the layer stack."""
+    from pyconv.families import LAYER
+
+    name = next(m.megatron_name("te") for m in family.mappings if m.where == LAYER)
+    return name.split(".layers.", 1)[0]
 
 
 # ---- where the checkpoint is -----------------------------------------------------------------------
@@ -348,13 +361,13 @@ def _embedding_rows(md, keys: dict[str, str], where: str) -> int:
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-def _dcp_keys(md, weights: str) -> dict[str, str]:
+def _dcp_keys(md, weights: str, stack: str = "decoder") -> dict[str, str]:
     """Megatron-Core key -> the checkpoint's own key, for every model tensor of a DCP directory."""
     keys: dict[str, str] = {}
     for fqn in md.tensors:
         if fqn.startswith(_SKIPPED_PREFIXES):
             continue
-        key = nemo_to_mcore_key(fqn)
+        key = nemo_to_mcore_key(fqn, stack)
         if key in keys:
             raise FormatError(f"{weights}: '{keys[key]}' and '{fqn}' are both '{key}'")
         keys[key] = fqn
@@ -373,6 +386,7 @@ def read(path: str, family: str | None = None) -> Catalog:
     md = read_metadata(weights)
     keys = _dcp_keys(md, weights)
     fam, dims, config, config_source = _context_model(root, context, _embedding_rows(md, keys, weights), family)
+    keys = _dcp_keys(md, weights, layer_stack(fam))
     padded = padded_vocab(fam, dims, md, weights, keys)
     tensors = read_tensors(md, weights, fam, dims, padded, keys)
     dtype = next((t.dtype for t in tensors.values()), None)
@@ -506,7 +520,7 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
         if not isinstance(cfg, dict):
             raise FormatError(f"{where}: not a mapping")
         args, config_source = nemo1_config_to_args(cfg, where), NEMO1_CONFIG
-        fam = None
+        fam, dims = None, None
     details = {"config_from": config_source, "key_style": "nemo1"}
 
     weights_dir = os.path.join(root, NEMO1_WEIGHTS_DIR)
@@ -515,7 +529,8 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
         keys = _dcp_keys(md, weights_dir)
         args.setdefault("vocab_size", _embedding_rows(md, keys, weights_dir))
         fam = fam or (get_family(family) if family else family_for_megatron_args(args, where))
-        dims = megatron_dims(args, where)
+        dims = dims or megatron_dims(args, where)
+        keys = _dcp_keys(md, weights_dir, layer_stack(fam))
         padded = padded_vocab(fam, dims, md, weights_dir, keys)
         tensors = read_tensors(md, weights_dir, fam, dims, padded, keys)
         config = fam.hf_config_from_megatron(args)
@@ -525,31 +540,31 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
             raise FormatError(f"{root}: no {NEMO1_WEIGHTS_FILE} (nor mp_rank_TT/ or tp_rank_TT_pp_rank_PPP/ holding "
                               f"one, nor {NEMO1_WEIGHTS_DIR}/)")
         tp, pp = (max(r[i] for r in files) + 1 for i in range(2))
-        states = {}
-        for rank, file in sorted(files.items()):
-            state = _nemo1_state(read_torch_checkpoint(file).obj, file)
+        states = {rank: _nemo1_state(read_torch_checkpoint(file).obj, file) for rank, file in sorted(files.items())}
+
+        def mapped(rank, stack):
             model = {}
-            for key, value in state.items():
-                mapped = nemo_to_mcore_key(str(key))
-                if mapped in model:
-                    raise FormatError(f"{file}: two tensors map to '{mapped}'")
-                model[mapped] = value
-            states[rank] = (file, {"model": model})
-        embedding = states[(0, 0)][1]["model"].get("embedding.word_embeddings.weight")
+            for key, value in states[rank].items():
+                name = nemo_to_mcore_key(str(key), stack)
+                if name in model:
+                    raise FormatError(f"{files[rank]}: two tensors map to '{name}'")
+                model[name] = value
+            return {"model": model}
+
+        embedding = mapped((0, 0), "decoder")["model"].get("embedding.word_embeddings.weight")
         if not isinstance(embedding, TensorRef):
             raise FormatError(f"{files[(0, 0)]}: no tensor 'model.language_model.embedding.word_embeddings.weight' "
                               "(or 'model.embedding.word_embeddings.weight')")
         padded = embedding.shape[0] * tp
         args.setdefault("vocab_size", padded)
         fam = fam or (get_family(family) if family else family_for_megatron_args(args, where))
-        dims = megatron_dims(args, where)
+        dims = dims or megatron_dims(args, where)
         layout = MegatronLayout(family=fam, dims=dims, padded_vocab=padded, stages=layer_stages(dims.num_layers, pp),
                                 tp=tp, pp=pp, ep=1)
         assembly = _Assembly({}, {}, [])
         for p in range(pp):
             for t in range(tp):
-                file, obj = states[(t, p)]
-                _read_rank(file, obj, layout, t, p, 0, assembly)
+                _read_rank(files[(t, p)], mapped((t, p), layer_stack(fam)), layout, t, p, 0, assembly)
         catalog = _catalog(root, root, "release", layout, args, assembly)
         tensors, config = catalog.tensors, catalog.config
         details.update(tp=tp, pp=pp)
