@@ -102,6 +102,10 @@ class _Item:
     def slot_bytes(self) -> int:
         return self.out_at + self.out_bytes
 
+    @property
+    def write_bytes(self) -> int:
+        return sum(length for _, length, _ in self.writes)
+
 
 def _needs_kernels(t: PlannedTensor) -> bool:
     return t.quantize is not None or any(c.src_dtype != t.dtype or c.scale_source is not None for c in t.copies)
@@ -188,6 +192,22 @@ def _items(plan: ReshardPlan, budget: int) -> list[_Item]:
     return items
 
 
+def _merge_reads(reads: list) -> list:
+    """Contiguous reads of one file that land back to back in the slot become one."""
+    out = []
+    for r in reads:
+        if out:
+            p = out[-1]
+            p_len = p.rows * p.row_bytes
+            if (p.path == r.path and (p.rows == 1 or p.stride == p.row_bytes == p.dst_stride)
+                    and (r.rows == 1 or r.stride == r.row_bytes == r.dst_stride)
+                    and r.offset == p.offset + p_len and r.at == p.at + p_len):
+                out[-1] = _Read(p.path, p.offset, 0, 1, p_len + r.rows * r.row_bytes, p.at, 0)
+                continue
+        out.append(r)
+    return out
+
+
 def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
     """Plans one band: where its source bytes go in the slot, which kernels run, what is written."""
     rows, cols = view2d(tuple(t.shape))
@@ -218,8 +238,8 @@ def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
     at = 0
     out_fmt = "F32" if t.quantize is not None else t.dtype
     rows_groups: dict = {}  # (src dtype, cols) -> row segments
-    # Stage the copies in source order, so that neighbouring source ranges (the q, k, v row
-    # blocks of one rank's fused QKV shard, say) become one read each.
+    # Stage the copies in source order: neighbouring source ranges (the row blocks of the q
+    # heads of one rank's fused QKV shard, say) then merge into one read (_merge_reads).
     for c, h0, h1 in sorted(hits, key=lambda h: (h[0].source, h[0].src_offset)):
         s_isz = ITEMSIZE[c.src_dtype]
         if c.transpose:  # source rows are output columns: c.cols rows of (h1 - h0) elements
@@ -267,6 +287,7 @@ def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
         item.launches.append(("rows", src_dtype, ccols, at, segments, nrows, align))
         at = _round_up(at + 16 * nrows)
     item.stage_bytes = at
+    item.reads = _merge_reads(item.reads)
 
     if t.quantize is not None:
         grid_cols = -(-cols // QUANT_BLOCK)
@@ -378,7 +399,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             _check_tensor(t, f"{f.path}: {t.name}")
     _check_ranges(plan, {})
     items = _items(plan, slot_bytes)
-    total = sum(i.out_bytes for i in items) + sum(len(d) for f in plan.files for _, d in f.literals)
+    total = sum(i.write_bytes for i in items) + sum(len(d) for f in plan.files for _, d in f.literals)
 
     sources = _Sources()
     fds = []
@@ -425,7 +446,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
                 n = os.pwrite(fd, buf, offset)
                 buf, offset = buf[n:], offset + n
         with done_lock:
-            done[0] += item.out_bytes
+            done[0] += item.write_bytes
         pool.put(slot if slot.numel() <= slot_bytes else None)
 
     def run_on_device(item: _Item, slot, stream):
