@@ -548,3 +548,35 @@ def test_nemo1_bert_megatron_core_names_keep_the_encoder_stack(tmp_path):
     pyconv.reshard(ckpt, tmp_path / "out", to="hf")
     source, output = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(tmp_path / "out")
     assert source.keys() == output.keys() and all(torch.equal(source[k], output[k]) for k in source)
+
+
+def test_reading_and_writing_never_import_torch(models, pyconv_nemo, tmp_path):
+    import os
+    import subprocess
+
+    import pyconv
+
+    bare = without_hf_config(pyconv_nemo / "mixtral", tmp_path)
+    code = ("import sys, pyconv; c = pyconv.open(sys.argv[1]); pyconv.reshard(sys.argv[1], sys.argv[2], to='hf'); "
+            "pyconv.reshard(sys.argv[3], sys.argv[4], to='nemo'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(c.format, c.summary()['config_from'])")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pyconv.__file__)))
+    out = subprocess.run([sys.executable, "-c", code, str(bare), str(tmp_path / "hf"), models["llama"][1],
+                          str(tmp_path / "nemo")], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["nemo", "context/io.json"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"io\.json: .*(JSON|json)"),
+    ('{"root": {}}', r"io\.json: not a fiddle serialization \(no 'objects'\)"),
+    ('{"objects": {}}', r"io\.json: no object at <root>\.model\.config"),
+])
+def test_malformed_io_json_is_named(pyconv_nemo, tmp_path, text, message):
+    import pyconv
+    from pyconv.errors import FormatError
+
+    bare = without_hf_config(pyconv_nemo / "llama", tmp_path)
+    (bare / "context" / "io.json").write_text(text)
+    with pytest.raises(FormatError, match=message):
+        pyconv.open(bare)
