@@ -46,7 +46,7 @@ from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, 
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
 from pyconv.formats.hf import CONFIG, extra_files, output_dtype
-from pyconv.io.jsonfile import load_json
+from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
 
@@ -364,11 +364,8 @@ def read(path: str) -> Catalog:
     if not os.path.isfile(config_path):
         raise FormatError(f"{root}: a DeepSeek inference directory holds no config.json, but pyconv needs the "
                           f"model's config.json to name the architecture: copy the Hugging Face config.json into it")
-    config = load_json(config_path, "config")
-    if not isinstance(config, dict):
-        raise FormatError(f"{config_path}: config is not a JSON object")
-    archs = config.get("architectures")
-    architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+    config = load_config(config_path)
+    architecture = config_architecture(config)
 
     # DeepSeek name -> [(rank, stored)] in rank order, first-seen order across the files.
     held: dict[str, list[tuple[int, StoredTensor]]] = {}

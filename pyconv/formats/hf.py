@@ -12,7 +12,7 @@ from dataclasses import replace
 from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, StoredTensor, nbytes, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
-from pyconv.io.jsonfile import load_json
+from pyconv.io.jsonfile import config_architecture, load_config, load_json
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import FP8_BLOCK, PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
 
@@ -109,13 +109,8 @@ def read(path: str) -> Catalog:
     config = None
     config_path = os.path.join(root, CONFIG)
     if os.path.isfile(config_path):
-        config = load_json(config_path, "config")
-        if not isinstance(config, dict):
-            raise FormatError(f"{config_path}: config is not a JSON object")
-    architecture = None
-    if config:
-        archs = config.get("architectures")
-        architecture = archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+        config = load_config(config_path)
+    architecture = config_architecture(config) if config else None
     stored = _link_fp8_scales(stored, config)
     # Source order: file by file, offset by offset, so output shards read sources sequentially.
     ordered = sorted(stored.items(), key=lambda kv: (kv[1].path, kv[1].offset))

@@ -30,8 +30,8 @@ from pyconv.errors import FormatError, LayoutError
 from pyconv.families import FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, VOCAB, Family, ModelDims, family_for_architecture
 from pyconv.formats import register_format
 from pyconv.formats.hf import CONFIG, _updated_config, extra_files, output_dtype, split_into_shards
-from pyconv.formats.megatron import hf_names, shard_pieces
-from pyconv.io.jsonfile import load_json
+from pyconv.formats.megatron import family_and_dims, hf_names, shard_pieces
+from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, plan_text_file
 
@@ -120,15 +120,11 @@ def _config(root: str) -> dict:
     if not os.path.isfile(path):
         raise FormatError(f"{directory}: a MindSpore Transformers checkpoint carries no model config; put the "
                           f"model's Hugging Face {CONFIG} beside the weights")
-    config = load_json(path, "config")
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: config is not a JSON object")
-    return config
+    return load_config(path)
 
 
 def _family(config: dict, where: str) -> Family:
-    archs = config.get("architectures")
-    family = family_for_architecture(archs[0] if isinstance(archs, list) and archs else None, where)
+    family = family_for_architecture(config_architecture(config), where)
     if family.name not in FAMILIES:
         raise FormatError(f"{where}: MindSpore Transformers naming is supported for Llama-like models "
                           f"({', '.join(FAMILIES)}), not {family.name}")
@@ -259,21 +255,8 @@ def _read_interleaved(names: list[str], hf_shape: tuple[int, ...], tensor: Store
 def _check(catalog: Catalog) -> tuple[Family, ModelDims]:
     if catalog.config is None:
         raise LayoutError(f"{catalog.path}: no config.json: cannot name the tensors for MindSpore Transformers")
-    family = _family(catalog.config, catalog.path)
-    dims = family.dims_from_hf(catalog.config)
-    for name, tensor in catalog.tensors.items():
-        match = family.match_hf(name)
-        if match is None:
-            if family.is_ignored_hf(name):
-                continue
-            raise LayoutError(f"{catalog.path}: tensor '{name}' matches no {family.name} mapping")
-        mapping, index, layer, _ = match
-        if layer is not None and layer >= dims.num_layers:
-            raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
-        if tuple(tensor.shape) != _part_shape(mapping, index, dims):
-            raise LayoutError(f"{catalog.path}: tensor '{name}' has shape {list(tensor.shape)}, the config implies "
-                              f"{list(_part_shape(mapping, index, dims))}")
-    return family, dims
+    _family(catalog.config, catalog.path)  # a Llama-like family, or a clear refusal
+    return family_and_dims(catalog)  # every tensor checked against the family table and the config
 
 
 def _planned(catalog: Catalog, mapping, names: list[str], dims: ModelDims, dtype: str):

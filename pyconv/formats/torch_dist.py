@@ -50,7 +50,7 @@ from pyconv.families import (
 )
 from pyconv.formats import register_format
 from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpMetadata, DcpTensor, read_metadata
-from pyconv.io.jsonfile import load_json
+from pyconv.io.jsonfile import config_architecture, load_config, load_json
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, plan_text_file
 
 BACKEND_FILE = "metadata.json"
@@ -135,12 +135,8 @@ def _model(root: str, directory: str, args: dict | None, family: str | None,
     says what the model is."""
     for candidate in dict.fromkeys((os.path.join(directory, CONFIG), os.path.join(root, CONFIG))):
         if os.path.isfile(candidate):
-            config = load_json(candidate, "config")
-            if not isinstance(config, dict):
-                raise FormatError(f"{candidate}: config is not a JSON object")
-            archs = config.get("architectures")
-            fam = get_family(family) if family else family_for_architecture(
-                archs[0] if isinstance(archs, list) and archs else None, candidate)
+            config = load_config(candidate)
+            fam = get_family(family) if family else family_for_architecture(config_architecture(config), candidate)
             return fam, fam.dims_from_hf(config), dict(config), CONFIG
     if args is not None:
         from pyconv.formats.megatron import _family_from_args, megatron_dims

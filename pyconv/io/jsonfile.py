@@ -22,3 +22,17 @@ def load_json(path: str, what: str):
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise FormatError(f"{path}: {what} is not valid JSON: {e}") from None
+
+
+def load_config(path: str) -> dict:
+    """A Hugging Face config.json: a JSON object, or FormatError naming the file."""
+    config = load_json(path, "config")
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: config is not a JSON object")
+    return config
+
+
+def config_architecture(config: dict) -> str | None:
+    """The first of `architectures`, else `model_type`: what picks the family table."""
+    archs = config.get("architectures")
+    return archs[0] if isinstance(archs, list) and archs else config.get("model_type")
