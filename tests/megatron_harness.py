@@ -22,7 +22,10 @@ Public functions
 
 Families: llama, mistral, qwen2, gpt2 (dense); mixtral and qwen2_moe (mixture of experts: sequential
 local experts, `allgather` token dispatcher, expert parallelism `ep` with expert-TP = tp and the
-data-parallel size = ep, so a run has tp * pp * ep processes).
+data-parallel size = ep, so a run has tp * pp * ep processes); deepseek_v3 (multi-latent attention
+through the local spec's MLASelfAttention with q/kv layernorms, dense first layers, sigmoid router
+with expert_bias, shared experts). Expert tensor parallelism: `etp` (default tp); a world of
+world_size(tp, pp, ep, etp) processes, each loading mp_rank_<TP rank>_<EP rank> as Megatron-LM names it.
 
 Megatron-Core must not leave state behind in a pytest process: in-process runs (tp * pp * ep == 1)
 apply the CPU patches and initialise torch.distributed / parallel_state only inside
