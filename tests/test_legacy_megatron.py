@@ -637,3 +637,18 @@ def test_untied_output_layer_round_trips(tmp_path):
     back = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "back")
     assert torch.equal(back.lm_head.weight, head) and not back.config.tie_word_embeddings
     assert torch.equal(_gpt2_logits(back), _gpt2_logits(model))
+
+
+def test_argless_checkpoint_takes_the_config_json_beside_it(bert, tmp_path):
+    """Old Megatron-LM saved no args (Hugging Face's BERT converter then wants --config_file)."""
+    dicts = legacy_rank_dicts(bert, "bert", 1, 1, 1.0)
+    del dicts[(0, 0)]["args"]
+    (tmp_path / "ckpt").mkdir()
+    src = save_legacy(dicts, tmp_path / "ckpt" / "bert_345m", "zip")
+    with pytest.raises(FormatError, match=r"bert_345m\.zip!release/mp_rank_00/model_optim_rng\.pt: no 'args'"):
+        pyconv.open(src)
+    bert.config.to_json_file(tmp_path / "ckpt" / "config.json")
+    pyconv.reshard(src, tmp_path / "hf", to="hf")
+    converted = _load_hf(transformers.MegatronBertForPreTraining, tmp_path / "hf")
+    for ours, theirs in zip(_bert_logits(converted), _bert_logits(bert)):
+        assert torch.equal(ours, theirs)

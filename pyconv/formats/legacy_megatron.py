@@ -551,26 +551,36 @@ def read(path: str, family: str | None = None) -> Catalog:
         if _version(trees[key], rank.label) != version:
             raise FormatError(f"{rank.label}: checkpoint_version {trees[key].get('checkpoint_version')} differs from "
                               f"{first_rank.label}'s {version}")
+    config_path = os.path.join(root, CONFIG)
     config_override = _config_beside(root) if found.container in ("directory", "nemo-directory") else None
     if _is_nemo1_state(first):
         if found.nemo_config is None and config_override is None:
             raise FormatError(f"{found.where}: a NeMo 1 checkpoint without {NEMO1_CONFIG}: pyconv needs the model "
                               f"config (or the model's Hugging Face {CONFIG} beside the weights)")
         args = _nemo1_args(found.nemo_config, f"{found.where.rstrip('/')}/{NEMO1_CONFIG}") \
-            if found.nemo_config is not None else _args_from_hf(fam, config_override, os.path.join(root, CONFIG))
+            if found.nemo_config is not None else _args_from_hf(fam, config_override, config_path)
     else:
         raw_args = first.get("args")
         if raw_args is None:
-            raise FormatError(f"{first_rank.label}: no 'args': pyconv needs the training args (hidden size, heads, "
-                              "layers) that Megatron-LM saves with the model")
-        args = _args_dict(raw_args, first_rank.label)
+            # Old Megatron-LM saved no args; Hugging Face's converters then take a config file.
+            # pyconv takes the model's HF config.json in (or, for a file, beside) the checkpoint.
+            if config_override is None and found.container in ("file", "zip"):
+                config_path = os.path.join(os.path.dirname(root), CONFIG)
+                config_override = _config_beside(os.path.dirname(root))
+            if config_override is None:
+                raise FormatError(f"{first_rank.label}: no 'args': pyconv needs the training args (hidden size, heads, "
+                                  f"layers), or the model's Hugging Face {CONFIG} beside the checkpoint")
+            args = _args_from_hf(fam, config_override, config_path)
+            args["padded_vocab_size"] = None  # from the shards
+        else:
+            args = _args_dict(raw_args, first_rank.label)
     embedding = tensors_by_rank[(0, 0)].get("embedding.word_embeddings.weight")
     if embedding is None or len(embedding.shape) != 2:
         raise FormatError(f"{first_rank.label}: no 2-D 'model.language_model.embedding.word_embeddings.weight'")
     args = _normalized_args(args, first_rank.label, tp, pp, embedding.shape[0] * tp)
     if config_override is not None and isinstance(config_override.get("vocab_size"), int):
         if not 0 < config_override["vocab_size"] <= args["padded_vocab_size"]:
-            raise FormatError(f"{os.path.join(root, CONFIG)}: vocab_size {config_override['vocab_size']} does not fit "
+            raise FormatError(f"{config_path}: vocab_size {config_override['vocab_size']} does not fit "
                               f"the padded vocabulary of {args['padded_vocab_size']}")
         args["vocab_size"] = config_override["vocab_size"]
     dims = _dims(fam, args, tensors_by_rank[(0, 0)], first_rank.label)
