@@ -79,8 +79,7 @@ def test_llama_gqa_to_megatron_tp2_bf16_cli_equals_cpu(tiny_models, tmp_path):
 
 def test_megatron_tp2_back_to_hf_fp16_in_small_bands(tiny_models, tmp_path, interpreted, monkeypatch):
     # Megatron -> HF: the inverse QKV permutation, row-parallel shards placed side by side,
-    # vocab padding dropped; slots of 8 KiB cut tensors into many bands, and a row too wide
-    # for a slot gets one of its own.
+    # vocab padding dropped; slots of 8 KiB (2 of them) cut tensors into many bands.
     meg = tmp_path / "meg"
     pyconv.reshard(tiny_models["llama"][1], meg, to="megatron", tp=2)
     monkeypatch.setattr(cuda_exec, "SLOT_BYTES", 8192)
@@ -137,3 +136,51 @@ def test_llama_qkv_shards_use_the_fused_permutation_kernel(tiny_models, tmp_path
     qkv = [t for f in plan.files for t in f.tensors if t.name.endswith("linear_qkv.weight")]
     assert len(qkv) == 2 * 6 and all(len(t.copies) == 3 for t in qkv)  # 1 group per rank: q, k, v blocks
     assert stats["launches"]["rows"] >= len(qkv)
+
+
+def test_rows_wider_than_a_slot_and_odd_shapes(tmp_path, interpreted, monkeypatch):
+    # A 20 KB row does not fit an 8 KiB slot: it gets a slot of its own, which is not recycled.
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"wide": torch.randn(3, 5000, generator=g), "vector": torch.randn(301, generator=g),
+               "scalar": torch.tensor(1.5), "ids": torch.arange(7), "empty": torch.zeros(0, 4)}, src / "model.safetensors")
+    monkeypatch.setattr(cuda_exec, "SLOT_BYTES", 8192)
+    _, stats = both_ways(src, tmp_path, to="hf", dtype="bf16")
+    assert stats["device_tasks"] >= 3 + 1  # wide: one band per row; vector: one band
+
+
+def test_source_truncated_after_planning_is_a_format_error(tiny_models, tmp_path, interpreted):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"][1], src)
+    plan = pyconv.plan_reshard(str(src), to="hf", dtype="bf16")
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    os.truncate(shard, shard.stat().st_size - 100)
+    with pytest.raises(pyconv.FormatError, match=f"{shard}: block copy source range .* past the end of the file"):
+        execute_plan(plan, tmp_path / "out", device="cuda")
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no destination, no temporary left
+
+
+def test_cancelled_by_progress_leaves_nothing(tiny_models, tmp_path, interpreted):
+    plan = pyconv.plan_reshard(tiny_models["llama"][1], to="hf", dtype="bf16")
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        return len(seen) < 3
+
+    with pytest.raises(pyconv.errors.Cancelled):
+        execute_plan(plan, tmp_path / "out", device="cuda", progress=progress)
+    assert len(seen) == 3 and seen[-1][0] < seen[-1][1] and os.listdir(tmp_path) == []
+
+
+def test_neighbouring_reads_merge():
+    R = cuda_exec._Read
+    reads = [R("a", 0, 64, 2, 64, 0, 64), R("a", 128, 0, 1, 64, 128, 0), R("b", 192, 0, 1, 64, 192, 0),
+             R("b", 256, 128, 2, 64, 256, 64)]  # the last one is strided: not merged
+    merged = cuda_exec._merge_reads(reads)
+    assert merged == [R("a", 0, 0, 1, 192, 0, 0), R("b", 192, 0, 1, 64, 192, 0), R("b", 256, 128, 2, 64, 256, 64)]
