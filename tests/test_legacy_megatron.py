@@ -652,3 +652,31 @@ def test_argless_checkpoint_takes_the_config_json_beside_it(bert, tmp_path):
     converted = _load_hf(transformers.MegatronBertForPreTraining, tmp_path / "hf")
     for ours, theirs in zip(_bert_logits(converted), _bert_logits(bert)):
         assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("version", [0, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("heads, tp, hn, cols", [(4, 1, 3, 5), (4, 2, 2, 1), (6, 3, 4, 7), (8, 4, 1, 2)])
+def test_qkv_position_maths_matches_the_reference_permutation(version, heads, tp, hn, cols):
+    """Pure layout maths, no files: every (head, q/k/v, dim) row block of a rank's shard in
+    [np, 3, hn] order is found where the version's order stored it (through the view the reader
+    uses). cols 1 stands for a bias (stored 1-D)."""
+    from pyconv.catalog import StoredTensor, view2d
+    from pyconv.families import ModelDims
+    from pyconv.formats.legacy_megatron import legacy_qkv_position
+
+    dims = ModelDims(num_layers=1, hidden=heads * hn, heads=heads, groups=heads, head_dim=hn, ffn=4, vocab=8)
+    np_local = heads // tp
+    for rank in range(tp):
+        parts = [(torch.arange(np_local * hn * cols) + 1000 * i).reshape(np_local, hn, cols) for i in range(3)]
+        ordered = {0: torch.stack(parts), 1.0: torch.stack(parts, dim=2), 2.0: torch.stack(parts, dim=1),
+                   3.0: torch.stack(parts, dim=1)}  # [3, np, hn], [np, hn, 3], [np, 3, hn] (x cols)
+        stored = ordered[version].reshape(3 * np_local * hn, cols)
+        canonical = ordered[3.0].reshape(3 * np_local * hn, cols)
+        shape = (3 * np_local * hn,) if cols == 1 else (3 * np_local * hn, cols)
+        for row0 in range(0, 3 * np_local * hn, hn):
+            for d0, rows in ((0, hn), (hn - 1, 1)):
+                view, r, c = legacy_qkv_position(StoredTensor("x", 0, "F32", shape), row0 + d0, rows, 0, dims, tp,
+                                                 version)
+                flat = stored.reshape(view2d(view.shape))
+                assert torch.equal(flat[r:r + rows, c:c + cols], canonical[row0 + d0:row0 + d0 + rows]), \
+                    (rank, row0, d0)
