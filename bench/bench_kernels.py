@@ -69,7 +69,7 @@ def bench_kernels(elements: int, repeat: int) -> list[dict]:
 
     from kernels import ops
 
-    on_gpu = os.environ.get("TRITON_INTERPRET") != "1"
+    on_gpu = not ops.interpreted()
     dev = torch.device("cuda" if on_gpu else "cpu")
     timed = make_timer(torch, on_gpu)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -109,8 +109,13 @@ def bench_kernels(elements: int, repeat: int) -> list[dict]:
     case("fp8 dequant F8->BF16", lambda: ops.dequantize(q8, scale, torch.bfloat16), mat.numel() + scale.numel() * 4,
          2 * mat.numel(), lambda o: torch.equal(o.view(torch.int16),
                                                 (q8.float() * expand).to(torch.bfloat16).view(torch.int16)))
+    gr, gc = scale.shape
+    padded = torch.zeros(gr * 128, gc * 128, device=dev)
+    padded[:rows, :cols] = mat
+    ref_scale = padded.view(gr, 128, gc, 128).abs().amax(dim=(1, 3)).clamp(min=1e-4) / 448
+    ref_q = (mat / ref_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]).to(torch.float8_e4m3fn)
     case("fp8 quant F32->F8", lambda: ops.quantize(mat), 4 * mat.numel(), mat.numel() + scale.numel() * 4,
-         lambda o: torch.equal(o[0].view(torch.uint8), q8.view(torch.uint8)))
+         lambda o: torch.equal(o[0].view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(o[1], ref_scale))
 
     results = []
     for name, fn, read, written in cases:
@@ -179,7 +184,7 @@ def main() -> None:
 
     import torch
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
     if not interpret and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run on a GPU, or with TRITON_INTERPRET=1 and --smoke to check the script")
     device = "cpu (TRITON_INTERPRET=1)" if interpret else torch.cuda.get_device_name()

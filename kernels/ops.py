@@ -21,8 +21,8 @@ TORCH_DTYPE = {F32: torch.float32, BF16: torch.bfloat16, F16: torch.float16, E4M
 SCALE_BLOCK = 128
 
 # Under the interpreter every program is a numpy step: fewer, larger programs are faster.
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def launch_gather_rows(src_bits, src_fmt: int, src_start, dst_bits, dst_fmt: int
     if not n_rows or not cols:
         return
     block_c = min(1024, triton.next_power_of_2(cols))
-    block_r = max(1, min(64 if _interpreted() else 16, 4096 // block_c))
+    block_r = max(1, min(64 if interpreted() else 16, 4096 // block_c))
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(cols, block_c))
     gather_rows_cast_kernel[grid](src_bits, src_start, dst_bits, dst_start, n_rows, cols, SRC=src_fmt, DST=dst_fmt,
                                   ALIGN=align, BLOCK_R=block_r, BLOCK_C=block_c)
@@ -67,7 +67,7 @@ def launch_dequant(q, scale_bits, dst_bits, dst_fmt: int, dst_offset: int, rows:
                    row_base: int, col_base: int, scale_block: int = SCALE_BLOCK) -> None:
     if rows and cols:
         block_c = min(256, triton.next_power_of_2(cols))
-        block_r = max(1, (16384 if _interpreted() else 4096) // block_c)
+        block_r = max(1, (16384 if interpreted() else 4096) // block_c)
         grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
         dequant_kernel[grid](q, scale_bits, dst_bits, dst_offset, rows, cols, ld, nk, row_base, col_base, DST=dst_fmt,
                              SCALE_BLOCK=scale_block, BLOCK_R=block_r, BLOCK_C=block_c)

@@ -44,9 +44,14 @@ def _round_up(n: int, a: int = ALIGN) -> int:
     return -(-n // a) * a
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET set as triton reads it (1, true or on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 def load_backend():
     """(torch, kernels.ops, device) for --device cuda, or a PyconvError saying why not."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = interpreting()
     try:
         import torch
     except ImportError:
