@@ -95,6 +95,15 @@ def test_deepseek_fp8_to_bf16_equals_cpu(deepseek_fp8, tmp_path, interpreted):  
     assert stats["device_tasks"] == cast_tensors(plan) > 0 and stats["launches"]["dequant"] > 0
 
 
+def test_deepseek_layout_tp2_cuts_inside_scale_blocks(deepseek_fp8, tmp_path, interpreted):  # noqa: F811
+    # DeepSeek's inference layout, mp 2, dequantized: down_proj's 288 columns split 144 / 144,
+    # so rank 1's copies start in the middle of a 128-wide scale block.
+    _, src, _, _ = deepseek_fp8
+    plan, stats = both_ways(src, tmp_path, to="deepseek", tp=2, dtype="bf16")
+    assert any(c.scale_source and c.scale_col0 % 128 for f in plan.files for t in f.tensors for c in t.copies)
+    assert stats["launches"]["dequant"] > 0
+
+
 def test_quantize_to_fp8_equals_cpu(deepseek_fp8, tmp_path, interpreted):  # noqa: F811
     _, src, _, _ = deepseek_fp8
     plan, stats = both_ways(src.parent / "bf16-source", tmp_path, to="hf", dtype="fp8", max_shard_size="200KB")
