@@ -418,7 +418,10 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     done_lock = threading.Lock()
     launches: dict = {}  # kernel launches by kind
 
+    allocated = []  # sizes of the pinned slots allocated: at most `slots` of slot_bytes, plus oversized ones
+
     def new_slot(size):
+        allocated.append(size)
         return torch.empty(size, dtype=torch.uint8, pin_memory=on_gpu)
 
     def read_item(item: _Item, slot):
@@ -563,7 +566,9 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             os.close(fd)
         sources.close()
     return {"bytes_written": done[0], "tasks": len(items), "device_tasks": sum(i.on_device for i in items),
-            "kernel_launches": sum(launches.values()), "launches": launches, "seconds": time.perf_counter() - started,
+            "kernel_launches": sum(launches.values()), "launches": launches,
+            "pinned_slots": len([a for a in allocated if a <= slot_bytes]),
+            "oversized_slots": len([a for a in allocated if a > slot_bytes]), "seconds": time.perf_counter() - started,
             "device": torch.cuda.get_device_name(device) if on_gpu else "cpu (TRITON_INTERPRET=1)"}
 
 

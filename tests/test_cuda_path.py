@@ -87,6 +87,7 @@ def test_megatron_tp2_back_to_hf_fp16_in_small_bands(tiny_models, tmp_path, inte
     _, stats = both_ways(meg, tmp_path, to="hf", dtype="fp16", max_shard_size="60KB")
     assert stats["device_tasks"] > 50 and stats["tasks"] > stats["device_tasks"] // 2
     assert stats["launches"]["rows"] > 0  # the q, k, v rows gathered out of the fused shards, cast on the way
+    assert stats["pinned_slots"] <= 2 and stats["oversized_slots"] == 0  # host memory bounded by the slots
 
 
 def test_deepseek_fp8_to_bf16_equals_cpu(deepseek_fp8, tmp_path, interpreted):  # noqa: F811
@@ -159,6 +160,7 @@ def test_rows_wider_than_a_slot_and_odd_shapes(tmp_path, interpreted, monkeypatc
     monkeypatch.setattr(cuda_exec, "SLOT_BYTES", 8192)
     _, stats = both_ways(src, tmp_path, to="hf", dtype="bf16")
     assert stats["device_tasks"] >= 3 + 1  # wide: one band per row; vector: one band
+    assert stats["oversized_slots"] == 3 and stats["pinned_slots"] <= cuda_exec.SLOTS
 
 
 def test_source_truncated_after_planning_is_a_format_error(tiny_models, tmp_path, interpreted):
