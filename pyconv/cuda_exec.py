@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pyconv.catalog import ITEMSIZE, view2d
+from pyconv.catalog import ITEMSIZE
 from pyconv.errors import Cancelled, FormatError, PyconvError
 from pyconv.plan import PlannedTensor, ReshardPlan
 
@@ -117,7 +117,7 @@ def _needs_kernels(t: PlannedTensor) -> bool:
 
 
 def cols_of(item: _Item) -> int:
-    return view2d(tuple(item.tensor.shape))[1]
+    return item.tensor.view2d[1]
 
 
 def _check_tensor(t: PlannedTensor, where: str) -> None:
@@ -154,7 +154,7 @@ def _check_ranges(plan: ReshardPlan, sizes: dict) -> None:
     for f in plan.files:
         for t in f.tensors:
             where = f"{f.path}: {t.name}"
-            rows, cols = view2d(tuple(t.shape))
+            rows, cols = t.view2d
             covered = 0
             for c in t.copies:
                 if c.dst_row + c.rows > rows or c.dst_col + c.cols > cols:
@@ -188,7 +188,7 @@ def _items(plan: ReshardPlan, budget: int) -> list[_Item]:
     items = []
     for fi, f in enumerate(plan.files):
         for t in sorted(f.tensors, key=lambda t: t.offset):
-            rows, cols = view2d(tuple(t.shape))
+            rows, cols = t.view2d
             if not rows or not cols:
                 continue
             step = _band_rows(t, rows, cols, budget)
@@ -215,7 +215,7 @@ def _merge_reads(reads: list) -> list:
 
 def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
     """Plans one band: where its source bytes go in the slot, which kernels run, what is written."""
-    rows, cols = view2d(tuple(t.shape))
+    rows, cols = t.view2d
     isz = ITEMSIZE[t.dtype]
     item = _Item(fi, t, r0, r1)
     n = r1 - r0
@@ -460,7 +460,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     def run_on_device(item: _Item, slot, stream):
         """H2D, kernels, D2H on `stream`; returns the event the writer waits for."""
         t = item.tensor
-        rows, cols = view2d(tuple(t.shape))
+        rows, cols = t.view2d
         n = item.row1 - item.row0
         ctx = torch.cuda.stream(stream) if on_gpu else _nullcontext()
         with ctx:

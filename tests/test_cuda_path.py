@@ -195,3 +195,10 @@ def test_neighbouring_reads_merge():
              R("b", 256, 128, 2, 64, 256, 64)]  # the last one is strided: not merged
     merged = cuda_exec._merge_reads(reads)
     assert merged == [R("a", 0, 0, 1, 192, 0, 0), R("b", 192, 0, 1, 64, 192, 0), R("b", 256, 128, 2, 64, 256, 64)]
+
+
+def test_row_interleaved_mindspore_fc1_equals_cpu(tiny_models, tmp_path, interpreted):
+    """MindFormers' [g0; u0; g1; u1...] fc1 is planned in an [n, 2 * in] view (PlannedTensor.view)."""
+    _, src = tiny_models["llama"]
+    plan, _ = both_ways(src, tmp_path, to="mindspore", dtype="bf16")
+    assert any(t.view is not None for f in plan.files for t in f.tensors)
