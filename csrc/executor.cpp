@@ -313,12 +313,25 @@ class Runner {
           for (uint64_t c = 0; c < t.cols; c += step) tasks_.push_back({ti, r, r + 1, c, std::min(t.cols, c + step)});
       }
     }
-    // Write each file front to back: the order sequential read-ahead and writeback like.
+    // Write each file front to back (the order sequential read-ahead and writeback like), and
+    // interleave the files by how far into each a task lies, so that the threads, which take
+    // tasks in this order, mostly write different files: writes to one file serialize on its
+    // inode lock, and threads waiting there spin (perf: 8% of a Megatron relayout's samples).
+    std::vector<uint64_t> dest_end;
+    for (const auto& task : tasks_) {
+      const auto& t = plan_.tensors[task.tensor];
+      if (t.dest >= dest_end.size()) dest_end.resize(t.dest + 1, 1);
+      dest_end[t.dest] = std::max(dest_end[t.dest], task_offset(task) + 1);
+    }
     std::stable_sort(tasks_.begin(), tasks_.end(), [&](const Task& a, const Task& b) {
       const auto& ta = plan_.tensors[a.tensor];
       const auto& tb = plan_.tensors[b.tensor];
-      if (ta.dest != tb.dest) return ta.dest < tb.dest;
-      return task_offset(a) < task_offset(b);
+      if (ta.dest == tb.dest) return task_offset(a) < task_offset(b);
+      // offset_a / end_a < offset_b / end_b, exactly.
+      const unsigned __int128 fa = static_cast<unsigned __int128>(task_offset(a)) * dest_end[tb.dest];
+      const unsigned __int128 fb = static_cast<unsigned __int128>(task_offset(b)) * dest_end[ta.dest];
+      if (fa != fb) return fa < fb;
+      return ta.dest < tb.dest;
     });
   }
 
