@@ -580,3 +580,20 @@ def test_malformed_io_json_is_named(pyconv_nemo, tmp_path, text, message):
     (bare / "context" / "io.json").write_text(text)
     with pytest.raises(FormatError, match=message):
         pyconv.open(bare)
+
+
+def test_config_field_of_the_wrong_type_is_named(pyconv_nemo, tmp_path):
+    import pyconv
+    from pyconv.errors import FormatError
+
+    bare = without_hf_config(pyconv_nemo / "llama", tmp_path)
+    io_json = bare / "context" / "io.json"
+    data = json.loads(io_json.read_text())
+    for obj in data["objects"].values():
+        if obj and "<root>.model.config" in obj.get("paths", ()):
+            for item in obj["items"]:
+                if item[0] == "Attr(name='layernorm_epsilon')":
+                    item[1]["value"] = "tiny"
+    io_json.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=r"io\.json: LlamaConfig\.layernorm_epsilon is 'tiny', not a int or float"):
+        pyconv.open(bare)

@@ -282,6 +282,15 @@ _CLASS_DEFAULTS = (  # (class name prefix, defaults), first match wins
     ("GPTConfig", _GPT_DEFAULTS),
 )
 _SIZE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads")
+_FIELD_TYPES = {
+    **{k: (int,) for k in _SIZE_FIELDS + ("num_query_groups", "kv_channels", "seq_length", "vocab_size",
+                                          "make_vocab_size_divisible_by", "num_moe_experts", "moe_ffn_hidden_size",
+                                          "moe_router_topk", "moe_shared_expert_intermediate_size")},
+    **{k: (int, float) for k in ("layernorm_epsilon", "rotary_base", "rotary_percent")},
+    **{k: (bool,) for k in ("gated_linear_unit", "add_bias_linear", "add_qkv_bias",
+                            "share_embeddings_and_output_weights", "moe_router_pre_softmax", "moe_shared_expert_gate")},
+    **{k: (str,) for k in ("normalization", "position_embedding_type", "activation_func")},
+}
 
 
 def nemo_config_to_args(cls: str, explicit: dict, where: str) -> dict:
@@ -292,6 +301,11 @@ def nemo_config_to_args(cls: str, explicit: dict, where: str) -> dict:
         raise FormatError(f"{where}: NeMo config class {cls} is not one pyconv knows "
                           f"({', '.join(p + '*' for p, _ in _CLASS_DEFAULTS)}); put the model's HF {CONFIG} beside it")
     c = {**defaults, **explicit}
+    for key, kinds in _FIELD_TYPES.items():
+        value = c.get(key)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise FormatError(f"{where}: {name}.{key} is {str(value)[:60]!r}, not a "
+                              f"{' or '.join(k.__name__ for k in kinds)}")
     missing = [k for k in _SIZE_FIELDS if not isinstance(c.get(k), int)]
     if missing:
         raise FormatError(f"{where}: {name} does not set {', '.join(missing)} (preset model sizes are not "
