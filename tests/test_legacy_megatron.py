@@ -680,3 +680,18 @@ def test_qkv_position_maths_matches_the_reference_permutation(version, heads, tp
                 flat = stored.reshape(view2d(view.shape))
                 assert torch.equal(flat[r:r + rows, c:c + cols], canonical[row0 + d0:row0 + d0 + rows]), \
                     (rank, row0, d0)
+
+
+def test_args_as_simple_namespace_like_the_hf_gpt2_script(gpt2, tmp_path):
+    """Hugging Face's Megatron-GPT2 script pickles its args as types.SimpleNamespace."""
+    import types
+
+    dicts = legacy_rank_dicts(gpt2, "gpt2", 2, 1, 3.0)
+    simple = types.SimpleNamespace(**vars(dicts[(0, 0)]["args"]))
+    for obj in dicts.values():
+        obj["args"] = simple
+    src = save_legacy(dicts, tmp_path / "legacy", "dir")
+    assert pyconv.open(src).catalog.details["tp"] == 2
+    pyconv.reshard(src, tmp_path / "hf", to="hf")
+    converted = _load_hf(transformers.GPT2LMHeadModel, tmp_path / "hf")
+    assert torch.equal(_gpt2_logits(converted), _gpt2_logits(gpt2))

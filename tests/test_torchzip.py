@@ -435,3 +435,16 @@ def test_duplicate_records_big_endian_and_lazy_negation_are_refused(tmp_path):
     path = saved(tmp_path, "neg.pt", {"w": torch._neg_view(torch.ones(2))})
     with pytest.raises(FormatError, match=r"tensor 'w' has torch's lazy neg bit set"):
         read_torch_checkpoint(path)
+
+
+def test_simple_namespace_reads_as_a_namespace_and_takes_no_arguments(tmp_path):
+    import types
+
+    path = tmp_path / "args.pt"
+    torch.save({"args": types.SimpleNamespace(tensor_model_parallel_size=2, params_dtype=torch.float16)}, path)
+    ns = read_torch_checkpoint(path).obj["args"]
+    assert type(ns) is argparse.Namespace
+    assert ns.tensor_model_parallel_size == 2 and ns.params_dtype == TorchDtype("float16")
+    hostile = b"\x80\x02ctypes\nSimpleNamespace\nK\x01\x85R."  # SimpleNamespace(1)
+    with pytest.raises(FormatError, match="SimpleNamespace: expected no positional arguments"):
+        restricted_load(hostile, "x.pt")

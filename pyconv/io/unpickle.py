@@ -462,6 +462,15 @@ def _rebuild(u: "RestrictedUnpickler", what: str, storage, storage_offset, size,
     return u.add_tensor(RebuiltTensor(storage, storage_offset, size, stride, dtype, metadata or None))
 
 
+def _simple_namespace(u, *args):
+    """types.SimpleNamespace(), as Hugging Face's Megatron-GPT2 script pickles its args (REDUCE
+    with no arguments, then BUILD with the fields): read as the load's sealed Namespace, which
+    becomes a plain argparse.Namespace when the load is over."""
+    if args:
+        raise FormatError("types.SimpleNamespace: expected no positional arguments")
+    return u._namespace_class()
+
+
 def _rebuild_tensor_v2(u, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
     dtype = storage.storage_type.dtype if type(storage) is PersistentStorage else None
     return _rebuild(u, "_rebuild_tensor_v2", storage, storage_offset, size, stride, requires_grad,
@@ -509,6 +518,7 @@ def _rebuild_from_type_v2(u, func, new_type, args, state):
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): _ordered_dict,
     ("argparse", "Namespace"): _SealedNamespace,
+    ("types", "SimpleNamespace"): _NeedsUnpickler(_simple_namespace),
     ("builtins", "set"): _container(set),
     ("builtins", "frozenset"): _container(frozenset),
     ("builtins", "bytes"): _empty_bytes,
