@@ -164,31 +164,67 @@ _LOCAL_NORM_KEYS = ((".input_layernorm.", ".self_attention.linear_qkv.layer_norm
                     (".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_"))
 
 
-def dist_key(mapping: TensorMapping, naming: str = "te") -> str:
-    """The torch_dist key of a mapping as a model of the given layer spec saves it. The two
-    agree except for a mixture-of-experts layer's pre-MLP norm: TransformerEngine's spec keeps
-    it a separate module (`decoder.layers.pre_mlp_layernorm.weight`), the local spec saves it as
-    `decoder.layers.mlp.linear_fc1.layer_norm_weight` as for a dense layer."""
-    key = stacked_key(mapping.megatron_name(naming))
-    if naming == "local":
+def dist_key(mapping: TensorMapping, naming: str = "te", layer: int | None = None, rename_norms: bool = True) -> str:
+    """The torch_dist key of a mapping as a model of the given layer spec saves it, stacked or,
+    with `layer`, that layer's own key (`decoder.layers.3.mlp.linear_fc1.weight`: Megatron-Core
+    saves per-layer keys when the layers differ, e.g. DeepSeek's dense first layers). The two
+    specs agree except for a mixture-of-experts layer's pre-MLP norm: TransformerEngine's spec
+    keeps it a separate module (`decoder.layers.pre_mlp_layernorm.weight`), the local spec saves
+    it as `decoder.layers.mlp.linear_fc1.layer_norm_weight` as for a dense layer. The local spec
+    renames its norms so only with a fused linear_qkv (rename_norms; multi-latent attention's
+    local spec keeps `input_layernorm`, `pre_mlp_layernorm`)."""
+    name = mapping.megatron_name(naming)
+    if layer is not None:
+        name = name.replace("*", str(layer))
+    key = stacked_key(name)
+    if naming == "local" and rename_norms:
         for local, te in _LOCAL_NORM_KEYS:
             key = key.replace(local, te)
     return key
 
 
-def leading_axes(mapping: TensorMapping) -> int:
-    """How many stacking axes precede the Megatron tensor: layer, then expert."""
-    return (mapping.where == LAYER) + mapping.per_expert
+def dist_key_candidates(mapping: TensorMapping, layer: int | None = None) -> list[str]:
+    """Every key a Megatron-Core model may save a mapping under: TransformerEngine's names, the
+    local spec's (renamed norms), and the plain module names of specs without that renaming
+    (multi-latent attention's local spec)."""
+    raw = stacked_key(mapping.megatron_name("local").replace("*", str(layer)) if layer is not None
+                      else mapping.megatron_name("local"))
+    return list(dict.fromkeys((dist_key(mapping, "te", layer), dist_key(mapping, "local", layer), raw)))
 
 
-def stack_indices(mapping: TensorMapping, dims: ModelDims, where: str, error=FormatError) -> list[tuple]:
-    """(layer, expert) of every stacked slice of a mapping, in the key's row-major order."""
+def leading_axes(mapping: TensorMapping, per_layer: bool = False) -> int:
+    """How many stacking axes precede the Megatron tensor: layer (unless the key is per layer),
+    then expert."""
+    return (mapping.where == LAYER and not per_layer) + mapping.per_expert
+
+
+def renames_norms(family: Family) -> bool:
+    """Whether Megatron-Core's local spec saves this family's norms under TransformerEngine's
+    fused names: its keys map exists for attention with a fused linear_qkv."""
+    return any(".linear_qkv." in m.megatron_name("te") for m in family.mappings)
+
+
+def applicable_layers(mapping: TensorMapping, dims: ModelDims) -> list[int]:
+    return [layer for layer in range(dims.num_layers) if mapping.applies_to(dims, layer)]
+
+
+def heterogeneous(family: Family, dims: ModelDims) -> bool:
+    """Whether some layers lack tensors others have (dense and MoE MLPs): Megatron-Core then saves
+    every layer's tensors under their own keys instead of stacking them."""
+    return any(0 < len(applicable_layers(m, dims)) < dims.num_layers for m in family.mappings if m.where == LAYER)
+
+
+def stack_indices(mapping: TensorMapping, dims: ModelDims, where: str, error=FormatError,
+                  layers: list[int] | None = None) -> list[tuple]:
+    """(layer, expert) of every slice of a mapping in its key(s), row-major: all layers of a
+    stacked key (every layer must have the tensor), or the given layers of per-layer keys."""
     if mapping.where != LAYER:
         return [(None, None)]
-    layers = [layer for layer in range(dims.num_layers) if mapping.applies_to(dims, layer)]
-    if len(layers) != dims.num_layers:
-        raise error(f"{where}: '{dist_key(mapping)}' would cover {len(layers)} of {dims.num_layers} layers: models "
-                    "mixing dense and mixture-of-experts layers are not supported in torch_dist yet")
+    if layers is None:
+        layers = applicable_layers(mapping, dims)
+        if len(layers) != dims.num_layers:
+            raise error(f"{where}: '{dist_key(mapping)}' is stacked over all {dims.num_layers} layers but only "
+                        f"{len(layers)} have it")
     experts = range(dims.num_experts) if mapping.per_expert else [None]
     return [(layer, expert) for layer in layers for expert in experts]
 
@@ -249,36 +285,43 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
     seen: set[str] = set()
     with ChunkLocator(md) as locator:
         for mapping in fam.mappings:
-            key = next((k for k in (dist_key(mapping, "te"), dist_key(mapping, "local")) if k in keys), None)
-            if key is None:
-                if mapping.optional and not (mapping.hf == ("lm_head.weight",) and not dims.tied):
-                    continue  # absent biases; the output layer of a model that ties it to the embedding
-                raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}")
-            seen.add(key)
             if mapping.hf == ("lm_head.weight",) and dims.tied:
-                continue  # a copy of the tied embedding
-            tensor = md.tensors[keys[key]]
-            indices = stack_indices(mapping, dims, directory)
+                seen.update(k for k in dist_key_candidates(mapping) if k in keys)  # a copy of the tied embedding
+                continue
+            # Optional: absent biases; never the untied output layer.
+            optional = mapping.optional and mapping.hf != ("lm_head.weight",)
+            sources = _mapping_sources(mapping, dims, keys, directory, optional)
+            if not sources:
+                continue  # absent biases; the output layer of a model that ties it to the embedding
+            layers = [layer for _, layer in sources] if sources[0][1] is not None else None
+            indices = stack_indices(mapping, dims, directory, layers=layers)
             pieces = {(layer, expert): shard_pieces(mapping, hf_names(mapping, layer, expert), dims, padded, 1, 0)
                       for layer, expert in indices}
             canonical_rank = len(mapping.shape(dims))
-            expected = shard_shape(pieces[indices[0]], canonical_rank)
-            if mapping.where == LAYER:
-                expected = (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + expected
-            if tensor.size != expected:
-                raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected "
-                                  f"{list(expected)} (layers {dims.num_layers}, hidden {dims.hidden}, heads "
-                                  f"{dims.heads}, groups {dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, "
-                                  f"padded vocab {padded}"
-                                  + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
-                                     else "") + ")")
             transposed = mapping.transposed and canonical_rank == 2
-            for chunk in tensor.chunks:
-                stored = locator.locate(tensor, chunk)
-                for name, block in _chunk_blocks(mapping, tensor, chunk, stored, pieces, transposed):
-                    if name not in blocks:
-                        blocks[name], dtypes[name] = [], tensor.dtype
-                    blocks[name].append(block)
+            for key, layer in sources:
+                seen.add(key)
+                tensor = md.tensors[keys[key]]
+                expected = shard_shape(pieces[indices[0]], canonical_rank)
+                expected = (dims.num_experts,) * mapping.per_expert + expected
+                if mapping.where == LAYER and layer is None:
+                    expected = (dims.num_layers,) + expected
+                if tensor.size != expected:
+                    raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected "
+                                      f"{list(expected)} (layers {dims.num_layers}, hidden {dims.hidden}, heads "
+                                      f"{dims.heads}, groups {dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, "
+                                      f"padded vocab {padded}"
+                                      + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
+                                         else "") + ")")
+                for chunk in tensor.chunks:
+                    stored = locator.locate(tensor, chunk)
+                    for name, block in _chunk_blocks(mapping, chunk, stored, pieces, transposed, layer):
+                        if name not in blocks:
+                            blocks[name], dtypes[name] = [], tensor.dtype
+                        if dtypes[name] != tensor.dtype:
+                            raise FormatError(f"{directory}: '{tensor.fqn}' is {tensor.dtype} but other keys holding "
+                                              f"{name} are {dtypes[name]}")
+                        blocks[name].append(block)
     unknown = [keys[k] for k in keys if k not in seen]
     if unknown:
         raise FormatError(f"{directory}: tensor '{unknown[0]}' matches no {fam.name} mapping"
@@ -297,14 +340,39 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
     return tensors
 
 
-def _chunk_blocks(mapping: TensorMapping, tensor: DcpTensor, chunk, stored: StoredTensor, pieces: dict,
-                  transposed: bool):
-    """(canonical name, SourceBlock) for every piece of every (layer, expert) the chunk touches.
+def _mapping_sources(mapping: TensorMapping, dims: ModelDims, keys: dict[str, str], directory: str,
+                     optional: bool) -> list[tuple[str, int | None]]:
+    """The keys holding a mapping: [(stacked key, None)], or [(per-layer key, layer)] for every
+    layer that has the tensor; [] when an optional mapping is absent."""
+    stacked = next((k for k in dist_key_candidates(mapping) if k in keys), None)
+    if stacked is not None or mapping.where != LAYER:
+        if stacked is None:
+            if optional:
+                return []
+            raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}")
+        return [(stacked, None)]
+    sources, missing = [], []
+    for layer in applicable_layers(mapping, dims):
+        key = next((k for k in dist_key_candidates(mapping, layer) if k in keys), None)
+        if key is None:
+            missing.append(dist_key(mapping, "te", layer))
+        else:
+            sources.append((key, layer))
+    if missing and (sources or not optional):
+        raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}" if not sources else
+                          f"{directory}: no '{missing[0]}' in {METADATA_FILE} (other layers have it)")
+    return sources
+
+
+def _chunk_blocks(mapping: TensorMapping, chunk, stored: StoredTensor, pieces: dict, transposed: bool,
+                  layer: int | None = None):
+    """(canonical name, SourceBlock) for every piece of every (layer, expert) the chunk touches;
+    `layer`: the key is that layer's own (no layer axis).
 
     In Megatron's [out, in] view of one layer's (one expert's) tensor a chunk is rows
     [r0, r0 + nr) x cols [c0, c0 + nc) (a vector: cols [0, 1)); its bytes are such blocks back to
     back for each (layer, expert) it spans, row-major, seen here as one [n * nr, nc] stored tensor."""
-    lead = leading_axes(mapping)
+    lead = leading_axes(mapping, per_layer=layer is not None)
     offsets, sizes = chunk.offsets[lead:], chunk.sizes[lead:]
     r0, nr = offsets[0], sizes[0]
     c0, nc = (offsets[1], sizes[1]) if len(offsets) > 1 else (0, 1)
@@ -316,9 +384,9 @@ def _chunk_blocks(mapping: TensorMapping, tensor: DcpTensor, chunk, stored: Stor
         return
     grid = StoredTensor(stored.path, stored.offset, stored.dtype, (count * nr, nc))
     for i, index in enumerate(itertools.product(*spans)):
-        layer = index[0] if mapping.where == LAYER else None
+        slice_layer = layer if layer is not None else (index[0] if mapping.where == LAYER else None)
         expert = index[-1] if mapping.per_expert else None
-        for piece in pieces[(layer, expert)]:
+        for piece in pieces[(slice_layer, expert)]:
             if piece.repeat:
                 continue  # vocab padding carries nothing back
             ra, rb = max(r0, piece.dst_row), min(r0 + nr, piece.dst_row + piece.rows)
@@ -349,25 +417,32 @@ def _extra_files(root: str, directory: str) -> tuple[tuple[str, int], ...]:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def extra_state_keys(family: Family, dims: ModelDims) -> list[str]:
-    """The `_extra_state` keys Megatron-Core saves and asks for on load (ShardedObjects): one per
-    layer (`{module}._extra_state/shard_{l}_{L}`) of every linear layer of the table
-    (linear_qkv, linear_proj, linear_fc1, linear_fc2, the shared expert's), one per layer and
-    expert (`shard_{l}.{e}_{L}.{E}`) of the routed experts' linear_fc1 and linear_fc2, and
-    TransformerEngine's core attention (the local spec does not ask for it; an unasked key is no
-    error for Megatron-Core's loader)."""
-    modules: dict[str, bool] = {}
-    for m in family.mappings:
-        name = dist_key(m)
-        module = name.rsplit(".", 1)[0]
-        if m.where == LAYER and name.endswith(".weight") and module.rsplit(".", 1)[-1].startswith("linear_"):
-            modules.setdefault(module, m.per_expert)
-    modules.setdefault("decoder.layers.self_attention.core_attention", False)
+def extra_state_keys(family: Family, dims: ModelDims, per_layer: bool = False) -> list[str]:
+    """The `_extra_state` keys Megatron-Core saves and asks for on load (ShardedObjects), for every
+    linear layer of the table (linear_qkv, linear_proj, linear_fc1, linear_fc2, the shared
+    expert's...) and TransformerEngine's core attention (the local spec does not ask for it; an
+    unasked key is no error for Megatron-Core's loader). Stacked: `{module}._extra_state/
+    shard_{l}_{L}` per layer, `shard_{l}.{e}_{L}.{E}` per layer and routed expert. Per-layer keys
+    (heterogeneous layers): `decoder.layers.{l}.{module}._extra_state/shard_0_1`, routed experts
+    `shard_{e}_{E}`."""
     layers, experts = dims.num_layers, dims.num_experts
     keys = []
     for layer in range(layers):
+        modules: dict[str, bool] = {}
+        for m in family.mappings:
+            if m.where != LAYER or not m.applies_to(dims, layer):
+                continue
+            name = dist_key(m, "te", layer if per_layer else None)
+            module = name.rsplit(".", 1)[0]
+            if name.endswith(".weight") and module.rsplit(".", 1)[-1].startswith("linear_"):
+                modules.setdefault(module, m.per_expert)
+        modules.setdefault(f"decoder.layers.{layer}.self_attention.core_attention" if per_layer
+                           else "decoder.layers.self_attention.core_attention", False)
         for module, per_expert in modules.items():
-            if per_expert:
+            if per_layer:
+                keys += ([f"{module}._extra_state/shard_{e}_{experts}" for e in range(experts)] if per_expert
+                         else [f"{module}._extra_state/shard_0_1"])
+            elif per_expert:
                 keys += [f"{module}._extra_state/shard_{layer}.{e}_{layers}.{experts}" for e in range(experts)]
             else:
                 keys.append(f"{module}._extra_state/shard_{layer}_{layers}")
@@ -466,13 +541,17 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     # what Megatron-Core saves for the local spec and what TransformerEngine's modules accept.
     none_layout, _ = layout_torch_save([None])
     byte_items: dict[str, ItemLocation] = {}
-    for key in extra_state_keys(family, dims):
+    per_layer = heterogeneous(family, dims)  # Megatron-Core's non-homogeneous layers: a key per layer
+    for key in extra_state_keys(family, dims, per_layer):
         byte_items[key_prefix + key] = place_bytes(none_layout)
 
     for mapping in family.mappings:
         if mapping.hf == ("lm_head.weight",) and dims.tied:
             continue
-        indices = stack_indices(mapping, dims, catalog.path, LayoutError)
+        if mapping.where == LAYER and not applicable_layers(mapping, dims):
+            continue  # a tensor no layer of this model has (e.g. no shared expert)
+        layers = applicable_layers(mapping, dims) if per_layer and mapping.where == LAYER else None
+        indices = stack_indices(mapping, dims, catalog.path, LayoutError, layers)
         present = [all(n in catalog.tensors for n in hf_names(mapping, *index)) for index in indices]
         if not all(present):
             if mapping.optional and not any(any(n in catalog.tensors for n in hf_names(mapping, *index))
@@ -481,26 +560,32 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
             index = indices[present.index(False)]
             missing = next(n for n in hf_names(mapping, *index) if n not in catalog.tensors)
             raise LayoutError(f"{catalog.path}: tensor '{missing}' is missing")
-        key = key_prefix + dist_key(mapping, target.megatron_naming)
-        lead = leading_axes(mapping)
+        lead = leading_axes(mapping, per_layer=layers is not None)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-        chunks, dtype, shape = [], None, None
-        for index in indices:
-            names = hf_names(mapping, *index)
-            pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
-            shape = shard_shape(pieces, len(mapping.shape(dims)))
-            slice_dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
-            if dtype not in (None, slice_dtype):
-                raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier layers of {key} are "
-                                  f"{dtype}; pass --dtype")
-            dtype = slice_dtype
-            copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
-            stacked = tuple(i for i in index if i is not None)
-            offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
-            label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"
-            chunks.append(DcpChunk(offsets, chunk_sizes, place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
-        size = shape if not lead else (dims.num_layers,) + (dims.num_experts,) * mapping.per_expert + shape
-        tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
+        groups = [(layer, [i for i in indices if i[0] == layer]) for layer in layers] if layers is not None \
+            else [(None, indices)]
+        for layer, group in groups:
+            key = key_prefix + dist_key(mapping, target.megatron_naming, layer, renames_norms(family))
+            chunks, dtype, shape = [], None, None
+            for index in group:
+                names = hf_names(mapping, *index)
+                pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
+                shape = shard_shape(pieces, len(mapping.shape(dims)))
+                slice_dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+                if dtype not in (None, slice_dtype):
+                    raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
+                                      f"are {dtype}; pass --dtype")
+                dtype = slice_dtype
+                copies = [c for piece in pieces
+                          for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+                stacked = tuple(i for i in index if i is not None)[-lead:] if lead else ()
+                offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
+                label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"
+                chunks.append(DcpChunk(offsets, chunk_sizes,
+                                       place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
+            size = ((dims.num_layers,) if mapping.where == LAYER and layer is None else ()) + \
+                (dims.num_experts,) * mapping.per_expert + shape
+            tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
 
     common_layout, _ = layout_torch_save(common)
     # A save id that names the content, so the same conversion writes the same bytes.
