@@ -401,7 +401,8 @@ def fmt_check(r: dict) -> str:
     if "skipped" in r:
         return "skipped: " + r["skipped"]
     c = r.get("check") or {}
-    return {True: "ok", False: "FAILED", None: "-"}[c.get("ok")] + (": " + c["how"] if c.get("how") else "")
+    how = " ".join(os.path.basename(w) if w.startswith("/") else w for w in c.get("how", "").split(" "))
+    return {True: "ok", False: "FAILED", None: "-"}[c.get("ok")] + (": " + how if how else "")
 
 
 def markdown(info: dict) -> str:
@@ -426,6 +427,42 @@ def markdown(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_markdown(info: dict) -> str:
+    """Issue 7's targets per pyconv row: met, missed, or - (does not apply)."""
+    mark = {True: "met", False: "**missed**", None: "-"}
+    lines = ["| model | size | cache | step | wall <= 1.25x cp (>= 2 GiB) | >= 5x faster than its peer "
+             "| anon <= 512 MiB + largest tensor |", "|---|---|---|---|---|---|---|"]
+    for t in info.get("targets", []):
+        model = "Llama bf16" if t["kind"] == "dense" else "DeepSeek-like fp8 MoE"
+        lines.append(f"| {model} | {t['size_label']} | {t['cache']} | {t['step']} | {mark[t.get('wall_le_1.25x_cp')]} "
+                     f"| {mark[t.get('ge_5x_faster_than_peer')]} | {mark[t.get('anon_le_512MiB_plus_largest')]} |")
+    lin = info.get("linearity_s_per_gib") or {}
+    if lin:
+        sizes = sorted({k for per in lin.values() for k in per if k != "max_over_min"}, key=lambda s: float(s.split()[0]))
+        lines += ["", "Seconds per GiB of source (time linear in size when a row is flat):", "",
+                  "| step (cache) | " + " | ".join(sizes) + " | max/min |", "|---|" + "--:|" * (len(sizes) + 1)]
+        for key, per in lin.items():
+            mm = per.get("max_over_min")
+            tail = f" | {mm:.2f} |" if mm else " | - |"
+            lines.append(f"| {key} | " + " | ".join(f"{per[s]:.2f}" if s in per else "-" for s in sizes) + tail)
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(info: dict, args) -> int:
+    table = markdown(info) + "\n" + targets_markdown(info)
+    print(table)
+    print(f"load average (1 min) during the run: {info['loadavg1']}", file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.plots:
+        import plot
+
+        for path in plot.plot(info, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -445,8 +482,13 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-margin-gib", type=float, default=3.0,
                     help="a peer runs only if its predicted peak fits in MemAvailable minus this (default 3)")
     ap.add_argument("--keep-sources", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--report", metavar="JSON", help="run nothing: print the table (and --markdown, --plots) of a saved JSON")
     args = ap.parse_args(argv)
 
+    if args.report:
+        with open(args.report) as f:
+            info = json.load(f)
+        return write_outputs(info, args)
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     if any(c not in ("warm", "cold") for c in caches):
         ap.error("--cache takes warm, cold or warm,cold")
@@ -488,20 +530,10 @@ def main(argv=None) -> int:
     failed = [r for r in info["rows"] if (r.get("check") or {}).get("ok") is False]
     info["all_outputs_checked"] = not failed and all(
         "skipped" in r or (r.get("check") or {}).get("ok") is not None or r["peer"] for r in info["rows"])
-    table = markdown(info)
-    print(table)
-    print(f"load average (1 min) during the run: {info['loadavg1']}", file=sys.stderr)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
-    if args.plots:
-        import plot
-
-        for path in plot.plot(info, args.plots):
-            print(f"wrote {path}", file=sys.stderr)
+    write_outputs(info, args)
     if failed:
         print(f"{len(failed)} output(s) FAILED their check: "
               + ", ".join(f"{r['step']} ({r['size_label']}, {r['cache']})" for r in failed), file=sys.stderr)
