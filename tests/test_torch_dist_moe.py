@@ -6,6 +6,8 @@ process; TP=1 x EP=2 and TP=2 x EP=1 under one torchrun start) convert to the HF
 bit and to a model with transformers' logits; pyconv's torch_dist output loads through
 `dist_checkpointing.load` into GPTModels at (TP, EP) = (1, 1), (2, 1) and (1, 2) with
 transformers' logits, and through PyTorch's own DCP reader with the tensors Megatron-Core saved.
+DeepSeek-V3 (dense first layer, multi-latent attention): Megatron-Core saves per-layer keys; its
+save converts to HF bit for bit and it loads pyconv's output with transformers' logits.
 """
 
 from __future__ import annotations
@@ -298,3 +300,93 @@ def test_expert_count_mismatch_names_the_key(moe_models, pyconv_moe, tmp_path):
     with pytest.raises(FormatError, match=r"'decoder\.layers\.mlp\.router\.weight' has size \[2, 4, 64\], expected "
                                           r"\[2, 8, 64\] .*experts 8, moe_ffn 96"):
         pyconv.open(ckpt)
+
+
+# ---- heterogeneous layers: DeepSeek-V3 (dense first layer, MoE after, multi-latent attention) -------------
+
+def _deepseek_config():
+    import transformers
+
+    return transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_group=2, topk_group=1, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    """A tiny DeepSeek-V3 (HF), Megatron-Core's own torch_dist save of it (in this process, local
+    spec) and pyconv's torch_dist output for the local spec."""
+    import shutil
+
+    import torch
+    import transformers
+
+    import pyconv
+
+    if not mh.megatron_available():
+        pytest.skip("megatron-core is not installed")
+    root = tmp_path_factory.mktemp("torch_dist_deepseek")
+    torch.manual_seed(7)
+    model = transformers.AutoModelForCausalLM.from_config(_deepseek_config()).eval()
+    with torch.no_grad():  # non-trivial norms and score-correction biases
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.save_pretrained(root / "hf")
+    with mh.megatron_parallel(1):
+        megatron_save(root / "hf", root / "saved", 1)
+    shutil.copy(root / "hf" / "config.json", root / "saved" / "config.json")
+    pyconv.reshard(root / "hf", root / "pyconv", to="torch_dist", megatron_naming="local")
+    return model, str(root / "hf"), root / "saved", root / "pyconv"
+
+
+@needs_megatron
+def test_megatron_core_saves_heterogeneous_layers_under_per_layer_keys(deepseek):
+    """What the reader relies on: with dense and MoE layers Megatron-Core 0.16 gives every layer
+    its own keys (no layer axis; routed experts keep their expert axis), extra state
+    `shard_0_1` per module and `shard_{e}_{E}` per expert; pyconv writes the same keys."""
+    from pyconv.io.dcp import read_metadata
+
+    _, _, saved, ours = deepseek
+    md = read_metadata(str(saved))
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in md.tensors  # the dense layer
+    assert "decoder.layers.1.mlp.linear_fc1.weight" not in md.tensors
+    assert md.tensors["decoder.layers.2.mlp.experts.experts.linear_fc1.weight"].size == (4, 64, 64)
+    assert md.tensors["decoder.layers.1.self_attention.linear_q_down_proj.weight"].size == (32, 64)
+    assert not any(k.startswith("decoder.layers.mlp") for k in md.tensors)
+    assert "decoder.layers.2.mlp.experts.experts.linear_fc2._extra_state/shard_3_4" in md.byte_items
+    mine = read_metadata(str(ours / "release"))
+    assert set(mine.tensors) == set(md.tensors) and set(md.byte_items) <= set(mine.byte_items)
+    assert all(mine.tensors[k].size == md.tensors[k].size for k in md.tensors)
+
+
+@needs_megatron
+def test_megatron_core_deepseek_save_converts_to_hf(deepseek, tmp_path):
+    import pyconv
+
+    model, src, saved, _ = deepseek
+    assert pyconv.open(saved).summary()["family"] == "deepseek_v3"
+    pyconv.reshard(saved, tmp_path / "hf", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf")
+
+
+@needs_megatron
+def test_megatron_core_loads_pyconv_deepseek_output(deepseek):
+    model, src, _, ours = deepseek
+    ids = example_input(model)
+    with mh.megatron_parallel(1):
+        got = megatron_load_logits(ours / "release", src, 1, ids)
+    assert (got - hf_logits(model, ids)).abs().max().item() < ATOL
+
+
+def test_deepseek_torch_dist_roundtrip_both_namings(deepseek, tmp_path):
+    import pyconv
+
+    model, src, _, ours = deepseek
+    pyconv.reshard(ours, tmp_path / "hf", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf")
+    pyconv.reshard(src, tmp_path / "te", to="torch_dist")
+    pyconv.reshard(tmp_path / "te", tmp_path / "hf_te", to="hf")
+    assert_hf_output(model, src, tmp_path / "hf_te")

@@ -25,8 +25,11 @@ SequentialMLP, GroupedMLP and TEGroupedMLP all save the routed experts under one
 expert's fc1 [gate; up], cut by TP like a dense fc1) and `...experts.linear_fc2.weight
 [L, E, hidden, moe_ffn]`, their extra state as `..._extra_state/shard_{l}.{e}_{L}.{E}`; the
 router and the shared expert are ordinary layer keys (`decoder.layers.mlp.router.weight
-[L, E, hidden]`, `decoder.layers.mlp.shared_experts.linear_fc1.weight`). A key covers every
-layer, so a model that mixes dense and MoE layers would leave holes in it: not supported.
+[L, E, hidden]`, `decoder.layers.mlp.shared_experts.linear_fc1.weight`). When the layers
+differ (DeepSeek-V3's dense first layers, or `non_homogeneous_layers`), Megatron-Core gives every
+layer its own keys instead (`decoder.layers.3.mlp.experts.experts.linear_fc1.weight [E, 2F, H]`,
+extra state `..._extra_state/shard_0_1`, experts `shard_{e}_{E}`); both are read, and the writer
+uses per-layer keys exactly when the family's layers differ.
 
 The model's dims come from a Hugging Face config.json placed in the checkpoint directory (or its
 iteration directory) when there is one, else from common.pt's Megatron args (Megatron-LM and
