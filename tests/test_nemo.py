@@ -597,3 +597,10 @@ def test_config_field_of_the_wrong_type_is_named(pyconv_nemo, tmp_path):
     io_json.write_text(json.dumps(data))
     with pytest.raises(FormatError, match=r"io\.json: LlamaConfig\.layernorm_epsilon is 'tiny', not a int or float"):
         pyconv.open(bare)
+
+
+def test_activation_names_in_the_context(pyconv_nemo):
+    """SwiGLU models name SiLU; GPT-2's tanh GELU is Megatron-Core's openai_gelu."""
+    assert "_target_: torch.nn.functional.silu" in (pyconv_nemo / "llama" / "context" / "model.yaml").read_text()
+    gpt2 = (pyconv_nemo / "gpt2" / "context" / "model.yaml").read_text()
+    assert "_target_: megatron.core.transformer.utils.openai_gelu" in gpt2 and "gated_linear_unit: false" in gpt2

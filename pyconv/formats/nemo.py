@@ -616,6 +616,17 @@ def nemo_vocab_divisor(vocab: int) -> int:
     return base
 
 
+def _activation(config: dict, swiglu: bool) -> str:
+    """The activation function NeMo's config names: SiLU under SwiGLU; GPT-2's tanh GELU as
+    Megatron-Core's openai_gelu; the exact GELU otherwise."""
+    if swiglu:
+        return "torch.nn.functional.silu"
+    name = config.get("activation_function") or config.get("hidden_act") or "gelu"
+    if name in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh"):
+        return "megatron.core.transformer.utils.openai_gelu"
+    return "torch.nn.functional.gelu"
+
+
 def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) -> dict:
     """Every NeMo config field pyconv sets, from the family's Megatron args."""
     args = family.megatron_args_from_hf(config, dims)
@@ -624,8 +635,7 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
         num_layers=args["num_layers"], hidden_size=args["hidden_size"], ffn_hidden_size=args["ffn_hidden_size"],
         num_attention_heads=args["num_attention_heads"], num_query_groups=args.get("num_query_groups") or
         args["num_attention_heads"], kv_channels=args.get("kv_channels"), normalization=args["normalization"],
-        gated_linear_unit=swiglu,
-        activation_func=Pyref("torch.nn.functional.silu" if swiglu else "torch.nn.functional.gelu"),
+        gated_linear_unit=swiglu, activation_func=Pyref(_activation(config, swiglu)),
         add_bias_linear=bool(args.get("add_bias_linear")), add_qkv_bias=bool(args.get("add_qkv_bias")),
         position_embedding_type=args["position_embedding_type"], rotary_base=float(args.get("rotary_base", 10000)),
         rotary_percent=float(args.get("rotary_percent", 1.0)), seq_length=args["seq_length"],
