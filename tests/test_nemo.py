@@ -25,6 +25,7 @@ import megatron_harness as mh
 from conftest import example_input, load_hf_tensors
 from test_torch_dist import hf_logits, megatron_save
 from test_torch_dist_moe import _config as moe_config
+from test_torch_dist_moe import assert_hf_output
 
 ATOL = 1e-5
 needs_megatron = pytest.mark.skipif(not mh.megatron_available(), reason="megatron-core is not installed")
@@ -63,19 +64,6 @@ def without_hf_config(ckpt: Path, tmp_path: Path) -> Path:
     shutil.copytree(ckpt, copy)
     (copy / "context" / "nemo_tokenizer" / "config.json").unlink()
     return copy
-
-
-def assert_hf_output(model, src, out_dir):
-    import torch
-
-    source, output = load_hf_tensors(src), load_hf_tensors(out_dir)
-    assert source.keys() == output.keys()
-    for name in source:
-        assert torch.equal(source[name], output[name]), name
-    loaded, info = type(model).from_pretrained(out_dir, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids = example_input(model)
-    assert torch.equal(hf_logits(model, ids), hf_logits(loaded.eval(), ids))
 
 
 # ---- NeMo 1 / NeMo 2 key names ------------------------------------------------------------------

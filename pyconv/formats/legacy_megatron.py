@@ -50,6 +50,7 @@ from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, 
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import QKV, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, get_family
 from pyconv.formats import register_format
+from pyconv.io.jsonfile import parse_yaml
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
     plan_text_file
 
@@ -288,14 +289,7 @@ def _choose_zip_iteration(path: str, f, members: dict, trackers: dict) -> str:
 
 
 def _yaml(data: bytes, where: str) -> dict:
-    try:
-        import yaml
-    except ImportError:
-        raise FormatError(f"{where}: reading NeMo's {NEMO1_CONFIG} needs PyYAML (pip install pyyaml)") from None
-    try:
-        config = yaml.safe_load(data)
-    except yaml.YAMLError as e:
-        raise FormatError(f"{where}: not valid YAML: {str(e)[:200]}") from None
+    config = parse_yaml(data, where)
     if isinstance(config, dict) and "num_layers" not in config and isinstance(config.get("model"), dict):
         config = config["model"]
     if not isinstance(config, dict):
@@ -649,15 +643,10 @@ def _args_from_hf(family: Family, config: dict, where: str) -> dict:
 
 def _config_beside(root: str) -> dict | None:
     """An HF config.json in the checkpoint directory: the user's word on the model (true vocab)."""
-    from pyconv.io.jsonfile import load_json
+    from pyconv.io.jsonfile import load_config
 
     path = os.path.join(root, CONFIG)
-    if not os.path.isfile(path):
-        return None
-    config = load_json(path, "config")
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: config is not a JSON object")
-    return config
+    return load_config(path) if os.path.isfile(path) else None
 
 
 def _hf_shape(mapping: TensorMapping, index: int, dims: ModelDims) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
 from pyconv.formats import register_format
-from pyconv.io.jsonfile import load_json
+from pyconv.io.jsonfile import config_architecture, load_config, load_json, load_yaml
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
 
 WEIGHTS = "weights"
@@ -133,11 +133,8 @@ def _is_nemo1(path: str) -> bool:
     if any(str(k).startswith(_MCORE_PREFIXES) for k in state):
         return True
     try:
-        import yaml
-
-        with open(os.path.join(path, NEMO1_CONFIG), "rb") as f:
-            cfg = yaml.safe_load(f.read(1 << 24))
-    except Exception:  # noqa: BLE001 - unreadable config: megatron-legacy reports it
+        cfg = load_yaml(os.path.join(path, NEMO1_CONFIG))
+    except FormatError:  # unreadable config: megatron-legacy reports it
         return False
     if not isinstance(cfg, dict):
         return False
@@ -235,16 +232,7 @@ def read_io_json(path: str) -> tuple[str, dict]:
 
 
 def read_model_yaml(path: str) -> tuple[str, dict]:
-    try:
-        import yaml
-    except ImportError:
-        raise FormatError(f"{path}: reading model.yaml needs PyYAML (pip install pyyaml), or put the model's "
-                          f"Hugging Face {CONFIG} beside the checkpoint") from None
-    try:
-        with open(path, "rb") as f:
-            data = yaml.safe_load(f.read(1 << 24))
-    except (OSError, yaml.YAMLError) as e:
-        raise FormatError(f"{path}: cannot read: {e}") from None
+    data = load_yaml(path, f"put the model's Hugging Face {CONFIG} beside the checkpoint")
     config = data.get("config") if isinstance(data, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("_target_"), str):
         raise FormatError(f"{path}: no 'config' with a '_target_' (the model's config class)")
@@ -345,8 +333,8 @@ def _context_model(root: str, context: str, weights_vocab_rows: int, family: str
 
     for candidate in (os.path.join(root, CONFIG), os.path.join(context, TOKENIZER_DIR, CONFIG)):
         if os.path.isfile(candidate):
-            config = load_json(candidate, "config")
-            archs = config.get("architectures") if isinstance(config, dict) else None
+            config = load_config(candidate)
+            archs = config.get("architectures")
             if isinstance(archs, list) and archs:
                 fam = get_family(family) if family else family_for_architecture(archs[0], candidate)
                 return fam, fam.dims_from_hf(config), dict(config), os.path.relpath(candidate, root)
@@ -513,24 +501,13 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
     where = os.path.join(root, NEMO1_CONFIG)
     hf_config = os.path.join(root, CONFIG)
     if os.path.isfile(hf_config):
-        config = load_json(hf_config, "config")
-        archs = config.get("architectures") if isinstance(config, dict) else None
-        fam = get_family(family) if family else family_for_architecture(
-            archs[0] if isinstance(archs, list) and archs else None, hf_config)
+        config = load_config(hf_config)
+        fam = get_family(family) if family else family_for_architecture(config_architecture(config), hf_config)
         dims = fam.dims_from_hf(config)
         args = {**fam.megatron_args_from_hf(config, dims), "pyconv_hf_config": json.dumps(config)}
         config_source = CONFIG
     else:
-        try:
-            import yaml
-        except ImportError:
-            raise FormatError(f"{where}: reading it needs PyYAML (pip install pyyaml), or put the model's Hugging "
-                              f"Face {CONFIG} beside it") from None
-        try:
-            with open(where, "rb") as f:
-                cfg = yaml.safe_load(f.read(1 << 24))
-        except (OSError, yaml.YAMLError) as e:
-            raise FormatError(f"{where}: cannot read: {e}") from None
+        cfg = load_yaml(where, f"put the model's Hugging Face {CONFIG} beside it")
         if not isinstance(cfg, dict):
             raise FormatError(f"{where}: not a mapping")
         args, config_source = nemo1_config_to_args(cfg, where), NEMO1_CONFIG

@@ -36,3 +36,29 @@ def config_architecture(config: dict) -> str | None:
     """The first of `architectures`, else `model_type`: what picks the family table."""
     archs = config.get("architectures")
     return archs[0] if isinstance(archs, list) and archs else config.get("model_type")
+
+
+MAX_YAML_BYTES = 16 << 20
+
+
+def parse_yaml(data: bytes, where: str, without_pyyaml: str = ""):
+    """NeMo's model.yaml / model_config.yaml, parsed safely (no Python tags); FormatError naming
+    `where` if it is not YAML or PyYAML is missing (`without_pyyaml`: what to do instead)."""
+    try:
+        import yaml
+    except ImportError:
+        raise FormatError(f"{where}: reading it needs PyYAML (pip install pyyaml)"
+                          + (f", or {without_pyyaml}" if without_pyyaml else "")) from None
+    try:
+        return yaml.safe_load(data)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise FormatError(f"{where}: not valid YAML: {str(e)[:200]}") from None
+
+
+def load_yaml(path: str, without_pyyaml: str = ""):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_YAML_BYTES)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_yaml(data, path, without_pyyaml)
