@@ -246,13 +246,19 @@ def _wait_for_temporary(dst, proc, timeout=30.0):
 
 # --- SIGINT / SIGTERM -----------------------------------------------------------------------------
 
+def _sigint_as_a_terminal_sends_it():
+    """A shell's background job starts with SIGINT ignored, and Python then leaves it ignored
+    (as it should: nohup). The child gets the disposition an interactive Ctrl-C meets."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_copy_stops_cleanly(big, tmp_path, sig):
     src = big["src"]
     dst = tmp_path / "work" / "out"
     dst.parent.mkdir()
     proc = subprocess.Popen(reshard_cmd(src, dst), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_sigint_as_a_terminal_sends_it)
     _wait_for_temporary(dst, proc)
     time.sleep(0.2)
     proc.send_signal(sig)
@@ -271,7 +277,7 @@ def test_signal_while_planning_stops_cleanly(big, tmp_path, sig):
     dst = tmp_path / "work" / "out"
     dst.parent.mkdir()
     proc = subprocess.Popen(reshard_cmd(src, dst), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_sigint_as_a_terminal_sends_it)
     # Wait until pyconv's main() runs (it catches SIGTERM from then on: /proc/PID/status, SigCgt), then
     # signal at once: the run is still importing pyconv, reading headers or planning (~1 s), not copying.
     deadline = time.monotonic() + 30
