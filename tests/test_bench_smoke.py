@@ -49,8 +49,9 @@ def test_suite_runs_checks_and_reports_every_row(tmp_path):
     assert info["all_outputs_checked"] is True
     assert {t["step"] for t in info["targets"]} == {"to_meg", "to_hf", "relayout", "to_deepseek", "to_bf16"}
     assert info["loadavg1"] is not None and info["machine"]["cpus"] >= 1
-    table = (tmp_path / "table.md").read_text()
-    assert table.count("\n") == 2 + len(rows)
+    table, targets = (tmp_path / "table.md").read_text().split("\n\n", 1)
+    assert table.count("\n") == 1 + len(rows)  # header, rule, one line per row
+    assert "wall <= 1.25x cp" in targets and len(targets.split("\n\n")[0].splitlines()) == 2 + 5  # 5 pyconv rows
     assert sorted(os.listdir(tmp_path / "plots")) == ["memory_vs_size.png", "throughput_vs_size.png"]
     # Sources and outputs are removed after each size (the children's bytecode cache stays).
     assert os.listdir(tmp_path / "work") == ["pycache"]
