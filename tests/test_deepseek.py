@@ -62,7 +62,8 @@ def reference_convert(hf_dir, save_dir, n_experts, mp, mtp_layer, cast=None):
                 if f"model.layers.{mtp_layer}" in name:
                     continue
                 param = f.get_tensor(name)
-                if cast is not None and param.is_floating_point():
+                # A cast source as DeepSeek makes one (fp8_cast_bf16.py): the float32 routing bias stays so.
+                if cast is not None and param.is_floating_point() and not name.endswith("e_score_correction_bias"):
                     param = param.to(cast)
                 name, dim = reference_name(name)
                 for rank in range(mp):
@@ -468,7 +469,7 @@ def test_fp8_cut_inside_a_scale_block_needs_dequantizing(fp8_checkpoint, tmp_pat
         if scale is not None:
             grid = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: t.shape[0], : t.shape[1]]
             t = (t.float() * grid).to(torch.bfloat16)
-        elif t.dtype == torch.float32:
+        elif t.dtype == torch.float32 and not name.endswith("e_score_correction_bias"):  # kept, as DeepSeek keeps it
             t = t.to(torch.bfloat16)
         dequantized[name] = t
     plain = write_hf(tmp_path / "dequantized", dequantized, {k: v for k, v in FP8_CONFIG.items()

@@ -145,3 +145,26 @@ def test_fp8_without_scales_is_refused(tmp_path):
               src / "model.safetensors")
     with pytest.raises(pyconv.LayoutError, match="without its weight_scale_inv"):
         pyconv.reshard(src, tmp_path / "out", dtype="bf16")
+
+
+def test_routing_bias_stays_float32_through_a_cast(deepseek_fp8, tmp_path):
+    """DeepSeek ships e_score_correction_bias in float32 and its fp8_cast_bf16.py keeps it so:
+    rounded to bf16 it could send tokens to other experts. --dtype casts everything else."""
+    _, src, quantized, reference = deepseek_fp8
+    f32 = {n: (t.float() if n.endswith("e_score_correction_bias") else t) for n, t in quantized.items()}
+    assert any(n.endswith("e_score_correction_bias") for n in f32)
+    source = tmp_path / "f32-bias"
+    source.mkdir()
+    save_file(f32, source / "model.safetensors", metadata={"format": "pt"})
+    (source / "config.json").write_text((src / "config.json").read_text())
+    pyconv.reshard(source, tmp_path / "bf16", dtype="bf16")
+    out = hf_tensors(tmp_path / "bf16")
+    for name, t in out.items():
+        if name.endswith("e_score_correction_bias"):
+            assert t.dtype == torch.float32 and torch.equal(t, f32[name]), name
+        else:
+            assert t.dtype == torch.bfloat16 and torch.equal(t.view(torch.int16), reference[name].view(torch.int16)), name
+    pyconv.reshard(source, tmp_path / "mp2", to="deepseek", tp=2, dtype="bf16")
+    ds = hf_tensors(tmp_path / "mp2")
+    biases = [t for n, t in ds.items() if n.endswith("ffn.gate.bias")]
+    assert biases and all(t.dtype == torch.float32 for t in biases)

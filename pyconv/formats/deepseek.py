@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
-from pyconv.formats.hf import CONFIG, extra_files, output_dtype
+from pyconv.formats.hf import CONFIG, extra_files, output_dtypes
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
@@ -199,14 +199,6 @@ class _RankTensor:
     copies: tuple[BlockCopy, ...]
 
 
-def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
-    """As for HF (block-scaled fp8 weights dequantize to a float --dtype), but no quantization."""
-    if dtype in _FP8_DTYPES:
-        raise LayoutError("the deepseek layout keeps the source's fp8 weights as they are; quantize with "
-                          "--to hf --dtype fp8 first")
-    return output_dtype(tensor, dtype)
-
-
 def _config_int(config: dict, key: str, required: bool) -> int | None:
     value = config.get(key)
     if value is None and not required:
@@ -271,7 +263,10 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 
     ranks: list[list[_RankTensor]] = [[] for _ in range(mp)]
     origin: dict[str, str] = {}  # DeepSeek name -> the Hugging Face tensor it came from
-    dtypes = {name: _output_dtype(t, target.dtype) for name, t in catalog.tensors.items()}
+    if target.dtype in _FP8_DTYPES:
+        raise LayoutError("the deepseek layout keeps the source's fp8 weights as they are; quantize with "
+                          "--to hf --dtype fp8 first")
+    dtypes = output_dtypes(catalog, target.dtype)
     # A dequantized fp8 weight no longer needs its scales (and they need not split with it).
     dequantized = {n + _SCALE_SUFFIX for n, t in catalog.tensors.items()
                    if t.dtype in _FP8_DTYPES and dtypes[n] != t.dtype}

@@ -178,6 +178,24 @@ def output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
     return tensor.dtype  # integer and boolean tensors (buffers, masks) are not weights to cast
 
 
+def dtype_kept(catalog: Catalog) -> frozenset[str]:
+    """Tensors the family table keeps in their own dtype through a cast: DeepSeek-V3's routing
+    bias stays float32, as DeepSeek's fp8_cast_bf16.py and Megatron-Core keep it (a rounded bias
+    can change which experts a token goes to). None for an architecture without a table."""
+    from pyconv.families import family_for_architecture
+
+    try:
+        family = family_for_architecture(catalog.architecture, catalog.path)
+    except FormatError:
+        return frozenset()
+    return frozenset(n for n in catalog.tensors if (m := family.match_hf(n)) is not None and m[0].keep_dtype)
+
+
+def output_dtypes(catalog: Catalog, dtype: str | None) -> dict[str, str]:
+    kept = dtype_kept(catalog) if dtype is not None else frozenset()
+    return {name: t.dtype if name in kept else output_dtype(t, dtype) for name, t in catalog.tensors.items()}
+
+
 def split_into_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
     """Greedy split in order, as huggingface_hub does: a tensor larger than the limit gets
     a shard of its own; otherwise a new shard starts when the next tensor would tip it over."""
@@ -212,7 +230,7 @@ def _updated_config(config: dict, dtype: str | None, quantized: bool, fp8_left: 
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    dtypes = {name: output_dtype(t, target.dtype) for name, t in catalog.tensors.items()}
+    dtypes = output_dtypes(catalog, target.dtype)
     # fp8: a dequantized weight's scale grid is dropped; a quantized weight gains one, in its shard.
     dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" and dtypes[n] != t.dtype}
     quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" and t.dtype != "F8_E4M3"}

@@ -574,7 +574,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
                 names = hf_names(mapping, *index)
                 pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
                 shape = shard_shape(pieces, len(mapping.shape(dims)))
-                slice_dtype = _output_dtype(catalog.tensors[names[0]], target.dtype)
+                slice_dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
                 if dtype not in (None, slice_dtype):
                     raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
                                       f"are {dtype}; pass --dtype")
