@@ -172,7 +172,9 @@ NEMO_CLASSES = {"nemo.collections.llm.gpt.model.llama": ("LlamaModel", "LlamaCon
                 "nemo.collections.llm.gpt.model.mixtral": ("MixtralModel", "MixtralConfig"),
                 "nemo.collections.llm.gpt.model.base": ("GPTModel", "GPTConfig"),
                 "nemo.collections.common.tokenizers.huggingface.auto_tokenizer": ("AutoTokenizer",),
-                "nemo.lightning.io.pl": ("TrainerContext",)}
+                "nemo.lightning.io.pl": ("TrainerContext",),
+                "nemo.lightning.pytorch.trainer": ("Trainer",),
+                "nemo.lightning.pytorch.strategies.megatron_strategy": ("MegatronStrategy",)}
 
 
 @pytest.fixture
@@ -203,6 +205,9 @@ def test_fiddle_loads_the_io_json_pyconv_writes(pyconv_nemo, nemo_stand_ins):
     fdl, serialization = nemo_stand_ins
     config = serialization.load_json((pyconv_nemo / "mixtral" / "context" / "io.json").read_text())
     assert fdl.get_callable(config).__qualname__ == "TrainerContext"
+    assert fdl.get_callable(config.trainer).__qualname__ == "Trainer"  # NeMo's load_context(path) builds it
+    assert (config.trainer.accelerator, fdl.get_callable(config.trainer.strategy).__qualname__) == (
+        "cpu", "MegatronStrategy")
     model = config.model
     assert (fdl.get_callable(model).__module__, fdl.get_callable(model).__qualname__) == (
         "nemo.collections.llm.gpt.model.mixtral", "MixtralModel")

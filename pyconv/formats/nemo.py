@@ -578,6 +578,12 @@ _NEMO_CLASSES = {
 }
 _TOKENIZER_CLASS = ("nemo.collections.common.tokenizers.huggingface.auto_tokenizer", "AutoTokenizer")
 _TRAINER_CONTEXT = ("nemo.lightning.io.pl", "TrainerContext")
+# The trainer NeMo's HF importers record (connector.nemo_setup); `load_context(path)` without a
+# subpath builds it, and NeMo's exporters for Qwen2, Mistral, Gemma... load the context so.
+_TRAINER = (("nemo.lightning.pytorch.trainer", "Trainer"),
+            {"accelerator": "cpu", "devices": 1,
+             "strategy": (("nemo.lightning.pytorch.strategies.megatron_strategy", "MegatronStrategy"),
+                          {"ckpt_save_optimizer": False})})
 _DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -741,7 +747,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     files = plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX)
     model_fields = {"config": ((module, config_name), fields),
                     "tokenizer": (_TOKENIZER_CLASS, {"pretrained_model_name": TOKENIZER_DIR})}
-    io_json = _FiddleWriter().dump(_TRAINER_CONTEXT, {"model": ((module, model_name), model_fields), "extra": {}})
+    context = {"model": ((module, model_name), model_fields), "trainer": _TRAINER, "extra": {}}
+    io_json = _FiddleWriter().dump(_TRAINER_CONTEXT, context)
     files.append(plan_text_file(f"{CONTEXT}/{IO_JSON}", io_json))
     files.append(plan_text_file(f"{CONTEXT}/{MODEL_YAML}",
                                 model_yaml((module, model_name), (module, config_name), fields)))

@@ -558,6 +558,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     # Megatron-Core keeps the save plans beside the metadata (`Metadata.all_local_plans`).
     **{("torch.distributed.checkpoint.planner", name): record_class(f"torch.distributed.checkpoint.planner.{name}")
        for name in ("SavePlan", "WriteItem", "TensorWriteData")},
+    # ... as its own SavePlan subclass up to Megatron-Core 0.14 (NeMo 2.x checkpoints).
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"):
+        record_class("megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan"),
     ("torch.distributed.checkpoint.planner", "WriteItemType"):
         enum_stand_in("torch.distributed.checkpoint.planner.WriteItemType"),
     # Enums in Megatron-LM's args and common state (megatron.core.safe_globals lists them).
