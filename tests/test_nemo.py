@@ -135,6 +135,40 @@ def test_dcp_keys_carry_the_module_prefix(pyconv_nemo):
     assert md.tensors["module.embedding.word_embeddings.weight"].size == (96, 64)
 
 
+def test_metadata_with_megatron_core_0_14_save_plans_is_read(pyconv_nemo, tmp_path, monkeypatch):
+    """Megatron-Core <= 0.14 (NeMo 2.x) keeps its save plans in `.metadata` as its own frozen
+    SavePlan subclass, `megatron.core.dist_checkpointing.strategies.torch.MCoreSavePlan` (seen in
+    NeMo 2.5's own HF import): pyconv reads such metadata and reports the same tensors."""
+    import dataclasses
+    import pickle
+    from typing import Any, Optional
+
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    from pyconv.io.dcp import read_metadata
+
+    module = types.ModuleType("megatron.core.dist_checkpointing.strategies.torch")
+
+    @dataclasses.dataclass(frozen=True)
+    class MCoreSavePlan(SavePlan):
+        mcore_data: Optional[dict[str, dict[str, Any]]] = None
+
+    MCoreSavePlan.__module__, MCoreSavePlan.__qualname__ = module.__name__, "MCoreSavePlan"
+    module.MCoreSavePlan = MCoreSavePlan
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    weights = tmp_path / "weights"
+    shutil.copytree(pyconv_nemo / "llama" / "weights", weights)
+    metadata = pickle.loads((weights / ".metadata").read_bytes())
+    metadata.all_local_plans = [MCoreSavePlan(items=[], mcore_data={"module.embedding.word_embeddings.weight": {
+        "nd_reformulated_orig_global_shape": None}})]
+    data = pickle.dumps(metadata)
+    assert b"MCoreSavePlan" in data
+    (weights / ".metadata").write_bytes(data)
+    before, after = read_metadata(str(pyconv_nemo / "llama" / "weights")), read_metadata(str(weights))
+    assert after.tensors.keys() == before.tensors.keys()
+    assert all(after.tensors[k].size == t.size and after.tensors[k].dtype == t.dtype for k, t in before.tensors.items())
+
+
 def test_cli_writes_nemo_bf16(models, tmp_path):
     import pyconv
     from pyconv.cli import main
