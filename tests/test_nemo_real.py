@@ -13,7 +13,8 @@ toolkit, not on pip here) is stubbed with no-op save/restore of its (absent) sta
   implies and NeMo's AutoTokenizer from context/nemo_tokenizer; load_context(context) builds the
   whole TrainerContext (trainer included).
 - NeMo's MegatronCheckpointIO (dist_checkpointing, strict) loads weights/ into the model NeMo
-  configured, under MegatronParallel's `module.` prefix; its logits equal transformers'.
+  configured, under MegatronParallel's `module.` prefix; its logits equal transformers' (Llama,
+  Qwen2, GPT-2).
 - NeMo's own HF importer (io.import_ckpt) writes a checkpoint that pyconv reads back to HF with the
   same tensors, and rewrites as NeMo with the same DCP tensors bit for bit.
 """
@@ -93,14 +94,25 @@ def pyconv_cli(*args):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(model, HF dir, pyconv's NeMo 2 dir) for the conftest tiny Llama (GQA, head_dim 24)."""
-    root = tmp_path_factory.mktemp("nemo_real")
-    model = build_tiny_model("llama")
-    model.save_pretrained(root / "hf")
-    real_tokenizer(root / "hf", model.config.vocab_size)
-    pyconv_cli("reshard", root / "hf", root / "nemo", "--to", "nemo")
-    return model, root / "hf", root / "nemo"
+def converted(tmp_path_factory):
+    """family -> (model, HF dir, pyconv's NeMo 2 dir) for the conftest tiny models (Llama: GQA,
+    head_dim 24; Qwen2: qkv biases, tied embeddings; GPT-2: LayerNorm, learned positions)."""
+    root, done = tmp_path_factory.mktemp("nemo_real"), {}
+
+    def get(family):
+        if family not in done:
+            model = build_tiny_model(family)
+            model.save_pretrained(root / family / "hf")
+            real_tokenizer(root / family / "hf", model.config.vocab_size)
+            pyconv_cli("reshard", root / family / "hf", root / family / "nemo", "--to", "nemo")
+            done[family] = (model, root / family / "hf", root / family / "nemo")
+        return done[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def llama(converted):
+    return converted("llama")
 
 
 def nemo_model(context: Path):
@@ -139,12 +151,17 @@ def test_nemo_load_context_builds_the_model_and_tokenizer(llama):
     assert ctx.model.config.num_layers == hf.num_hidden_layers
 
 
-def test_nemo_loads_pyconv_weights_with_transformers_logits(llama):
+@pytest.mark.parametrize("family, nemo_class", [("llama", "LlamaModel"), ("qwen2", "Qwen2Model"),
+                                                ("gpt2", "GPTModel")])
+def test_nemo_loads_pyconv_weights_with_transformers_logits(converted, family, nemo_class):
     import torch
+    from nemo.lightning.io import load_context
     from nemo.lightning.io.pl import MegatronCheckpointIO
 
-    model, _, out = llama
+    model, _, out = converted(family)
     m = nemo_model(out / "context")
+    assert type(m).__name__ == nemo_class
+    assert type(load_context(out / "context").model).__name__ == nemo_class  # whole context builds too
     with mh.megatron_parallel(1):
         m.module = m.config.configure_model(m.tokenizer)  # what LlamaModel.configure_model does
         sharded = m.module.sharded_state_dict(prefix="module.")  # MegatronParallel's prefix
