@@ -1,8 +1,19 @@
 """pyconv's NeMo 2 output judged by NeMo itself (nemo_toolkit 2.x: `nemo.lightning.io`).
 
 CI does not install NeMo (too heavy); these tests skip without it. They ran with nemo_toolkit 2.5.0,
-megatron-core 0.14.0 (NeMo 2.5's pairing; 0.16 lacks names NeMo 2.5 imports), lightning 2.4.0,
-transformers 4.53, torch 2.13.0 CPU, in a venv of their own (see the closing note / report).
+megatron-core 0.14.0 (NeMo 2.5's pairing; 0.16.1 lacks `ModelCommProcessGroups`, which NeMo 2.5
+imports), lightning 2.4.0, transformers 4.53.3, torch 2.13.0 CPU, numpy 1.26.4, in a venv of their own:
+
+    python3 -m venv /tmp/nemo-venv && . /tmp/nemo-venv/bin/activate
+    pip install torch==2.13.0 && pip install --no-deps nemo_toolkit==2.5.0
+    pip install lightning==2.4.0 fiddle hydra-core==1.3.2 omegaconf==2.3.0 cloudpickle transformers~=4.53.0 \
+        "huggingface-hub<1.0" "datasets<4" safetensors psutil pytest wrapt ruamel.yaml fsspec==2024.12.0 \
+        python-dateutil text-unidecode tqdm torchmetrics einops sentencepiece tiktoken wget "protobuf~=5.29.5" \
+        tensorboard onnx scikit-learn numba rich braceexpand webdataset h5py matplotlib tensorstore zarr \
+        nemo_run==0.5.0 leptonai==0.26.9 "packaging<25"
+    pip install megatron-core==0.14.0 "numpy<2" "pandas<2.3" "ml-dtypes<0.6" "zarr<3" "pyarrow<21"
+    # pyconv: copy .venv's _editable_skbc_pyconv.{pth,py} into its site-packages and link
+    # pyconv/_core*.so there; then: python -m pytest tests/test_nemo_real.py
 
 On a CPU without TransformerEngine/Apex, NeMo's Llama config defaults fused kernels on
 (apply_rope_fusion, persist_layer_norm, ...) that Megatron-Core refuses to build: the tests turn
