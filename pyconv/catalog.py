@@ -75,6 +75,20 @@ class CanonicalTensor:
         return nbytes(self.dtype, self.shape)
 
     @classmethod
+    def assembled(cls, name: str, dtype: str, shape: tuple[int, ...], blocks, where: str,
+                  parts: str = "shards") -> "CanonicalTensor":
+        """A tensor gathered from the shards of a parallel checkpoint; FormatError naming `where`
+        when they do not add up to it (a shard missing, or two overlapping)."""
+        from pyconv.errors import FormatError
+
+        tensor = cls(name, dtype, tuple(shape), tuple(blocks))
+        rows, cols = view2d(tensor.shape)
+        covered = sum(b.rows * b.cols for b in tensor.blocks)
+        if covered != rows * cols:
+            raise FormatError(f"{where}: {parts} cover {covered} of the {rows * cols} elements of {name}")
+        return tensor
+
+    @classmethod
     def whole(cls, name: str, stored: StoredTensor) -> "CanonicalTensor":
         rows, cols = view2d(stored.shape)
         return cls(name, stored.dtype, stored.shape, (SourceBlock(stored, 0, 0, rows, cols, 0, 0),))

@@ -592,12 +592,7 @@ def read(path: str, family: str | None = None) -> Catalog:
             if name not in blocks or name in tensors:
                 continue
             shape = _hf_shape(entry.mapping, index, dims)
-            tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
-            rows, cols = view2d(shape)
-            covered = sum(b.rows * b.cols for b in tensor.blocks)
-            if covered != rows * cols:
-                raise FormatError(f"{found.where}: shards cover {covered} of the {rows * cols} elements of {name}")
-            tensors[name] = tensor
+            tensors[name] = CanonicalTensor.assembled(name, dtypes[name], shape, blocks[name], found.where)
     config = _hf_config(fam, args, dims)
     if config_override is not None:
         config = {**config_override, **{k: config[k] for k in ("architectures", "model_type") if k in config}}

@@ -452,12 +452,7 @@ def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, 
     for name in _hf_order(fam, dims, order):
         mapping, index, _, _ = fam.match_hf(name)
         shape = _hf_shape(mapping, index, dims)
-        tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
-        covered = sum(b.rows * b.cols for b in tensor.blocks)
-        rows, cols = view2d(shape)
-        if covered != rows * cols:
-            raise FormatError(f"{directory}: shards cover {covered} of the {rows * cols} elements of {name}")
-        tensors[name] = tensor
+        tensors[name] = CanonicalTensor.assembled(name, dtypes[name], shape, blocks[name], directory)
     config = fam.hf_config_from_megatron(args)
     dtype = next(iter(dtypes.values()), None)
     if dtype in _TORCH_DTYPE:

@@ -46,7 +46,7 @@ import json
 import os
 from argparse import Namespace
 
-from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
     FIRST_STAGE, LAYER, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture, get_family,
@@ -334,12 +334,7 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
     for name in _hf_order(fam, dims, list(blocks)):
         mapping, index, _, _ = fam.match_hf(name)
         shape = _hf_shape(mapping, index, dims)
-        tensor = CanonicalTensor(name, dtypes[name], shape, tuple(blocks[name]))
-        rows, cols = view2d(shape)
-        covered = sum(b.rows * b.cols for b in tensor.blocks)
-        if covered != rows * cols:
-            raise FormatError(f"{directory}: chunks cover {covered} of the {rows * cols} elements of {name}")
-        tensors[name] = tensor
+        tensors[name] = CanonicalTensor.assembled(name, dtypes[name], shape, blocks[name], directory, "chunks")
     return tensors
 
 
