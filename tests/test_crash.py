@@ -260,32 +260,39 @@ def _sigint_as_a_terminal_sends_it():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_copy_stops_cleanly(big, tmp_path, sig):
-    src = big["src"]
+def _start_signallable(src, tmp_path):
+    """(conversion process, its destination) for a run that is about to be signalled."""
     dst = tmp_path / "work" / "out"
     dst.parent.mkdir()
     proc = subprocess.Popen(reshard_cmd(src, dst), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=_sigint_as_a_terminal_sends_it)
-    _wait_for_temporary(dst, proc)
-    time.sleep(0.2)
-    proc.send_signal(sig)
+    return proc, dst
+
+
+def _assert_stopped_cleanly(proc, dst, sig):
+    """Signalled: stopped, one line on stderr, no destination and no temporary left."""
     out, err = proc.communicate(timeout=60)
     assert _stopped(proc.returncode, sig), (proc.returncode, err)
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("pyconv: stopped"), err
     assert not dst.exists() and siblings(dst) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_copy_stops_cleanly(big, tmp_path, sig):
+    src = big["src"]
+    proc, dst = _start_signallable(src, tmp_path)
+    _wait_for_temporary(dst, proc)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _assert_stopped_cleanly(proc, dst, sig)
     assert quick_fingerprint(src) == big["fingerprint"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_while_planning_stops_cleanly(big, tmp_path, sig):
     """Before the copy starts (reading headers, planning) the same holds: exit 130, one line, nothing left."""
-    src = big["src"]
-    dst = tmp_path / "work" / "out"
-    dst.parent.mkdir()
-    proc = subprocess.Popen(reshard_cmd(src, dst), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_sigint_as_a_terminal_sends_it)
+    proc, dst = _start_signallable(big["src"], tmp_path)
     # Wait until pyconv's main() runs (it catches SIGTERM from then on: /proc/PID/status, SigCgt), then
     # signal at once: the run is still importing pyconv, reading headers or planning (~1 s), not copying.
     deadline = time.monotonic() + 30
@@ -294,12 +301,8 @@ def test_signal_while_planning_stops_cleanly(big, tmp_path, sig):
         time.sleep(0.002)
     copying = any(tmp_pattern(dst).match(e) for e in siblings(dst))
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
     print(f"\n{sig.name} sent {'during the copy' if copying else 'before the copy'}")
-    assert _stopped(proc.returncode, sig), (proc.returncode, err)
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pyconv: stopped"), err
-    assert not dst.exists() and siblings(dst) == []
+    _assert_stopped_cleanly(proc, dst, sig)
 
 
 def _catches(pid, sig):

@@ -193,6 +193,13 @@ def assert_hf_equal(model, out_dir):
     assert set(out) == saved
     for name in saved:
         assert torch.equal(out[name], expected[name]), name
+    assert_transformers_agrees(model, out_dir)
+
+
+def assert_transformers_agrees(model, out_dir):
+    """transformers loads the HF output with no missing or unexpected keys and the model's logits."""
+    import torch
+
     loaded, info = type(model).from_pretrained(out_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     ids = example_ids(model)

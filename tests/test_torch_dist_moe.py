@@ -16,7 +16,7 @@ import pytest
 
 import megatron_harness as mh
 from conftest import example_input, load_hf_tensors
-from test_torch_dist import hf_logits, megatron_load_logits, megatron_save, run_torchrun_jobs
+from test_torch_dist import assert_transformers_agrees, hf_logits, megatron_load_logits, megatron_save, run_torchrun_jobs
 
 ATOL = 1e-5
 FAMILIES = ("mixtral", "qwen2_moe")
@@ -129,10 +129,7 @@ def assert_hf_output(model, src, out_dir):
     assert source.keys() == output.keys()
     for name in source:
         assert torch.equal(source[name], output[name]), name
-    loaded, info = type(model).from_pretrained(out_dir, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids = example_input(model)
-    assert torch.equal(hf_logits(model, ids), hf_logits(loaded.eval(), ids))
+    assert_transformers_agrees(model, out_dir)
 
 
 # ---- what Megatron-Core writes -------------------------------------------------------------------
