@@ -36,28 +36,37 @@ def dequant_kernel(q, scales, dst, dst_offset, rows, cols, ld, nk, row_base, col
 
 
 @triton.jit
-def quantize_kernel(x, q, scales, rows, cols, nk, BLOCK: tl.constexpr):
+def quantize_kernel(x, q, scales, rows, cols, nk, BLOCK: tl.constexpr, SUB_ROWS: tl.constexpr):
     """One BLOCK x BLOCK block of the fp32 rows x cols band x (float32 bits as int32) per
     program: scale = max(amax, 1e-4) / 448 (NaN if the block holds one), q = e4m3fn(x / scale)
-    with saturation; scales[block row * nk + block col]."""
+    with saturation; scales[block row * nk + block col]. Two passes of SUB_ROWS rows at a time
+    (the amax, then the quotients): a whole block held at once spills registers."""
     bi = tl.program_id(0).to(tl.int64)
     bj = tl.program_id(1).to(tl.int64)
-    i = bi * BLOCK + tl.arange(0, BLOCK)
     j = bj * BLOCK + tl.arange(0, BLOCK)
-    mask = (i < rows)[:, None] & (j < cols)[None, :]
-    offs = i[:, None] * cols + j[None, :]
-    u = load_bits(x + offs, mask, 0)
+    cmask = j < cols
     # Integer order of |x| bits is float order, and every NaN lies above Inf.
-    amax = tl.max(tl.max(u & 0x7FFFFFFF, axis=1), axis=0)
+    column_amax = tl.zeros([BLOCK], dtype=tl.uint32)
+    for r0 in range(0, BLOCK, SUB_ROWS):
+        i = bi * BLOCK + r0 + tl.arange(0, SUB_ROWS)
+        mask = (i < rows)[:, None] & cmask[None, :]
+        u = load_bits(x + (i[:, None] * cols + j[None, :]), mask, 0)
+        column_amax = tl.maximum(column_amax, tl.max(u & 0x7FFFFFFF, axis=0))
+    amax = tl.max(column_amax, axis=0)
     block_nan = amax > 0x7F800000
     amax_f = amax.to(tl.float32, bitcast=True)
     scale = tl.math.div_rn(tl.maximum(tl.where(block_nan, 0.0, amax_f), 1e-4), 448.0)
     scale_bits = tl.where(block_nan, 0x7FC00000, scale.to(tl.uint32, bitcast=True)).to(tl.uint32)
-    quotient = tl.math.div_rn(u.to(tl.float32, bitcast=True), scale).to(tl.uint32, bitcast=True)
-    # Division by the NaN scale: x86 gives x's own NaN if x is one, else the scale's (positive).
-    x_nan = (u & 0x7FFFFFFF) > 0x7F800000
-    # Inf / Inf (an Inf in the block makes the scale Inf): x86's default NaN, negative.
-    quotient = tl.where((quotient & 0x7FFFFFFF) > 0x7F800000, 0xFFC00000, quotient)
-    quotient = tl.where(block_nan, tl.where(x_nan, u | 0x00400000, 0x7FC00000), quotient)
-    store_bits(q + offs, e4m3_from_f32(quotient), mask, 3)
+    for r0 in range(0, BLOCK, SUB_ROWS):
+        i = bi * BLOCK + r0 + tl.arange(0, SUB_ROWS)
+        mask = (i < rows)[:, None] & cmask[None, :]
+        offs = i[:, None] * cols + j[None, :]
+        u = load_bits(x + offs, mask, 0)
+        quotient = tl.math.div_rn(u.to(tl.float32, bitcast=True), scale).to(tl.uint32, bitcast=True)
+        # Division by the NaN scale: x86 gives x's own NaN if x is one, else the scale's (positive).
+        x_nan = (u & 0x7FFFFFFF) > 0x7F800000
+        # Inf / Inf (an Inf in the block makes the scale Inf): x86's default NaN, negative.
+        quotient = tl.where((quotient & 0x7FFFFFFF) > 0x7F800000, 0xFFC00000, quotient)
+        quotient = tl.where(block_nan, tl.where(x_nan, u | 0x00400000, 0x7FC00000), quotient)
+        store_bits(q + offs, e4m3_from_f32(quotient), mask, 3)
     tl.store(scales + (bi * nk + bj), scale_bits.to(tl.int32, bitcast=True))

@@ -5,7 +5,9 @@ its staging buffers; the rest serve tests and benchmarks."""
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,10 +21,35 @@ FORMAT_NAMES = {"F32": F32, "BF16": BF16, "F16": F16, "F8_E4M3": E4M3}
 BITS_DTYPE = {F32: torch.int32, BF16: torch.int16, F16: torch.int16, E4M3: torch.uint8}
 TORCH_DTYPE = {F32: torch.float32, BF16: torch.bfloat16, F16: torch.float16, E4M3: torch.float8_e4m3fn}
 SCALE_BLOCK = 128
+# Compile options every launch passes: no contraction of a multiply and an add into one
+# rounding (fma), so each float operation rounds once as on the CPU path. Triton 3.9 still
+# fuses by default and will stop in 3.10; saying it pins the bits across versions.
+EXACT = {"enable_fp_fusion": False}
 
-# Under the interpreter every program is a numpy step: fewer, larger programs are faster.
+
+@dataclass(frozen=True)
+class LaunchShape:
+    elements: int  # per program
+    num_warps: int
+
+
+# Compiled for a GPU: 8 elements per thread (a 16-byte vector of 16-bit values), which keeps
+# every kernel under 128 registers with nothing spilled on sm_80 and sm_90 (more elements per
+# thread took up to 204 registers, and the one-pass quantizer spilled 584 bytes per thread;
+# `python bench/compile_kernels.py` prints them). Interpreted: each program is one numpy
+# step, so fewer, larger programs are faster.
+COMPILED_SHAPES = {"cast": LaunchShape(2048, 8), "rows": LaunchShape(2048, 8), "transpose": LaunchShape(64 * 64, 8),
+                   "dequant": LaunchShape(2048, 8), "quantize": LaunchShape(16 * SCALE_BLOCK, 8)}
+INTERPRETED_SHAPES = {"cast": LaunchShape(4096, 4), "rows": LaunchShape(4096, 4), "transpose": LaunchShape(64 * 64, 4),
+                      "dequant": LaunchShape(16384, 4), "quantize": LaunchShape(SCALE_BLOCK * SCALE_BLOCK, 8)}
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def launch_shape(kernel: str) -> LaunchShape:
+    return (INTERPRETED_SHAPES if interpreted() else COMPILED_SHAPES)[kernel]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -38,9 +65,24 @@ def _align(*values: int) -> int:
     return a
 
 
-def launch_cast(src_bits, src_fmt: int, dst_bits, dst_fmt: int, n: int, block: int = 4096) -> None:
+def rows_block(cols: int, shape: LaunchShape) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the row gather: a row's width up to 1024, as many rows as fill
+    the program (at most 16 compiled, 64 interpreted: each row loads its own start)."""
+    block_c = min(1024, triton.next_power_of_2(cols))
+    return max(1, min(64 if interpreted() else 16, shape.elements // block_c)), block_c
+
+
+def dequant_block(cols: int, shape: LaunchShape) -> tuple[int, int]:
+    block_c = min(256, triton.next_power_of_2(cols))
+    return max(1, shape.elements // block_c), block_c
+
+
+def launch_cast(src_bits, src_fmt: int, dst_bits, dst_fmt: int, n: int) -> None:
     if n:
-        cast_contiguous_kernel[(triton.cdiv(n, block),)](src_bits, dst_bits, n, SRC=src_fmt, DST=dst_fmt, BLOCK=block)
+        shape = launch_shape("cast")
+        cast_contiguous_kernel[(triton.cdiv(n, shape.elements),)](src_bits, dst_bits, n, SRC=src_fmt, DST=dst_fmt,
+                                                                  BLOCK=shape.elements, num_warps=shape.num_warps,
+                                                                  **EXACT)
 
 
 def launch_gather_rows(src_bits, src_fmt: int, src_start, dst_bits, dst_fmt: int, dst_start, n_rows: int, cols: int,
@@ -48,37 +90,42 @@ def launch_gather_rows(src_bits, src_fmt: int, src_start, dst_bits, dst_fmt: int
     """src_start, dst_start: int64 tensors of element offsets, one per row."""
     if not n_rows or not cols:
         return
-    block_c = min(1024, triton.next_power_of_2(cols))
-    block_r = max(1, min(64 if interpreted() else 16, 4096 // block_c))
+    shape = launch_shape("rows")
+    block_r, block_c = rows_block(cols, shape)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(cols, block_c))
     gather_rows_cast_kernel[grid](src_bits, src_start, dst_bits, dst_start, n_rows, cols, SRC=src_fmt, DST=dst_fmt,
-                                  ALIGN=align, BLOCK_R=block_r, BLOCK_C=block_c)
+                                  ALIGN=align, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=shape.num_warps, **EXACT)
 
 
 def launch_transpose(src_bits, src_fmt: int, dst_bits, dst_fmt: int, dst_offset: int, rows: int, cols: int,
                      ld: int) -> None:
     if rows and cols:
-        grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
+        shape = launch_shape("transpose")
+        side = math.isqrt(shape.elements)
+        grid = (triton.cdiv(rows, side), triton.cdiv(cols, side))
         transpose_cast_kernel[grid](src_bits, dst_bits, dst_offset, rows, cols, ld, SRC=src_fmt, DST=dst_fmt,
-                                    BLOCK_R=64, BLOCK_C=64)
+                                    BLOCK_R=side, BLOCK_C=side, num_warps=shape.num_warps, **EXACT)
 
 
 def launch_dequant(q, scale_bits, dst_bits, dst_fmt: int, dst_offset: int, rows: int, cols: int, ld: int, nk: int,
                    row_base: int, col_base: int, scale_block: int = SCALE_BLOCK) -> None:
     if rows and cols:
-        block_c = min(256, triton.next_power_of_2(cols))
-        block_r = max(1, (16384 if interpreted() else 4096) // block_c)
+        shape = launch_shape("dequant")
+        block_r, block_c = dequant_block(cols, shape)
         grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
         dequant_kernel[grid](q, scale_bits, dst_bits, dst_offset, rows, cols, ld, nk, row_base, col_base, DST=dst_fmt,
-                             SCALE_BLOCK=scale_block, BLOCK_R=block_r, BLOCK_C=block_c)
+                             SCALE_BLOCK=scale_block, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=shape.num_warps,
+                             **EXACT)
 
 
 def launch_quantize(x_bits, q, scale_bits, rows: int, cols: int) -> None:
     """x: rows x cols fp32 bits; q: rows x cols uint8; scales: [ceil(rows/128), ceil(cols/128)]."""
     if rows and cols:
+        shape = launch_shape("quantize")
         nk = triton.cdiv(cols, SCALE_BLOCK)
         quantize_kernel[(triton.cdiv(rows, SCALE_BLOCK), nk)](x_bits, q, scale_bits, rows, cols, nk, BLOCK=SCALE_BLOCK,
-                                                             num_warps=8)
+                                                             SUB_ROWS=shape.elements // SCALE_BLOCK,
+                                                             num_warps=shape.num_warps, **EXACT)
 
 
 # -- tensor in, tensor out ---------------------------------------------------------------------

@@ -229,3 +229,20 @@ def test_quantize_from_16_bit(dtype):
     ref_q, ref_scale = quantize_reference(x)
     assert_same_bits(scale, ref_scale, "scales")
     assert_same_bits(q.view(torch.uint8), ref_q.view(torch.uint8), "e4m3fn")
+
+
+@pytest.fixture
+def compiled_shapes(monkeypatch):
+    """The launch shapes a GPU gets (smaller programs; the quantizer's two passes in 16-row
+    steps) run by the interpreter, which otherwise uses larger ones for speed."""
+    monkeypatch.setattr(ops, "INTERPRETED_SHAPES", ops.COMPILED_SHAPES)
+
+
+def test_compiled_launch_shapes(compiled_shapes):
+    assert ops.launch_shape("quantize").elements < B * B  # the multi-step passes are what this runs
+    test_quantize_matches_deepseek_recipe()
+    test_dequantize_matches_torch(torch.bfloat16)
+    test_transpose_with_cast(torch.float32, torch.bfloat16)
+    test_qkv_permutation_with_cast(8, 2, 16, 40, 4, torch.float16)
+    test_gather_rows_repeats_and_selects()
+    test_cast_odd_lengths_and_offsets()
