@@ -47,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="tensor (model) parallel size of a megatron or deepseek target; for torch_dist only the "
                         "vocabulary padding (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
+    p.add_argument("--vpp", type=int, default=1,
+                   help="model chunks per pipeline rank of a megatron target: an interleaved (virtual) pipeline "
+                        "saved as model0..modelN-1 (default 1)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size of a megatron MoE target (default 1)")
     p.add_argument("--etp", type=int, default=None,
                    help="expert tensor parallel size of a megatron MoE target: routed experts split over etp "
@@ -119,7 +122,7 @@ def _cmd_inspect(args) -> int:
           + ", ".join(f"{d} {b:,}" for d, b in sorted(summary["bytes_by_dtype"].items())) + ")")
     if summary["extra_files"]:
         print(f"  other files:  {', '.join(summary['extra_files'])}")
-    for key in ("family", "tp", "pp", "ep", "etp", "iteration", "padded_vocab_size"):
+    for key in ("family", "tp", "pp", "vpp", "ep", "etp", "iteration", "padded_vocab_size"):
         if key in summary:
             print(f"  {key + ':':<13} {summary[key]}")
     if "args" in summary:
@@ -130,7 +133,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, megatron_naming=args.megatron_naming,
+    return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp, megatron_naming=args.megatron_naming,
                 moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
                 vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
                 last_stage_layers=args.last_stage_layers, family=args.family)

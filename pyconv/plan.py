@@ -221,6 +221,7 @@ class TargetSpec:
     vocab_divisible_by: int = 128        # Megatron's make_vocab_size_divisible_by
     first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers
     last_stage_layers: int | None = None   # Megatron's decoder_last_pipeline_num_layers
+    vpp: int = 1                         # model chunks per pipeline rank (virtual pipeline, interleaved)
 
     def to_json(self) -> dict:
         return dict(vars(self))

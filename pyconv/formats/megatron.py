@@ -5,6 +5,8 @@
         mp_rank_TT/model_optim_rng.pt              pp = 1
         mp_rank_TT_PPP/model_optim_rng.pt          pp > 1
             {"args": argparse.Namespace, "checkpoint_version": 3.0, "iteration": N, "model": {name: tensor}}
+            an interleaved (virtual) pipeline has "model0".."model{V-1}" instead of "model": chunk v
+            of pipeline rank p holds model chunk k = v * pp + p (pyconv.layout.virtual_stages)
 
 Every shard tensor is described by the Pieces of its family mapping's shard rule
 (pyconv.layout): the writer fills each shard from the canonical tensors with them, the reader
@@ -29,7 +31,7 @@ from pyconv.families import (
 from pyconv.formats import register_format
 from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
 from pyconv.layout import (
-    Piece, column_parallel, gated_fc1, layer_stages, padded_vocab_size, qkv_fused, replicated, row_parallel,
+    Piece, column_parallel, gated_fc1, padded_vocab_size, qkv_fused, replicated, row_parallel, virtual_stages,
     vocab_parallel,
 )
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
@@ -123,12 +125,19 @@ class MegatronLayout:
     family: Family
     dims: ModelDims
     padded_vocab: int
-    stages: list[range]
+    stages: list[range]     # layers per model chunk: per pipeline stage, or per virtual chunk v * pp + p
     tp: int
     pp: int
     ep: int
     etp: int | None = None  # expert tensor parallel size (None: tp)
     naming: str = "te"      # "te" or "local" (MLA down projections differ in their split)
+    vpp: int = 1            # model chunks per pipeline rank (interleaved schedule)
+
+    def chunks(self, p: int) -> list[tuple[str, int]]:
+        """(state dict key, index into stages) of each model chunk pipeline rank p's files hold."""
+        if self.vpp == 1:
+            return [("model", p)]
+        return [(f"model{v}", v * self.pp + p) for v in range(self.vpp)]
 
     @property
     def expert_tp(self) -> int:
@@ -331,10 +340,7 @@ def read(path: str, family: str | None = None) -> Catalog:
         obj = read_torch_checkpoint(file).obj
         if not isinstance(obj, dict):
             raise FormatError(f"{file}: not a Megatron checkpoint (top level is not a dict)")
-        if "model" not in obj:
-            virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()]
-            raise FormatError(f"{file}: " + ("virtual pipeline checkpoints (model0, model1...) are not supported yet"
-                                             if virtual else "no 'model' state dict"))
+        _model_chunks(obj, file)
         return file, obj
 
     first_file, first = load_file(first_dir)
@@ -345,6 +351,11 @@ def read(path: str, family: str | None = None) -> Catalog:
                        ("expert_model_parallel_size", ep)):
         if args.get(key) not in (None, value):
             raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
+    vpp = len(_model_chunks(first, first_file))
+    if (args.get("virtual_pipeline_model_parallel_size") or 1) != vpp:
+        raise FormatError(f"{first_file}: args say virtual_pipeline_model_parallel_size="
+                          f"{args['virtual_pipeline_model_parallel_size']} but the file holds {vpp} model chunk(s)")
+    _refuse_unsupported_pipeline_args(args, first_file)
     dims = megatron_dims(args, first_file)
     etp = (args.get("expert_tensor_parallel_size") or tp) if dims.num_experts else tp
     try:
@@ -361,35 +372,77 @@ def read(path: str, family: str | None = None) -> Catalog:
     layout = MegatronLayout(
         family=get_family(family) if family else _family_from_args(args, first_file), dims=dims,
         padded_vocab=args.get("padded_vocab_size") or dims.vocab,
-        stages=layer_stages(dims.num_layers, pp, args.get("decoder_first_pipeline_num_layers"),
-                            args.get("decoder_last_pipeline_num_layers")),
-        tp=tp, pp=pp, ep=ep, etp=etp)
+        stages=_stages(dims.num_layers, pp, vpp, args.get("decoder_first_pipeline_num_layers"),
+                       args.get("decoder_last_pipeline_num_layers"), first_file),
+        tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
     assembly = _Assembly({}, {}, [])
     for p in range(pp):
         dense_seen = set()
         for t, e, et in grid:
             file, obj = (first_file, first) if ranks[(t, p, e)] == first_dir else load_file(ranks[(t, p, e)])
-            _read_rank(file, obj, layout, t, p, e, assembly, et, dense_replica=t in dense_seen)
+            chunks = _model_chunks(obj, file)
+            if len(chunks) != vpp:
+                raise FormatError(f"{file}: holds {len(chunks)} model chunk(s) ({', '.join(chunks)}), but {first_file} "
+                                  f"holds {vpp}")
+            for chunk, stage in layout.chunks(p):
+                _read_rank(file, obj, layout, t, p, e, assembly, et, dense_replica=t in dense_seen, chunk=chunk,
+                           stage=stage)
             dense_seen.add(t)
     return _catalog(root, directory, iteration, layout, args, assembly)
 
 
+def _model_chunks(obj: dict, file: str) -> list[str]:
+    """The state dicts of a rank file: 'model', or model0..model{V-1} of an interleaved pipeline."""
+    if "model" in obj:
+        return ["model"]
+    numbered = sorted(int(k[5:]) for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit())
+    if not numbered:
+        raise FormatError(f"{file}: no 'model' state dict")
+    if numbered != list(range(len(numbered))):
+        raise FormatError(f"{file}: virtual pipeline chunks {', '.join(f'model{i}' for i in numbered)} are not "
+                          f"model0..model{len(numbered) - 1}")
+    return [f"model{i}" for i in numbered]
+
+
+def _stages(num_layers: int, pp: int, vpp: int, first: int | None, last: int | None, where: str) -> list[range]:
+    try:
+        return virtual_stages(num_layers, pp, vpp, first, last)
+    except LayoutError as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
+# Megatron-Core arguments that place layers in ways pyconv does not reproduce yet: refused by
+# name rather than read with the wrong layers.
+_UNSUPPORTED_PIPELINE_ARGS = ("pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                              "account_for_loss_in_pipeline_split")
+
+
+def _refuse_unsupported_pipeline_args(args: dict, where: str) -> None:
+    for key in _UNSUPPORTED_PIPELINE_ARGS:
+        if args.get(key) and (args.get("pipeline_model_parallel_size") or 1) > 1:
+            raise FormatError(f"{where}: args set {key}={args[key]!r}, a pipeline layout pyconv cannot read yet")
+
+
 def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: int, assembly: _Assembly,
-               etp_rank: int | None = None, dense_replica: bool | None = None) -> None:
-    """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for.
-    Dense tensors are taken from the first file of each TP rank (dense_replica: this file's
-    are copies); routed experts from every file, as expert-TP rank etp_rank of EP rank e."""
+               etp_rank: int | None = None, dense_replica: bool | None = None, chunk: str = "model",
+               stage: int | None = None) -> None:
+    """Adds the canonical blocks one model chunk of a rank file holds (obj[chunk], model chunk
+    `stage`, default p); every tensor in it must be accounted for. Dense tensors are taken from
+    the first file of each TP rank (dense_replica: this file's are copies); routed experts from
+    every file, as expert-TP rank etp_rank of EP rank e."""
     from pyconv.io.torchzip import TensorRef
 
     fam, dims, padded, tp = layout.family, layout.dims, layout.padded_vocab, layout.tp
     if dense_replica is None:
         dense_replica = e > 0
     blocks, dtypes, order = assembly.blocks, assembly.dtypes, assembly.order
-    model = obj["model"]
+    model = obj[chunk]
+    if chunk != "model":
+        file = f"{file} [{chunk}]"
     if not isinstance(model, dict):
-        raise FormatError(f"{file}: 'model' is not a state dict")
+        raise FormatError(f"{file}: '{chunk}' is not a state dict")
     seen = set()
-    for entry in layout.entries(p, e):
+    for entry in layout.entries(p if stage is None else stage, e):
         mapping, layer, local = entry.mapping, entry.layer, entry.local_layer
         candidates = list(dict.fromkeys(_fill(n, local, entry.local_expert) for n in mapping.megatron_names()))
         key = next((c for c in candidates if c in model), None)
@@ -442,6 +495,7 @@ def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: 
     unknown = [k for k in model if k not in seen and not str(k).endswith("_extra_state")]
     if unknown:
         raise FormatError(f"{file}: tensor '{unknown[0]}' matches no {fam.name} mapping for pipeline stage {p}"
+                          + (f", model chunk {chunk[5:]}" if chunk != "model" else "")
                           + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
 
 
@@ -459,7 +513,8 @@ def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, 
         config["dtype"] = _TORCH_DTYPE[dtype]
     extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
                   if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
-    details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, "ep": layout.ep,
+    details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, **({"vpp": layout.vpp} if layout.vpp > 1 else {}),
+               "ep": layout.ep,
                **({"etp": layout.expert_tp} if dims.num_experts else {}), "iteration": iteration,
                "padded_vocab_size": layout.padded_vocab,
                "args": {k: args[k] for k in sorted(args) if k in _ARGS_SUMMARY}}
@@ -601,7 +656,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     if target.megatron_naming not in ("te", "local"):
         raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
-    stages = layer_stages(dims.num_layers, pp, target.first_stage_layers, target.last_stage_layers)
+    vpp = target.vpp
+    stages = virtual_stages(dims.num_layers, pp, vpp, target.first_stage_layers, target.last_stage_layers)
     iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
@@ -615,11 +671,14 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
         "decoder_first_pipeline_num_layers": target.first_stage_layers,
         "decoder_last_pipeline_num_layers": target.last_stage_layers,
+        **({"virtual_pipeline_model_parallel_size": vpp, "num_virtual_stages_per_pipeline_rank": vpp,
+            "num_layers_per_virtual_pipeline_stage": (len(stages[0]) if len({len(s) for s in stages}) == 1
+                                                      else None)} if vpp > 1 else {}),
         "iteration": target.iteration or 0,
         # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
-    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.megatron_naming)
+    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.megatron_naming, vpp)
     files = PlannedFiles()
     for p in range(pp):
         for t, e, et in grid:
@@ -639,15 +698,30 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 
 def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, args: dict, iteration_dir: str,
                     t: int, p: int, e: int, et: int | None = None) -> PlannedFile:
-    """One model_optim_rng.pt: the torch.save layout of its state dict, each tensor's block copies."""
-    family, dims, pp, ep = layout.family, layout.dims, layout.pp, layout.ep
-    model: OrderedDict[str, TensorSlot] = OrderedDict()
+    """One model_optim_rng.pt: the torch.save layout of its state dict(s), each tensor's block copies."""
+    pp, ep = layout.pp, layout.ep
+    obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
     planned: list[tuple[str, str, tuple[int, ...], list[BlockCopy]]] = []
-    for entry in layout.entries(p, e):
+    for chunk, stage in layout.chunks(p):
+        obj[chunk] = _plan_chunk(catalog, layout, target, t, e, et, stage, planned)
+    layout, slots = layout_torch_save(obj)
+    assert len(slots) == len(planned)
+    tensors = tuple(PlannedTensor(name, dtype, shape, offset, tuple(copies))
+                    for (name, dtype, shape, copies), offset in zip(planned, layout.record_offsets))
+    path = f"{iteration_dir}/{rank_dir_name(t, p, pp, e, ep)}/{CHECKPOINT_FILE}"
+    return PlannedFile(path, layout.size, tensors, layout.literals)
+
+
+def _plan_chunk(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, t: int, e: int, et: int | None,
+                stage: int, planned: list) -> OrderedDict:
+    """The state dict of model chunk `stage` (slots in torch.save order); appends its tensors to planned."""
+    family, dims = layout.family, layout.dims
+    model: OrderedDict[str, TensorSlot] = OrderedDict()
+    for entry in layout.entries(stage, e):
         mapping, layer, local = entry.mapping, entry.layer, entry.local_layer
         names = hf_names(mapping, layer, entry.expert)
         if mapping.hf == ("lm_head.weight",) and dims.tied:
-            if pp == 1:
+            if len(layout.stages) == 1:
                 continue  # the output layer shares the embedding on a single stage
             # The last stage carries a copy of the word embedding.
             names = [next(m for m in family.mappings if m.where == FIRST_STAGE and m.rule == VOCAB).hf[0]]
@@ -667,14 +741,7 @@ def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec
         name = megatron_tensor_name(mapping, naming, local, entry.local_expert)
         model[name] = TensorSlot(dtype, shape)
         planned.append((name, dtype, shape, copies))
-    obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
-           "iteration": target.iteration or 0, "model": model}
-    layout, slots = layout_torch_save(obj)
-    assert len(slots) == len(planned)
-    tensors = tuple(PlannedTensor(name, dtype, shape, offset, tuple(copies))
-                    for (name, dtype, shape, copies), offset in zip(planned, layout.record_offsets))
-    path = f"{iteration_dir}/{rank_dir_name(t, p, pp, e, ep)}/{CHECKPOINT_FILE}"
-    return PlannedFile(path, layout.size, tensors, layout.literals)
+    return model
 
 
 def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:

@@ -45,3 +45,30 @@ def stage_of_layer(stages: list[range], layer: int) -> tuple[int, int]:
         if layer in layers:
             return stage, layer - layers.start
     raise LayoutError(f"layer {layer} is in no pipeline stage")
+
+
+def virtual_stages(num_layers: int, pp: int, vpp: int = 1, first: int | None = None,
+                   last: int | None = None) -> list[range]:
+    """Global layer indices per model chunk of an interleaved (virtual) pipeline, in chunk order
+    k = v * pp + p: chunk v of pipeline rank p. Each rank's layers (layer_stages) split evenly
+    into vpp chunks, and chunk v of every rank comes before chunk v + 1 of any, as Megatron-Core's
+    get_transformer_layer_offset places them (offset = v * num_layers / vpp + the layers of chunk
+    v on the ranks before p). With vpp = 1 this is layer_stages."""
+    if vpp < 1:
+        raise LayoutError(f"virtual pipeline size must be >= 1, got {vpp}")
+    per_rank = layer_stages(num_layers, pp, first, last)
+    if vpp == 1:
+        return per_rank
+    if pp == 1:
+        raise LayoutError(f"a virtual pipeline (vpp={vpp}) needs pp > 1")
+    for p, layers in enumerate(per_rank):
+        if len(layers) % vpp:
+            raise LayoutError(f"pipeline rank {p} holds {len(layers)} layers, not divisible into vpp={vpp} chunks "
+                              f"(num_layers={num_layers}, pp={pp}, first={first}, last={last})")
+    chunks, start = [], 0
+    for v in range(vpp):
+        for layers in per_rank:
+            n = len(layers) // vpp
+            chunks.append(range(start, start + n))
+            start += n
+    return chunks

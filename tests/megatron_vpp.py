@@ -1,0 +1,204 @@
+"""Megatron-Core as the judge of interleaved (virtual) pipeline checkpoints, run under torchrun
+with one process per pipeline rank (tp 1, CPU, gloo)::
+
+    torchrun --nproc-per-node PP tests/megatron_vpp.py --ckpt DIR --hf-config CONFIG.json --pp PP \\
+        --vpp V [--first N --last M] --input IDS.pt --out LOGITS.pt
+    torchrun --nproc-per-node PP tests/megatron_vpp.py --save-from HF_DIR --ckpt OUT --pp PP --vpp V
+
+Rank p builds its V model chunks as Megatron-LM does (GPTModel(vp_stage=v), the embedding on
+chunk 0 of rank 0, the output layer on chunk V-1 of the last rank; Megatron-Core decides which
+layers each chunk holds). Logits: each chunk loads `model{v}` of mp_rank_00_PPP strictly and
+the chunks run in the interleaved order, chunk v of every rank before chunk v + 1 of any, the
+hidden states passed rank to rank with send/recv; the last rank writes the logits. Save: each
+chunk is filled from the HF weights by Megatron-Core's own layer offsets and saved with its
+state_dict_for_save_checkpoint(), as Megatron-LM's save_checkpoint writes model0..model{V-1}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import megatron_harness as mh  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+
+
+def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None, last: int | None):
+    """This rank's V GPTModel chunks (local spec), in vp_stage order."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import torch
+
+    t = mh.translate_hf_config(cfg, 1, pp)
+    config = TransformerConfig(**t["transformer_config"], pipeline_dtype=torch.float32,
+                               virtual_pipeline_model_parallel_size=vpp,
+                               num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+    spec = get_gpt_layer_local_spec(normalization=t["normalization"])
+    p = parallel_state.get_pipeline_model_parallel_rank()
+    models = []
+    # Tied embeddings over pipeline stages: GPTModel all-reduces the two copies after moving
+    # them with .cuda(); on a CPU the tensor stays where it is (gloo reduces CPU tensors).
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        for v in range(vpp):
+            models.append(GPTModel(config=config, transformer_layer_spec=spec, vocab_size=t["padded_vocab_size"],
+                                   pre_process=(p == 0 and v == 0), post_process=(p == pp - 1 and v == vpp - 1),
+                                   parallel_output=False, vp_stage=v, **t["gpt_model"]).eval())
+    finally:
+        torch.Tensor.cuda = cuda
+    return config, models
+
+
+def _load_chunk(model, sd: dict, where: str) -> None:
+    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    got = {k for k in sd if not k.endswith("_extra_state")}
+    if own != got:
+        raise mh.StateDictMismatch(f"{where}: missing {sorted(own - got)}, unexpected {sorted(got - own)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def _logits(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    cfg = json.loads(Path(args.hf_config).read_text())
+    with mh.megatron_parallel(1, args.pp):
+        _, models = _chunk_models(cfg, args.pp, args.vpp, args.first, args.last)
+        p = parallel_state.get_pipeline_model_parallel_rank()
+        f = mh.checkpoint_file(args.ckpt, 0, p, args.pp)
+        ckpt = torch.load(f, map_location="cpu", weights_only=False)
+        for v, model in enumerate(models):
+            if f"model{v}" not in ckpt:
+                raise mh.StateDictMismatch(f"{f}: no 'model{v}' (keys: {sorted(ckpt)})")
+            _load_chunk(model, ckpt[f"model{v}"], f"{f} model{v}")
+        ids = torch.load(args.input, weights_only=True)
+        b, s = ids.shape
+        position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
+        mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+        hidden_shape = (s, b, cfg["hidden_size"])
+        chunks = args.pp * args.vpp
+        with torch.no_grad():
+            for k in range(chunks):  # model chunk k = v * pp + p runs on rank k % pp
+                if k % args.pp != p:
+                    continue
+                model = models[k // args.pp]
+                if k > 0:
+                    hidden = torch.empty(hidden_shape)
+                    dist.recv(hidden, src=(k - 1) % args.pp)
+                    model.set_input_tensor(hidden)
+                out = model(ids, position_ids, mask)
+                if k < chunks - 1:
+                    dist.send(out.contiguous(), dst=(k + 1) % args.pp)
+                else:
+                    torch.save(out[..., :cfg["vocab_size"]].float().contiguous(), args.out)
+        dist.barrier()
+
+
+def _save(args) -> None:
+    import re
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    cfg = mh._config_dict(args.save_from)
+    with mh.megatron_parallel(1, args.pp):
+        config, models = _chunk_models(cfg, args.pp, args.vpp, args.first, args.last)
+        p = parallel_state.get_pipeline_model_parallel_rank()
+        full = mh.megatron_full_tensors(mh._read_hf_weights(args.save_from), cfg)
+        full = mh.megatron_shard(full, cfg, 1, 0)
+        ckpt_args = mh.megatron_args(cfg, 1, args.pp)
+        ckpt_args.virtual_pipeline_model_parallel_size = args.vpp
+        ckpt_args.decoder_first_pipeline_num_layers = args.first
+        ckpt_args.decoder_last_pipeline_num_layers = args.last
+        ckpt = {"args": ckpt_args, "checkpoint_version": mh.CHECKPOINT_VERSION, "iteration": 0}
+        for v, model in enumerate(models):
+            offset = get_transformer_layer_offset(config, vp_stage=v)  # Megatron-Core's placement
+
+            def global_name(name):
+                return re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.",
+                              name)
+
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    source = full.get(global_name(name))
+                    if source is None and name == "output_layer.weight":
+                        source = full["embedding.word_embeddings.weight"]  # tied: the last stage's copy
+                    if source is None or tuple(source.shape) != tuple(param.shape):
+                        raise mh.StateDictMismatch(f"rank {p} chunk {v}: {name} -> {global_name(name)}")
+                    param.copy_(source)
+            ckpt[f"model{v}"] = model.state_dict_for_save_checkpoint()
+        f = mh.checkpoint_file(args.ckpt, 0, p, args.pp)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, f)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            (Path(args.ckpt) / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+def _torchrun(script_args, nproc: int, timeout: float = 180.0) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={mh.free_port()}", str(SCRIPT), *map(str, script_args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+
+
+def _stage_args(first, last) -> list:
+    return [*(["--first", first] if first is not None else []), *(["--last", last] if last is not None else [])]
+
+
+def vpp_logits(ckpt_dir, hf_config: dict, pp: int, vpp: int, input_ids, first=None, last=None):
+    """[b, s, vocab] logits of Megatron-Core running an interleaved checkpoint (pp processes)."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="megatron_vpp_") as tmp:
+        cfg, ids, out = Path(tmp) / "config.json", Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
+        cfg.write_text(json.dumps(hf_config))
+        torch.save(torch.as_tensor(input_ids, dtype=torch.long), ids)
+        _torchrun(["--ckpt", ckpt_dir, "--hf-config", cfg, "--pp", pp, "--vpp", vpp, "--input", ids, "--out", out,
+                   *_stage_args(first, last)], nproc=pp)
+        return torch.load(out, weights_only=True)
+
+
+def save_vpp_with_megatron(hf_model_dir, out_dir, pp: int, vpp: int, first=None, last=None) -> Path:
+    _torchrun(["--save-from", hf_model_dir, "--ckpt", out_dir, "--pp", pp, "--vpp", vpp, *_stage_args(first, last)],
+              nproc=pp)
+    return Path(out_dir)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--hf-config")
+    parser.add_argument("--save-from")
+    parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--vpp", type=int, required=True)
+    parser.add_argument("--first", type=int)
+    parser.add_argument("--last", type=int)
+    parser.add_argument("--input")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if args.save_from:
+        _save(args)
+    else:
+        _logits(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
