@@ -155,17 +155,17 @@ def _check_paths(src: str, dst: str) -> None:
 
 def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shard_size=None,
                  source_format: str | None = None, family: str | None = None, tp: int = 1, pp: int = 1, vpp: int = 1,
-                 ep: int = 1,
+                 pipeline_layout: str | None = None, ep: int = 1,
                  etp: int | None = None, megatron_naming: str = "te", moe_grouped_gemm: bool = False, iteration: int | None = None,
                  vocab_divisible_by: int = 128,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> ReshardPlan:
     """The plan of a conversion, as pure data: nothing is read but headers, nothing written."""
-    if vpp != 1 and to != "megatron":
-        raise LayoutError(f"--vpp (a virtual pipeline) applies to --to megatron, not --to {to}")
+    if (vpp != 1 or pipeline_layout) and to != "megatron":
+        raise LayoutError(f"--vpp and --pipeline-layout apply to --to megatron, not --to {to}")
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
     target = TargetSpec(format=to, dtype=parse_dtype(dtype),
                         max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size,
-                        tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, megatron_naming=megatron_naming, moe_grouped_gemm=moe_grouped_gemm,
+                        tp=tp, pp=pp, vpp=vpp, pipeline_layout=pipeline_layout, ep=ep, etp=etp, megatron_naming=megatron_naming, moe_grouped_gemm=moe_grouped_gemm,
                         iteration=iteration,
                         vocab_divisible_by=vocab_divisible_by, first_stage_layers=first_stage_layers,
                         last_stage_layers=last_stage_layers)
@@ -182,9 +182,9 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_siz
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
     dtype: fp32 | bf16 | fp16 (floating tensors are cast; others keep theirs);
-    max_shard_size: bytes or a size such as '5GB' (hf). layout: tp, pp, vpp, ep, megatron_naming, moe_grouped_gemm
-    ('te' or 'local'), iteration, vocab_divisible_by, first_stage_layers, last_stage_layers
-    (megatron), family (to read a Megatron checkpoint whose family the args do not tell).
+    max_shard_size: bytes or a size such as '5GB' (hf). layout (megatron): tp, pp, vpp, pipeline_layout,
+    ep, etp, megatron_naming ('te' or 'local'), moe_grouped_gemm, iteration, vocab_divisible_by,
+    first_stage_layers, last_stage_layers; family (to read a Megatron checkpoint whose family the args do not tell).
     Nothing is written on dry_run. device: "cpu" (the C++ core) or "cuda" (Triton kernels on a GPU,
     or on the CPU under TRITON_INTERPRET=1; same output bytes).
     """

@@ -61,6 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None, help="write iter_NNNNNNN/ instead of release/")
     p.add_argument("--make-vocab-size-divisible-by", dest="vocab_divisible_by", type=int, default=128,
                    help="Megatron pads the vocabulary to a multiple of this times tp (default 128)")
+    p.add_argument("--pipeline-layout", default=None,
+                   help="Megatron-Core's pipeline_model_parallel_layout for a megatron target, e.g. 'Et*3|(tt|)*2,tL': "
+                        "one stage per model chunk (chunk v of rank p is stage v*pp+p), E embedding, t layer, L loss")
     p.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
     p.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"], default=None,
@@ -133,7 +136,7 @@ def _cmd_inspect(args) -> int:
 
 
 def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp, megatron_naming=args.megatron_naming,
+    return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, pipeline_layout=args.pipeline_layout, ep=args.ep, etp=args.etp, megatron_naming=args.megatron_naming,
                 moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
                 vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
                 last_stage_layers=args.last_stage_layers, family=args.family)

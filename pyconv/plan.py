@@ -222,6 +222,7 @@ class TargetSpec:
     first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers
     last_stage_layers: int | None = None   # Megatron's decoder_last_pipeline_num_layers
     vpp: int = 1                         # model chunks per pipeline rank (virtual pipeline, interleaved)
+    pipeline_layout: str | None = None   # Megatron-Core's pipeline_model_parallel_layout ("Et|tt|tL")
 
     def to_json(self) -> dict:
         return dict(vars(self))

@@ -1,9 +1,11 @@
-"""Megatron-Core as the judge of interleaved (virtual) pipeline checkpoints, run under torchrun
-with one process per pipeline rank (tp 1, CPU, gloo)::
+"""Megatron-Core as the judge of pipelined checkpoints (interleaved/virtual pipelines, uneven
+stages, pipeline_model_parallel_layout, embedding/loss counted in the split), run under
+torchrun with one process per pipeline rank (tp 1, CPU, gloo)::
 
     torchrun --nproc-per-node PP tests/megatron_vpp.py --ckpt DIR --hf-config CONFIG.json --pp PP \\
-        --vpp V [--first N --last M] --input IDS.pt --out LOGITS.pt
-    torchrun --nproc-per-node PP tests/megatron_vpp.py --save-from HF_DIR --ckpt OUT --pp PP --vpp V
+        --vpp V [--first N --last M | --layout STR | --account-embedding --account-loss] \\
+        --input IDS.pt --out LOGITS.pt
+    torchrun --nproc-per-node PP tests/megatron_vpp.py --save-from HF_DIR --ckpt OUT --pp PP --vpp V [...]
 
 Rank p builds its V model chunks as Megatron-LM does (GPTModel(vp_stage=v), the embedding on
 chunk 0 of rank 0, the output layer on chunk V-1 of the last rank; Megatron-Core decides which
@@ -30,8 +32,9 @@ import megatron_harness as mh  # noqa: E402
 SCRIPT = Path(__file__).resolve()
 
 
-def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None, last: int | None):
-    """This rank's V GPTModel chunks (local spec), in vp_stage order."""
+def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None = None, last: int | None = None,
+                  layout: str | None = None, embedding: bool = False, loss: bool = False):
+    """This rank's V GPTModel chunks (local spec), in vp_stage order (vp_stage None when V = 1)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -41,10 +44,14 @@ def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None, last: int | N
 
     t = mh.translate_hf_config(cfg, 1, pp)
     config = TransformerConfig(**t["transformer_config"], pipeline_dtype=torch.float32,
-                               virtual_pipeline_model_parallel_size=vpp,
-                               num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last)
+                               virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                               num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+                               pipeline_model_parallel_layout=layout, account_for_embedding_in_pipeline_split=embedding,
+                               account_for_loss_in_pipeline_split=loss)
     spec = get_gpt_layer_local_spec(normalization=t["normalization"])
     p = parallel_state.get_pipeline_model_parallel_rank()
+    if vpp > 1:  # as initialize_model_parallel(virtual_pipeline_model_parallel_size=vpp) sets it for Megatron-LM
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(vpp)
     models = []
     # Tied embeddings over pipeline stages: GPTModel all-reduces the two copies after moving
     # them with .cuda(); on a CPU the tensor stays where it is (gloo reduces CPU tensors).
@@ -54,7 +61,8 @@ def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None, last: int | N
         for v in range(vpp):
             models.append(GPTModel(config=config, transformer_layer_spec=spec, vocab_size=t["padded_vocab_size"],
                                    pre_process=(p == 0 and v == 0), post_process=(p == pp - 1 and v == vpp - 1),
-                                   parallel_output=False, vp_stage=v, **t["gpt_model"]).eval())
+                                   parallel_output=False, vp_stage=v if vpp > 1 else None,
+                                   **t["gpt_model"]).eval())
     finally:
         torch.Tensor.cuda = cuda
     return config, models
@@ -75,14 +83,15 @@ def _logits(args) -> None:
 
     cfg = json.loads(Path(args.hf_config).read_text())
     with mh.megatron_parallel(1, args.pp):
-        _, models = _chunk_models(cfg, args.pp, args.vpp, args.first, args.last)
+        _, models = _chunk_models(cfg, args.pp, args.vpp, *_placement(args))
         p = parallel_state.get_pipeline_model_parallel_rank()
         f = mh.checkpoint_file(args.ckpt, 0, p, args.pp)
         ckpt = torch.load(f, map_location="cpu", weights_only=False)
         for v, model in enumerate(models):
-            if f"model{v}" not in ckpt:
-                raise mh.StateDictMismatch(f"{f}: no 'model{v}' (keys: {sorted(ckpt)})")
-            _load_chunk(model, ckpt[f"model{v}"], f"{f} model{v}")
+            key = _chunk_key(v, args.vpp)
+            if key not in ckpt:
+                raise mh.StateDictMismatch(f"{f}: no '{key}' (keys: {sorted(ckpt)})")
+            _load_chunk(model, ckpt[key], f"{f} {key}")
         ids = torch.load(args.input, weights_only=True)
         b, s = ids.shape
         position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
@@ -116,7 +125,7 @@ def _save(args) -> None:
 
     cfg = mh._config_dict(args.save_from)
     with mh.megatron_parallel(1, args.pp):
-        config, models = _chunk_models(cfg, args.pp, args.vpp, args.first, args.last)
+        config, models = _chunk_models(cfg, args.pp, args.vpp, *_placement(args))
         p = parallel_state.get_pipeline_model_parallel_rank()
         full = mh.megatron_full_tensors(mh._read_hf_weights(args.save_from), cfg)
         full = mh.megatron_shard(full, cfg, 1, 0)
@@ -124,9 +133,12 @@ def _save(args) -> None:
         ckpt_args.virtual_pipeline_model_parallel_size = args.vpp
         ckpt_args.decoder_first_pipeline_num_layers = args.first
         ckpt_args.decoder_last_pipeline_num_layers = args.last
+        ckpt_args.pipeline_model_parallel_layout = args.layout
+        ckpt_args.account_for_embedding_in_pipeline_split = args.account_embedding
+        ckpt_args.account_for_loss_in_pipeline_split = args.account_loss
         ckpt = {"args": ckpt_args, "checkpoint_version": mh.CHECKPOINT_VERSION, "iteration": 0}
         for v, model in enumerate(models):
-            offset = get_transformer_layer_offset(config, vp_stage=v)  # Megatron-Core's placement
+            offset = get_transformer_layer_offset(config, vp_stage=v if args.vpp > 1 else None)  # Megatron-Core's
 
             def global_name(name):
                 return re.sub(r"^decoder\.layers\.(\d+)\.", lambda m: f"decoder.layers.{int(m.group(1)) + offset}.",
@@ -140,13 +152,21 @@ def _save(args) -> None:
                     if source is None or tuple(source.shape) != tuple(param.shape):
                         raise mh.StateDictMismatch(f"rank {p} chunk {v}: {name} -> {global_name(name)}")
                     param.copy_(source)
-            ckpt[f"model{v}"] = model.state_dict_for_save_checkpoint()
+            ckpt[_chunk_key(v, args.vpp)] = model.state_dict_for_save_checkpoint()
         f = mh.checkpoint_file(args.ckpt, 0, p, args.pp)
         f.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, f)
         dist.barrier()
         if dist.get_rank() == 0:
             (Path(args.ckpt) / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+def _chunk_key(v: int, vpp: int) -> str:
+    return "model" if vpp == 1 else f"model{v}"
+
+
+def _placement(args) -> tuple:
+    return args.first, args.last, args.layout, args.account_embedding, args.account_loss
 
 
 def _torchrun(script_args, nproc: int, timeout: float = 180.0) -> None:
@@ -158,12 +178,15 @@ def _torchrun(script_args, nproc: int, timeout: float = 180.0) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
-def _stage_args(first, last) -> list:
-    return [*(["--first", first] if first is not None else []), *(["--last", last] if last is not None else [])]
+def _stage_args(first=None, last=None, layout=None, account_embedding=False, account_loss=False) -> list:
+    return [*(["--first", first] if first is not None else []), *(["--last", last] if last is not None else []),
+            *(["--layout", layout] if layout else []), *(["--account-embedding"] if account_embedding else []),
+            *(["--account-loss"] if account_loss else [])]
 
 
-def vpp_logits(ckpt_dir, hf_config: dict, pp: int, vpp: int, input_ids, first=None, last=None):
-    """[b, s, vocab] logits of Megatron-Core running an interleaved checkpoint (pp processes)."""
+def vpp_logits(ckpt_dir, hf_config: dict, pp: int, vpp: int, input_ids, first=None, last=None, **placement):
+    """[b, s, vocab] logits of Megatron-Core running a pipelined checkpoint (pp processes).
+    placement: layout (pipeline_model_parallel_layout), account_embedding, account_loss."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="megatron_vpp_") as tmp:
@@ -171,13 +194,13 @@ def vpp_logits(ckpt_dir, hf_config: dict, pp: int, vpp: int, input_ids, first=No
         cfg.write_text(json.dumps(hf_config))
         torch.save(torch.as_tensor(input_ids, dtype=torch.long), ids)
         _torchrun(["--ckpt", ckpt_dir, "--hf-config", cfg, "--pp", pp, "--vpp", vpp, "--input", ids, "--out", out,
-                   *_stage_args(first, last)], nproc=pp)
+                   *_stage_args(first, last, **placement)], nproc=pp)
         return torch.load(out, weights_only=True)
 
 
-def save_vpp_with_megatron(hf_model_dir, out_dir, pp: int, vpp: int, first=None, last=None) -> Path:
-    _torchrun(["--save-from", hf_model_dir, "--ckpt", out_dir, "--pp", pp, "--vpp", vpp, *_stage_args(first, last)],
-              nproc=pp)
+def save_vpp_with_megatron(hf_model_dir, out_dir, pp: int, vpp: int, first=None, last=None, **placement) -> Path:
+    _torchrun(["--save-from", hf_model_dir, "--ckpt", out_dir, "--pp", pp, "--vpp", vpp,
+               *_stage_args(first, last, **placement)], nproc=pp)
     return Path(out_dir)
 
 
@@ -190,6 +213,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vpp", type=int, required=True)
     parser.add_argument("--first", type=int)
     parser.add_argument("--last", type=int)
+    parser.add_argument("--layout")
+    parser.add_argument("--account-embedding", action="store_true")
+    parser.add_argument("--account-loss", action="store_true")
     parser.add_argument("--input")
     parser.add_argument("--out")
     args = parser.parse_args(argv)

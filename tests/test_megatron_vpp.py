@@ -1,7 +1,9 @@
-"""Interleaved (virtual) pipeline Megatron checkpoints: rank files holding model0..model{V-1}.
+"""Pipeline placements of Megatron checkpoints: interleaved (virtual) pipelines whose rank files
+hold model0..model{V-1}, pipeline_model_parallel_layout strings, and the embedding/loss counted
+as layers of the split (account_for_*_in_pipeline_split).
 
 Judged by Megatron-Core: its own layer placement (get_transformer_layer_offset,
-get_num_layers_to_build) equals pyconv's for even and uneven pipelines; Megatron-Core builds
+get_num_layers_to_build, PipelineParallelLayerLayout) equals pyconv's; Megatron-Core builds
 each rank's chunks (GPTModel(vp_stage=v)), loads pyconv's output strictly and, running the chunks
 in the interleaved order, gives transformers' logits; a checkpoint Megatron-Core's chunks saved
 converts to the exact HF tensors. Round trips through every other layout are bitwise."""
@@ -139,7 +141,7 @@ def test_cli_inspect_and_refusals(tiny_models, tmp_path, capsys):
         pyconv.reshard(src, tmp_path / "x", to="megatron", pp=2, vpp=2)  # 3 layers per rank
     with pytest.raises(LayoutError, match="needs pp > 1"):
         pyconv.reshard(src, tmp_path / "x", to="megatron", vpp=2)
-    with pytest.raises(LayoutError, match="applies to --to megatron"):
+    with pytest.raises(LayoutError, match="apply to --to megatron"):
         pyconv.reshard(src, tmp_path / "x", to="hf", vpp=2)
     assert main(["reshard", str(src), str(tmp_path / "x"), "--to", "megatron", "--pp", "2", "--vpp", "0"]) == 2
     assert not (tmp_path / "x").exists()
@@ -175,10 +177,112 @@ def test_hostile_chunks_are_named(tiny_models, tmp_path):
                                                  o["model1"]["decoder.layers.0.mlp.linear_fc2.weight"]}))
     with pytest.raises(FormatError, match=r"\[model1\].*decoder.layers.1.mlp.linear_fc2.weight.*model chunk 1"):
         pyconv.open(tmp_path / "s")
-    for key in ("account_for_embedding_in_pipeline_split", "pipeline_model_parallel_layout"):
-        pyconv.reshard(src, tmp_path / key, to="megatron", pp=2)
+    for key, value, message in (
+            ("account_for_embedding_in_pipeline_split", True, "7 layers|6 layers \\+ 1 embedding.*do not split evenly"),
+            ("pipeline_model_parallel_layout", "Et|tL", "places 2 decoder layers, the model has 6"),
+            ("pipeline_model_parallel_layout", "Etttt|tXL", "unknown layer character"),
+            ("pipeline_model_parallel_layout", "tttE|tttL", "must open the first stage")):
+        target = tmp_path / f"{key}-{len(message)}"
+        pyconv.reshard(src, target, to="megatron", pp=2)
         for p in range(2):
-            f = tmp_path / key / "release" / f"mp_rank_00_00{p}" / "model_optim_rng.pt"
-            _rewrite(f, lambda o: setattr(o["args"], key, True if key.startswith("account") else "Et|tL"))
-        with pytest.raises(FormatError, match=f"{key}.*pipeline layout pyconv cannot read"):
-            pyconv.open(tmp_path / key)
+            f = target / "release" / f"mp_rank_00_00{p}" / "model_optim_rng.pt"
+            _rewrite(f, lambda o: setattr(o["args"], key, value))
+        with pytest.raises(FormatError, match=message):
+            pyconv.open(target)
+
+
+LAYOUTS = [  # (pipeline_model_parallel_layout, pp, layers)
+    ("Ettt|tttL", 2, 6), ("Et|tt|tt|tL", 2, 6), ("E|ttt|ttt|L", 2, 6), ("Et*3|(tt|)*2,tL", 2, 8),
+    ("Ett|t|tt|tL", 4, 6), ("Et|(t|)*4tL", 3, 6),
+]
+
+
+@needs_megatron
+@pytest.mark.parametrize("layout,pp,layers", LAYOUTS)
+def test_pipeline_layout_placement_is_megatron_cores(layout, pp, layers):
+    mh.import_megatron_core()
+    from megatron.core import parallel_state
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    from pyconv.layout import layout_stages
+
+    theirs = PipelineParallelLayerLayout(layout, pp)
+    theirs.validate_layer_layout(layers, None)
+    ours, vpp = layout_stages(layout, layers, pp)
+    assert vpp == theirs.virtual_pipeline_model_parallel_size
+    saved = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(vpp)
+    try:
+        for p in range(pp):
+            for v in range(vpp):
+                ids = theirs.get_layer_id_list(LayerType.decoder, vp_stage=v, pp_rank=p)
+                assert list(ours[v * pp + p]) == ids, (p, v)
+    finally:
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(saved)
+
+
+@needs_megatron
+@pytest.mark.parametrize("num_layers,pp,vpp,embedding,loss", [
+    (7, 2, 1, True, False), (6, 2, 1, True, True), (7, 2, 1, False, True), (10, 4, 3, True, True),
+    (11, 3, 2, True, False), (10, 2, 3, True, True),
+])
+def test_embedding_and_loss_slots_are_megatron_cores(num_layers, pp, vpp, embedding, loss):
+    mh.import_megatron_core()
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from pyconv.layout import slot_stages
+
+    config = TransformerConfig(num_layers=num_layers, hidden_size=16, num_attention_heads=2,
+                               pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+                               virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                               account_for_embedding_in_pipeline_split=embedding,
+                               account_for_loss_in_pipeline_split=loss)
+    ours = slot_stages(num_layers, pp, vpp, embedding, loss)
+    for p in range(pp):
+        for v in range(vpp):
+            vp = v if vpp > 1 else None
+            offset = get_transformer_layer_offset(config, vp_stage=vp, pp_rank=p)
+            count = get_num_layers_to_build(config, vp_stage=vp, pp_rank=p)
+            assert ours[v * pp + p] == range(offset, offset + count), (p, v)
+
+
+@needs_megatron
+@pytest.mark.parametrize("family,pp,vpp,placement", [
+    ("llama", 2, 2, {"layout": "E|ttt|ttt|L"}),           # chunks holding only the embedding or the loss
+    ("qwen2", 2, 1, {"account_embedding": True, "account_loss": True}),  # tied; 6 + 2 slots over 2 stages
+])
+def test_megatron_core_saved_layouts_convert_and_run(tiny_models, tmp_path, family, pp, vpp, placement):
+    import megatron_vpp
+
+    model, src = tiny_models[family]
+    ckpt = megatron_vpp.save_vpp_with_megatron(src, tmp_path / "mg", pp, vpp, **placement)
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf")
+    out = load_hf_tensors(tmp_path / "hf")
+    for name, tensor in model.state_dict().items():
+        if name in out or not (family == "qwen2" and name == "lm_head.weight"):
+            assert torch.equal(out[name], tensor), name
+    if "layout" in placement:  # pyconv writes the same layout, and Megatron-Core runs it
+        pyconv.reshard(src, tmp_path / "pyconv", to="megatron", pp=pp, pipeline_layout=placement["layout"],
+                       megatron_naming="local")
+        ids = example_input(model)
+        got = megatron_vpp.vpp_logits(tmp_path / "pyconv", config_of(src), pp, vpp, ids, **placement)
+        assert (got - hf_logits(model, ids)).abs().max().item() < ATOL
+        saved = torch.load(mh.checkpoint_file(tmp_path / "pyconv", 0, 0, pp), weights_only=False)
+        assert saved["args"].pipeline_model_parallel_layout == placement["layout"]
+        assert not [k for k in saved["model0"] if k.startswith("decoder.layers.")]  # "E" alone
+
+
+def test_pipeline_layout_refusals(tiny_models, tmp_path):
+    _, src = tiny_models["llama"]
+    with pytest.raises(LayoutError, match="places 5 decoder layers"):
+        pyconv.reshard(src, tmp_path / "x", to="megatron", pp=2, pipeline_layout="Ettt|ttL")
+    with pytest.raises(LayoutError, match="not a multiple of pp=2"):
+        pyconv.reshard(src, tmp_path / "x", to="megatron", pp=2, pipeline_layout="Ett|tt|ttL")
+    with pytest.raises(LayoutError, match="gives vpp=2, not 3"):
+        pyconv.reshard(src, tmp_path / "x", to="megatron", pp=2, vpp=3, pipeline_layout="Et|tt|tt|tL")
+    with pytest.raises(LayoutError, match="MTP"):
+        pyconv.reshard(src, tmp_path / "x", to="megatron", pp=2, pipeline_layout="Ettt|tttmL")
+    assert not (tmp_path / "x").exists()

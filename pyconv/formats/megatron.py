@@ -31,8 +31,8 @@ from pyconv.families import (
 from pyconv.formats import register_format
 from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
 from pyconv.layout import (
-    Piece, column_parallel, gated_fc1, padded_vocab_size, qkv_fused, replicated, row_parallel, virtual_stages,
-    vocab_parallel,
+    Piece, column_parallel, gated_fc1, layout_stages, padded_vocab_size, qkv_fused, replicated, row_parallel,
+    slot_stages, virtual_stages, vocab_parallel,
 )
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
     plan_text_file
@@ -352,10 +352,9 @@ def read(path: str, family: str | None = None) -> Catalog:
         if args.get(key) not in (None, value):
             raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
     vpp = len(_model_chunks(first, first_file))
-    if (args.get("virtual_pipeline_model_parallel_size") or 1) != vpp:
+    if (args.get("virtual_pipeline_model_parallel_size") or vpp) != vpp:
         raise FormatError(f"{first_file}: args say virtual_pipeline_model_parallel_size="
                           f"{args['virtual_pipeline_model_parallel_size']} but the file holds {vpp} model chunk(s)")
-    _refuse_unsupported_pipeline_args(args, first_file)
     dims = megatron_dims(args, first_file)
     etp = (args.get("expert_tensor_parallel_size") or tp) if dims.num_experts else tp
     try:
@@ -372,9 +371,7 @@ def read(path: str, family: str | None = None) -> Catalog:
     layout = MegatronLayout(
         family=get_family(family) if family else _family_from_args(args, first_file), dims=dims,
         padded_vocab=args.get("padded_vocab_size") or dims.vocab,
-        stages=_stages(dims.num_layers, pp, vpp, args.get("decoder_first_pipeline_num_layers"),
-                       args.get("decoder_last_pipeline_num_layers"), first_file),
-        tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
+        stages=_stages_from_args(args, dims.num_layers, pp, vpp, first_file), tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
     assembly = _Assembly({}, {}, [])
     for p in range(pp):
         dense_seen = set()
@@ -404,23 +401,37 @@ def _model_chunks(obj: dict, file: str) -> list[str]:
     return [f"model{i}" for i in numbered]
 
 
-def _stages(num_layers: int, pp: int, vpp: int, first: int | None, last: int | None, where: str) -> list[range]:
+_LAYER_TYPE_CHARS = {"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}
+
+
+def _stages_from_args(args: dict, num_layers: int, pp: int, vpp: int, where: str) -> list[range]:
+    """Layers of each model chunk as Megatron-Core placed them: by pipeline_model_parallel_layout,
+    by counting the embedding/loss as layers (account_for_*_in_pipeline_split), or evenly with
+    optional first/last stage sizes; vpp is the number of chunks in the rank files."""
+    layout = args.get("pipeline_model_parallel_layout")
+    embedding = bool(args.get("account_for_embedding_in_pipeline_split"))
+    loss = bool(args.get("account_for_loss_in_pipeline_split"))
+    first, last = args.get("decoder_first_pipeline_num_layers"), args.get("decoder_last_pipeline_num_layers")
     try:
+        if layout:
+            if isinstance(layout, list):  # the list form: [["embedding", "decoder"], ["decoder", "loss"]]
+                layout = "|".join("".join(_LAYER_TYPE_CHARS.get(str(t).strip().lower(), "?") for t in stage)
+                                  for stage in layout)
+            if not isinstance(layout, str):
+                raise LayoutError(f"pipeline_model_parallel_layout is a {type(layout).__name__}, not a string")
+            stages, layout_vpp = layout_stages(layout, num_layers, pp)
+            if layout_vpp != vpp:
+                raise LayoutError(f"pipeline_model_parallel_layout {layout!r} has {layout_vpp} model chunk(s) per "
+                                  f"pipeline rank, the files hold {vpp}")
+            return stages
+        if embedding or loss:
+            if first is not None or last is not None:
+                raise LayoutError("account_for_*_in_pipeline_split and first/last pipeline stage sizes are set "
+                                  "together, which Megatron-Core refuses")
+            return slot_stages(num_layers, pp, vpp, embedding, loss)
         return virtual_stages(num_layers, pp, vpp, first, last)
     except LayoutError as e:
         raise FormatError(f"{where}: {e}") from None
-
-
-# Megatron-Core arguments that place layers in ways pyconv does not reproduce yet: refused by
-# name rather than read with the wrong layers.
-_UNSUPPORTED_PIPELINE_ARGS = ("pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
-                              "account_for_loss_in_pipeline_split")
-
-
-def _refuse_unsupported_pipeline_args(args: dict, where: str) -> None:
-    for key in _UNSUPPORTED_PIPELINE_ARGS:
-        if args.get(key) and (args.get("pipeline_model_parallel_size") or 1) > 1:
-            raise FormatError(f"{where}: args set {key}={args[key]!r}, a pipeline layout pyconv cannot read yet")
 
 
 def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: int, assembly: _Assembly,
@@ -657,7 +668,15 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
     vpp = target.vpp
-    stages = virtual_stages(dims.num_layers, pp, vpp, target.first_stage_layers, target.last_stage_layers)
+    if target.pipeline_layout:
+        if target.first_stage_layers is not None or target.last_stage_layers is not None:
+            raise LayoutError("a pipeline layout places every layer itself: leave out the first/last stage sizes")
+        stages, layout_vpp = layout_stages(target.pipeline_layout, dims.num_layers, pp)
+        if vpp not in (1, layout_vpp):
+            raise LayoutError(f"pipeline layout {target.pipeline_layout!r} gives vpp={layout_vpp}, not {vpp}")
+        vpp = layout_vpp
+    else:
+        stages = virtual_stages(dims.num_layers, pp, vpp, target.first_stage_layers, target.last_stage_layers)
     iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
@@ -671,9 +690,10 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
         "decoder_first_pipeline_num_layers": target.first_stage_layers,
         "decoder_last_pipeline_num_layers": target.last_stage_layers,
+        **({"pipeline_model_parallel_layout": target.pipeline_layout} if target.pipeline_layout else {}),
         **({"virtual_pipeline_model_parallel_size": vpp, "num_virtual_stages_per_pipeline_rank": vpp,
             "num_layers_per_virtual_pipeline_stage": (len(stages[0]) if len({len(s) for s in stages}) == 1
-                                                      else None)} if vpp > 1 else {}),
+                                                      and not target.pipeline_layout else None)} if vpp > 1 else {}),
         "iteration": target.iteration or 0,
         # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
         "pyconv_hf_config": json.dumps(config, sort_keys=True),

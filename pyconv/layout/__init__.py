@@ -1,7 +1,9 @@
 """Layout maths: where each row of a tensor-parallel shard comes from, and which pipeline
 stage holds which layer. Pure functions over shapes; no I/O, no process groups."""
 
-from pyconv.layout.pipeline import layer_stages, stage_of_layer, virtual_stages
+from pyconv.layout.pipeline import (
+    layer_stages, layout_stages, parse_pipeline_layout, slot_stages, stage_of_layer, virtual_stages,
+)
 from pyconv.layout.shard import (
     Piece,
     column_parallel,
@@ -15,6 +17,7 @@ from pyconv.layout.shard import (
 )
 
 __all__ = [
-    "Piece", "column_parallel", "divide", "gated_fc1", "layer_stages", "padded_vocab_size", "qkv_fused",
+    "Piece", "column_parallel", "divide", "gated_fc1", "layer_stages", "layout_stages", "padded_vocab_size",
+    "parse_pipeline_layout", "qkv_fused", "slot_stages",
     "replicated", "row_parallel", "stage_of_layer", "virtual_stages", "vocab_parallel",
 ]

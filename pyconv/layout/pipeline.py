@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pyconv.errors import LayoutError
 
 
@@ -72,3 +74,58 @@ def virtual_stages(num_layers: int, pp: int, vpp: int = 1, first: int | None = N
             chunks.append(range(start, start + n))
             start += n
     return chunks
+
+
+# Megatron-Core's pipeline_model_parallel_layout: one string per model chunk, '|' between
+# chunks (chunk k = v * pp + p), E the embedding, t a decoder layer, m an MTP layer, L the
+# loss; "(...)*n" and "x*n" repeat, commas are cosmetic.
+_LAYOUT_REPEAT = (re.compile(r"\(([^)]+)\)\*(\d+)"), re.compile(r"(.)\*(\d+)"))
+
+
+def parse_pipeline_layout(text: str) -> list[str]:
+    """The layer characters of each model chunk, as Megatron-Core's parse_str_to_list unrolls them."""
+    text = text.replace(",", "")
+    for pattern in _LAYOUT_REPEAT:
+        text = pattern.sub(lambda m: m.group(1) * int(m.group(2)), text)
+    chunks = text.split("|")
+    bad = sorted({c for chunk in chunks for c in chunk} - set("EtmL"))
+    if bad:
+        raise LayoutError(f"pipeline layout {text!r}: unknown layer character(s) {', '.join(map(repr, bad))} "
+                          f"(E embedding, t decoder layer, m MTP layer, L loss)")
+    return chunks
+
+
+def layout_stages(text: str, num_layers: int, pp: int) -> tuple[list[range], int]:
+    """(decoder layers of each model chunk in chunk order, vpp) of a pipeline layout string."""
+    chunks = parse_pipeline_layout(text)
+    if len(chunks) % pp:
+        raise LayoutError(f"pipeline layout {text!r} has {len(chunks)} stages, not a multiple of pp={pp}")
+    flat = "".join(chunks)
+    if flat.count("t") != num_layers:
+        raise LayoutError(f"pipeline layout {text!r} places {flat.count('t')} decoder layers, the model has "
+                          f"{num_layers}")
+    if flat.count("E") != 1 or flat.count("L") != 1 or not chunks[0].startswith("E") or not chunks[-1].endswith("L"):
+        raise LayoutError(f"pipeline layout {text!r}: the embedding (E) must open the first stage and the loss (L) "
+                          f"close the last, once each")
+    if "m" in flat:
+        raise LayoutError(f"pipeline layout {text!r} places MTP layers (m), which pyconv does not read or write")
+    stages, start = [], 0
+    for chunk in chunks:
+        n = chunk.count("t")
+        stages.append(range(start, start + n))
+        start += n
+    return stages, len(chunks) // pp
+
+
+def slot_stages(num_layers: int, pp: int, vpp: int, embedding: bool, loss: bool) -> list[range]:
+    """Model chunks when Megatron-Core counts the embedding and/or the loss as a layer of the
+    pipeline split (account_for_embedding/loss_in_pipeline_split): num_layers + embedding + loss
+    slots split evenly over the pp * vpp chunks in chunk order, the embedding taking the first
+    slot and the loss the last."""
+    slots = num_layers + int(embedding) + int(loss)
+    if slots % (pp * vpp):
+        raise LayoutError(f"{num_layers} layers + {int(embedding)} embedding + {int(loss)} loss slots do not split "
+                          f"evenly over pp={pp} x vpp={vpp} model chunks")
+    n = slots // (pp * vpp)
+    first, end = int(embedding), int(embedding) + num_layers  # slots holding decoder layers
+    return [range(max(k * n, first) - first, min((k + 1) * n, end) - first) for k in range(pp * vpp)]
