@@ -1,5 +1,6 @@
 """DeepSeek-V3 through Megatron: multi-latent attention, dense first layers, sigmoid-routed experts
-with expert_bias, shared experts, multi-token-prediction layers dropped; expert tensor parallelism.
+with expert_bias, shared experts, uncounted multi-token-prediction layers dropped; expert tensor
+parallelism (counted MTP layers: test_deepseek_v3_mtp.py).
 
 Judges: the safetensors library (bitwise round trips), transformers (loads the result with no
 missing or unexpected keys, equal logits) and Megatron-Core 0.16 (CPU, gloo, local spec with
@@ -200,7 +201,8 @@ def test_mtp_layers_are_dropped_with_a_note(models, tmp_path):
     }
     (tmp_path / "src").mkdir()
     save_file({**tensors, **mtp}, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "src" / "config.json").write_text(json.dumps(_source_config(src)))
+    # a config that does not count the layer (test_deepseek_v3_mtp.py converts counted ones)
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**_source_config(src), "num_nextn_predict_layers": 0}))
     note = ("dropped 6 tensors of layers 3 (index >= num_hidden_layers 3: multi-token-prediction layers, "
             "not part of the Megatron model)")
     report = pyconv.reshard(tmp_path / "src", tmp_path / "meg", to="megatron", tp=2, ep=2)
@@ -208,6 +210,10 @@ def test_mtp_layers_are_dropped_with_a_note(models, tmp_path):
     pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
     assert hf_tensors(tmp_path / "back").keys() == tensors.keys()
     assert pyconv.verify(src, tmp_path / "back").equal
+    # counted but absent (transformers' default num_nextn_predict_layers is 1): nothing to keep
+    assert _source_config(src)["num_nextn_predict_layers"] == 1
+    assert pyconv.reshard(src, tmp_path / "meg1", to="megatron").plan.notes == ()
+    assert _rank(tmp_path / "meg1", "mp_rank_00")["args"].mtp_num_layers is None
     cli = subprocess.run([sys.executable, "-m", "pyconv", "reshard", str(tmp_path / "src"), str(tmp_path / "meg2"),
                           "--to", "megatron", "--etp", "1", "--tp", "2", "--ep", "2"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr

@@ -4,7 +4,7 @@ names with the shard rule that splits them. Registered by architecture, resolved
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from pyconv.errors import FormatError, LayoutError
@@ -14,8 +14,13 @@ REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_FC1 = "replicated", "column", "row", 
 # MLA's down projections: TransformerEngine's spec keeps them whole on every rank (TELinear,
 # parallel_mode 'duplicated'); the local spec makes them ColumnParallelLinear (dim 0 split).
 LATENT_DOWN = "latent_down"
-# Where a tensor lives in the pipeline.
-FIRST_STAGE, LAYER, LAST_STAGE = "first", "layer", "last"
+# Where a tensor lives in the pipeline. MTP: a multi-token-prediction layer's own tensors (on the
+# last stage; '*' is the MTP layer's index there and num_hidden_layers + index in HF names).
+FIRST_STAGE, LAYER, LAST_STAGE, MTP = "first", "layer", "last", "mtp"
+
+
+MEGATRON_LAYER_PREFIX = "decoder.layers.*."
+MTP_TRANSFORMER_PREFIX = "mtp.layers.*.transformer_layer."
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class ModelDims:
     qk_nope_dim: int = 0      # Megatron's qk_head_dim
     qk_rope_dim: int = 0      # Megatron's qk_pos_emb_head_dim
     v_head_dim: int = 0
+    mtp_layers: int = 0       # multi-token-prediction layers (DeepSeek's num_nextn_predict_layers)
 
     def layer_kind(self, layer: int) -> str:
         """'moe' where the MLP is a mixture of experts, else 'dense'."""
@@ -111,23 +117,55 @@ class Family:
     # HF layers with index >= num_hidden_layers (DeepSeek-V3's multi-token-prediction layers) are
     # not part of the model Megatron runs: dropped (and said so) instead of refused.
     drops_extra_layers: bool = False
+    # Multi-token-prediction layers, Megatron-Core's `mtp.layers.N.`: its own tensors before and
+    # after its transformer layer (`transformer_layer.` + a decoder layer's names).
+    mtp_before: tuple[TensorMapping, ...] = ()
+    mtp_after: tuple[TensorMapping, ...] = ()
+    # HF tensors of each MTP layer that copy a model tensor ({leaf name: the model tensor's HF name});
+    # Megatron-Core shares the model's instead of holding them.
+    mtp_hf_copies: dict = field(default_factory=dict)
     _hf_regex: list = field(default_factory=list, repr=False)
     _megatron_regex: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        for m in self.mappings:
+        for m in self.mappings + self.mtp_before + self.mtp_after:
             patterns = list(m.hf) + list(m.megatron_names())
             stars = {p.count("*") for p in patterns}
             experts = {p.count("#") for p in patterns}
-            expected = 1 if m.where == LAYER else 0
+            expected = 1 if m.where in (LAYER, MTP) else 0
             if stars != {expected} or len(experts) != 1 or experts - {0, 1}:
                 raise ValueError(f"family {self.name}: mapping {m.hf} -> {m.megatron} has wildcard counts "
                                  f"{stars} (layer) and {experts} (expert), expected {expected} and one of 0/1")
+            if m.where == MTP:  # matched by match_mtp_hf only: other formats drop MTP layers whole
+                continue
             for i, p in enumerate(m.hf):
                 self._hf_regex.append((_compile(p), m, i))
             for naming_name in m.megatron_names():
                 self._megatron_regex.append((_compile(naming_name), m))
+        self._mtp_regex = [(_compile(p), m, i) for m in self.mtp_before + self.mtp_after for i, p in enumerate(m.hf)]
+        self._mtp_variants: dict[int, TensorMapping] = {}
         self._ignored_regex = [_compile(p) for p in self.ignored_hf]
+
+    def match_mtp_hf(self, name: str):
+        """(mapping, index, layer, expert) of an MTP layer's own HF tensor (enorm, eh_proj...), or None."""
+        for regex, mapping, index in self._mtp_regex:
+            m = regex.match(name)
+            if m:
+                return (mapping, index, *_indices(m))
+        return None
+
+    def mtp_variant(self, mapping: TensorMapping) -> TensorMapping:
+        """A decoder-layer mapping as the MTP layer's transformer layer holds it in Megatron-Core:
+        `decoder.layers.*.X` -> `mtp.layers.*.transformer_layer.X` ('*' the MTP index)."""
+        found = self._mtp_variants.get(id(mapping))
+        if found is None:
+            def rename(name: str) -> str:
+                return name.replace(MEGATRON_LAYER_PREFIX, MTP_TRANSFORMER_PREFIX, 1)
+
+            megatron = (rename(mapping.megatron) if isinstance(mapping.megatron, str)
+                        else {k: rename(v) for k, v in mapping.megatron.items()})
+            found = self._mtp_variants[id(mapping)] = replace(mapping, megatron=megatron, where=MTP)
+        return found
 
     def match_hf(self, name: str, dims: ModelDims | None = None):
         """(mapping, index of the name among the mapping's HF names, layer, expert), or None.

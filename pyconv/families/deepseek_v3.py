@@ -25,15 +25,25 @@ Megatron-Core has no setting for: refused rather than silently scrambled.
 
 Router: HF `mlp.gate.weight` / `e_score_correction_bias` -> `mlp.router.weight` / `expert_bias`
 (sigmoid scores, group-limited top-k, normalised top-k weights times routed_scaling_factor).
-Multi-token-prediction layers (index >= num_hidden_layers) are not part of the Megatron model:
-dropped.
+
+Multi-token prediction (`num_nextn_predict_layers` in HF, `mtp_num_layers` in Megatron): HF layer
+num_hidden_layers + i is Megatron-Core's `mtp.layers.i` (multi_token_prediction.py):
+
+    HF model.layers.{L+i}.        Megatron-Core mtp.layers.i.
+    enorm, hnorm                  enorm, hnorm (the embedding's and the hidden state's norms)
+    eh_proj       [H, 2H]         eh_proj (column parallel; input [enorm(e); hnorm(h)] in both)
+    <decoder layer tensors>       transformer_layer.<the same names as decoder.layers.N.>
+    shared_head.norm              final_layernorm
+    embed_tokens, shared_head.head  none: Megatron shares the model's embedding and output layer
+
+Without num_nextn_predict_layers in the config such layers are dropped (with a note).
 """
 
 from __future__ import annotations
 
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    COLUMN, GATED_FC1, LATENT_DOWN, LAYER, REPLICATED, ROW, Family, ModelDims, TensorMapping, hf_int,
+    COLUMN, GATED_FC1, LATENT_DOWN, LAYER, MTP, REPLICATED, ROW, Family, ModelDims, TensorMapping, hf_int,
     register_family,
 )
 from pyconv.families.common import arg, original_hf_config
@@ -98,6 +108,17 @@ MOE = MOE_NORM + (
 )
 # Dense layers: DENSE_MLP's biases never occur (DeepSeek's MLPs have none).
 DEEPSEEK_V3_MAPPINGS = EMBEDDING + MLA + DENSE_MLP + MOE + HEAD
+MTP_BEFORE = (
+    TensorMapping((L + "enorm.weight",), "mtp.layers.*.enorm.weight", REPLICATED, MTP, lambda d: (d.hidden,)),
+    TensorMapping((L + "hnorm.weight",), "mtp.layers.*.hnorm.weight", REPLICATED, MTP, lambda d: (d.hidden,)),
+    TensorMapping((L + "eh_proj.weight",), "mtp.layers.*.eh_proj.weight", COLUMN, MTP,
+                  lambda d: (d.hidden, 2 * d.hidden)),
+)
+MTP_AFTER = (
+    TensorMapping((L + "shared_head.norm.weight",), "mtp.layers.*.final_layernorm.weight", REPLICATED, MTP,
+                  lambda d: (d.hidden,)),
+)
+
 
 
 def _optional_int(config: dict, key: str, default: int = 0) -> int:
@@ -125,6 +146,7 @@ def deepseek_v3_dims(config: dict) -> ModelDims:
     if not 0 <= first_dense <= layers:
         raise LayoutError(f"config.json: first_k_dense_replace {first_dense} outside 0..{layers}")
     return ModelDims(
+        mtp_layers=_optional_int(config, "num_nextn_predict_layers"),
         num_layers=layers, hidden=hidden, heads=heads, groups=heads, head_dim=hf_int(config, "v_head_dim"),
         ffn=hf_int(config, "intermediate_size"), vocab=hf_int(config, "vocab_size"),
         max_positions=_optional_int(config, "max_position_embeddings", 2048),
@@ -184,7 +206,8 @@ def deepseek_v3_megatron_args(config: dict, dims: ModelDims) -> dict:
         "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
         "moe_router_pre_softmax": False, "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.0,
-        "mtp_num_layers": None,  # the multi-token-prediction layers are not converted
+        "mtp_num_layers": dims.mtp_layers or None,
+        **({"mtp_loss_scaling_factor": 0.1} if dims.mtp_layers else {}),
     }
 
 
@@ -228,6 +251,10 @@ def deepseek_v3_hf_config(args: dict) -> dict:
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
         vocab_size=args.get("vocab_size") or arg(args, "padded_vocab_size", where), rope_parameters=rope)
+    if args.get("mtp_num_layers"):
+        config["num_nextn_predict_layers"] = args["mtp_num_layers"]
+    else:  # a source config's value stays (transformers' default is 1, with or without the weights)
+        config.setdefault("num_nextn_predict_layers", 0)
     config.setdefault("num_key_value_heads", heads)  # MLA's weights do not depend on it
     config["qk_head_dim"] = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
     config["head_dim"] = config["qk_rope_head_dim"]
@@ -247,4 +274,7 @@ DEEPSEEK_V3 = register_family(Family(
     hf_config_from_megatron=deepseek_v3_hf_config,
     matches_megatron_args=is_deepseek_v3_args,
     drops_extra_layers=True,
+    mtp_before=MTP_BEFORE,
+    mtp_after=MTP_AFTER,
+    mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"},
 ))

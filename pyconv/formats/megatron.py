@@ -20,7 +20,7 @@ import os
 import re
 from argparse import Namespace
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
@@ -116,6 +116,7 @@ class Entry:
     local_layer: int | None
     expert: int | None = None
     local_expert: int | None = None
+    copy: bool = False  # a second copy of a tensor another stage holds (read: checked, not used)
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,11 @@ def experts_per_rank(dims: ModelDims, ep: int) -> int:
 
 def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[range], ep_rank: int, ep: int):
     """The tensors of one (pipeline stage, expert-parallel rank) in Megatron's state-dict order:
-    embeddings, layers (routed experts: those of this EP rank), final norm and output layer."""
-    if stage == 0:
-        yield from (Entry(m, None, None) for m in family.mappings if m.where == FIRST_STAGE)
+    embeddings, layers (routed experts: those of this EP rank), final norm, multi-token-prediction
+    layers and output layer. Megatron-Core builds the embedding on the MTP stage too (a copy)."""
+    last = stage == len(stages) - 1
+    if stage == 0 or (last and dims.mtp_layers):
+        yield from (Entry(m, None, None, copy=stage != 0) for m in family.mappings if m.where == FIRST_STAGE)
     local_count = experts_per_rank(dims, ep)
     for local, layer in enumerate(stages[stage]):
         for m in family.mappings:
@@ -220,8 +223,39 @@ def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[ran
                 yield from (Entry(m, layer, local, ep_rank * local_count + j, j) for j in range(local_count))
             else:
                 yield Entry(m, layer, local)
-    if stage == len(stages) - 1:
-        yield from (Entry(m, None, None) for m in family.mappings if m.where == LAST_STAGE)
+    if last:
+        tail = [m for m in family.mappings if m.where == LAST_STAGE]
+        yield from (Entry(m, None, None) for m in tail if m.megatron_names()[0].startswith("decoder."))
+        yield from _mtp_entries(family, dims, ep_rank, local_count)
+        yield from (Entry(m, None, None) for m in tail if not m.megatron_names()[0].startswith("decoder."))
+
+
+def _mtp_entries(family: Family, dims: ModelDims, ep_rank: int, local_count: int):
+    """Megatron-Core's mtp.layers.i: enorm, hnorm, eh_proj, its transformer layer (HF layer
+    num_layers + i), final_layernorm."""
+    for i in range(dims.mtp_layers):
+        layer = dims.num_layers + i
+        yield from (Entry(m, layer, i) for m in family.mtp_before)
+        for m in family.mappings:
+            if m.where != LAYER or not m.applies_to(dims, layer):
+                continue
+            variant = family.mtp_variant(m)
+            if m.per_expert:
+                yield from (Entry(variant, layer, i, ep_rank * local_count + j, j) for j in range(local_count))
+            else:
+                yield Entry(variant, layer, i)
+        yield from (Entry(m, layer, i) for m in family.mtp_after)
+
+
+def mtp_hf_copies(family: Family, dims: ModelDims) -> dict[str, str]:
+    """{HF name of an MTP layer's copy: the HF name of the model tensor it copies}."""
+    out = {}
+    for i in range(dims.mtp_layers):
+        for leaf, source in family.mtp_hf_copies.items():
+            if source == "lm_head.weight" and dims.tied:
+                source = next(m for m in family.mappings if m.where == FIRST_STAGE and m.rule == VOCAB).hf[0]
+            out[f"model.layers.{dims.num_layers + i}.{leaf}"] = source
+    return out
 
 
 # ---- reading ---------------------------------------------------------------------------
@@ -308,6 +342,7 @@ def megatron_dims(args: dict, where: str) -> ModelDims:
         vocab=vocab, max_positions=args.get("max_position_embeddings") or 0,
         tied=not args.get("untie_embeddings_and_output_weights", False),
         num_experts=args.get("num_experts") or 0, moe_ffn=args.get("moe_ffn_hidden_size") or 0,
+        mtp_layers=args.get("mtp_num_layers") or 0,
         shared_ffn=args.get("moe_shared_expert_intermediate_size") or 0,
         first_dense_layers=_first_dense_layers(args, where),
         **(dict(q_lora_rank=args.get("q_lora_rank") or 0, kv_lora_rank=need("kv_lora_rank"),
@@ -463,6 +498,8 @@ def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: 
                 continue
             raise FormatError(f"{file}: missing tensor '{candidates[0]}'")
         seen.add(key)
+        if entry.copy:
+            continue
         if mapping.hf == ("lm_head.weight",) and dims.tied:
             continue  # the last stage's copy of the tied embedding
         ref = model[key]
@@ -515,9 +552,12 @@ def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, 
     fam, dims, blocks, dtypes, order = layout.family, layout.dims, assembly.blocks, assembly.dtypes, assembly.order
     tensors = {}
     for name in _hf_order(fam, dims, order):
-        mapping, index, _, _ = fam.match_hf(name)
+        mapping, index, _, _ = fam.match_hf(name) or fam.match_mtp_hf(name)
         shape = _hf_shape(mapping, index, dims)
         tensors[name] = CanonicalTensor.assembled(name, dtypes[name], shape, blocks[name], directory)
+    for name, source in mtp_hf_copies(fam, dims).items():  # HF keeps its own copies in each MTP layer
+        tensors[name] = CanonicalTensor.assembled(name, dtypes[source], tensors[source].shape, blocks[source],
+                                                  directory)
     config = fam.hf_config_from_megatron(args)
     dtype = next(iter(dtypes.values()), None)
     if dtype in _TORCH_DTYPE:
@@ -595,28 +635,35 @@ _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def dropped_layers(catalog: Catalog, family: Family, dims: ModelDims) -> list[int]:
-    """HF layers past num_hidden_layers that the family drops (DeepSeek-V3's multi-token-prediction
-    layers), in order."""
+    """HF layers past num_hidden_layers (and its multi-token-prediction layers) that the family
+    drops (DeepSeek-V3's MTP layers when the config does not count them), in order."""
     if not family.drops_extra_layers:
         return []
     found = {int(m.group(1)) for m in map(_HF_LAYER.match, catalog.tensors) if m}
-    return sorted(i for i in found if i >= dims.num_layers)
+    return sorted(i for i in found if i >= dims.num_layers + dims.mtp_layers)
 
 
 def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
     dropped = set(dropped_layers(catalog, family, dims))
     scales = _fp8_scales(catalog)
+    copies = mtp_hf_copies(family, dims)
     for name, tensor in catalog.tensors.items():
         extra = _HF_LAYER.match(name)
         if (extra and int(extra.group(1)) in dropped) or name in scales:
             continue
-        match = family.match_hf(name, dims)
+        if name in copies:  # Megatron shares the model's; the copy must at least have its shape
+            source = catalog.tensors.get(copies[name])
+            if source is not None and tuple(tensor.shape) != tuple(source.shape):
+                raise LayoutError(f"{catalog.path}: tensor '{name}' has shape {list(tensor.shape)}, "
+                                  f"'{copies[name]}' {list(source.shape)}")
+            continue
+        match = family.match_hf(name, dims) or family.match_mtp_hf(name)
         if match is None:
             if family.is_ignored_hf(name):
                 continue
             raise LayoutError(f"{catalog.path}: tensor '{name}' matches no {family.name} mapping")
         mapping, index, layer, expert = match
-        if layer is not None and layer >= dims.num_layers:
+        if layer is not None and layer >= dims.num_layers + dims.mtp_layers:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
         if not mapping.applies_to(dims, layer):
             raise LayoutError(f"{catalog.path}: tensor '{name}' does not belong in "
@@ -630,15 +677,22 @@ def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
                               f"{list(expected)}")
 
 
-def family_and_dims(catalog: Catalog) -> tuple[Family, ModelDims]:
+def family_and_dims(catalog: Catalog, with_mtp: bool = False) -> tuple[Family, ModelDims]:
     """The family table and model dims of a catalog about to be written in a Megatron format,
-    with every tensor checked against them."""
+    with every tensor checked against them. Multi-token-prediction layers count only with_mtp
+    (the formats that write them) and when the checkpoint holds them; else they are dropped."""
     if catalog.config is None:
         raise LayoutError(f"{catalog.path}: no config.json: cannot derive Megatron args")
     family = family_for_architecture(catalog.architecture, catalog.path)
     dims = family.dims_from_hf(catalog.config)
+    if dims.mtp_layers and not (with_mtp and _holds_layer(catalog, dims.num_layers)):
+        dims = replace(dims, mtp_layers=0)
     _check_shapes(catalog, family, dims)
     return family, dims
+
+
+def _holds_layer(catalog: Catalog, layer: int) -> bool:
+    return any((m := _HF_LAYER.match(n)) and int(m.group(1)) == layer for n in catalog.tensors)
 
 
 class PlannedFiles(list):
@@ -648,7 +702,7 @@ class PlannedFiles(list):
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    family, dims = family_and_dims(catalog)
+    family, dims = family_and_dims(catalog, with_mtp=True)
     config = catalog.config
     tp, pp, ep = target.tp, target.pp, target.ep
     etp = tp if getattr(target, "etp", None) is None else target.etp
