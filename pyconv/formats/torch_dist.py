@@ -31,6 +31,18 @@ layer its own keys instead (`decoder.layers.3.mlp.experts.experts.linear_fc1.wei
 extra state `..._extra_state/shard_0_1`, experts `shard_{e}_{E}`); both are read, and the writer
 uses per-layer keys exactly when the family's layers differ.
 
+Megatron-Core >= 0.14 has a second layout, saved with `sharded_state_dict(metadata=
+{'singleton_local_shards': True})` and recorded as `content_metadata` in common.pt (where
+Megatron-LM and NeMo take the metadata they load with from): per-layer keys always, a gated fc1
+as two keys `decoder.layers.3.mlp.linear_fc1.weight_w` (gate) and `..._v` (up), [F, H] each cut by
+TP on its own, and every routed expert under its own keys with no expert axis
+(`decoder.layers.3.mlp.experts.experts.5.linear_fc1.weight_w [F_moe, H]`, extra state
+`...experts.5.linear_fc1._extra_state/shard_0_1`). The reader tells the layouts apart by the keys,
+joins such keys back into the per-layer keys above (join_singleton_keys), and refuses a
+checkpoint that mixes the two or whose content_metadata names the other. The writer writes the
+default layout and records `content_metadata = {'singleton_local_shards': False}` as Megatron-LM
+does.
+
 The model's dims come from a Hugging Face config.json placed in the checkpoint directory (or its
 iteration directory) when there is one, else from common.pt's Megatron args (Megatron-LM and
 pyconv write them): the shapes alone cannot tell heads from head_dim. Optimizer state
@@ -44,15 +56,17 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from argparse import Namespace
+from dataclasses import dataclass
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    FIRST_STAGE, LAYER, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture, get_family,
+    FIRST_STAGE, GATED_FC1, LAYER, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture, get_family,
 )
 from pyconv.formats import register_format
-from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpMetadata, DcpTensor, read_metadata
+from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpChunk, DcpMetadata, DcpTensor, read_metadata
 from pyconv.io.jsonfile import config_architecture, load_config, load_json
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, plan_text_file
 
@@ -60,6 +74,8 @@ BACKEND_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
 CONFIG = "config.json"
 TRACKER = "latest_checkpointed_iteration.txt"
+CONTENT_METADATA = "content_metadata"  # common.pt's record of the sharded_state_dict metadata
+SINGLETON_FLAG = "singleton_local_shards"
 _DCP_SUFFIX = ".distcp"
 _SKIPPED_PREFIXES = ("optimizer.",)
 _TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -111,20 +127,38 @@ def _check_backend(directory: str) -> None:
         raise FormatError(f"{directory}: no {METADATA_FILE} (PyTorch DCP metadata): incomplete checkpoint?")
 
 
-def _common_args(directory: str) -> dict | None:
-    """Megatron-LM's args from common.pt, as a dict with dtypes by name; None without any."""
+def _common_state(directory: str) -> dict | None:
+    """common.pt's dict; None without one."""
     path = os.path.join(directory, COMMON_FILE)
     if not os.path.isfile(path):
         return None
-    from pyconv.formats.megatron import _args_dict
     from pyconv.io.torchzip import read_torch_checkpoint
 
     common = read_torch_checkpoint(path).obj
     if not isinstance(common, dict):
         raise FormatError(f"{path}: common state is not a dict")
-    if common.get("args") is None:
+    return common
+
+
+def _common_args(common: dict | None, path: str) -> dict | None:
+    """Megatron-LM's args from common.pt, as a dict with dtypes by name; None without any."""
+    from pyconv.formats.megatron import _args_dict
+
+    if common is None or common.get("args") is None:
         return None
     return _args_dict(common["args"], path)
+
+
+def _content_metadata(common: dict | None, path: str) -> dict | None:
+    """The sharded_state_dict metadata the checkpoint was saved with, as Megatron-Core's
+    `save(..., content_metadata=...)` records it in common.pt; None without any."""
+    content = None if common is None else common.get(CONTENT_METADATA)
+    if content is not None and not isinstance(content, dict):
+        raise FormatError(f"{path}: '{CONTENT_METADATA}' is a {type(content).__name__}, not a dict")
+    if content is not None and not isinstance(content.get(SINGLETON_FLAG, False), bool):
+        raise FormatError(f"{path}: '{CONTENT_METADATA}' has {SINGLETON_FLAG}="
+                          f"{str(content[SINGLETON_FLAG])[:40]!r}, not a bool")
+    return content
 
 
 # ---- the model: family, dims, HF config ---------------------------------------------------------
@@ -251,19 +285,27 @@ def read(path: str, family: str | None = None) -> Catalog:
     directory, iteration = _checkpoint_dir(root)
     _check_backend(directory)
     md = read_metadata(directory)
+    common_path = os.path.join(directory, COMMON_FILE)
     try:
-        args, common_problem = _common_args(directory), None
+        common = _common_state(directory)
+        args, common_problem = _common_args(common, common_path), None
     except FormatError as e:
-        args, common_problem = None, str(e)
+        common, args, common_problem = None, None, str(e)
+    content = _content_metadata(common, common_path)
     fam, dims, config, config_source = _model(root, directory, args, family, common_problem)
     keys = {k: k for k in md.tensors if not k.startswith(_SKIPPED_PREFIXES)}
     padded = padded_vocab(fam, dims, md, directory, keys)
-    tensors = read_tensors(md, directory, fam, dims, padded, keys)
+    tensors = read_tensors(md, directory, fam, dims, padded, keys, content)
     dtype = next((t.dtype for t in tensors.values()), None)
     if dtype in _TORCH_DTYPE:
         config["dtype"] = _TORCH_DTYPE[dtype]
     details = {"family": fam.name, "padded_vocab_size": padded, "dcp_version": md.version,
-               "chunks": sum(len(t.chunks) for t in md.tensors.values()), "config_from": config_source}
+               "chunks": sum(len(t.chunks) for t in md.tensors.values()), "config_from": config_source,
+               "sharded_layout": SINGLETON_FLAG if any(map(is_singleton_key, keys))
+               or (content or {}).get(SINGLETON_FLAG) else "default"}
+    if content is not None:
+        details[CONTENT_METADATA] = {k: v for k, v in sorted(content.items(), key=lambda kv: str(kv[0]))
+                                     if isinstance(k, str) and isinstance(v, (str, bool, int, float))}
     if iteration is not None:
         details["iteration"] = iteration
     if common_problem:
@@ -276,13 +318,183 @@ def read(path: str, family: str | None = None) -> Catalog:
                    details=details)
 
 
+# ---- Megatron-Core's singleton_local_shards layout ----------------------------------------------
+
+# `sharded_state_dict(metadata={'singleton_local_shards': True})` (Megatron-Core >= 0.14; recorded
+# in common.pt as content_metadata) saves every layer under its own keys, a gated fc1 as two keys
+# each cut by TP on its own, and every routed expert under its own keys, with no expert axis:
+#     decoder.layers.3.mlp.linear_fc1.weight_w                     [F, H]   gate (TP rank r: rows r*F/tp..)
+#     decoder.layers.3.mlp.linear_fc1.weight_v                     [F, H]   up
+#     decoder.layers.3.mlp.experts.experts.5.linear_fc1.weight_w   [F_moe, H]
+#     decoder.layers.3.mlp.experts.experts.5.linear_fc2.weight     [H, F_moe]
+# (SequentialMLP, GroupedMLP and TEGroupedMLP name them alike). Joined, they are the default
+# layout's per-layer keys, which the reader already knows:
+#     decoder.layers.3.mlp.linear_fc1.weight                       [2F, H]  = [w; v]
+#     decoder.layers.3.mlp.experts.experts.linear_fc1.weight       [E, 2F_moe, H]
+_GLU_HALF = re.compile(r"^(?P<base>.+\.linear_fc1\.(?:weight|bias))_(?P<half>[wv])$")
+_ONE_EXPERT = re.compile(r"^(?P<head>.+\.experts\.experts)\.(?P<expert>\d+)\.(?P<tail>.+)$")
+# Keys only the default layout has: layers stacked on an axis, experts stacked on an axis.
+_STACKED_LAYERS = re.compile(r"(?:^|\.)layers\.(?!\d+\.)")
+_EXPERT_AXIS = re.compile(r"\.experts\.experts\.(?!\d+\.)")
+_UNSPLIT_FC1 = re.compile(r"\.linear_fc1\.(?:weight|bias)$")
+_INDEX = re.compile(r"\.\d+\.")
+
+
+def is_singleton_key(key: str) -> bool:
+    """A Megatron-Core key only the singleton_local_shards layout has (a gated fc1's half, one
+    routed expert's tensor)."""
+    return bool(_GLU_HALF.match(key) or _ONE_EXPERT.match(key))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A stored chunk of a checkpoint key, placed in a joined tensor."""
+    tensor: DcpTensor
+    chunk: DcpChunk
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A tensor to read: a checkpoint key, or keys joined (`label` names them all)."""
+    key: str            # Megatron-Core key
+    label: str          # the checkpoint's name(s)
+    dtype: str
+    size: tuple[int, ...]
+    parts: tuple[_Part, ...]
+
+
+@dataclass(frozen=True)
+class JoinedKeys:
+    """The checkpoint's tensors with singleton keys joined: `tensors` by name (a checkpoint key,
+    or a joined tensor's label such as `decoder.layers.0.mlp.linear_fc1.weight_{w,v}`), `keys`
+    Megatron-Core key -> that name, `stored` the stored chunk behind every chunk of a joined
+    tensor."""
+    tensors: dict[str, DcpTensor]
+    keys: dict[str, str]
+    stored: dict[tuple[str, tuple[int, ...]], tuple[DcpTensor, DcpChunk]]
+
+    def stored_chunk(self, tensor: DcpTensor, chunk: DcpChunk) -> tuple[DcpTensor, DcpChunk]:
+        return self.stored.get((tensor.fqn, chunk.offsets), (tensor, chunk))
+
+
+def _whole(key: str, tensor: DcpTensor) -> _Entry:
+    return _Entry(key, tensor.fqn, tensor.dtype, tensor.size,
+                  tuple(_Part(tensor, c, c.offsets, c.sizes) for c in tensor.chunks))
+
+
+def _own(label: str, key: str, joined_key: str) -> str:
+    """The checkpoint's name for a joined key: its own prefix (NeMo's `module.`) kept."""
+    return (label[:len(label) - len(key)] if label.endswith(key) else "") + joined_key
+
+
+def _default_layout_only(key: str, gated: bool) -> str | None:
+    """Why a key is one the singleton_local_shards layout never has (None: it may); `gated`: the
+    key's fc1, if it is one, is gated (saved as _w and _v in that layout)."""
+    if _STACKED_LAYERS.search(key):
+        return "its layers stacked on an axis"
+    if _EXPERT_AXIS.search(key):
+        return "its experts stacked on an axis"
+    if gated and _UNSPLIT_FC1.search(key):
+        return "a gated fc1 not split into _w and _v"
+    return None
+
+
+def join_singleton_keys(md: DcpMetadata, keys: dict[str, str], gated: bool = True,
+                        content_metadata: dict | None = None) -> JoinedKeys:
+    """The default layout's per-layer keys from singleton_local_shards keys (see above): each
+    gated fc1 joined from its `_w` and `_v` halves along its first axis, then each routed
+    expert's keys stacked on a leading expert axis. A checkpoint mixing the two layouts, or whose
+    content_metadata names the other one, is a FormatError naming the .metadata file and the keys
+    (`gated`: the model's fc1 is gated, so an unsplit one belongs to the default layout)."""
+    where, common = os.path.join(md.directory, METADATA_FILE), os.path.join(md.directory, COMMON_FILE)
+    singleton = [k for k in keys if is_singleton_key(k)]
+    split = {_INDEX.sub(".*.", m["base"]) for m in map(_GLU_HALF.match, singleton) if m}
+    recorded = None if content_metadata is None else content_metadata.get(SINGLETON_FLAG, False)
+    if singleton and recorded is False:
+        raise FormatError(f"{where}: '{keys[singleton[0]]}' is in Megatron-Core's {SINGLETON_FLAG} layout but {common} "
+                          f"records {CONTENT_METADATA} with {SINGLETON_FLAG}=False")
+    if singleton or recorded:
+        for key in keys:
+            why = _default_layout_only(key, gated or _INDEX.sub(".*.", key) in split)
+            if why and singleton:
+                raise FormatError(f"{where}: '{keys[singleton[0]]}' is in Megatron-Core's {SINGLETON_FLAG} layout but "
+                                  f"'{keys[key]}' is not ({why}): a checkpoint mixing the two layouts cannot be read")
+            if why:
+                raise FormatError(f"{where}: '{keys[key]}' is not in Megatron-Core's {SINGLETON_FLAG} layout ({why}) "
+                                  f"but {common} records {CONTENT_METADATA} with {SINGLETON_FLAG}=True")
+    if not singleton:
+        return JoinedKeys(md.tensors, keys, {})
+
+    entries: dict[str, _Entry] = {}
+    halves: dict[str, dict[str, str]] = {}
+    for key, name in keys.items():
+        m = _GLU_HALF.match(key)
+        if m:
+            halves.setdefault(m["base"], {})[m["half"]] = key
+        else:
+            entries[key] = _whole(key, md.tensors[name])
+    for base, pair in halves.items():
+        if set(pair) != {"w", "v"}:
+            have, lack = next(iter(pair.values())), base + ("_v" if "w" in pair else "_w")
+            raise FormatError(f"{where}: '{keys[have]}' has no '{_own(keys[have], have, lack)}' (Megatron-Core saves "
+                              "a gated fc1 as both halves)")
+        w, v = md.tensors[keys[pair["w"]]], md.tensors[keys[pair["v"]]]
+        if (w.size, w.dtype) != (v.size, v.dtype):
+            raise FormatError(f"{where}: '{w.fqn}' is {w.dtype} {list(w.size)} but '{v.fqn}' is {v.dtype} "
+                              f"{list(v.size)}: the halves of a gated fc1 must match")
+        rows = w.size[0]
+        parts = tuple(_Part(w, c, c.offsets, c.sizes) for c in w.chunks) + tuple(
+            _Part(v, c, (c.offsets[0] + rows,) + c.offsets[1:], c.sizes) for c in v.chunks)
+        entries[base] = _Entry(base, w.fqn[:-2] + "_{w,v}", w.dtype, (2 * rows,) + w.size[1:], parts)
+
+    experts: dict[tuple[str, str], dict[int, _Entry]] = {}
+    for key in list(entries):
+        m = _ONE_EXPERT.match(key)
+        if m:
+            experts.setdefault((m["head"], m["tail"]), {})[int(m["expert"])] = entries.pop(key)
+    for (head, tail), group in experts.items():
+        count, first = max(group) + 1, group[min(group)]
+        missing = sorted(set(range(count)) - set(group))
+        if missing:
+            raise FormatError(f"{where}: no '{_own(first.label, first.key, f'{head}.{missing[0]}.{tail}')}' (experts "
+                              f"{sorted(group)[:8]} of '{head}.N.{tail}' are there)")
+        for e, entry in sorted(group.items()):
+            if (entry.size, entry.dtype) != (first.size, first.dtype):
+                raise FormatError(f"{where}: '{entry.label}' is {entry.dtype} {list(entry.size)} but '{first.label}' is "
+                                  f"{first.dtype} {list(first.size)}: every expert's tensor must match")
+        key = f"{head}.{tail}"
+        label = _own(first.label, first.key, f"{head}.{{0..{count - 1}}}.{tail}")
+        parts = tuple(_Part(p.tensor, p.chunk, (e,) + p.offsets, (1,) + p.sizes)
+                      for e, entry in sorted(group.items()) for p in entry.parts)
+        entries[key] = _Entry(key, label, first.dtype, (count,) + first.size, parts)
+
+    tensors: dict[str, DcpTensor] = {}
+    stored: dict[tuple[str, tuple[int, ...]], tuple[DcpTensor, DcpChunk]] = {}
+    for entry in entries.values():
+        if entry.key in keys and keys[entry.key] != entry.label:
+            raise FormatError(f"{where}: '{keys[entry.key]}' and '{entry.label}' are both '{entry.key}': a checkpoint "
+                              f"mixing Megatron-Core's {SINGLETON_FLAG} layout and the default one cannot be read")
+        chunks = tuple(DcpChunk(p.offsets, p.sizes, p.chunk.location) for p in entry.parts)
+        tensors[entry.label] = DcpTensor(entry.label, entry.dtype, entry.size, chunks)
+        if entry.label not in md.tensors:  # joined: its chunks are other keys' chunks
+            stored.update(((entry.label, p.offsets), (p.tensor, p.chunk)) for p in entry.parts)
+    return JoinedKeys(tensors, {e.key: e.label for e in entries.values()}, stored)
+
+
 def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, padded: int,
-                 keys: dict[str, str]) -> dict[str, CanonicalTensor]:
+                 keys: dict[str, str], content_metadata: dict | None = None) -> dict[str, CanonicalTensor]:
     """The canonical tensors of a DCP checkpoint's model keys. `keys` maps each Megatron-Core
     key (`decoder.layers.mlp.linear_fc1.weight`) to the checkpoint's own name for it (the same,
-    or NeMo's `module.`-prefixed one); every key in it must map."""
+    or NeMo's `module.`-prefixed one); every key in it must map. Keys of the singleton_local_shards
+    layout are joined first (see join_singleton_keys); `content_metadata`, common.pt's record of
+    the layout where there is one, must agree with the keys."""
     from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, shard_pieces, shard_shape
 
+    gated = any(m.rule == GATED_FC1 for m in fam.mappings)
+    joined = join_singleton_keys(md, keys, gated, content_metadata)
+    keys = joined.keys
     blocks: dict[str, list[SourceBlock]] = {}
     dtypes: dict[str, str] = {}
     seen: set[str] = set()
@@ -304,7 +516,7 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
             transposed = mapping.transposed and canonical_rank == 2
             for key, layer in sources:
                 seen.add(key)
-                tensor = md.tensors[keys[key]]
+                tensor = joined.tensors[keys[key]]
                 expected = shard_shape(pieces[indices[0]], canonical_rank)
                 expected = (dims.num_experts,) * mapping.per_expert + expected
                 if mapping.where == LAYER and layer is None:
@@ -317,7 +529,7 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
                                       + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
                                          else "") + ")")
                 for chunk in tensor.chunks:
-                    stored = locator.locate(tensor, chunk)
+                    stored = locator.locate(*joined.stored_chunk(tensor, chunk))
                     for name, block in _chunk_blocks(mapping, chunk, stored, pieces, transposed, layer):
                         if name not in blocks:
                             blocks[name], dtypes[name] = [], tensor.dtype
@@ -585,7 +797,12 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
                 (dims.num_experts,) * mapping.per_expert + shape
             tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
 
-    common_layout, _ = layout_torch_save(common)
+    # Megatron-LM (checkpointing.py, load_checkpoint) and NeMo (MegatronStrategy.load_checkpoint)
+    # build the sharded state dict they load with from the content_metadata in common.pt; a
+    # checkpoint without one gets Megatron-Core's default, which is the layout written here.
+    # Recorded all the same, as Megatron-LM records it, so that the layout stays named should a
+    # loader's default change.
+    common_layout, _ = layout_torch_save({**common, CONTENT_METADATA: {SINGLETON_FLAG: False}})
     # A save id that names the content, so the same conversion writes the same bytes.
     save_id = hashlib.sha1(json.dumps([[t.fqn, t.dtype, list(t.size), len(t.chunks)] for t in tensors]).encode()
                            + json.dumps(config, sort_keys=True).encode()).hexdigest()
