@@ -132,6 +132,11 @@ def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int, etp: i
     if model_type == "mixtral":
         num_experts, moe_ffn = cfg["num_local_experts"], cfg["intermediate_size"]
         pre_softmax, shared = False, None
+    elif model_type == "qwen3_moe":  # Qwen2-MoE's routing, no shared expert
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise NotImplementedError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1)")
+        num_experts = cfg.get("num_experts") or cfg["num_local_experts"]
+        moe_ffn, pre_softmax, shared = cfg["moe_intermediate_size"], not cfg.get("norm_topk_prob", False), None
     else:  # qwen2_moe
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise NotImplementedError("Qwen2-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1)")
@@ -226,16 +231,20 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
     cfg = _config_dict(hf_config)
     model_type = cfg.get("model_type")
     moe = {}
-    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe"):
+    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe"):
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         head_dim = cfg.get("head_dim") or hidden // heads
+        if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
+            raise NotImplementedError("Qwen sliding-window attention")
         if model_type in ("qwen2", "qwen2_moe"):
-            if cfg.get("use_sliding_window"):
-                raise NotImplementedError("Qwen2 sliding-window attention")
             # Qwen2: q/k/v biases, none on o_proj or the MLP; Qwen2-MoE: q/k/v biases per qkv_bias
             qkv_bias, linear_bias = bool(cfg.get("qkv_bias", True)), False
+        elif model_type in ("qwen3", "qwen3_moe"):
+            if cfg.get("attention_bias"):
+                raise NotImplementedError("Qwen3 with attention_bias")
+            qkv_bias, linear_bias = False, False
         else:
             attn_bias, mlp_bias = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
             if attn_bias != mlp_bias:
@@ -252,12 +261,14 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
             normalization="RMSNorm", layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
             gated_linear_unit=True, activation_func=_activation(act),
             add_bias_linear=linear_bias, add_qkv_bias=qkv_bias,
+            # Qwen3: RMSNorm over head_dim on each query and key head (HF q_norm / k_norm)
+            qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         )
         gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=_rope_theta(cfg),
                   max_sequence_length=cfg["max_position_embeddings"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
         extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False)
-        if model_type in ("mixtral", "qwen2_moe"):
+        if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
             moe = _moe_transformer_config(cfg, model_type, tp, ep, etp)
             tc.update(moe)
     elif model_type == "gpt2":
@@ -461,9 +472,9 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
         pass
     elif t["num_experts"]:
         spec = get_gpt_layer_local_spec(num_experts=t["num_experts"], moe_grouped_gemm=False,
-                                        normalization=t["normalization"])
+                                        normalization=t["normalization"], qk_layernorm=config.qk_layernorm)
     else:
-        spec = get_gpt_layer_local_spec(normalization=t["normalization"])
+        spec = get_gpt_layer_local_spec(normalization=t["normalization"], qk_layernorm=config.qk_layernorm)
     if pp > 1:
         pre = parallel_state.is_pipeline_first_stage()
         post = parallel_state.is_pipeline_last_stage()
@@ -779,6 +790,9 @@ def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
             out[m + "self_attention.linear_qkv.bias"] = _interleave_qkv(
                 get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias"), heads, kv_heads, d)
         out[m + "self_attention.linear_proj.weight"] = get(a + "o_proj.weight")
+        if tc.get("qk_layernorm"):
+            out[m + "self_attention.q_layernorm.weight"] = get(a + "q_norm.weight")
+            out[m + "self_attention.k_layernorm.weight"] = get(a + "k_norm.weight")
         if t["num_experts"]:
             _moe_full_tensors(out, get, t, p, m)
             continue
@@ -916,6 +930,8 @@ def megatron_args(hf_config, tp: int, pp: int = 1, ep: int = 1) -> argparse.Name
             "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim",
             "moe_layer_freq", "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
             "moe_router_topk_scaling_factor")})
+    if not t.get("mla"):  # MLA's args carry their own qk_layernorm
+        moe["qk_layernorm"] = bool(tc.get("qk_layernorm"))
     return argparse.Namespace(**moe,
         num_layers=tc["num_layers"], hidden_size=tc["hidden_size"], ffn_hidden_size=tc["ffn_hidden_size"],
         num_attention_heads=tc["num_attention_heads"], num_query_groups=tc["num_query_groups"],

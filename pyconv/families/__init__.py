@@ -202,7 +202,7 @@ def register_family(family: Family) -> Family:
 
 
 def _load_builtin() -> None:
-    from pyconv.families import bert, deepseek_v3, gpt2, llama, mixtral, qwen2, qwen2_moe  # noqa: F401
+    from pyconv.families import bert, deepseek_v3, gpt2, llama, mixtral, qwen2, qwen2_moe, qwen3  # noqa: F401
 
 
 def family_names() -> list[str]:

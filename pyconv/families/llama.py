@@ -124,7 +124,7 @@ def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_ty
 def is_llama_args(args: dict) -> bool:
     return (not args.get("num_experts") and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
             and args.get("position_embedding_type") == "rope"
-            and not (args.get("add_qkv_bias") and not args.get("add_bias_linear")))
+            and not (args.get("add_qkv_bias") and not args.get("add_bias_linear")) and not args.get("qk_layernorm"))
 
 
 LLAMA = register_family(Family(

@@ -58,7 +58,7 @@ def mixtral_hf_config(args: dict) -> dict:
 def is_mixtral_args(args: dict) -> bool:
     return (bool(args.get("num_experts")) and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
             and not args.get("moe_shared_expert_intermediate_size") and not args.get("add_qkv_bias")
-            and not args.get("multi_latent_attention"))
+            and not args.get("multi_latent_attention") and not args.get("qk_layernorm"))
 
 
 MIXTRAL = register_family(Family(

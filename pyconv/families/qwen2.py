@@ -13,7 +13,7 @@ def qwen2_megatron_args(config: dict, dims: ModelDims) -> dict:
 def is_qwen2_args(args: dict) -> bool:
     return (not args.get("num_experts") and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
             and args.get("position_embedding_type") == "rope"
-            and bool(args.get("add_qkv_bias")) and not args.get("add_bias_linear"))
+            and bool(args.get("add_qkv_bias")) and not args.get("add_bias_linear") and not args.get("qk_layernorm"))
 
 
 QWEN2 = register_family(Family(
