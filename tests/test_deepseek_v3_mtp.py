@@ -1,11 +1,13 @@
-"""DeepSeek-V3's multi-token-prediction (MTP) layer through Megatron: HF layer num_hidden_layers
-(`enorm`, `hnorm`, `eh_proj`, a decoder layer, `shared_head.norm`, copies of the embedding and the
-head) <-> Megatron-Core's `mtp.layers.0.*` on the last pipeline stage, which also carries a copy of
-the embedding when it is not the first.
+"""DeepSeek-V3's multi-token-prediction (MTP) layer through Megatron, .pt and torch_dist: HF layer
+num_hidden_layers (`enorm`, `hnorm`, `eh_proj`, a decoder layer, `shared_head.norm`, copies of the
+embedding and the head) <-> Megatron-Core's `mtp.layers.0.*` on the last pipeline stage, which also
+carries a copy of the embedding when it is not the first; in torch_dist keyed per MTP layer with
+the routed experts on an expert axis.
 
 Judges: Megatron-Core 0.16 builds a GPTModel with its MTP block (local spec, CPU) and loads
-pyconv's output strictly, its logits equal to transformers'; a checkpoint filled and saved by
-Megatron-Core's own MTP model converts to the exact HF tensors; round trips are bitwise."""
+pyconv's output strictly (.pt: load_state_dict; torch_dist: dist_checkpointing.load), its logits
+equal to transformers'; checkpoints Megatron-Core's own MTP model saved (.pt and torch_dist)
+convert to the exact HF tensors; round trips are bitwise."""
 
 from __future__ import annotations
 
@@ -171,3 +173,45 @@ def test_checkpoint_saved_by_megatron_core_with_mtp_converts_to_hf(with_mtp, tmp
     out = hf_tensors(tmp_path / "hf")
     assert out.keys() == hf.keys()
     assert [k for k in hf if not torch.equal(out[k], hf[k])] == []
+
+
+# ---- torch_dist: Megatron-Core keys the MTP layer per MTP layer, its routed experts on an axis ------
+
+@needs_megatron
+def test_megatron_core_torch_dist_with_mtp_both_ways(with_mtp, tmp_path):
+    """Megatron-Core's dist_checkpointing saves its MTP model (filled from pyconv's .pt output, which
+    the test above proves) and pyconv reads it to the exact HF tensors; Megatron-Core loads
+    pyconv's torch_dist output into a NaN-filled MTP model and holds every HF tensor."""
+    from megatron.core import dist_checkpointing
+
+    _, src = with_mtp
+    cfg = json.loads((src / "config.json").read_text())
+    hf = hf_tensors(src)
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", megatron_naming="local")
+    pyconv.reshard(src, tmp_path / "td", to="torch_dist", megatron_naming="local")
+    with mh.megatron_parallel(1):
+        mcore = _mtp_gpt_model(cfg)
+        mh.load_megatron_checkpoint(mcore, tmp_path / "meg", 0)
+        (tmp_path / "saved").mkdir()
+        dist_checkpointing.save({"model": mcore.sharded_state_dict()}, str(tmp_path / "saved"))
+        theirs = dist_checkpointing.load_tensors_metadata(str(tmp_path / "saved"))
+        assert "mtp.layers.0.transformer_layer.mlp.experts.experts.linear_fc1.weight" in theirs
+        ours = dist_checkpointing.load_tensors_metadata(str(tmp_path / "td" / "release"))
+        assert {k: tuple(v.global_shape) for k, v in ours.items() if k.startswith("mtp.")} == \
+            {k: tuple(v.global_shape) for k, v in theirs.items() if k.startswith("mtp.")}
+        loaded = _mtp_gpt_model(cfg)
+        with torch.no_grad():
+            for p in loaded.parameters():
+                p.fill_(float("nan"))
+        state = dist_checkpointing.load({"model": loaded.sharded_state_dict()}, str(tmp_path / "td" / "release"))
+        loaded.load_state_dict(state["model"], strict=True)
+        assert torch.equal(loaded.mtp.layers[0].eh_proj.weight, hf[MTP + "eh_proj.weight"])
+        assert torch.equal(loaded.mtp.layers[0].final_layernorm.weight, hf[MTP + "shared_head.norm.weight"])
+        mine, reference = loaded.state_dict(), mcore.state_dict()
+        assert [k for k in reference if hasattr(reference[k], "shape") and not torch.equal(mine[k], reference[k])] == []
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(cfg))
+    pyconv.reshard(tmp_path / "saved", tmp_path / "hf", to="hf")
+    out = hf_tensors(tmp_path / "hf")
+    assert out.keys() == hf.keys() and [k for k in hf if not torch.equal(out[k], hf[k])] == []
+    pyconv.reshard(tmp_path / "td", tmp_path / "hf2", to="hf")
+    assert pyconv.verify(src, tmp_path / "hf2").equal

@@ -154,6 +154,15 @@ class Family:
                 return (mapping, index, *_indices(m))
         return None
 
+    def mtp_layer_mappings(self, dims: ModelDims) -> list[TensorMapping]:
+        """The mappings of one multi-token-prediction layer (HF layer num_layers + i, Megatron's
+        mtp.layers.i), in Megatron-Core's state-dict order: its own input tensors, its
+        transformer layer (a decoder layer of the kind HF's layer index gives), its final norm."""
+        layer = dims.num_layers  # every MTP layer is of the kind the layers past the last one are
+        return [*self.mtp_before,
+                *(self.mtp_variant(m) for m in self.mappings if m.where == LAYER and m.applies_to(dims, layer)),
+                *self.mtp_after]
+
     def mtp_variant(self, mapping: TensorMapping) -> TensorMapping:
         """A decoder-layer mapping as the MTP layer's transformer layer holds it in Megatron-Core:
         `decoder.layers.*.X` -> `mtp.layers.*.transformer_layer.X` ('*' the MTP index)."""

@@ -235,16 +235,11 @@ def _mtp_entries(family: Family, dims: ModelDims, ep_rank: int, local_count: int
     num_layers + i), final_layernorm."""
     for i in range(dims.mtp_layers):
         layer = dims.num_layers + i
-        yield from (Entry(m, layer, i) for m in family.mtp_before)
-        for m in family.mappings:
-            if m.where != LAYER or not m.applies_to(dims, layer):
-                continue
-            variant = family.mtp_variant(m)
+        for m in family.mtp_layer_mappings(dims):
             if m.per_expert:
-                yield from (Entry(variant, layer, i, ep_rank * local_count + j, j) for j in range(local_count))
+                yield from (Entry(m, layer, i, ep_rank * local_count + j, j) for j in range(local_count))
             else:
-                yield Entry(variant, layer, i)
-        yield from (Entry(m, layer, i) for m in family.mtp_after)
+                yield Entry(m, layer, i)
 
 
 def mtp_hf_copies(family: Family, dims: ModelDims) -> dict[str, str]:

@@ -58,12 +58,13 @@ import json
 import os
 import re
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    FIRST_STAGE, GATED_FC1, LAYER, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture, get_family,
+    FIRST_STAGE, GATED_FC1, LAYER, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture,
+    get_family,
 )
 from pyconv.formats import register_format
 from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpChunk, DcpMetadata, DcpTensor, read_metadata
@@ -188,6 +189,27 @@ def _model(root: str, directory: str, args: dict | None, family: str | None,
                       f"model's Hugging Face {CONFIG} in {root}")
 
 
+_MTP_KEY = re.compile(r"^mtp\.layers\.(\d+)\.")
+
+
+def with_mtp_layers(fam: Family, dims: ModelDims, keys) -> ModelDims:
+    """dims counting the multi-token-prediction layers the keys hold (`mtp.layers.i.`), for a
+    family that has them; the keys decide, as a config may count layers a checkpoint lacks."""
+    found = {int(m.group(1)) for m in map(_MTP_KEY.match, keys) if m}
+    if not fam.mtp_before or (not found and not dims.mtp_layers):
+        return dims
+    return replace(dims, mtp_layers=max(found) + 1 if found else 0)
+
+
+def mtp_keyed_mappings(fam: Family, dims: ModelDims):
+    """(mapping, MTP index, HF layer) of every tensor of the MTP layers: keyed per MTP layer
+    (`mtp.layers.i.transformer_layer.X`, routed experts on an expert axis), as Megatron-Core
+    saves them."""
+    for i in range(dims.mtp_layers):
+        for mapping in fam.mtp_layer_mappings(dims):
+            yield mapping, i, dims.num_layers + i
+
+
 def stacked_key(name: str) -> str:
     """'decoder.layers.*.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight';
     'decoder.layers.*.mlp.experts.local_experts.#.linear_fc1.weight' ->
@@ -294,6 +316,9 @@ def read(path: str, family: str | None = None) -> Catalog:
     content = _content_metadata(common, common_path)
     fam, dims, config, config_source = _model(root, directory, args, family, common_problem)
     keys = {k: k for k in md.tensors if not k.startswith(_SKIPPED_PREFIXES)}
+    dims = with_mtp_layers(fam, dims, keys)
+    if dims.mtp_layers:
+        config["num_nextn_predict_layers"] = dims.mtp_layers
     padded = padded_vocab(fam, dims, md, directory, keys)
     tensors = read_tensors(md, directory, fam, dims, padded, keys, content)
     dtype = next((t.dtype for t in tensors.values()), None)
@@ -490,7 +515,7 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
     or NeMo's `module.`-prefixed one); every key in it must map. Keys of the singleton_local_shards
     layout are joined first (see join_singleton_keys); `content_metadata`, common.pt's record of
     the layout where there is one, must agree with the keys."""
-    from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, shard_pieces, shard_shape
+    from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, mtp_hf_copies, shard_pieces, shard_shape
 
     gated = any(m.rule == GATED_FC1 for m in fam.mappings)
     joined = join_singleton_keys(md, keys, gated, content_metadata)
@@ -537,6 +562,29 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
                             raise FormatError(f"{directory}: '{tensor.fqn}' is {tensor.dtype} but other keys holding "
                                               f"{name} are {dtypes[name]}")
                         blocks[name].append(block)
+        for mapping, i, layer in mtp_keyed_mappings(fam, dims):
+            key = next((k for k in dist_key_candidates(mapping, i) if k in keys), None)
+            if key is None:
+                if mapping.optional:
+                    continue
+                raise FormatError(f"{directory}: no '{dist_key(mapping, 'te', i)}' in {METADATA_FILE} (the "
+                                  f"checkpoint has multi-token-prediction layer {i})")
+            seen.add(key)
+            experts = range(dims.num_experts) if mapping.per_expert else [None]
+            pieces = {(layer, e): shard_pieces(mapping, hf_names(mapping, layer, e), dims, padded, 1, 0)
+                      for e in experts}
+            canonical_rank = len(mapping.shape(dims))
+            tensor = joined.tensors[keys[key]]
+            expected = (dims.num_experts,) * mapping.per_expert + shard_shape(pieces[(layer, experts[0])],
+                                                                              canonical_rank)
+            if tensor.size != expected:
+                raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected {list(expected)}")
+            for chunk in tensor.chunks:
+                stored = locator.locate(*joined.stored_chunk(tensor, chunk))
+                for name, block in _chunk_blocks(mapping, chunk, stored, pieces,
+                                                 mapping.transposed and canonical_rank == 2, layer):
+                    blocks.setdefault(name, []).append(block)
+                    dtypes.setdefault(name, tensor.dtype)
     unknown = [keys[k] for k in keys if k not in seen]
     if unknown:
         raise FormatError(f"{directory}: tensor '{unknown[0]}' matches no {fam.name} mapping"
@@ -544,9 +592,12 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
 
     tensors = {}
     for name in _hf_order(fam, dims, list(blocks)):
-        mapping, index, _, _ = fam.match_hf(name)
+        mapping, index, _, _ = fam.match_hf(name) or fam.match_mtp_hf(name)
         shape = _hf_shape(mapping, index, dims)
         tensors[name] = CanonicalTensor.assembled(name, dtypes[name], shape, blocks[name], directory, "chunks")
+    for name, source in mtp_hf_copies(fam, dims).items():  # HF keeps its own copies in each MTP layer
+        tensors[name] = CanonicalTensor.assembled(name, dtypes[source], tensors[source].shape, blocks[source],
+                                                  directory, "chunks")
     return tensors
 
 
@@ -656,6 +707,17 @@ def extra_state_keys(family: Family, dims: ModelDims, per_layer: bool = False) -
                 keys += [f"{module}._extra_state/shard_{layer}.{e}_{layers}.{experts}" for e in range(experts)]
             else:
                 keys.append(f"{module}._extra_state/shard_{layer}_{layers}")
+    # Multi-token-prediction layers: keyed per MTP layer like a per-layer decoder layer, plus eh_proj.
+    modules = {}
+    for mapping, i, _ in mtp_keyed_mappings(family, dims):
+        name = dist_key(mapping, "te", i)
+        module, leaf = name.rsplit(".", 1)
+        if leaf == "weight" and (module.rsplit(".", 1)[-1].startswith("linear_") or mapping.rule != REPLICATED):
+            modules.setdefault(module, mapping.per_expert)
+        modules.setdefault(f"mtp.layers.{i}.transformer_layer.self_attention.core_attention", False)
+    for module, per_expert in modules.items():
+        keys += ([f"{module}._extra_state/shard_{e}_{experts}" for e in range(experts)] if per_expert
+                 else [f"{module}._extra_state/shard_0_1"])
     return keys
 
 
@@ -675,7 +737,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.io.torchsave import TorchDtypeValue
     from pyconv.layout import padded_vocab_size
 
-    family, dims = family_and_dims(catalog)
+    family, dims = family_and_dims(catalog, with_mtp=True)
     config = catalog.config
     check_global_target(target)
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
@@ -796,6 +858,28 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
             size = ((dims.num_layers,) if mapping.where == LAYER and layer is None else ()) + \
                 (dims.num_experts,) * mapping.per_expert + shape
             tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
+
+    for mapping, i, layer in mtp_keyed_mappings(family, dims):  # keyed per MTP layer, experts on an axis
+        experts = range(dims.num_experts) if mapping.per_expert else [None]
+        if mapping.optional and not all(n in catalog.tensors for n in hf_names(mapping, layer, experts[0])):
+            continue
+        key = key_prefix + dist_key(mapping, target.megatron_naming, i, renames_norms(family))
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        chunks, dtype, shape = [], None, None
+        for expert in experts:
+            names = hf_names(mapping, layer, expert)
+            missing = [n for n in names if n not in catalog.tensors]
+            if missing:
+                raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
+            pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
+            shape = shard_shape(pieces, len(mapping.shape(dims)))
+            dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
+            copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+            stacked = (expert,) if expert is not None else ()
+            offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * len(stacked) + shape
+            label = key if not stacked else f"{key}[{expert}]"
+            chunks.append(DcpChunk(offsets, chunk_sizes, place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
+        tensors.append(DcpTensor(key, dtype, (dims.num_experts,) * mapping.per_expert + shape, tuple(chunks)))
 
     # Megatron-LM (checkpointing.py, load_checkpoint) and NeMo (MegatronStrategy.load_checkpoint)
     # build the sharded state dict they load with from the content_metadata in common.pt; a
