@@ -31,11 +31,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 
 # ---- Megatron-Core's side (in this process, or one torchrun rank) ----------------------------------
 
-def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int = 1, prefix: str = "") -> None:
+def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int = 1, prefix: str = "",
+                  metadata: dict | None = None) -> None:
     """Inside megatron_parallel(tp, 1, ep): a GPTModel filled from the HF weights, saved with
     dist_checkpointing.save. megatron_lm: as Megatron-LM's training loop saves it (the state under
     "model", args in common.pt, iter_0000007/ and the tracker file). prefix: of every key (NeMo 2
-    saves its model's sharded state dict under 'module.')."""
+    saves its model's sharded state dict under 'module.'). metadata: the sharded_state_dict
+    metadata (e.g. singleton_local_shards), recorded as content_metadata as Megatron-LM does."""
     import torch
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -47,13 +49,14 @@ def megatron_save(hf_dir, out_dir, tp: int, megatron_lm: bool = False, ep: int =
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(shard[name])
-    state, directory = model.sharded_state_dict(prefix=prefix), Path(out_dir)
+    state = model.sharded_state_dict(prefix=prefix, **({"metadata": dict(metadata)} if metadata is not None else {}))
+    directory = Path(out_dir)
     if megatron_lm:
         state = {"model": state, "args": mh.megatron_args(cfg, tp, ep=ep), "checkpoint_version": 3.0,
                  "iteration": MEGATRON_LM_ITERATION}
         directory = directory / f"iter_{MEGATRON_LM_ITERATION:07d}"
     directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(state, str(directory))
+    dist_checkpointing.save(state, str(directory), **({"content_metadata": metadata} if metadata is not None else {}))
     if megatron_lm and torch.distributed.get_rank() == 0:
         (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text(str(MEGATRON_LM_ITERATION))
 

@@ -39,21 +39,27 @@ def _config(family):
                                        shared_expert_intermediate_size=48, **common)
 
 
-@pytest.fixture(scope="module")
-def moe_models(tmp_path_factory):
-    """{family: (model, HF dir)}: tiny random models with non-trivial norms and biases."""
+def moe_model(family: str, seed: int):
+    """A tiny random model of the family with non-trivial norms and biases."""
     import torch
     import transformers
 
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """{family: (model, HF dir)}: tiny random models with non-trivial norms and biases."""
     root = tmp_path_factory.mktemp("torch_dist_moe_models")
     out = {}
     for seed, family in enumerate(FAMILIES):
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+        model = moe_model(family, seed)
         model.save_pretrained(root / family, max_shard_size="60KB")
         out[family] = (model, str(root / family))
     return out

@@ -32,9 +32,9 @@ import pytest
 
 import megatron_harness as mh
 from conftest import example_input, load_hf_tensors
+from test_torch_dist_moe import moe_model
 
 ATOL = 1e-5
-ITERATION = 7
 TORCHRUN = {"llama_tp2": ("llama", 2, 1), "mixtral_ep2": ("mixtral", 1, 2), "qwen2_moe_tp2": ("qwen2_moe", 2, 1)}
 needs_megatron = pytest.mark.skipif(not mh.megatron_available(), reason="megatron-core is not installed")
 pytestmark = [needs_megatron,
@@ -53,31 +53,11 @@ def content_metadata(singleton: bool) -> dict:
 
 def megatron_save(hf_dir, out_dir, tp: int, ep: int = 1, singleton: bool = True, prefix: str = "",
                   megatron_lm: bool = False) -> None:
-    """Inside megatron_parallel(tp, 1, ep): a GPTModel filled from the HF weights, saved with
-    dist_checkpointing.save(model.sharded_state_dict(prefix, metadata), content_metadata=...).
-    megatron_lm: as Megatron-LM's training loop saves it (state under "model", args in common.pt,
-    iter_0000007/ and the tracker file)."""
-    import torch
-    from megatron.core import dist_checkpointing, parallel_state
+    """test_torch_dist's save (inside megatron_parallel(tp, 1, ep)) with Megatron-LM's metadata for
+    the asked layout, recorded as content_metadata."""
+    from test_torch_dist import megatron_save as save
 
-    cfg = mh._config_dict(hf_dir)
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep > 1 else 0
-    model = mh.gpt_model_from_hf_config(cfg, tp, ep=ep)
-    shard = mh.megatron_shard(mh.megatron_full_tensors(mh._read_hf_weights(hf_dir), cfg), cfg, tp, rank, ep, ep_rank)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(shard[name])
-    metadata = content_metadata(singleton)
-    state, directory = model.sharded_state_dict(prefix=prefix, metadata=dict(metadata)), Path(out_dir)
-    if megatron_lm:
-        state = {"model": state, "args": mh.megatron_args(cfg, tp, ep=ep), "checkpoint_version": 3.0,
-                 "iteration": ITERATION}
-        directory = directory / f"iter_{ITERATION:07d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(state, str(directory), content_metadata=metadata)
-    if megatron_lm and torch.distributed.get_rank() == 0:
-        (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
+    save(hf_dir, out_dir, tp, megatron_lm=megatron_lm, ep=ep, prefix=prefix, metadata=content_metadata(singleton))
 
 
 def load_logits(ckpt_dir, hf_dir, metadata: dict | None, input_ids, prefix: str = ""):
@@ -130,21 +110,6 @@ def run_torchrun_jobs(jobs: list, nproc: int, timeout: float = 300.0) -> None:
 
 # ---- fixtures ----------------------------------------------------------------------------------------
 
-def _moe_model(family: str, seed: int):
-    import torch
-    import transformers
-
-    from test_torch_dist_moe import _config
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model
-
-
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory):
     """{family: (transformers model, HF dir)}: the session's tiny llama and gpt2, and tiny
@@ -152,7 +117,7 @@ def models(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("singleton_models")
     out = {family: tiny_models[family] for family in ("llama", "gpt2")}
     for seed, family in enumerate(("mixtral", "qwen2_moe")):
-        model = _moe_model(family, seed)
+        model = moe_model(family, seed)
         model.save_pretrained(root / family)
         out[family] = (model, str(root / family))
     return out
