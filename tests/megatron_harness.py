@@ -667,10 +667,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script_args, nproc: int, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node nproc tests/megatron_harness.py *script_args` on a free port."""
+def run_torchrun(script_args, nproc: int, timeout: float = 120.0, script=HARNESS) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node nproc SCRIPT *script_args` on a free port (SCRIPT: this harness,
+    or a test module with its own torchrun entry)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(HARNESS), *script_args]
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *map(str, script_args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -170,12 +168,7 @@ def _placement(args) -> tuple:
 
 
 def _torchrun(script_args, nproc: int, timeout: float = 180.0) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={mh.free_port()}", str(SCRIPT), *map(str, script_args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    mh.run_torchrun(script_args, nproc, timeout, script=SCRIPT)
 
 
 def _stage_args(first=None, last=None, layout=None, account_embedding=False, account_loss=False) -> list:

@@ -104,13 +104,7 @@ def _run_jobs(jobs_file) -> int:
 def run_torchrun_jobs(jobs: list, nproc: int, timeout: float = 180.0) -> None:
     jobs_file = Path(jobs[0].get("out") or jobs[0]["logits"]).parent / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={mh.free_port()}", str(Path(__file__).resolve()),
-           "--jobs", str(jobs_file)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    mh.run_torchrun(["--jobs", jobs_file], nproc, timeout, script=Path(__file__).resolve())
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------
