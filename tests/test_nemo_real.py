@@ -57,7 +57,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 ATOL = 1e-5
 FUSION_KNOBS = ("apply_rope_fusion", "persist_layer_norm", "bias_activation_fusion", "bias_dropout_fusion",
-                "masked_softmax_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion")
+                "masked_softmax_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion",
+                "moe_permute_fusion", "moe_grouped_gemm")  # the last two: Qwen3MoEConfig's TE-only defaults
 
 
 def cpu_nemo():
@@ -112,13 +113,41 @@ def converted(tmp_path_factory):
 
     def get(family):
         if family not in done:
-            model = build_tiny_model(family)
+            model = build_tiny_model(family) if family in ("llama", "qwen2", "gpt2") else qwen3_model(family)
             model.save_pretrained(root / family / "hf")
             real_tokenizer(root / family / "hf", model.config.vocab_size)
-            pyconv_cli("reshard", root / family / "hf", root / family / "nemo", "--to", "nemo")
+            # A MoE layer's pre-MLP norm is keyed by layer spec: NeMo here (no TransformerEngine)
+            # builds the local one; with TransformerEngine, pyconv's default (te) is the match.
+            naming = ["--megatron-naming", "local"] if family == "qwen3_moe" else []
+            pyconv_cli("reshard", root / family / "hf", root / family / "nemo", "--to", "nemo", *naming)
             done[family] = (model, root / family / "hf", root / family / "nemo")
         return done[family]
     return get
+
+
+def qwen3_model(family: str):
+    """Tiny Qwen3 / Qwen3-MoE (GQA, head_dim 24, 8 experts top-2) with non-trivial q/k norms."""
+    import torch
+    import transformers
+
+    torch.manual_seed(5)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, max_position_embeddings=64, rope_theta=1e6)
+    config = (transformers.Qwen3Config(**common, tie_word_embeddings=True) if family == "qwen3" else
+              transformers.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                          norm_topk_prob=True, tie_word_embeddings=False))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model
+
+
+# Runtime knobs of NeMo's Qwen3MoEConfig that need TransformerEngine or a GPU (grouped GEMM,
+# all-to-all dispatch, fused permutation): off for a CPU run; no part of the checkpoint.
+MOE_CPU_KNOBS = dict(moe_grouped_gemm=False, moe_token_dispatcher_type="allgather", moe_permute_fusion=False,
+                     moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +192,8 @@ def test_nemo_load_context_builds_the_model_and_tokenizer(llama):
 
 
 @pytest.mark.parametrize("family, nemo_class", [("llama", "LlamaModel"), ("qwen2", "Qwen2Model"),
-                                                ("gpt2", "GPTModel")])
+                                                ("gpt2", "GPTModel"), ("qwen3", "Qwen3Model"),
+                                                ("qwen3_moe", "Qwen3Model")])
 def test_nemo_loads_pyconv_weights_with_transformers_logits(converted, family, nemo_class):
     import torch
     from nemo.lightning.io import load_context
@@ -173,6 +203,15 @@ def test_nemo_loads_pyconv_weights_with_transformers_logits(converted, family, n
     m = nemo_model(out / "context")
     assert type(m).__name__ == nemo_class
     assert type(load_context(out / "context").model).__name__ == nemo_class  # whole context builds too
+    if family.startswith("qwen3"):
+        c, hf = m.config, model.config
+        assert type(c).__name__ == ("Qwen3MoEConfig" if family == "qwen3_moe" else "Qwen3Config")
+        assert (c.qk_layernorm, c.kv_channels, c.num_query_groups, c.add_qkv_bias) == (True, 24, 2, False)
+        if family == "qwen3_moe":
+            assert (c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size, c.moe_router_pre_softmax) == (
+                hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, False)
+            for knob, value in MOE_CPU_KNOBS.items():
+                setattr(c, knob, value)
     with mh.megatron_parallel(1):
         m.module = m.config.configure_model(m.tokenizer)  # what LlamaModel.configure_model does
         sharded = m.module.sharded_state_dict(prefix="module.")  # MegatronParallel's prefix

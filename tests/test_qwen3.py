@@ -136,3 +136,23 @@ def test_torch_dist_round_trip_and_megatron_core_load(models, tmp_path, family):
     with mh.megatron_parallel(1):
         got = megatron_load_logits(tmp_path / "td" / "release", src, 1, ids)
     assert (got - _logits(model, ids)).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("family,config_class", [("qwen3", "Qwen3Config"), ("qwen3_moe", "Qwen3MoEConfig")])
+def test_nemo2_round_trip(models, tmp_path, family, config_class):
+    """NeMo 2 output names NeMo's Qwen3 classes with qk_layernorm; read back from the HF config.json
+    pyconv puts beside it and from io.json alone (test_nemo_real.py: NeMo itself loads it)."""
+    import shutil
+
+    from pyconv.formats.nemo import read_io_json
+
+    _, src = models[family]
+    pyconv.reshard(src, tmp_path / "nemo", to="nemo")
+    cls, fields = read_io_json(str(tmp_path / "nemo" / "context" / "io.json"))
+    assert cls == f"nemo.collections.llm.gpt.model.qwen3.{config_class}" and fields["qk_layernorm"] is True
+    pyconv.reshard(tmp_path / "nemo", tmp_path / "back", to="hf")
+    assert pyconv.verify(src, tmp_path / "back").equal
+    shutil.rmtree(tmp_path / "nemo" / "context" / "nemo_tokenizer")
+    assert pyconv.open(tmp_path / "nemo").summary()["family"] == family
+    pyconv.reshard(tmp_path / "nemo", tmp_path / "back2", to="hf")
+    assert pyconv.verify(src, tmp_path / "back2").equal

@@ -254,15 +254,19 @@ _GPT_DEFAULTS = dict(
     share_embeddings_and_output_weights=True, layernorm_epsilon=1e-5, rotary_base=10000, rotary_percent=1.0,
     seq_length=1024, make_vocab_size_divisible_by=128, kv_channels=None, num_query_groups=None, vocab_size=None,
     num_moe_experts=None, moe_ffn_hidden_size=None, moe_router_topk=2, moe_router_pre_softmax=False,
-    moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
+    moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False, qk_layernorm=False)
 _LLAMA_DEFAULTS = {**_GPT_DEFAULTS, "normalization": "RMSNorm", "gated_linear_unit": True,
                    "activation_func": "torch.nn.functional.silu", "add_bias_linear": False,
                    "position_embedding_type": "rope", "share_embeddings_and_output_weights": False, "seq_length": 4096}
+_QWEN2_DEFAULTS = {**_LLAMA_DEFAULTS, "add_qkv_bias": True, "layernorm_epsilon": 1e-6, "rotary_base": 1000000.0,
+                   "vocab_size": 151936}
+_QWEN3_DEFAULTS = {**_QWEN2_DEFAULTS, "add_qkv_bias": False, "qk_layernorm": True, "kv_channels": 128,
+                   "num_query_groups": 8}
 _CLASS_DEFAULTS = (  # (class name prefix, defaults), first match wins
-    ("Qwen2", {**_LLAMA_DEFAULTS, "add_qkv_bias": True, "layernorm_epsilon": 1e-6, "rotary_base": 1000000.0,
-               "vocab_size": 151936}),
-    ("Qwen25", {**_LLAMA_DEFAULTS, "add_qkv_bias": True, "layernorm_epsilon": 1e-6, "rotary_base": 1000000.0,
-                "vocab_size": 151936}),
+    ("Qwen3MoE", {**_QWEN3_DEFAULTS, "num_moe_experts": 128, "moe_router_topk": 8}),
+    ("Qwen3", _QWEN3_DEFAULTS),
+    ("Qwen2", _QWEN2_DEFAULTS),
+    ("Qwen25", _QWEN2_DEFAULTS),
     ("Mixtral", {**_LLAMA_DEFAULTS, "num_moe_experts": 8, "rotary_base": 1000000.0}),
     ("Mistral", {**_LLAMA_DEFAULTS, "seq_length": 32768}),
     ("Llama", _LLAMA_DEFAULTS),
@@ -275,7 +279,7 @@ _FIELD_TYPES = {
                                           "make_vocab_size_divisible_by", "num_moe_experts", "moe_ffn_hidden_size",
                                           "moe_router_topk", "moe_shared_expert_intermediate_size")},
     **{k: (int, float) for k in ("layernorm_epsilon", "rotary_base", "rotary_percent")},
-    **{k: (bool,) for k in ("gated_linear_unit", "add_bias_linear", "add_qkv_bias",
+    **{k: (bool,) for k in ("gated_linear_unit", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
                             "share_embeddings_and_output_weights", "moe_router_pre_softmax", "moe_shared_expert_gate")},
     **{k: (str,) for k in ("normalization", "position_embedding_type", "activation_func")},
 }
@@ -312,7 +316,7 @@ def nemo_config_to_args(cls: str, explicit: dict, where: str) -> dict:
         rotary_percent=c.get("rotary_percent", 1.0), max_position_embeddings=c["seq_length"],
         seq_length=c["seq_length"], norm_epsilon=c["layernorm_epsilon"],
         untie_embeddings_and_output_weights=not c["share_embeddings_and_output_weights"],
-        make_vocab_size_divisible_by=c.get("make_vocab_size_divisible_by") or 128)
+        make_vocab_size_divisible_by=c.get("make_vocab_size_divisible_by") or 128, qk_layernorm=bool(c["qk_layernorm"]))
     if gated and not args["swiglu"]:
         raise FormatError(f"{where}: gated linear unit with activation {activation!r}: no pyconv family")
     if c.get("vocab_size"):
@@ -575,6 +579,8 @@ _NEMO_CLASSES = {
     "mixtral": ("nemo.collections.llm.gpt.model.mixtral", "MixtralModel", "MixtralConfig"),
     "gpt2": ("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
     "qwen2_moe": ("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
+    "qwen3": ("nemo.collections.llm.gpt.model.qwen3", "Qwen3Model", "Qwen3Config"),
+    "qwen3_moe": ("nemo.collections.llm.gpt.model.qwen3", "Qwen3Model", "Qwen3MoEConfig"),
 }
 _TOKENIZER_CLASS = ("nemo.collections.common.tokenizers.huggingface.auto_tokenizer", "AutoTokenizer")
 _TRAINER_CONTEXT = ("nemo.lightning.io.pl", "TrainerContext")
@@ -627,6 +633,8 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
         make_vocab_size_divisible_by=nemo_vocab_divisor(dims.vocab), vocab_size=dims.vocab,
         fp16=params_dtype == "F16", bf16=params_dtype == "BF16",
         params_dtype=Pyref(f"torch.{_DTYPE_NAMES[params_dtype]}"))
+    if args.get("qk_layernorm"):
+        fields["qk_layernorm"] = True
     if args.get("num_experts"):
         fields.update(num_moe_experts=args["num_experts"], moe_ffn_hidden_size=args["moe_ffn_hidden_size"],
                       moe_router_topk=args["moe_router_topk"],
