@@ -174,15 +174,21 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
         raise NotImplementedError("DeepSeek-V3 with rope scaling (only plain rope is translated)")
     if not cfg.get("rope_interleave", True):
         raise NotImplementedError("rope_interleave=False has no Megatron-Core MLA equivalent")
-    if not cfg.get("norm_topk_prob", True):
+    v2 = cfg.get("model_type") == "deepseek_v2"
+    if not v2 and not cfg.get("norm_topk_prob", True):
         raise NotImplementedError("norm_topk_prob=False: Megatron-Core's sigmoid router always normalises")
     heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     experts, topk = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
     groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
-    if groups > 1 and group_topk < groups:
-        if topk // group_topk != 2:
-            raise NotImplementedError("HF ranks expert groups by their top-2 scores; Megatron-Core by top "
-                                      f"{topk // group_topk}")
+    # HF ranks expert groups by their top-2 scores (V3) or their best one (V2's
+    # group_limited_greedy); Megatron-Core by the sum of the top topk // group_topk
+    hf_group_top = 1 if v2 else 2
+    if v2 and cfg.get("topk_method", "greedy") == "greedy":
+        groups = group_topk = None
+    elif groups > 1 and group_topk < groups:
+        if topk // group_topk != hf_group_top:
+            raise NotImplementedError(f"HF ranks expert groups by their top-{hf_group_top} scores; Megatron-Core "
+                                      f"by top {topk // group_topk}")
     else:
         groups = group_topk = None
     if experts % ep:
@@ -193,8 +199,9 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
         num_moe_experts=experts, moe_ffn_hidden_size=cfg["moe_intermediate_size"],
         moe_layer_freq=[0] * first_dense + [1] * (layers - first_dense),
         moe_router_topk=topk, moe_router_num_groups=groups, moe_router_group_topk=group_topk,
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)), moe_router_pre_softmax=False,
+        # V3: sigmoid scores, expert_bias, normalised top-k; V2: softmax over all, top-k unnormalised
+        moe_router_score_function="softmax" if v2 else "sigmoid", moe_router_enable_expert_bias=not v2,
+        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)), moe_router_pre_softmax=v2,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
         moe_input_jitter_eps=None, moe_expert_capacity_factor=None,
         moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False,
@@ -291,7 +298,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
                   max_sequence_length=cfg["n_positions"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", True)))
         extra = dict(swiglu=False, openai_gelu=(act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")))
-    elif model_type == "deepseek_v3":
+    elif model_type in ("deepseek_v3", "deepseek_v2"):
         tc, gm, extra, moe = _deepseek_v3_config(cfg, tp, ep, etp)
         extra["mla"] = True
     else:
@@ -747,7 +754,7 @@ def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
                 return hf_weights[n]
         raise KeyError(f"none of {names} in the HF checkpoint")
 
-    if t["family"] == "deepseek_v3":
+    if t["family"] in ("deepseek_v3", "deepseek_v2"):
         return _deepseek_v3_full_tensors(get, t)
 
     if t["family"] == "gpt2":
@@ -856,7 +863,8 @@ def _deepseek_v3_full_tensors(get, t: dict) -> dict:
             out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
             continue
         out[m + "mlp.router.weight"] = get(p + "mlp.gate.weight")
-        out[m + "mlp.router.expert_bias"] = get(p + "mlp.gate.e_score_correction_bias")
+        if t["transformer_config"]["moe_router_enable_expert_bias"]:  # DeepSeek-V3's, not V2's
+            out[m + "mlp.router.expert_bias"] = get(p + "mlp.gate.e_score_correction_bias")
         for e in range(tc["num_moe_experts"]):
             x, y = f"{p}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
             out[y + "linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))

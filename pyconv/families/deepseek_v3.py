@@ -171,16 +171,16 @@ def _rope_args(config: dict) -> dict:
                 original_max_position_embeddings=int(params.get("original_max_position_embeddings", 4096)))
 
 
-def _router_groups(config: dict, topk: int) -> tuple[int | None, int | None]:
-    """moe_router_num_groups / moe_router_group_topk. HF scores a group by the sum of its top-2
-    scores; Megatron-Core by its top (topk // group_topk): they agree when that is 2, or when
-    every group is kept anyway."""
+def _router_groups(config: dict, topk: int, hf_group_top: int = 2) -> tuple[int | None, int | None]:
+    """moe_router_num_groups / moe_router_group_topk. HF scores a group by the sum of its top
+    hf_group_top scores (DeepSeek-V3: 2; V2's group_limited_greedy: its maximum, 1); Megatron-Core
+    by its top (topk // group_topk): they agree when those are equal, or when every group is kept."""
     groups, group_topk = _optional_int(config, "n_group", 1), _optional_int(config, "topk_group", 1)
     if groups <= 1 or group_topk >= groups:
         return None, None
-    if topk // group_topk != 2:
+    if topk // group_topk != hf_group_top:
         raise LayoutError(f"config.json: n_group {groups}, topk_group {group_topk}, num_experts_per_tok {topk}: "
-                          f"HF ranks groups by their top-2 scores, Megatron-Core by their top "
+                          f"HF ranks groups by their top-{hf_group_top} scores, Megatron-Core by their top "
                           f"{topk // group_topk}; no Megatron setting reproduces this routing")
     return groups, group_topk
 
@@ -190,7 +190,14 @@ def deepseek_v3_megatron_args(config: dict, dims: ModelDims) -> dict:
     if not config.get("norm_topk_prob", True) and topk > 1:
         raise LayoutError("config.json: norm_topk_prob is false: Megatron-Core's sigmoid router always "
                           "normalises the top-k weights")
-    groups, group_topk = _router_groups(config, topk)
+    return _mla_moe_args(config, dims, _router_groups(config, topk), "sigmoid", expert_bias=True, pre_softmax=False)
+
+
+def _mla_moe_args(config: dict, dims: ModelDims, groups_topk: tuple, score_function: str, expert_bias: bool,
+                  pre_softmax: bool) -> dict:
+    """Megatron-LM's args of a DeepSeek MLA + MoE model, with its router's scoring."""
+    topk = hf_int(config, "num_experts_per_tok")
+    groups, group_topk = groups_topk
     base = llama_megatron_args({**config, "attention_bias": False, "mlp_bias": False}, dims)
     return {
         **base, "kv_channels": dims.v_head_dim,
@@ -202,9 +209,9 @@ def deepseek_v3_megatron_args(config: dict, dims: ModelDims) -> dict:
         "moe_layer_freq": [0] * dims.first_dense_layers + [1] * (dims.num_layers - dims.first_dense_layers),
         "moe_shared_expert_intermediate_size": dims.shared_ffn or None,
         "moe_router_topk": topk, "moe_router_num_groups": groups, "moe_router_group_topk": group_topk,
-        "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+        "moe_router_score_function": score_function, "moe_router_enable_expert_bias": expert_bias,
         "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
-        "moe_router_pre_softmax": False, "moe_router_dtype": "fp32",
+        "moe_router_pre_softmax": pre_softmax, "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.0,
         "mtp_num_layers": dims.mtp_layers or None,
         **({"mtp_loss_scaling_factor": 0.1} if dims.mtp_layers else {}),
@@ -262,7 +269,48 @@ def deepseek_v3_hf_config(args: dict) -> dict:
 
 
 def is_deepseek_v3_args(args: dict) -> bool:
-    return bool(args.get("multi_latent_attention")) and bool(args.get("num_experts"))
+    return (bool(args.get("multi_latent_attention")) and bool(args.get("num_experts"))
+            and args.get("moe_router_score_function", "sigmoid") == "sigmoid")
+
+
+# ---- DeepSeek-V2 (and V2-Lite) -------------------------------------------------------------------
+# The same multi-latent attention and MoE layout without the score-correction bias; its router
+# takes the softmax over every expert, the top k without renormalising (transformers ignores
+# norm_topk_prob here), times routed_scaling_factor: Megatron-Core's softmax router with
+# pre_softmax. group_limited_greedy ranks groups by their best expert.
+
+DEEPSEEK_V2_MAPPINGS = tuple(m for m in DEEPSEEK_V3_MAPPINGS if m.hf != (L + "mlp.gate.e_score_correction_bias",))
+
+
+def deepseek_v2_dims(config: dict) -> ModelDims:
+    if config.get("num_nextn_predict_layers"):
+        raise LayoutError("config.json: DeepSeek-V2 with multi-token-prediction layers is not a known layout")
+    return deepseek_v3_dims(config)
+
+
+def deepseek_v2_megatron_args(config: dict, dims: ModelDims) -> dict:
+    topk, method = hf_int(config, "num_experts_per_tok"), config.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise LayoutError(f"config.json: topk_method {method!r} (greedy or group_limited_greedy)")
+    groups = _router_groups(config, topk, hf_group_top=1) if method == "group_limited_greedy" else (None, None)
+    return _mla_moe_args(config, dims, groups, "softmax", expert_bias=False, pre_softmax=True)
+
+
+def deepseek_v2_hf_config(args: dict) -> dict:
+    config = deepseek_v3_hf_config(args)
+    original = original_hf_config(args)
+    for v3_only in ("rope_interleave", "num_nextn_predict_layers", "norm_topk_prob"):
+        config.pop(v3_only, None)
+        if v3_only in original:  # norm_topk_prob: transformers' V2 keeps it, unused
+            config[v3_only] = original[v3_only]
+    config.update(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+                  topk_method="group_limited_greedy" if args.get("moe_router_num_groups") else "greedy")
+    return config
+
+
+def is_deepseek_v2_args(args: dict) -> bool:
+    return (bool(args.get("multi_latent_attention")) and bool(args.get("num_experts"))
+            and args.get("moe_router_score_function") == "softmax")
 
 
 DEEPSEEK_V3 = register_family(Family(
@@ -277,4 +325,13 @@ DEEPSEEK_V3 = register_family(Family(
     mtp_before=MTP_BEFORE,
     mtp_after=MTP_AFTER,
     mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"},
+))
+DEEPSEEK_V2 = register_family(Family(
+    name="deepseek_v2",
+    architectures=("DeepseekV2ForCausalLM",),
+    mappings=DEEPSEEK_V2_MAPPINGS,
+    dims_from_hf=deepseek_v2_dims,
+    megatron_args_from_hf=deepseek_v2_megatron_args,
+    hf_config_from_megatron=deepseek_v2_hf_config,
+    matches_megatron_args=is_deepseek_v2_args,
 ))
