@@ -58,8 +58,13 @@ def gpt2_dims(config: dict) -> ModelDims:
                      tied=bool(config.get("tie_word_embeddings", True)))
 
 
+# HF's tanh approximations of GELU, Megatron-LM's --openai-gelu; the exact GELU otherwise.
+_TANH_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+
+
 def gpt2_megatron_args(config: dict, dims: ModelDims) -> dict:
     return dict(
+        openai_gelu=config.get("activation_function", "gelu_new") in _TANH_GELU,
         num_layers=dims.num_layers, hidden_size=dims.hidden, ffn_hidden_size=dims.ffn,
         num_attention_heads=dims.heads, num_query_groups=dims.heads, group_query_attention=False,
         kv_channels=dims.head_dim, normalization="LayerNorm", swiglu=False, add_bias_linear=True, add_qkv_bias=True,
@@ -78,7 +83,7 @@ def gpt2_hf_config(args: dict) -> dict:
         layer_norm_epsilon=float(args.get("norm_epsilon", 1e-5)),
         vocab_size=args["vocab_size"] if "vocab_size" in args else arg(args, "padded_vocab_size", where),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False))
-    config.setdefault("activation_function", "gelu_new")
+    config.setdefault("activation_function", "gelu_new" if args.get("openai_gelu", True) else "gelu")
     ffn = args.get("ffn_hidden_size")
     if ffn and (ffn != 4 * config["n_embd"] or config.get("n_inner")):  # None means 4 * n_embd
         config["n_inner"] = ffn
