@@ -570,7 +570,8 @@ def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, 
 _ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "kv_channels", "normalization", "swiglu", "position_embedding_type", "padded_vocab_size",
                  "vocab_size", "untie_embeddings_and_output_weights", "params_dtype",
-                 "tensor_model_parallel_size", "pipeline_model_parallel_size")
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                 "pipeline_model_parallel_layout", "qk_layernorm", "num_experts", "mtp_num_layers")
 
 
 def _family_from_args(args: dict, where: str) -> Family:
