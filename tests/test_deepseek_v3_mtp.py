@@ -215,3 +215,54 @@ def test_megatron_core_torch_dist_with_mtp_both_ways(with_mtp, tmp_path):
     assert out.keys() == hf.keys() and [k for k in hf if not torch.equal(out[k], hf[k])] == []
     pyconv.reshard(tmp_path / "td", tmp_path / "hf2", to="hf")
     assert pyconv.verify(src, tmp_path / "hf2").equal
+
+
+# ---- the MTP layer placed by a pipeline layout ('m') -------------------------------------------------
+
+@pytest.mark.parametrize("layout,pp", [("Et|t|tm|L", 2), ("Et|tt|m|L", 2), ("Ettt|mL", 2)])
+def test_pipeline_layout_places_the_mtp_layer(with_mtp, tmp_path, layout, pp):
+    """The chunk holding 'm' holds mtp.layers.0 and, unless it is the first, a copy of the embedding;
+    Megatron-Core's PipelineParallelLayerLayout puts the MTP layer in the same chunk."""
+    from pyconv.layout import layout_mtp_chunk
+
+    _, src = with_mtp
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", pp=pp, pipeline_layout=layout)
+    chunk, _ = layout_mtp_chunk(layout)
+    vpp = (layout.count("|") + 1) // pp
+    holders = []
+    for p in range(pp):
+        saved = torch.load(mh.checkpoint_file(tmp_path / "meg", 0, p, pp), weights_only=False)
+        for v in range(vpp):
+            model = saved["model" if vpp == 1 else f"model{v}"]
+            if "mtp.layers.0.eh_proj.weight" in model:
+                holders.append(v * pp + p)
+                assert "embedding.word_embeddings.weight" in model  # the model's own, or the MTP stage's copy
+    assert holders == [chunk]
+    if mh.megatron_available():
+        mh.import_megatron_core()
+        from megatron.core import parallel_state
+        from megatron.core.transformer.enums import LayerType
+        from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+        theirs = PipelineParallelLayerLayout(layout, pp)
+        saved_vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(vpp if vpp > 1 else None)
+        try:
+            mtp_chunks = [v * pp + p for p in range(pp) for v in range(vpp)
+                          if theirs.get_num_layers_to_build(LayerType.mtp, vp_stage=v, pp_rank=p)]
+        finally:
+            parallel_state.set_virtual_pipeline_model_parallel_world_size(saved_vpp)
+        assert mtp_chunks == [chunk]
+    pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")
+    _assert_same(src, tmp_path / "back")
+
+
+def test_pipeline_layout_and_mtp_count_must_agree(with_mtp, tmp_path):
+    from pyconv.errors import LayoutError
+
+    _, src = with_mtp
+    with pytest.raises(LayoutError, match="places 0 MTP layer"):
+        pyconv.reshard(src, tmp_path / "a", to="megatron", pp=2, pipeline_layout="Ett|tL")
+    with pytest.raises(LayoutError, match="several stages"):
+        pyconv.reshard(src, tmp_path / "b", to="megatron", pp=2, pipeline_layout="Etm|tmtL")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

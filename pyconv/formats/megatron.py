@@ -31,8 +31,8 @@ from pyconv.families import (
 from pyconv.formats import register_format
 from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
 from pyconv.layout import (
-    Piece, column_parallel, gated_fc1, layout_stages, padded_vocab_size, qkv_fused, replicated, row_parallel,
-    slot_stages, virtual_stages, vocab_parallel,
+    Piece, column_parallel, gated_fc1, layout_mtp_chunk, layout_stages, padded_vocab_size, qkv_fused, replicated,
+    row_parallel, slot_stages, virtual_stages, vocab_parallel,
 )
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
     plan_text_file
@@ -133,6 +133,7 @@ class MegatronLayout:
     etp: int | None = None  # expert tensor parallel size (None: tp)
     naming: str = "te"      # "te" or "local" (MLA down projections differ in their split)
     vpp: int = 1            # model chunks per pipeline rank (interleaved schedule)
+    mtp_stage: int | None = None  # the chunk holding the MTP layers (a pipeline layout's 'm'; default: the last)
 
     def chunks(self, p: int) -> list[tuple[str, int]]:
         """(state dict key, index into stages) of each model chunk pipeline rank p's files hold."""
@@ -145,7 +146,7 @@ class MegatronLayout:
         return self.tp if self.etp is None else self.etp
 
     def entries(self, stage: int, ep_rank: int):
-        return _stage_entries(self.family, self.dims, stage, self.stages, ep_rank, self.ep)
+        return _stage_entries(self.family, self.dims, stage, self.stages, ep_rank, self.ep, self.mtp_stage)
 
     def pieces(self, mapping: TensorMapping, names: list[str], tp_rank: int, etp_rank: int | None = None,
                naming: str | None = None) -> list[Piece]:
@@ -207,12 +208,15 @@ def experts_per_rank(dims: ModelDims, ep: int) -> int:
     return divide(dims.num_experts, ep, "num_experts", "ep")
 
 
-def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[range], ep_rank: int, ep: int):
+def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[range], ep_rank: int, ep: int,
+                   mtp_stage: int | None = None):
     """The tensors of one (pipeline stage, expert-parallel rank) in Megatron's state-dict order:
     embeddings, layers (routed experts: those of this EP rank), final norm, multi-token-prediction
-    layers and output layer. Megatron-Core builds the embedding on the MTP stage too (a copy)."""
+    layers (on mtp_stage, default the last) and output layer. Megatron-Core builds the embedding on
+    the MTP stage too (a copy)."""
     last = stage == len(stages) - 1
-    if stage == 0 or (last and dims.mtp_layers):
+    mtp_here = bool(dims.mtp_layers) and stage == (len(stages) - 1 if mtp_stage is None else mtp_stage)
+    if stage == 0 or mtp_here:
         yield from (Entry(m, None, None, copy=stage != 0) for m in family.mappings if m.where == FIRST_STAGE)
     local_count = experts_per_rank(dims, ep)
     for local, layer in enumerate(stages[stage]):
@@ -223,11 +227,11 @@ def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[ran
                 yield from (Entry(m, layer, local, ep_rank * local_count + j, j) for j in range(local_count))
             else:
                 yield Entry(m, layer, local)
-    if last:
-        tail = [m for m in family.mappings if m.where == LAST_STAGE]
-        yield from (Entry(m, None, None) for m in tail if m.megatron_names()[0].startswith("decoder."))
+    tail = [m for m in family.mappings if m.where == LAST_STAGE] if last else []
+    yield from (Entry(m, None, None) for m in tail if m.megatron_names()[0].startswith("decoder."))
+    if mtp_here:
         yield from _mtp_entries(family, dims, ep_rank, local_count)
-        yield from (Entry(m, None, None) for m in tail if not m.megatron_names()[0].startswith("decoder."))
+    yield from (Entry(m, None, None) for m in tail if not m.megatron_names()[0].startswith("decoder."))
 
 
 def _mtp_entries(family: Family, dims: ModelDims, ep_rank: int, local_count: int):
@@ -401,7 +405,8 @@ def read(path: str, family: str | None = None) -> Catalog:
     layout = MegatronLayout(
         family=get_family(family) if family else _family_from_args(args, first_file), dims=dims,
         padded_vocab=args.get("padded_vocab_size") or dims.vocab,
-        stages=_stages_from_args(args, dims.num_layers, pp, vpp, first_file), tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp)
+        stages=_stages_from_args(args, dims.num_layers, pp, vpp, first_file), tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp,
+        mtp_stage=_mtp_stage(args.get("pipeline_model_parallel_layout"), dims, first_file, FormatError))
     assembly = _Assembly({}, {}, [])
     for p in range(pp):
         dense_seen = set()
@@ -434,6 +439,30 @@ def _model_chunks(obj: dict, file: str) -> list[str]:
 _LAYER_TYPE_CHARS = {"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}
 
 
+def _layout_text(layout) -> str | None:
+    """pipeline_model_parallel_layout as its string (Megatron-Core also takes a list of stages)."""
+    if isinstance(layout, list):  # the list form: [["embedding", "decoder"], ["decoder", "loss"]]
+        return "|".join("".join(_LAYER_TYPE_CHARS.get(str(t).strip().lower(), "?") for t in stage)
+                        for stage in layout)
+    return layout or None
+
+
+def _mtp_stage(layout, dims: ModelDims, where: str, error=LayoutError) -> int | None:
+    """The model chunk a pipeline layout puts the MTP layers in (None without a layout: the last);
+    the layout and the model must agree on how many there are."""
+    text = _layout_text(layout)
+    if not isinstance(text, str):
+        return None
+    try:
+        chunk, count = layout_mtp_chunk(text)
+    except LayoutError as e:
+        raise error(f"{where}: {e}") from None
+    if count != dims.mtp_layers:
+        raise error(f"{where}: pipeline layout {text!r} places {count} MTP layer(s) (m), the model has "
+                    f"{dims.mtp_layers}")
+    return chunk
+
+
 def _stages_from_args(args: dict, num_layers: int, pp: int, vpp: int, where: str) -> list[range]:
     """Layers of each model chunk as Megatron-Core placed them: by pipeline_model_parallel_layout,
     by counting the embedding/loss as layers (account_for_*_in_pipeline_split), or evenly with
@@ -444,9 +473,7 @@ def _stages_from_args(args: dict, num_layers: int, pp: int, vpp: int, where: str
     first, last = args.get("decoder_first_pipeline_num_layers"), args.get("decoder_last_pipeline_num_layers")
     try:
         if layout:
-            if isinstance(layout, list):  # the list form: [["embedding", "decoder"], ["decoder", "loss"]]
-                layout = "|".join("".join(_LAYER_TYPE_CHARS.get(str(t).strip().lower(), "?") for t in stage)
-                                  for stage in layout)
+            layout = _layout_text(layout)
             if not isinstance(layout, str):
                 raise LayoutError(f"pipeline_model_parallel_layout is a {type(layout).__name__}, not a string")
             stages, layout_vpp = layout_stages(layout, num_layers, pp)
@@ -725,7 +752,9 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         if vpp not in (1, layout_vpp):
             raise LayoutError(f"pipeline layout {target.pipeline_layout!r} gives vpp={layout_vpp}, not {vpp}")
         vpp = layout_vpp
+        mtp_stage = _mtp_stage(target.pipeline_layout, dims, catalog.path)
     else:
+        mtp_stage = None
         stages = virtual_stages(dims.num_layers, pp, vpp, target.first_stage_layers, target.last_stage_layers)
     iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
@@ -748,7 +777,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
-    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.megatron_naming, vpp)
+    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.megatron_naming, vpp, mtp_stage)
     files = PlannedFiles()
     for p in range(pp):
         for t, e, et in grid:

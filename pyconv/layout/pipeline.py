@@ -107,14 +107,23 @@ def layout_stages(text: str, num_layers: int, pp: int) -> tuple[list[range], int
     if flat.count("E") != 1 or flat.count("L") != 1 or not chunks[0].startswith("E") or not chunks[-1].endswith("L"):
         raise LayoutError(f"pipeline layout {text!r}: the embedding (E) must open the first stage and the loss (L) "
                           f"close the last, once each")
-    if "m" in flat:
-        raise LayoutError(f"pipeline layout {text!r} places MTP layers (m), which pyconv does not read or write")
     stages, start = [], 0
     for chunk in chunks:
         n = chunk.count("t")
         stages.append(range(start, start + n))
         start += n
     return stages, len(chunks) // pp
+
+
+def layout_mtp_chunk(text: str) -> tuple[int | None, int]:
+    """(index of the model chunk holding the multi-token-prediction layers, how many there are) of
+    a pipeline layout: Megatron-Core builds them all in one chunk (get_mtp_num_layers_to_build)."""
+    chunks = parse_pipeline_layout(text)
+    holding = [k for k, chunk in enumerate(chunks) if "m" in chunk]
+    if len(holding) > 1:
+        raise LayoutError(f"pipeline layout {text!r} spreads MTP layers (m) over several stages; Megatron-Core "
+                          f"builds them all in one")
+    return (holding[0] if holding else None), sum(chunk.count("m") for chunk in chunks)
 
 
 def slot_stages(num_layers: int, pp: int, vpp: int, embedding: bool, loss: bool) -> list[range]:
