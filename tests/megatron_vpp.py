@@ -31,23 +31,42 @@ SCRIPT = Path(__file__).resolve()
 
 
 def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None = None, last: int | None = None,
-                  layout: str | None = None, embedding: bool = False, loss: bool = False):
-    """This rank's V GPTModel chunks (local spec), in vp_stage order (vp_stage None when V = 1)."""
+                  layout: str | None = None, embedding: bool = False, loss: bool = False, mtp: int = 0):
+    """This rank's V GPTModel chunks (local spec), in vp_stage order (vp_stage None when V = 1).
+    DeepSeek (multi-latent attention): the decoder block spec of each chunk's layers, and `mtp`
+    multi-token-prediction layers where Megatron-Core places them."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec, get_gpt_decoder_layer_specs, get_gpt_layer_local_spec, get_gpt_mtp_block_spec,
+    )
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     import torch
 
     t = mh.translate_hf_config(cfg, 1, pp)
-    config = TransformerConfig(**t["transformer_config"], pipeline_dtype=torch.float32,
-                               virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-                               num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
-                               pipeline_model_parallel_layout=layout, account_for_embedding_in_pipeline_split=embedding,
-                               account_for_loss_in_pipeline_split=loss)
-    spec = get_gpt_layer_local_spec(normalization=t["normalization"])
+    config = (MLATransformerConfig if t.get("mla") else TransformerConfig)(
+        **t["transformer_config"], pipeline_dtype=torch.float32,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last,
+        pipeline_model_parallel_layout=layout, account_for_embedding_in_pipeline_split=embedding,
+        account_for_loss_in_pipeline_split=loss, **({"mtp_num_layers": mtp} if mtp else {}))
     p = parallel_state.get_pipeline_model_parallel_rank()
+
+    def specs(v):
+        """(decoder spec, MTP spec or None) of chunk v of this rank."""
+        if not t.get("mla"):
+            return get_gpt_layer_local_spec(normalization=t["normalization"]), None
+        vp = v if vpp > 1 else None
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                           vp_stage=vp, pp_rank=p)
+        last_layer = get_gpt_decoder_layer_specs(config, False, "RMSNorm")[-1]
+        for layer_spec in (*block.layer_specs, last_layer):
+            layer_spec.submodules.self_attention.submodules.core_attention = mh.mla_dot_product_attention()
+        mtp_spec = (get_gpt_mtp_block_spec(config, last_layer, use_transformer_engine=False, vp_stage=vp, pp_rank=p)
+                    if mtp else None)
+        return block, mtp_spec
+
     if vpp > 1:  # as initialize_model_parallel(virtual_pipeline_model_parallel_size=vpp) sets it for Megatron-LM
         parallel_state.set_virtual_pipeline_model_parallel_world_size(vpp)
     models = []
@@ -57,9 +76,10 @@ def _chunk_models(cfg: dict, pp: int, vpp: int, first: int | None = None, last: 
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     try:
         for v in range(vpp):
+            spec, mtp_spec = specs(v)
             models.append(GPTModel(config=config, transformer_layer_spec=spec, vocab_size=t["padded_vocab_size"],
                                    pre_process=(p == 0 and v == 0), post_process=(p == pp - 1 and v == vpp - 1),
-                                   parallel_output=False, vp_stage=v if vpp > 1 else None,
+                                   parallel_output=False, vp_stage=v if vpp > 1 else None, mtp_block_spec=mtp_spec,
                                    **t["gpt_model"]).eval())
     finally:
         torch.Tensor.cuda = cuda
@@ -81,7 +101,7 @@ def _logits(args) -> None:
 
     cfg = json.loads(Path(args.hf_config).read_text())
     with mh.megatron_parallel(1, args.pp):
-        _, models = _chunk_models(cfg, args.pp, args.vpp, *_placement(args))
+        config, models = _chunk_models(cfg, args.pp, args.vpp, *_placement(args), mtp=args.mtp)
         p = parallel_state.get_pipeline_model_parallel_rank()
         f = mh.checkpoint_file(args.ckpt, 0, p, args.pp)
         ckpt = torch.load(f, map_location="cpu", weights_only=False)
@@ -90,6 +110,13 @@ def _logits(args) -> None:
             if key not in ckpt:
                 raise mh.StateDictMismatch(f"{f}: no '{key}' (keys: {sorted(ckpt)})")
             _load_chunk(model, ckpt[key], f"{f} {key}")
+        # Megatron-Core runs MTP only for its training loss (with labels): the main model's forward
+        mtp_held = [m.mtp_process for m in models]
+        for model in models:
+            model.mtp_process = False
+        config.mtp_num_layers = None
+        if args.mtp_out is not None:  # which chunks held the MTP layers, for the caller to check
+            torch.save([v * args.pp + p for v, held in enumerate(mtp_held) if held], f"{args.mtp_out}.{p}")
         ids = torch.load(args.input, weights_only=True)
         b, s = ids.shape
         position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
@@ -177,18 +204,25 @@ def _stage_args(first=None, last=None, layout=None, account_embedding=False, acc
             *(["--account-loss"] if account_loss else [])]
 
 
-def vpp_logits(ckpt_dir, hf_config: dict, pp: int, vpp: int, input_ids, first=None, last=None, **placement):
+def vpp_logits(ckpt_dir, hf_config: dict, pp: int, vpp: int, input_ids, first=None, last=None, mtp: int = 0,
+               **placement):
     """[b, s, vocab] logits of Megatron-Core running a pipelined checkpoint (pp processes).
-    placement: layout (pipeline_model_parallel_layout), account_embedding, account_loss."""
+    placement: layout (pipeline_model_parallel_layout), account_embedding, account_loss. With
+    mtp: (logits, the model chunks Megatron-Core built the MTP layers in)."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="megatron_vpp_") as tmp:
         cfg, ids, out = Path(tmp) / "config.json", Path(tmp) / "ids.pt", Path(tmp) / "logits.pt"
         cfg.write_text(json.dumps(hf_config))
         torch.save(torch.as_tensor(input_ids, dtype=torch.long), ids)
+        mtp_args = ["--mtp", mtp, "--mtp-out", Path(tmp) / "mtp"] if mtp else []
         _torchrun(["--ckpt", ckpt_dir, "--hf-config", cfg, "--pp", pp, "--vpp", vpp, "--input", ids, "--out", out,
-                   *_stage_args(first, last, **placement)], nproc=pp)
-        return torch.load(out, weights_only=True)
+                   *_stage_args(first, last, **placement), *mtp_args], nproc=pp)
+        logits = torch.load(out, weights_only=True)
+        if not mtp:
+            return logits
+        held = sorted(k for p in range(pp) for k in torch.load(Path(tmp) / f"mtp.{p}", weights_only=True))
+        return logits, held
 
 
 def save_vpp_with_megatron(hf_model_dir, out_dir, pp: int, vpp: int, first=None, last=None, **placement) -> Path:
@@ -209,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layout")
     parser.add_argument("--account-embedding", action="store_true")
     parser.add_argument("--account-loss", action="store_true")
+    parser.add_argument("--mtp", type=int, default=0)
+    parser.add_argument("--mtp-out")
     parser.add_argument("--input")
     parser.add_argument("--out")
     args = parser.parse_args(argv)

@@ -266,3 +266,25 @@ def test_pipeline_layout_and_mtp_count_must_agree(with_mtp, tmp_path):
     with pytest.raises(LayoutError, match="several stages"):
         pyconv.reshard(src, tmp_path / "b", to="megatron", pp=2, pipeline_layout="Etm|tmtL")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@needs_megatron
+@pytest.mark.parametrize("pp,vpp,layout", [(3, 1, None), (3, 1, "Et|ttm|L")])
+def test_megatron_core_runs_pyconv_mtp_output_pipelined(with_mtp, tmp_path, pp, vpp, layout):
+    """Under torchrun, one process per pipeline rank: Megatron-Core builds each rank's chunks with
+    the MTP block where it places it (the last stage, or the layout's 'm'), loads pyconv's files
+    strictly (the MTP stage's embedding copy included) and, chained rank to rank, gives
+    transformers' logits."""
+    import megatron_vpp
+
+    from pyconv.layout import layout_mtp_chunk
+
+    model, src = with_mtp
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", pp=pp, pipeline_layout=layout, megatron_naming="local")
+    ids = example_input(model)
+    cfg = json.loads((src / "config.json").read_text())
+    logits, held = megatron_vpp.vpp_logits(tmp_path / "meg", cfg, pp, vpp, ids, mtp=1,
+                                           **({"layout": layout} if layout else {}))
+    assert held == [pp * vpp - 1 if layout is None else layout_mtp_chunk(layout)[0]]
+    with torch.no_grad():
+        assert (logits - model(ids).logits).abs().max().item() < ATOL

@@ -213,9 +213,11 @@ def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[ran
     """The tensors of one (pipeline stage, expert-parallel rank) in Megatron's state-dict order:
     embeddings, layers (routed experts: those of this EP rank), final norm, multi-token-prediction
     layers (on mtp_stage, default the last) and output layer. Megatron-Core builds the embedding on
-    the MTP stage too (a copy)."""
+    the MTP stage too (a copy), and in a model with MTP layers puts the decoder's final norm with
+    its last layer rather than on the last stage (TransformerBlock.has_final_layernorm_in_this_stage)."""
     last = stage == len(stages) - 1
     mtp_here = bool(dims.mtp_layers) and stage == (len(stages) - 1 if mtp_stage is None else mtp_stage)
+    final_norm_here = (dims.num_layers - 1 in stages[stage]) if dims.mtp_layers else last
     if stage == 0 or mtp_here:
         yield from (Entry(m, None, None, copy=stage != 0) for m in family.mappings if m.where == FIRST_STAGE)
     local_count = experts_per_rank(dims, ep)
@@ -227,11 +229,13 @@ def _stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[ran
                 yield from (Entry(m, layer, local, ep_rank * local_count + j, j) for j in range(local_count))
             else:
                 yield Entry(m, layer, local)
-    tail = [m for m in family.mappings if m.where == LAST_STAGE] if last else []
-    yield from (Entry(m, None, None) for m in tail if m.megatron_names()[0].startswith("decoder."))
+    tail = [m for m in family.mappings if m.where == LAST_STAGE]
+    if final_norm_here:
+        yield from (Entry(m, None, None) for m in tail if m.megatron_names()[0].startswith("decoder."))
     if mtp_here:
         yield from _mtp_entries(family, dims, ep_rank, local_count)
-    yield from (Entry(m, None, None) for m in tail if not m.megatron_names()[0].startswith("decoder."))
+    if last:
+        yield from (Entry(m, None, None) for m in tail if not m.megatron_names()[0].startswith("decoder."))
 
 
 def _mtp_entries(family: Family, dims: ModelDims, ep_rank: int, local_count: int):
