@@ -155,20 +155,18 @@ def _check_paths(src: str, dst: str) -> None:
 
 def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shard_size=None,
                  source_format: str | None = None, family: str | None = None, tp: int = 1, pp: int = 1, vpp: int = 1,
-                 pipeline_layout: str | None = None, ep: int = 1,
-                 etp: int | None = None, megatron_naming: str = "te", moe_grouped_gemm: bool = False, iteration: int | None = None,
-                 vocab_divisible_by: int = 128,
+                 pipeline_layout: str | None = None, ep: int = 1, etp: int | None = None, megatron_naming: str = "te",
+                 moe_grouped_gemm: bool = False, iteration: int | None = None, vocab_divisible_by: int = 128,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> ReshardPlan:
     """The plan of a conversion, as pure data: nothing is read but headers, nothing written."""
     if (vpp != 1 or pipeline_layout) and to != "megatron":
         raise LayoutError(f"--vpp and --pipeline-layout apply to --to megatron, not --to {to}")
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
-    target = TargetSpec(format=to, dtype=parse_dtype(dtype),
-                        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size,
-                        tp=tp, pp=pp, vpp=vpp, pipeline_layout=pipeline_layout, ep=ep, etp=etp, megatron_naming=megatron_naming, moe_grouped_gemm=moe_grouped_gemm,
-                        iteration=iteration,
-                        vocab_divisible_by=vocab_divisible_by, first_stage_layers=first_stage_layers,
-                        last_stage_layers=last_stage_layers)
+    shard_size = parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size
+    target = TargetSpec(format=to, dtype=parse_dtype(dtype), max_shard_size=shard_size, tp=tp, pp=pp, vpp=vpp,
+                        pipeline_layout=pipeline_layout, ep=ep, etp=etp, megatron_naming=megatron_naming,
+                        moe_grouped_gemm=moe_grouped_gemm, iteration=iteration, vocab_divisible_by=vocab_divisible_by,
+                        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
     adapter = get_format(to)
     if adapter.plan_output is None:
         raise LayoutError(f"format '{to}' can be read but not written")

@@ -136,8 +136,8 @@ def _cmd_inspect(args) -> int:
 
 
 def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, pipeline_layout=args.pipeline_layout, ep=args.ep, etp=args.etp, megatron_naming=args.megatron_naming,
-                moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
+    return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, pipeline_layout=args.pipeline_layout, ep=args.ep, etp=args.etp,
+                megatron_naming=args.megatron_naming, moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
                 vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
                 last_stage_layers=args.last_stage_layers, family=args.family)
 

@@ -71,8 +71,7 @@ def test_round_trip_and_transformers(models, tmp_path, family, tp, pp, ep, etp):
     pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=tp, pp=pp, ep=ep, etp=etp)
     info = pyconv.open(tmp_path / "meg").summary()
     assert (info["family"], info["tp"], info["pp"], info["ep"]) == (family, tp, pp, ep)
-    first = torch.load(tmp_path / "meg" / "release" / sorted(p.name for p in (tmp_path / "meg" / "release").iterdir())[0]
-                       / "model_optim_rng.pt", weights_only=False)
+    first = torch.load(sorted((tmp_path / "meg" / "release").glob("*/model_optim_rng.pt"))[0], weights_only=False)
     assert first["args"].qk_layernorm is True
     assert first["model"]["decoder.layers.0.self_attention.q_layernorm.weight"].shape == (24,)
     pyconv.reshard(tmp_path / "meg", tmp_path / "back", to="hf")

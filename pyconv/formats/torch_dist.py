@@ -578,7 +578,8 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
             expected = (dims.num_experts,) * mapping.per_expert + shard_shape(pieces[(layer, experts[0])],
                                                                               canonical_rank)
             if tensor.size != expected:
-                raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected {list(expected)}")
+                raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, "
+                                  f"expected {list(expected)}")
             for chunk in tensor.chunks:
                 stored = locator.locate(*joined.stored_chunk(tensor, chunk))
                 for name, block in _chunk_blocks(mapping, chunk, stored, pieces,
