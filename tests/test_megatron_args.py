@@ -62,3 +62,27 @@ def test_args_are_the_config_megatron_core_reproduces_hf_with(tiny_models, tmp_p
         for key in MOE:
             assert (args.get(key) or None) == (tc.get(key) or None), key
         assert args.get("moe_router_score_function", "softmax") == tc["moe_router_score_function"]
+
+
+@pytest.mark.parametrize("to", ["megatron", "torch_dist", "nemo"])
+def test_a_sliding_window_the_args_cannot_carry_is_said(tmp_path, to):
+    """Mistral v0.1's sliding_window (and Qwen2's with use_sliding_window) has no place in the
+    Megatron args: the conversion says so in a note (the CLI prints it), and says nothing when the
+    window is off (Mistral v0.3: null)."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    for window, expect in ((16, True), (None, False)):
+        torch.manual_seed(0)
+        config = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            sliding_window=window)
+        src = tmp_path / f"mistral-{window}"
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+        notes = pyconv.reshard(src, tmp_path / f"{to}-{window}", to=to).plan.notes
+        assert any("sliding_window 16" in n for n in notes) == expect, notes
+    cli = subprocess.run([sys.executable, "-m", "pyconv", "reshard", str(tmp_path / "mistral-16"),
+                          str(tmp_path / "cli"), "--to", to], capture_output=True, text=True)
+    assert cli.returncode == 0 and "note: sliding_window 16" in cli.stdout, cli.stderr

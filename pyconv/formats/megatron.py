@@ -728,6 +728,21 @@ class PlannedFiles(list):
     notes: tuple[str, ...] = ()
 
 
+def attention_notes(config: dict) -> tuple[str, ...]:
+    """What Megatron-LM's args do not carry of an HF model's attention: a sliding window (Mistral's
+    sliding_window, Qwen2's with use_sliding_window). The weights are the same; Megatron-Core's
+    attention is full causal unless run with --window-size, so it differs past the window."""
+    window = config.get("sliding_window")
+    if str(config.get("model_type", "")).startswith("qwen") and not config.get("use_sliding_window"):
+        window = None
+    limit = config.get("max_position_embeddings")
+    if isinstance(window, int) and not isinstance(window, bool) and (not isinstance(limit, int) or window < limit):
+        return (f"sliding_window {window} is not in the Megatron args: Megatron-Core attends over the whole causal "
+                f"context unless run with --window-size, so sequences longer than {window} tokens differ from the "
+                f"HF model there",)
+    return ()
+
+
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     family, dims = family_and_dims(catalog, with_mtp=True)
     config = catalog.config
@@ -796,6 +811,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         files.notes = (f"dropped {count} tensors of layers {', '.join(map(str, dropped))} (index >= "
                        f"num_hidden_layers {dims.num_layers}: multi-token-prediction layers, not part of the "
                        f"Megatron model)",)
+    files.notes += attention_notes(config)
     return files
 
 

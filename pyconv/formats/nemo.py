@@ -740,7 +740,7 @@ def model_yaml(model_cls: tuple[str, str], config_cls: tuple[str, str], fields: 
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    from pyconv.formats.megatron import family_and_dims
+    from pyconv.formats.megatron import PlannedFiles, attention_notes, family_and_dims
     from pyconv.formats.torch_dist import _TORCH_DTYPE, check_global_target, plan_dcp
 
     family, dims = family_and_dims(catalog)
@@ -752,7 +752,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     fields = nemo_config_fields(family, catalog.config, dims, params_dtype)
     module, model_name, config_name = _NEMO_CLASSES[family.name]
     # No vocabulary padding (as NeMo's importers): the embedding keeps the true vocabulary.
-    files = plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX)
+    files = PlannedFiles(plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX))
+    files.notes = attention_notes(catalog.config)
     model_fields = {"config": ((module, config_name), fields),
                     "tokenizer": (_TOKENIZER_CLASS, {"pretrained_model_name": TOKENIZER_DIR})}
     context = {"model": ((module, model_name), model_fields), "trainer": _TRAINER, "extra": {}}

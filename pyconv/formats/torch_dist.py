@@ -734,7 +734,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     as Megatron pads for that TP); the global tensors are the same for any TP and EP. Keys are
     TransformerEngine-style: Megatron-Core's local spec saves and loads the same keys, except a
     mixture-of-experts layer's pre-MLP norm, which follows --megatron-naming (see dist_key)."""
-    from pyconv.formats.megatron import CHECKPOINT_VERSION, family_and_dims
+    from pyconv.formats.megatron import CHECKPOINT_VERSION, PlannedFiles, attention_notes, family_and_dims
     from pyconv.io.torchsave import TorchDtypeValue
     from pyconv.layout import padded_vocab_size
 
@@ -755,7 +755,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
     common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
-    files = plan_dcp(catalog, target, family, dims, padded, iteration_dir, common)
+    files = PlannedFiles(plan_dcp(catalog, target, family, dims, padded, iteration_dir, common))
+    files.notes = attention_notes(config)
     files.append(plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
