@@ -63,7 +63,7 @@ from dataclasses import dataclass, replace
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    FIRST_STAGE, GATED_FC1, LAYER, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture,
+    FIRST_STAGE, GATED_FC1, LAYER, MTP, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture,
     get_family,
 )
 from pyconv.formats import register_format
@@ -523,6 +523,34 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
     blocks: dict[str, list[SourceBlock]] = {}
     dtypes: dict[str, str] = {}
     seen: set[str] = set()
+
+    def read_key(mapping: TensorMapping, key: str, layer: int | None, pieces: dict, first: tuple) -> None:
+        """The blocks one checkpoint key holds: the slices `pieces` places, by (layer, expert);
+        `layer`: the key is that layer's own (no layer axis); `first`: a slice's index, for the shape."""
+        seen.add(key)
+        tensor = joined.tensors[keys[key]]
+        canonical_rank = len(mapping.shape(dims))
+        expected = (dims.num_experts,) * mapping.per_expert + shard_shape(pieces[first], canonical_rank)
+        if mapping.where == LAYER and layer is None:
+            expected = (dims.num_layers,) + expected
+        if tensor.size != expected:
+            raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected "
+                              f"{list(expected)} (layers {dims.num_layers}, hidden {dims.hidden}, heads "
+                              f"{dims.heads}, groups {dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, "
+                              f"padded vocab {padded}"
+                              + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
+                                 else "") + ")")
+        for chunk in tensor.chunks:
+            stored = locator.locate(*joined.stored_chunk(tensor, chunk))
+            for name, block in _chunk_blocks(mapping, chunk, stored, pieces,
+                                             mapping.transposed and canonical_rank == 2, layer):
+                if name not in blocks:
+                    blocks[name], dtypes[name] = [], tensor.dtype
+                if dtypes[name] != tensor.dtype:
+                    raise FormatError(f"{directory}: '{tensor.fqn}' is {tensor.dtype} but other keys holding "
+                                      f"{name} are {dtypes[name]}")
+                blocks[name].append(block)
+
     with ChunkLocator(md) as locator:
         for mapping in fam.mappings:
             if mapping.hf == ("lm_head.weight",) and dims.tied:
@@ -537,31 +565,8 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
             indices = stack_indices(mapping, dims, directory, layers=layers)
             pieces = {(layer, expert): shard_pieces(mapping, hf_names(mapping, layer, expert), dims, padded, 1, 0)
                       for layer, expert in indices}
-            canonical_rank = len(mapping.shape(dims))
-            transposed = mapping.transposed and canonical_rank == 2
             for key, layer in sources:
-                seen.add(key)
-                tensor = joined.tensors[keys[key]]
-                expected = shard_shape(pieces[indices[0]], canonical_rank)
-                expected = (dims.num_experts,) * mapping.per_expert + expected
-                if mapping.where == LAYER and layer is None:
-                    expected = (dims.num_layers,) + expected
-                if tensor.size != expected:
-                    raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, expected "
-                                      f"{list(expected)} (layers {dims.num_layers}, hidden {dims.hidden}, heads "
-                                      f"{dims.heads}, groups {dims.groups}, head_dim {dims.head_dim}, ffn {dims.ffn}, "
-                                      f"padded vocab {padded}"
-                                      + (f", experts {dims.num_experts}, moe_ffn {dims.moe_ffn}" if dims.num_experts
-                                         else "") + ")")
-                for chunk in tensor.chunks:
-                    stored = locator.locate(*joined.stored_chunk(tensor, chunk))
-                    for name, block in _chunk_blocks(mapping, chunk, stored, pieces, transposed, layer):
-                        if name not in blocks:
-                            blocks[name], dtypes[name] = [], tensor.dtype
-                        if dtypes[name] != tensor.dtype:
-                            raise FormatError(f"{directory}: '{tensor.fqn}' is {tensor.dtype} but other keys holding "
-                                              f"{name} are {dtypes[name]}")
-                        blocks[name].append(block)
+                read_key(mapping, key, layer, pieces, indices[0])
         for mapping, i, layer in mtp_keyed_mappings(fam, dims):
             key = next((k for k in dist_key_candidates(mapping, i) if k in keys), None)
             if key is None:
@@ -569,23 +574,10 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
                     continue
                 raise FormatError(f"{directory}: no '{dist_key(mapping, 'te', i)}' in {METADATA_FILE} (the "
                                   f"checkpoint has multi-token-prediction layer {i})")
-            seen.add(key)
             experts = range(dims.num_experts) if mapping.per_expert else [None]
             pieces = {(layer, e): shard_pieces(mapping, hf_names(mapping, layer, e), dims, padded, 1, 0)
                       for e in experts}
-            canonical_rank = len(mapping.shape(dims))
-            tensor = joined.tensors[keys[key]]
-            expected = (dims.num_experts,) * mapping.per_expert + shard_shape(pieces[(layer, experts[0])],
-                                                                              canonical_rank)
-            if tensor.size != expected:
-                raise FormatError(f"{directory}: '{tensor.fqn}' has size {list(tensor.size)}, "
-                                  f"expected {list(expected)}")
-            for chunk in tensor.chunks:
-                stored = locator.locate(*joined.stored_chunk(tensor, chunk))
-                for name, block in _chunk_blocks(mapping, chunk, stored, pieces,
-                                                 mapping.transposed and canonical_rank == 2, layer):
-                    blocks.setdefault(name, []).append(block)
-                    dtypes.setdefault(name, tensor.dtype)
+            read_key(mapping, key, layer, pieces, (layer, experts[0]))
     unknown = [keys[k] for k in keys if k not in seen]
     if unknown:
         raise FormatError(f"{directory}: tensor '{unknown[0]}' matches no {fam.name} mapping"
@@ -688,37 +680,45 @@ def extra_state_keys(family: Family, dims: ModelDims, per_layer: bool = False) -
     (heterogeneous layers): `decoder.layers.{l}.{module}._extra_state/shard_0_1`, routed experts
     `shard_{e}_{E}`."""
     layers, experts = dims.num_layers, dims.num_experts
+
+    def linear_modules(named, core_attention: str, core_first: bool = False) -> dict[str, bool]:
+        """{module: per routed expert} of the linear layers among (mapping, key): `linear_*` modules,
+        and the MTP layers' eh_proj (a linear by its split rule); the core attention after them (or
+        first, where the MTP layers have always listed it)."""
+        modules: dict[str, bool] = {core_attention: False} if core_first else {}
+        for m, name in named:
+            module, leaf = name.rsplit(".", 1)
+            if leaf == "weight" and (module.rsplit(".", 1)[-1].startswith("linear_")
+                                     or (m.where == MTP and m.rule != REPLICATED)):
+                modules.setdefault(module, m.per_expert)
+        modules.setdefault(core_attention, False)
+        return modules
+
+    def own_keys(modules: dict[str, bool]) -> list[str]:
+        """A module keyed on its own (one layer): shard_0_1, routed experts shard_{e}_{E}."""
+        return [k for module, per_expert in modules.items()
+                for k in ([f"{module}._extra_state/shard_{e}_{experts}" for e in range(experts)] if per_expert
+                          else [f"{module}._extra_state/shard_0_1"])]
+
     keys = []
     for layer in range(layers):
-        modules: dict[str, bool] = {}
-        for m in family.mappings:
-            if m.where != LAYER or not m.applies_to(dims, layer):
-                continue
-            name = dist_key(m, "te", layer if per_layer else None)
-            module = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and module.rsplit(".", 1)[-1].startswith("linear_"):
-                modules.setdefault(module, m.per_expert)
-        modules.setdefault(f"decoder.layers.{layer}.self_attention.core_attention" if per_layer
-                           else "decoder.layers.self_attention.core_attention", False)
+        modules = linear_modules(((m, dist_key(m, "te", layer if per_layer else None)) for m in family.mappings
+                                  if m.where == LAYER and m.applies_to(dims, layer)),
+                                 f"decoder.layers.{layer}.self_attention.core_attention" if per_layer
+                                 else "decoder.layers.self_attention.core_attention")
+        if per_layer:
+            keys += own_keys(modules)
+            continue
         for module, per_expert in modules.items():
-            if per_layer:
-                keys += ([f"{module}._extra_state/shard_{e}_{experts}" for e in range(experts)] if per_expert
-                         else [f"{module}._extra_state/shard_0_1"])
-            elif per_expert:
+            if per_expert:
                 keys += [f"{module}._extra_state/shard_{layer}.{e}_{layers}.{experts}" for e in range(experts)]
             else:
                 keys.append(f"{module}._extra_state/shard_{layer}_{layers}")
-    # Multi-token-prediction layers: keyed per MTP layer like a per-layer decoder layer, plus eh_proj.
-    modules = {}
-    for mapping, i, _ in mtp_keyed_mappings(family, dims):
-        name = dist_key(mapping, "te", i)
-        module, leaf = name.rsplit(".", 1)
-        if leaf == "weight" and (module.rsplit(".", 1)[-1].startswith("linear_") or mapping.rule != REPLICATED):
-            modules.setdefault(module, mapping.per_expert)
-        modules.setdefault(f"mtp.layers.{i}.transformer_layer.self_attention.core_attention", False)
-    for module, per_expert in modules.items():
-        keys += ([f"{module}._extra_state/shard_{e}_{experts}" for e in range(experts)] if per_expert
-                 else [f"{module}._extra_state/shard_0_1"])
+    # Multi-token-prediction layers: keyed per MTP layer, as a per-layer decoder layer is.
+    for i in range(dims.mtp_layers):
+        keys += own_keys(linear_modules(((m, dist_key(m, "te", i)) for m in family.mtp_layer_mappings(dims)),
+                                        f"mtp.layers.{i}.transformer_layer.self_attention.core_attention",
+                                        core_first=True))
     return keys
 
 
@@ -819,6 +819,30 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     for key in extra_state_keys(family, dims, per_layer):
         byte_items[key_prefix + key] = place_bytes(none_layout)
 
+    def write_key(mapping: TensorMapping, key: str, group: list[tuple], lead: int, layer_axis: bool) -> None:
+        """One key: a chunk per (layer, expert) slice of `group`, stacked on `lead` leading axes
+        (layer_axis: the first is the layer axis, every layer in the key)."""
+        key = key_prefix + key
+        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
+        chunks, dtype, shape = [], None, None
+        for index in group:
+            names = hf_names(mapping, *index)
+            pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
+            shape = shard_shape(pieces, len(mapping.shape(dims)))
+            slice_dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
+            if dtype not in (None, slice_dtype):
+                raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
+                                  f"are {dtype}; pass --dtype")
+            dtype = slice_dtype
+            copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+            stacked = tuple(i for i in index if i is not None)[-lead:] if lead else ()
+            offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
+            label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"
+            chunks.append(DcpChunk(offsets, chunk_sizes, place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
+        size = ((dims.num_layers,) if mapping.where == LAYER and layer_axis else ()) + \
+            (dims.num_experts,) * mapping.per_expert + shape
+        tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
+
     for mapping in family.mappings:
         if mapping.hf == ("lm_head.weight",) and dims.tied:
             continue
@@ -834,54 +858,21 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
             index = indices[present.index(False)]
             missing = next(n for n in hf_names(mapping, *index) if n not in catalog.tensors)
             raise LayoutError(f"{catalog.path}: tensor '{missing}' is missing")
-        lead = leading_axes(mapping, per_layer=layers is not None)
-        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         groups = [(layer, [i for i in indices if i[0] == layer]) for layer in layers] if layers is not None \
             else [(None, indices)]
         for layer, group in groups:
-            key = key_prefix + dist_key(mapping, target.megatron_naming, layer, renames_norms(family))
-            chunks, dtype, shape = [], None, None
-            for index in group:
-                names = hf_names(mapping, *index)
-                pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
-                shape = shard_shape(pieces, len(mapping.shape(dims)))
-                slice_dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
-                if dtype not in (None, slice_dtype):
-                    raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
-                                      f"are {dtype}; pass --dtype")
-                dtype = slice_dtype
-                copies = [c for piece in pieces
-                          for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
-                stacked = tuple(i for i in index if i is not None)[-lead:] if lead else ()
-                offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
-                label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"
-                chunks.append(DcpChunk(offsets, chunk_sizes,
-                                       place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
-            size = ((dims.num_layers,) if mapping.where == LAYER and layer is None else ()) + \
-                (dims.num_experts,) * mapping.per_expert + shape
-            tensors.append(DcpTensor(key, dtype, size, tuple(chunks)))
+            write_key(mapping, dist_key(mapping, target.megatron_naming, layer, renames_norms(family)), group,
+                      leading_axes(mapping, per_layer=layers is not None), layer_axis=layer is None)
 
     for mapping, i, layer in mtp_keyed_mappings(family, dims):  # keyed per MTP layer, experts on an axis
-        experts = range(dims.num_experts) if mapping.per_expert else [None]
-        if mapping.optional and not all(n in catalog.tensors for n in hf_names(mapping, layer, experts[0])):
+        group = [(layer, e) for e in (range(dims.num_experts) if mapping.per_expert else [None])]
+        missing = [n for index in group for n in hf_names(mapping, *index) if n not in catalog.tensors]
+        if missing and mapping.optional and all(n in missing for n in hf_names(mapping, *group[0])):
             continue
-        key = key_prefix + dist_key(mapping, target.megatron_naming, i, renames_norms(family))
-        transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-        chunks, dtype, shape = [], None, None
-        for expert in experts:
-            names = hf_names(mapping, layer, expert)
-            missing = [n for n in names if n not in catalog.tensors]
-            if missing:
-                raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
-            pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
-            shape = shard_shape(pieces, len(mapping.shape(dims)))
-            dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
-            copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
-            stacked = (expert,) if expert is not None else ()
-            offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * len(stacked) + shape
-            label = key if not stacked else f"{key}[{expert}]"
-            chunks.append(DcpChunk(offsets, chunk_sizes, place(TensorSlot(dtype, chunk_sizes), label, shape, copies)))
-        tensors.append(DcpTensor(key, dtype, (dims.num_experts,) * mapping.per_expert + shape, tuple(chunks)))
+        if missing:
+            raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
+        write_key(mapping, dist_key(mapping, target.megatron_naming, i, renames_norms(family)), group,
+                  int(mapping.per_expert), layer_axis=False)
 
     # Megatron-LM (checkpointing.py, load_checkpoint) and NeMo (MegatronStrategy.load_checkpoint)
     # build the sharded state dict they load with from the content_metadata in common.pt; a
