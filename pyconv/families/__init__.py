@@ -146,6 +146,11 @@ class Family:
         self._mtp_variants: dict[int, TensorMapping] = {}
         self._ignored_regex = [_compile(p) for p in self.ignored_hf]
 
+    @property
+    def word_embedding(self) -> TensorMapping:
+        """The mapping of the word embedding (the vocabulary-split tensor of the first stage)."""
+        return next(m for m in self.mappings if m.where == FIRST_STAGE and m.rule == VOCAB)
+
     def match_mtp_hf(self, name: str):
         """(mapping, index, layer, expert) of an MTP layer's own HF tensor (enorm, eh_proj...), or None."""
         for regex, mapping, index in self._mtp_regex:

@@ -256,7 +256,7 @@ def mtp_hf_copies(family: Family, dims: ModelDims) -> dict[str, str]:
     for i in range(dims.mtp_layers):
         for leaf, source in family.mtp_hf_copies.items():
             if source == "lm_head.weight" and dims.tied:
-                source = next(m for m in family.mappings if m.where == FIRST_STAGE and m.rule == VOCAB).hf[0]
+                source = family.word_embedding.hf[0]
             out[f"model.layers.{dims.num_layers + i}.{leaf}"] = source
     return out
 
@@ -843,7 +843,7 @@ def _plan_chunk(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, t:
             if len(layout.stages) == 1:
                 continue  # the output layer shares the embedding on a single stage
             # The last stage carries a copy of the word embedding.
-            names = [next(m for m in family.mappings if m.where == FIRST_STAGE and m.rule == VOCAB).hf[0]]
+            names = [family.word_embedding.hf[0]]
         missing = [n for n in names if n not in catalog.tensors]
         if missing:
             if mapping.optional and len(missing) == len(names):

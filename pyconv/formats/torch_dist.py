@@ -63,7 +63,7 @@ from dataclasses import dataclass, replace
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    FIRST_STAGE, GATED_FC1, LAYER, MTP, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, family_for_architecture,
+    GATED_FC1, LAYER, MTP, REPLICATED, Family, ModelDims, TensorMapping, family_for_architecture,
     get_family,
 )
 from pyconv.formats import register_format
@@ -289,7 +289,7 @@ def stack_indices(mapping: TensorMapping, dims: ModelDims, where: str, error=For
 
 
 def padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str, keys: dict[str, str]) -> int:
-    embedding = next(m for m in fam.mappings if m.where == FIRST_STAGE and m.rule == VOCAB)
+    embedding = fam.word_embedding
     key = next((k for k in embedding.megatron_names() if k in keys), None)
     if key is None:
         raise FormatError(f"{directory}: no '{embedding.megatron_names()[0]}' in {METADATA_FILE}")
