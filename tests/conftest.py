@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,28 @@ def load_hf_tensors(path):
         if name.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, name)))
     return out
+
+
+def hf_logits(model, ids):
+    """transformers' fp32 logits for the ids, no grad."""
+    import torch
+
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def config_json(path) -> dict:
+    """The config.json of a checkpoint directory."""
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def nontrivial_vectors(model):
+    """Every 1-D parameter (norm weights, biases) drawn at random, norms around 1: a tiny model
+    built from a config has them all ones or zeros, where a mix-up of two goes unnoticed."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model

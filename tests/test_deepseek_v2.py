@@ -9,14 +9,15 @@ with transformers' logits; its own save converts to the exact HF tensors)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 import megatron_harness as mh
 import pyconv
-from conftest import example_input
+from conftest import config_json as _config_json
+from conftest import example_input, nontrivial_vectors
+from conftest import hf_logits as _logits
 from conftest import load_hf_tensors as hf_tensors
 from pyconv.errors import LayoutError
 
@@ -50,23 +51,10 @@ def models(tmp_path_factory):
     out = {}
     for seed, variant in enumerate(VARIANTS):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(_config(variant)).eval()
-        with torch.no_grad():  # non-trivial norms: a mix-up cannot go unnoticed
-            for name, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+        model = nontrivial_vectors(transformers.AutoModelForCausalLM.from_config(_config(variant)).eval())
         model.save_pretrained(root / variant)
         out[variant] = (model, root / variant)
     return out
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def _config_json(path) -> dict:
-    return json.loads((path / "config.json").read_text())
 
 
 @pytest.mark.parametrize("variant,tp,pp,ep,etp,naming", [("greedy", 2, 3, 2, None, "te"),

@@ -19,7 +19,8 @@ import torch
 
 import megatron_harness as mh
 import pyconv
-from conftest import example_input
+from conftest import example_input, nontrivial_vectors
+from conftest import hf_logits as _logits
 from conftest import load_hf_tensors as hf_tensors
 from pyconv.errors import LayoutError
 
@@ -50,10 +51,8 @@ def _build(variant, path, seed, **overrides):
 
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(variant, **overrides)).eval()
-    with torch.no_grad():  # non-trivial norms and score-correction biases: a mix-up cannot go unnoticed
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    nontrivial_vectors(model)
+    with torch.no_grad():  # and score-correction biases: a mix-up cannot go unnoticed
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.05)
@@ -70,11 +69,6 @@ def models(tmp_path_factory):
 
 def _rank(ckpt, name):
     return torch.load(ckpt / "release" / name / "model_optim_rng.pt", weights_only=False)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 # ---- layouts and round trips ------------------------------------------------------------------

@@ -4,9 +4,7 @@ converts to HF with transformers' logits."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from safetensors.torch import load_file
 
 import megatron_harness as mh
 import pyconv
-from conftest import example_input
+from conftest import config_json as config_of
+from conftest import example_input, hf_logits
 
 pytestmark = [
     pytest.mark.skipif(not mh.megatron_available(), reason="megatron-core is not installed"),
@@ -22,15 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
 ]
 ATOL = 1e-5
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def config_of(path):
-    return json.loads((Path(path) / "config.json").read_text())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])

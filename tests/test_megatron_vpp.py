@@ -10,15 +10,13 @@ converts to the exact HF tensors. Round trips through every other layout are bit
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 import megatron_harness as mh
 import pyconv
-from conftest import example_input, load_hf_tensors
+from conftest import config_json as config_of
+from conftest import example_input, hf_logits, load_hf_tensors
 from pyconv.errors import FormatError, LayoutError
 from pyconv.layout import virtual_stages
 
@@ -26,15 +24,6 @@ needs_megatron = pytest.mark.skipif(not mh.megatron_available(), reason="megatro
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron")]
 ATOL = 1e-5
-
-
-def config_of(path):
-    return json.loads((Path(path) / "config.json").read_text())
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 def assert_same_tensors(a, b):

@@ -50,7 +50,7 @@ except ImportError as e:
 
 sys.path.insert(0, str(Path(__file__).parent))
 import megatron_harness as mh  # noqa: E402
-from conftest import build_tiny_model, example_input, load_hf_tensors  # noqa: E402
+from conftest import build_tiny_model, example_input, load_hf_tensors, nontrivial_vectors  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -136,12 +136,7 @@ def qwen3_model(family: str):
     config = (transformers.Qwen3Config(**common, tie_word_embeddings=True) if family == "qwen3" else
               transformers.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                                           norm_topk_prob=True, tie_word_embeddings=False))
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    return model
+    return nontrivial_vectors(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
 # Runtime knobs of NeMo's Qwen3MoEConfig that need TransformerEngine or a GPU (grouped GEMM,

@@ -8,14 +8,15 @@ ep 2 with transformers' logits; its own save converts to the exact HF tensors)."
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 import megatron_harness as mh
 import pyconv
-from conftest import example_input
+from conftest import config_json as _config_json
+from conftest import example_input, nontrivial_vectors
+from conftest import hf_logits as _logits
 from conftest import load_hf_tensors as hf_tensors
 
 needs_megatron = pytest.mark.skipif(not mh.megatron_available(), reason="megatron-core is not installed")
@@ -43,23 +44,11 @@ def models(tmp_path_factory):
     out = {}
     for seed, family in enumerate(("qwen3", "qwen3_moe")):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
-        with torch.no_grad():  # distinct norms: q_norm and k_norm swapped cannot go unnoticed
-            for name, p in model.named_parameters():
-                if p.dim() == 1:
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        # distinct norms: q_norm and k_norm swapped cannot go unnoticed
+        model = nontrivial_vectors(transformers.AutoModelForCausalLM.from_config(_config(family)).eval())
         model.save_pretrained(root / family)
         out[family] = (model, root / family)
     return out
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def _config_json(path) -> dict:
-    return json.loads((path / "config.json").read_text())
 
 
 @pytest.mark.parametrize("family,tp,pp,ep,etp", [("qwen3", 2, 2, 1, None), ("qwen3", 1, 4, 1, None),

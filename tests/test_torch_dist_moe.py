@@ -44,13 +44,10 @@ def moe_model(family: str, seed: int):
     import torch
     import transformers
 
+    from conftest import nontrivial_vectors
+
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model
+    return nontrivial_vectors(transformers.AutoModelForCausalLM.from_config(_config(family)).eval())
 
 
 @pytest.fixture(scope="module")
