@@ -9,13 +9,9 @@ from dataclasses import dataclass, field
 from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError, OutputError
 from pyconv.formats import get_format, read_checkpoint
-from pyconv.plan import ReshardPlan, TargetSpec, parse_dtype, parse_size
+from pyconv.dtypes import TORCH_NAME, parse_dtype
+from pyconv.plan import ReshardPlan, TargetSpec, parse_size
 
-_TORCH_DTYPES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
-    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64", "I64": "int64",
-    "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
 
 
 class Checkpoint:
@@ -60,7 +56,7 @@ class Checkpoint:
         from pyconv.catalog import view2d
 
         t = self._tensor(name)
-        dtype = getattr(torch, _TORCH_DTYPES[t.dtype])
+        dtype = getattr(torch, TORCH_NAME[t.dtype])
         rows, cols = view2d(t.shape)
         if rows * cols == 0:
             return torch.empty(t.shape, dtype=dtype)

@@ -11,11 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-ITEMSIZE = {
-    "BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
-    "F32": 4, "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
-}
-FLOAT_DTYPES = ("F32", "BF16", "F16")  # what the core casts between
+from pyconv.dtypes import ITEMSIZE
+
 
 
 def view2d(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pyconv.catalog import ITEMSIZE
+from pyconv.dtypes import ITEMSIZE
 from pyconv.errors import Cancelled, FormatError, PyconvError
 from pyconv.plan import PlannedTensor, ReshardPlan
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from pyconv.catalog import ITEMSIZE, CanonicalTensor, view2d
+from pyconv.catalog import CanonicalTensor, view2d
+from pyconv.dtypes import ITEMSIZE
+from pyconv.fp8 import FP8_BLOCK
 
-FP8_BLOCK = 128  # DeepSeek-V3's weight_block_size: scales per 128 x 128 block
 from pyconv.errors import LayoutError
 
 
@@ -195,14 +196,6 @@ def plan_text_file(relative_path: str, text: str) -> PlannedFile:
     return PlannedFile(relative_path, len(data), literals=((0, data),), kind="metadata")
 
 
-DTYPE_ALIASES = {
-    "fp32": "F32", "float32": "F32", "f32": "F32",
-    "bf16": "BF16", "bfloat16": "BF16",
-    "fp16": "F16", "float16": "F16", "half": "F16", "f16": "F16",
-    "fp8": "F8_E4M3", "float8_e4m3fn": "F8_E4M3", "e4m3": "F8_E4M3",
-}
-
-
 @dataclass(frozen=True)
 class TargetSpec:
     """What to produce. dtype is a safetensors dtype name (F32, BF16, F16) or None to keep.
@@ -226,15 +219,6 @@ class TargetSpec:
 
     def to_json(self) -> dict:
         return dict(vars(self))
-
-
-def parse_dtype(name: str | None) -> str | None:
-    if name is None:
-        return None
-    key = name.lower()
-    if key not in DTYPE_ALIASES:
-        raise LayoutError(f"unknown dtype '{name}' (choose fp32, bf16, fp16 or fp8)")
-    return DTYPE_ALIASES[key]
 
 
 _SIZE_UNITS = {

@@ -8,7 +8,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from pyconv import _core
-from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, view2d
+from pyconv.catalog import CanonicalTensor, view2d
+from pyconv.dtypes import FLOAT_DTYPES
 from pyconv.execute import copy_fields
 from pyconv.formats import read_checkpoint
 from pyconv.plan import copies_for_region

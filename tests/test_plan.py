@@ -8,7 +8,8 @@ import pytest
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import LayoutError
-from pyconv.formats.hf import plan_output, split_into_shards
+from pyconv.formats.hf import plan_output
+from pyconv.io.hfdir import split_into_shards
 from pyconv.plan import BlockCopy, TargetSpec, copies_for_region, parse_size
 
 

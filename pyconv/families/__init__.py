@@ -255,3 +255,14 @@ def hf_int(config: dict, key: str, where: str = "config.json", default=None) -> 
     if not isinstance(value, int) or isinstance(value, bool):
         raise FormatError(f"{where}: '{key}' must be an integer, got {value!r}")
     return value
+
+
+def kept_dtypes(catalog) -> frozenset[str]:
+    """Tensors the family table keeps in their own dtype through a cast: DeepSeek-V3's routing
+    bias stays float32, as DeepSeek's fp8_cast_bf16.py and Megatron-Core keep it (a rounded bias
+    can change which experts a token goes to). None for an architecture without a table."""
+    try:
+        family = family_for_architecture(catalog.architecture, catalog.path)
+    except FormatError:
+        return frozenset()
+    return frozenset(n for n in catalog.tensors if (m := family.match_hf(n)) is not None and m[0].keep_dtype)

@@ -6,7 +6,6 @@ import json
 
 from pyconv.errors import FormatError
 
-HF_DTYPE_TO_MEGATRON = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def rope_theta(config: dict, default: float = 10000.0) -> float:

@@ -45,7 +45,10 @@ from dataclasses import dataclass
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.formats import register_format
-from pyconv.formats.hf import CONFIG, extra_files, output_dtypes
+from pyconv.dtypes import output_dtypes
+from pyconv.families import kept_dtypes
+from pyconv.fp8 import FP8_BLOCK, SCALE_SUFFIX
+from pyconv.io.hfdir import CONFIG, extra_files
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
@@ -81,8 +84,6 @@ _FILE_NAME = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)(?:\.|$)")
 _TOKENIZER_GLOB = "*token*"
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
-_SCALE_SUFFIX = "_scale_inv"  # "x.weight_scale_inv" scales "x.weight"
-_DEFAULT_FP8_BLOCK = (128, 128)
 
 
 def file_name(rank: int, mp: int) -> str:
@@ -213,23 +214,23 @@ def _fp8_block(config: dict) -> tuple[int, int]:
     block = quant.get("weight_block_size") if isinstance(quant, dict) else None
     if isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block):
         return block[0], block[1]
-    return _DEFAULT_FP8_BLOCK
+    return FP8_BLOCK, FP8_BLOCK
 
 
 def _check_split(catalog: Catalog, tensor: CanonicalTensor, ds_name: str, dim: int, mp: int,
                  block: tuple[int, int], dequantized: set[str]) -> None:
     # An fp8 weight's scales hold one entry per block: a rank boundary inside a block would leave a
     # rank with a partial block, and the scales, split alike, would no longer line up with it.
-    weight_name = tensor.name[:-len(_SCALE_SUFFIX)] if tensor.name.endswith("weight" + _SCALE_SUFFIX) else tensor.name
+    weight_name = tensor.name[:-len(SCALE_SUFFIX)] if tensor.name.endswith("weight" + SCALE_SUFFIX) else tensor.name
     weight = catalog.tensors.get(weight_name)
-    if mp > 1 and weight_name + _SCALE_SUFFIX in catalog.tensors and weight_name + _SCALE_SUFFIX not in dequantized \
+    if mp > 1 and weight_name + SCALE_SUFFIX in catalog.tensors and weight_name + SCALE_SUFFIX not in dequantized \
             and weight is not None \
             and weight.dtype in _FP8_DTYPES and len(weight.shape) == 2 and dim < 2:
         part, rest = divmod(weight.shape[dim], mp)
         if rest == 0 and part % block[dim]:
             raise LayoutError(f"tensor {tensor.name} ({ds_name}): each of the {mp} parts of {weight_name} along dim "
                               f"{dim} holds {part} of {weight.shape[dim]}, not a multiple of the {block[dim]}-wide fp8 "
-                              f"scale blocks, so {weight_name + _SCALE_SUFFIX} cannot be split with it; "
+                              f"scale blocks, so {weight_name + SCALE_SUFFIX} cannot be split with it; "
                               f"convert with --dtype bf16 to dequantize instead")
     shape = tensor.shape
     if dim >= len(shape):
@@ -266,9 +267,9 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     if target.dtype in _FP8_DTYPES:
         raise LayoutError("the deepseek layout keeps the source's fp8 weights as they are; quantize with "
                           "--to hf --dtype fp8 first")
-    dtypes = output_dtypes(catalog, target.dtype)
+    dtypes = output_dtypes(catalog.tensors, target.dtype, kept_dtypes(catalog) if target.dtype else frozenset())
     # A dequantized fp8 weight no longer needs its scales (and they need not split with it).
-    dequantized = {n + _SCALE_SUFFIX for n, t in catalog.tensors.items()
+    dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items()
                    if t.dtype in _FP8_DTYPES and dtypes[n] != t.dtype}
     for hf_name, tensor in catalog.tensors.items():
         layer = _layer_index(hf_name)

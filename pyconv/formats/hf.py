@@ -6,27 +6,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import replace
 
-from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, StoredTensor, nbytes, view2d
-from pyconv.errors import FormatError, LayoutError
+from pyconv.catalog import CanonicalTensor, Catalog, StoredTensor, nbytes
+from pyconv.dtypes import output_dtypes
+from pyconv.errors import FormatError
+from pyconv.families import kept_dtypes
 from pyconv.formats import register_format
+from pyconv.fp8 import SCALE_SUFFIX, link_scales, scale_grid
+from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
 from pyconv.io.jsonfile import config_architecture, load_config, load_json
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
-from pyconv.plan import FP8_BLOCK, PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
+from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-CONFIG = "config.json"
-
-# Weight files are never carried over as extra files: the writer produces its own.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".distcp")
-_WEIGHT_INDEX_SUFFIX = ".index.json"
-
-TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def detect(path: str) -> bool:
@@ -80,18 +76,6 @@ def _read_bin_tensors(path: str):
     return out
 
 
-def extra_files(root: str) -> tuple[tuple[str, int], ...]:
-    extra = []
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if name == CONFIG or name.startswith(".") or not os.path.isfile(path) or os.path.islink(path):
-            continue
-        if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEX_SUFFIX):
-            continue
-        extra.append((path, os.path.getsize(path)))
-    return tuple(extra)
-
-
 def read(path: str) -> Catalog:
     root = os.path.abspath(path)
     metadata: dict[str, str] = {}
@@ -111,126 +95,15 @@ def read(path: str) -> Catalog:
     if os.path.isfile(config_path):
         config = load_config(config_path)
     architecture = config_architecture(config) if config else None
-    stored = _link_fp8_scales(stored, config)
+    stored = link_scales(stored, config)
     # Source order: file by file, offset by offset, so output shards read sources sequentially.
     ordered = sorted(stored.items(), key=lambda kv: (kv[1].path, kv[1].offset))
     tensors = {name: CanonicalTensor.whole(name, st) for name, st in ordered}
     return Catalog("hf", root, tensors, config, architecture, extra_files(root), metadata)
 
 
-SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv (float32, one per 128 x 128 block)
-FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
-                           "activation_scheme": "dynamic"}
-
-
-def scale_grid(shape: tuple[int, ...]) -> tuple[int, int]:
-    rows, cols = view2d(shape)
-    return -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
-
-
-def _link_fp8_scales(stored: dict[str, StoredTensor], config: dict | None) -> dict[str, StoredTensor]:
-    """Each F8_E4M3 weight with a `weight_scale_inv` beside it carries that scale grid."""
-    block = ((config or {}).get("quantization_config") or {}).get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
-    linked = dict(stored)
-    for name, scale in stored.items():
-        weight = stored.get(name[:-len(SCALE_SUFFIX)]) if name.endswith(".weight" + SCALE_SUFFIX) else None
-        if weight is None or weight.dtype != "F8_E4M3":
-            continue
-        if list(block) != [FP8_BLOCK, FP8_BLOCK]:
-            raise FormatError(f"config.json: weight_block_size {block} is not supported (pyconv reads 128 x 128 blocks)")
-        if scale.dtype != "F32" or tuple(scale.shape) != scale_grid(weight.shape):
-            raise FormatError(f"{scale.path}: {name} is {scale.dtype} {list(scale.shape)}, expected F32 "
-                              f"{list(scale_grid(weight.shape))} for the {list(weight.shape)} weight")
-        linked[name[:-len(SCALE_SUFFIX)]] = replace(weight, scale=scale)
-    return linked
-
-
-def is_quantizable(name: str, tensor: CanonicalTensor) -> bool:
-    """The weights DeepSeek-V3 stores in fp8: 2-D linear weights inside the layers, not norms,
-    routers or embeddings."""
-    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
-    return (tensor.dtype in FLOAT_DTYPES and len(tensor.shape) == 2 and name.endswith(".weight")
-            and _IN_LAYER.search(name) is not None and "norm" not in leaf
-            and leaf not in ("gate", "shared_expert_gate", "router"))
-
-
-_IN_LAYER = re.compile(r"(^|\.)(layers|h)\.\d+\.")
-
-
-def output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
-    """The dtype a tensor is written in: floating tensors take the target dtype (fp8: only the
-    quantizable weights), block-scaled fp8 weights are dequantized to a float target, others
-    keep theirs."""
-    if dtype is None or tensor.dtype == dtype:
-        return tensor.dtype
-    if dtype == "F8_E4M3":
-        return dtype if is_quantizable(tensor.name, tensor) else tensor.dtype
-    if tensor.dtype in FLOAT_DTYPES:
-        return dtype
-    if tensor.dtype == "F8_E4M3":
-        if any(b.stored.scale is None for b in tensor.blocks):
-            raise LayoutError(f"tensor {tensor.name}: an F8_E4M3 weight without its weight_scale_inv cannot be "
-                              f"dequantized to {dtype}")
-        return dtype
-    if tensor.dtype in ("F64", "F8_E5M2"):
-        raise LayoutError(f"tensor {tensor.name}: cannot cast {tensor.dtype} to {dtype} (supported casts: F32, BF16, "
-                          "F16, and block-scaled F8_E4M3 to those)")
-    return tensor.dtype  # integer and boolean tensors (buffers, masks) are not weights to cast
-
-
-def dtype_kept(catalog: Catalog) -> frozenset[str]:
-    """Tensors the family table keeps in their own dtype through a cast: DeepSeek-V3's routing
-    bias stays float32, as DeepSeek's fp8_cast_bf16.py and Megatron-Core keep it (a rounded bias
-    can change which experts a token goes to). None for an architecture without a table."""
-    from pyconv.families import family_for_architecture
-
-    try:
-        family = family_for_architecture(catalog.architecture, catalog.path)
-    except FormatError:
-        return frozenset()
-    return frozenset(n for n in catalog.tensors if (m := family.match_hf(n)) is not None and m[0].keep_dtype)
-
-
-def output_dtypes(catalog: Catalog, dtype: str | None) -> dict[str, str]:
-    kept = dtype_kept(catalog) if dtype is not None else frozenset()
-    return {name: t.dtype if name in kept else output_dtype(t, dtype) for name, t in catalog.tensors.items()}
-
-
-def split_into_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
-    """Greedy split in order, as huggingface_hub does: a tensor larger than the limit gets
-    a shard of its own; otherwise a new shard starts when the next tensor would tip it over."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    current_size = 0
-    for name, size in sizes:
-        if size > max_shard_size:
-            shards.append([name])
-            continue
-        if current and current_size + size > max_shard_size:
-            shards.append(current)
-            current, current_size = [], 0
-        current.append(name)
-        current_size += size
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _updated_config(config: dict, dtype: str | None, quantized: bool, fp8_left: bool) -> dict:
-    config = dict(config)
-    if dtype is not None and dtype in TORCH_DTYPE_NAMES:
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
-        for k in keys:
-            config[k] = TORCH_DTYPE_NAMES[dtype]
-    if quantized:
-        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
-    elif not fp8_left:
-        config.pop("quantization_config", None)  # every fp8 weight was dequantized
-    return config
-
-
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    dtypes = output_dtypes(catalog, target.dtype)
+    dtypes = output_dtypes(catalog.tensors, target.dtype, kept_dtypes(catalog) if target.dtype else frozenset())
     # fp8: a dequantized weight's scale grid is dropped; a quantized weight gains one, in its shard.
     dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" and dtypes[n] != t.dtype}
     quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" and t.dtype != "F8_E4M3"}
@@ -269,7 +142,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         files.append(plan_text_file(SAFETENSORS_INDEX, json.dumps(index, indent=2) + "\n"))
     if catalog.config is not None:
         fp8_left = any(d == "F8_E4M3" for d in dtypes.values())
-        config = _updated_config(catalog.config, target.dtype, bool(quantized), fp8_left)
+        config = updated_config(catalog.config, target.dtype, bool(quantized), fp8_left)
         files.append(plan_text_file(CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n"))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))

@@ -46,7 +46,8 @@ import zipfile
 from argparse import Namespace
 from dataclasses import dataclass, replace
 
-from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import QKV, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, get_family
 from pyconv.formats import register_format
@@ -69,7 +70,6 @@ _NEMO1_RANK = re.compile(r"^(?:mp_rank_(?P<mp>\d{2})|tp_rank_(?P<t>\d{2})_pp_ran
 _NEMO1_PREFIXES = ("model.module.", "model.")  # NeMo's LightningModule (and its O2 wrapper) around the model
 _ZIP_RANK_MEMBER = re.compile(r"^(?P<dir>(?:.*/)?)mp_rank_(?P<t>\d{2})(?:_(?P<p>\d{3}))?/"
                               r"(?P<file>model_optim_rng|model_rng)\.pt$")
-_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _ZIP_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 
 # ---- legacy names <-> Megatron-Core names -------------------------------------------------------
@@ -597,8 +597,8 @@ def read(path: str, family: str | None = None) -> Catalog:
     if config_override is not None:
         config = {**config_override, **{k: config[k] for k in ("architectures", "model_type") if k in config}}
     dtype = next(iter(dtypes.values()), None)
-    if dtype in _TORCH_DTYPE and config_override is None:
-        config["dtype"] = _TORCH_DTYPE[dtype]
+    if dtype in FLOAT_DTYPES and config_override is None:
+        config["dtype"] = TORCH_NAME[dtype]
     extra = ()
     if found.container == "directory":  # (a NeMo directory's files are its tokenizer artifacts and YAML)
         extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n)))
@@ -768,7 +768,7 @@ def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSp
         "pipeline_model_parallel_size": target.pp, "data_parallel_size": 1,
         "make_vocab_size_divisible_by": target.vocab_divisible_by, "padded_vocab_size": padded, "rank": 0,
         "bias_gelu_fusion": activation == "gelu_fast", "openai_gelu": activation == "gelu_new",
-        "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
+        "params_dtype": TorchDtypeValue(TORCH_NAME.get(params_dtype, "float32")),
         "fp16": params_dtype == "F16", "bf16": params_dtype == "BF16",
         "untie_embeddings_and_output_weights": not dims.tied, "iteration": target.iteration or 0,
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
@@ -819,7 +819,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 
 def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, iteration_dir: str,
                     t: int, p: int) -> PlannedFile:
-    from pyconv.formats.hf import output_dtype
+    from pyconv.dtypes import output_dtype
     from pyconv.formats.megatron import hf_names, megatron_tensor_name, rank_dir_name, shard_shape
     from pyconv.io.torchsave import TensorSlot, layout_torch_save
 

@@ -22,7 +22,9 @@ from argparse import Namespace
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
-from pyconv.catalog import FLOAT_DTYPES, CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, output_dtype
+from pyconv.fp8 import scale_names
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
     FIRST_STAGE, GATED_FC1, LAST_STAGE, LATENT_DOWN, LAYER, QKV, REPLICATED, ROW, VOCAB, COLUMN, Family, ModelDims,
@@ -41,7 +43,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 # ---- the layout of one mapping on one rank -------------------------------------------------
@@ -586,8 +587,8 @@ def _catalog(root: str, directory: str, iteration: str, layout: MegatronLayout, 
                                                   directory)
     config = fam.hf_config_from_megatron(args)
     dtype = next(iter(dtypes.values()), None)
-    if dtype in _TORCH_DTYPE:
-        config["dtype"] = _TORCH_DTYPE[dtype]
+    if dtype in FLOAT_DTYPES:
+        config["dtype"] = TORCH_NAME[dtype]
     extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
                   if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
     details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, **({"vpp": layout.vpp} if layout.vpp > 1 else {}),
@@ -650,14 +651,6 @@ def _region_copies(tensor: CanonicalTensor, piece: Piece, transposed: bool, dtyp
                              dtype=dtype)
 
 
-def _fp8_scales(catalog: Catalog) -> set[str]:
-    """Names of the weight_scale_inv grids that travel with their fp8 weights."""
-    from pyconv.formats.hf import SCALE_SUFFIX
-
-    return {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"
-            and n + SCALE_SUFFIX in catalog.tensors}
-
-
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -672,7 +665,7 @@ def dropped_layers(catalog: Catalog, family: Family, dims: ModelDims) -> list[in
 
 def _check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
     dropped = set(dropped_layers(catalog, family, dims))
-    scales = _fp8_scales(catalog)
+    scales = scale_names(catalog.tensors)
     copies = mtp_hf_copies(family, dims)
     for name, tensor in catalog.tensors.items():
         extra = _HF_LAYER.match(name)
@@ -784,7 +777,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp,
             "moe_grouped_gemm": target.moe_grouped_gemm} if dims.num_experts else {}),
         "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
-        "params_dtype": TorchDtypeValue(_TORCH_DTYPE.get(params_dtype, "float32")),
+        "params_dtype": TorchDtypeValue(TORCH_NAME.get(params_dtype, "float32")),
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
         "decoder_first_pipeline_num_layers": target.first_stage_layers,
         "decoder_last_pipeline_num_layers": target.last_stage_layers,
@@ -851,7 +844,7 @@ def _plan_chunk(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, t:
             raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
         pieces = layout.pieces(mapping, names, t, et)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-        dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
+        dtype = output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
         copies = [c for piece in pieces
                   for c in _region_copies(catalog.tensors[piece.source], piece, transposed, dtype)]
         shape = shard_shape(pieces, len(mapping.shape(dims)))
@@ -861,12 +854,6 @@ def _plan_chunk(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, t:
         model[name] = TensorSlot(dtype, shape)
         planned.append((name, dtype, shape, copies))
     return model
-
-
-def _output_dtype(tensor: CanonicalTensor, dtype: str | None) -> str:
-    from pyconv.formats.hf import output_dtype
-
-    return output_dtype(tensor, dtype)
 
 
 register_format("megatron", detect=detect, read=read, plan_output=plan_output, read_options=("family",))

@@ -29,7 +29,8 @@ from pyconv.catalog import Catalog, CanonicalTensor, SourceBlock, StoredTensor, 
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, VOCAB, Family, ModelDims, family_for_architecture
 from pyconv.formats import register_format
-from pyconv.formats.hf import CONFIG, _updated_config, extra_files, output_dtype, split_into_shards
+from pyconv.dtypes import output_dtype
+from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
 from pyconv.formats.megatron import family_and_dims, hf_names, shard_pieces
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
@@ -308,7 +309,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         weight_map.update((n, file_name) for n in shard)
     if len(shards) > 1:
         files.append(plan_text_file(NAME_MAP, json.dumps({"weight_map": weight_map}, indent=2) + "\n"))
-    config = {**_updated_config(catalog.config, target.dtype, False, False), INTERLEAVED_KEY: True}
+    config = {**updated_config(catalog.config, target.dtype, False, False), INTERLEAVED_KEY: True}
     files.append(plan_text_file(CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n"))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))

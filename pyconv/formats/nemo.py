@@ -39,6 +39,7 @@ import os
 import re
 
 from pyconv.catalog import Catalog
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
 from pyconv.formats import register_format
@@ -381,7 +382,7 @@ def _dcp_keys(md, weights: str, stack: str = "decoder") -> dict[str, str]:
 
 
 def read(path: str, family: str | None = None) -> Catalog:
-    from pyconv.formats.torch_dist import _TORCH_DTYPE, _check_backend, padded_vocab, read_tensors
+    from pyconv.formats.torch_dist import _check_backend, padded_vocab, read_tensors
     from pyconv.io.dcp import read_metadata
 
     root = os.path.abspath(path)
@@ -396,8 +397,8 @@ def read(path: str, family: str | None = None) -> Catalog:
     padded = padded_vocab(fam, dims, md, weights, keys)
     tensors = read_tensors(md, weights, fam, dims, padded, keys)
     dtype = next((t.dtype for t in tensors.values()), None)
-    if dtype in _TORCH_DTYPE:
-        config["dtype"] = _TORCH_DTYPE[dtype]
+    if dtype in FLOAT_DTYPES:
+        config["dtype"] = TORCH_NAME[dtype]
     details = {"family": fam.name, "padded_vocab_size": padded, "config_from": config_source,
                "chunks": sum(len(t.chunks) for t in md.tensors.values()),
                "key_style": "nemo2" if any(k.startswith(NEMO2_PREFIX) for k in keys.values()) else "nemo1"}
@@ -497,7 +498,7 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
     Megatron-Core or pre-Megatron-Core (language_model) names."""
     from pyconv.families import family_for_architecture, family_for_megatron_args
     from pyconv.formats.megatron import MegatronLayout, _Assembly, _catalog, _read_rank, megatron_dims
-    from pyconv.formats.torch_dist import _TORCH_DTYPE, padded_vocab, read_tensors
+    from pyconv.formats.torch_dist import padded_vocab, read_tensors
     from pyconv.io.dcp import read_metadata
     from pyconv.io.torchzip import TensorRef, read_torch_checkpoint
     from pyconv.layout import layer_stages
@@ -564,8 +565,8 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
         tensors, config = catalog.tensors, catalog.config
         details.update(tp=tp, pp=pp)
     dtype = next((t.dtype for t in tensors.values()), None)
-    if dtype in _TORCH_DTYPE:
-        config["dtype"] = _TORCH_DTYPE[dtype]
+    if dtype in FLOAT_DTYPES:
+        config["dtype"] = TORCH_NAME[dtype]
     details.update(family=fam.name, padded_vocab_size=padded)
     return Catalog("nemo", root, tensors, config, fam.architectures[0], (), details=details)
 
@@ -590,7 +591,6 @@ _TRAINER = (("nemo.lightning.pytorch.trainer", "Trainer"),
             {"accelerator": "cpu", "devices": 1,
              "strategy": (("nemo.lightning.pytorch.strategies.megatron_strategy", "MegatronStrategy"),
                           {"ckpt_save_optimizer": False})})
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 class Pyref(str):
@@ -632,7 +632,7 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
         share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
         make_vocab_size_divisible_by=nemo_vocab_divisor(dims.vocab), vocab_size=dims.vocab,
         fp16=params_dtype == "F16", bf16=params_dtype == "BF16",
-        params_dtype=Pyref(f"torch.{_DTYPE_NAMES[params_dtype]}"))
+        params_dtype=Pyref(f"torch.{TORCH_NAME[params_dtype]}"))
     if args.get("qk_layernorm"):
         fields["qk_layernorm"] = True
     if args.get("num_experts"):
@@ -741,13 +741,13 @@ def model_yaml(model_cls: tuple[str, str], config_cls: tuple[str, str], fields: 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.formats.megatron import PlannedFiles, attention_notes, family_and_dims
-    from pyconv.formats.torch_dist import _TORCH_DTYPE, check_global_target, plan_dcp
+    from pyconv.formats.torch_dist import check_global_target, plan_dcp
 
     family, dims = family_and_dims(catalog)
     if family.name not in _NEMO_CLASSES:
         raise LayoutError(f"{catalog.architecture}: pyconv has no NeMo 2 model class for the {family.name} family")
     check_global_target(target)
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
     fields = nemo_config_fields(family, catalog.config, dims, params_dtype)
     module, model_name, config_name = _NEMO_CLASSES[family.name]
@@ -762,8 +762,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     files.append(plan_text_file(f"{CONTEXT}/{MODEL_YAML}",
                                 model_yaml((module, model_name), (module, config_name), fields)))
     config = dict(catalog.config)
-    if target.dtype in _DTYPE_NAMES:
-        config["dtype"] = _DTYPE_NAMES[target.dtype]
+    if target.dtype in FLOAT_DTYPES:
+        config["dtype"] = TORCH_NAME[target.dtype]
     files.append(plan_text_file(f"{CONTEXT}/{TOKENIZER_DIR}/{CONFIG}", json.dumps(config, indent=2, sort_keys=True)))
     for path, size in catalog.extra_files:
         name = os.path.basename(path)

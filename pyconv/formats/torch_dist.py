@@ -61,6 +61,7 @@ from argparse import Namespace
 from dataclasses import dataclass, replace
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, output_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
     GATED_FC1, LAYER, MTP, REPLICATED, Family, ModelDims, TensorMapping, family_for_architecture,
@@ -79,7 +80,6 @@ CONTENT_METADATA = "content_metadata"  # common.pt's record of the sharded_state
 SINGLETON_FLAG = "singleton_local_shards"
 _DCP_SUFFIX = ".distcp"
 _SKIPPED_PREFIXES = ("optimizer.",)
-_TORCH_DTYPE = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 # ---- where the checkpoint is -------------------------------------------------------------------
@@ -322,8 +322,8 @@ def read(path: str, family: str | None = None) -> Catalog:
     padded = padded_vocab(fam, dims, md, directory, keys)
     tensors = read_tensors(md, directory, fam, dims, padded, keys, content)
     dtype = next((t.dtype for t in tensors.values()), None)
-    if dtype in _TORCH_DTYPE:
-        config["dtype"] = _TORCH_DTYPE[dtype]
+    if dtype in FLOAT_DTYPES:
+        config["dtype"] = TORCH_NAME[dtype]
     details = {"family": fam.name, "padded_vocab_size": padded, "dcp_version": md.version,
                "chunks": sum(len(t.chunks) for t in md.tensors.values()), "config_from": config_source,
                "sharded_layout": SINGLETON_FLAG if any(map(is_singleton_key, keys))
@@ -743,13 +743,13 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     check_global_target(target)
     padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
     iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in _TORCH_DTYPE), "F32")
+    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": target.tp, "pipeline_model_parallel_size": 1,
         "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
-        "params_dtype": TorchDtypeValue(_TORCH_DTYPE[params_dtype]),
+        "params_dtype": TorchDtypeValue(TORCH_NAME[params_dtype]),
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
         "ckpt_format": "torch_dist", "iteration": target.iteration or 0,
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
@@ -776,7 +776,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     """The files of one Megatron-Core distributed checkpoint directory: data files, .metadata,
     common.pt (torch.save of `common`) and metadata.json, every key prefixed with `key_prefix`
     (NeMo 2 saves its model under 'module.')."""
-    from pyconv.formats.megatron import _output_dtype, _region_copies, hf_names, shard_pieces, shard_shape
+    from pyconv.formats.megatron import _region_copies, hf_names, shard_pieces, shard_shape
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
     from pyconv.io.torchsave import TensorSlot, layout_torch_save
 
@@ -829,7 +829,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
             names = hf_names(mapping, *index)
             pieces = shard_pieces(mapping, names, dims, padded, 1, 0)
             shape = shard_shape(pieces, len(mapping.shape(dims)))
-            slice_dtype = _output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
+            slice_dtype = output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
             if dtype not in (None, slice_dtype):
                 raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
                                   f"are {dtype}; pass --dtype")

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 from pyconv.catalog import StoredTensor
+from pyconv.dtypes import TORCH_NAME
 from pyconv.errors import FormatError
 from pyconv.io.unpickle import (
     MAX_PICKLE_BYTES, EnumValue, PickledRecord, TorchDtype, restricted_load,
@@ -292,8 +293,6 @@ class ChunkLocator:
 
 # ---- writing the .metadata ------------------------------------------------------------------
 
-_TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def metadata_pickle(tensors: list[DcpTensor], byte_items: dict[str, ItemLocation], save_id: str) -> bytes:
@@ -316,7 +315,7 @@ def metadata_pickle(tensors: list[DcpTensor], byte_items: dict[str, ItemLocation
     storage_data: dict = {}
     for t in tensors:
         properties = PickledObject(_MODULE, "TensorProperties", tuple_state=(
-            TorchDtypeValue(_TORCH_DTYPE_NAMES[t.dtype]), PickledCall("torch.serialization", "_get_layout",
+            TorchDtypeValue(TORCH_NAME[t.dtype]), PickledCall("torch.serialization", "_get_layout",
                                                                        ("torch.strided",)),
             False, PickledCall(_MODULE, "_MEM_FORMAT_ENCODING", (0,)), False))
         state_dict_metadata[t.fqn] = obj(

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 
 from pyconv import _core
-from pyconv.catalog import ITEMSIZE, StoredTensor, nbytes
+from pyconv.catalog import StoredTensor, nbytes
+from pyconv.dtypes import ITEMSIZE
 from pyconv.errors import FormatError
 
 _INT64_MAX = 2**63 - 1

@@ -28,15 +28,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pyconv.catalog import ITEMSIZE
-
-# safetensors dtype -> (torch storage class name, torch dtype name)
-STORAGE_TYPES = {
-    "F32": ("FloatStorage", "float32"), "F64": ("DoubleStorage", "float64"), "F16": ("HalfStorage", "float16"),
-    "BF16": ("BFloat16Storage", "bfloat16"), "I64": ("LongStorage", "int64"), "I32": ("IntStorage", "int32"),
-    "I16": ("ShortStorage", "int16"), "I8": ("CharStorage", "int8"), "U8": ("ByteStorage", "uint8"),
-    "BOOL": ("BoolStorage", "bool"),
-}
+from pyconv.dtypes import ITEMSIZE, STORAGE_TYPES
 ALIGNMENT = 64
 
 

@@ -49,6 +49,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from pyconv.dtypes import FROM_TORCH_NAME
 from pyconv.errors import FormatError
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl holds structure, not tensor bytes; real ones are KBs to tens of MBs
@@ -56,11 +57,7 @@ MAX_TUPLE_DEPTH = 64  # torch's own pickles nest tuples 2-3 deep
 _INT64_LIMIT = 1 << 63
 
 # torch dtype name -> safetensors dtype, for the dtypes whose tensors pyconv reads.
-TORCH_TO_SAFETENSORS = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
-    "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
-    "int64": "I64", "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
+TORCH_TO_SAFETENSORS = FROM_TORCH_NAME
 # Every dtype torch 2.13 defines, by the name it pickles under (`torch.half` pickles as
 # `torch.float16`), with its itemsize; these may appear as values (`args.params_dtype`).
 TORCH_DTYPE_ITEMSIZE = {
