@@ -9,11 +9,10 @@ from typing import Callable
 
 from pyconv.errors import FormatError, LayoutError
 
-# Shard rules (pyconv.layout.shard): how a tensor is split over tensor-parallel ranks.
-REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_FC1 = "replicated", "column", "row", "vocab", "qkv", "gated_fc1"
-# MLA's down projections: TransformerEngine's spec keeps them whole on every rank (TELinear,
-# parallel_mode 'duplicated'); the local spec makes them ColumnParallelLinear (dim 0 split).
-LATENT_DOWN = "latent_down"
+# Shard rules (pyconv.layout.rules): how a tensor is split over tensor-parallel ranks, both ways.
+from pyconv.layout.rules import (  # noqa: E402,F401  (re-exported for the family tables)
+    COLUMN, GATED_FC1, LATENT_DOWN, QKV, REPLICATED, ROW, VOCAB, ShardRule,
+)
 # Where a tensor lives in the pipeline. MTP: a multi-token-prediction layer's own tensors (on the
 # last stage; '*' is the MTP layer's index there and num_hidden_layers + index in HF names).
 FIRST_STAGE, LAYER, LAST_STAGE, MTP = "first", "layer", "last", "mtp"
@@ -65,7 +64,7 @@ class TensorMapping:
 
     hf: tuple[str, ...]
     megatron: str | dict[str, str]
-    rule: str
+    rule: ShardRule
     where: str
     shape: Callable[[ModelDims], tuple[int, ...]]
     optional: bool = False
@@ -149,7 +148,7 @@ class Family:
     @property
     def word_embedding(self) -> TensorMapping:
         """The mapping of the word embedding (the vocabulary-split tensor of the first stage)."""
-        return next(m for m in self.mappings if m.where == FIRST_STAGE and m.rule == VOCAB)
+        return next(m for m in self.mappings if m.where == FIRST_STAGE and m.rule.pads_vocab)
 
     def match_mtp_hf(self, name: str):
         """(mapping, index, layer, expert) of an MTP layer's own HF tensor (enorm, eh_proj...), or None."""

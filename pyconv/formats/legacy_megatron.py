@@ -49,10 +49,10 @@ from dataclasses import dataclass, replace
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import QKV, REPLICATED, VOCAB, Family, ModelDims, TensorMapping, get_family
+from pyconv.families import Family, ModelDims, TensorMapping, get_family
 from pyconv.formats import register_format
 from pyconv.io.jsonfile import parse_yaml
-from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
+from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, \
     plan_text_file
 
 FORMAT = "megatron-legacy"
@@ -645,10 +645,7 @@ def _config_beside(root: str) -> dict | None:
 
 
 def _hf_shape(mapping: TensorMapping, index: int, dims: ModelDims) -> tuple[int, ...]:
-    shape = mapping.shape(dims)
-    if mapping.rule == QKV and len(mapping.hf) == 3 and index > 0:
-        return (dims.groups * dims.head_dim,) + tuple(shape[1:])
-    return tuple(shape)
+    return mapping.rule.part_shape(mapping.shape(dims), index, len(mapping.hf), dims)
 
 
 def _hf_config(family: Family, args: dict, dims: ModelDims) -> dict:
@@ -713,9 +710,9 @@ def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float
             raise FormatError(f"{label}: tensor 'model.{_legacy_name(key, dims.tied).replace('/', '.')}' has shape "
                               f"{list(ref.shape)}, expected {list(expected)} for tp={tp} (hidden {dims.hidden}, heads "
                               f"{dims.heads}, ffn {dims.ffn}, padded vocab {layout.padded_vocab})")
-        if mapping.rule == VOCAB and key == "output_layer.weight" and dims.tied:
+        if mapping.rule.pads_vocab and key == "output_layer.weight" and dims.tied:
             continue  # the last stage's copy of the tied word embedding
-        if mapping.rule == REPLICATED and t > 0:
+        if mapping.rule.replicated and t > 0:
             continue  # replicas: taken from tensor-parallel rank 0
         stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
@@ -723,17 +720,13 @@ def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float
             if piece.repeat:
                 continue  # vocab padding carries nothing back
             view, row, col = stored, piece.dst_row, piece.dst_col
-            if mapping.rule == QKV:
+            if mapping.rule.fuses_qkv:
                 view, row, col = legacy_qkv_position(stored, row, piece.rows, col, dims, tp, version)
             blocks.setdefault(piece.source, [])
             if dtypes.setdefault(piece.source, ref.dtype) != ref.dtype:
                 raise FormatError(f"{label}: '{key}' is {ref.dtype} but other shards of {piece.source} are "
                                   f"{dtypes[piece.source]}")
-            if transposed:
-                block = SourceBlock(view, row, col, piece.cols, piece.rows, piece.col0, piece.row0, transpose=True)
-            else:
-                block = SourceBlock(view, row, col, piece.rows, piece.cols, piece.row0, piece.col0)
-            blocks[piece.source].append(block)
+            blocks[piece.source].append(piece.source_block(view, transposed, at=(row, col)))
     unknown = [k for k in tensors if k not in seen]
     if unknown:
         raise FormatError(f"{label}: tensor 'model.{_legacy_name(unknown[0], dims.tied).replace('/', '.')}' does not "
@@ -742,17 +735,6 @@ def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float
 
 
 # ---- writing ---------------------------------------------------------------------------------
-
-def _region_copies(tensor: CanonicalTensor, piece, transposed: bool) -> list[BlockCopy]:
-    if piece.repeat:  # vocab padding: the last real row, repeated (row stride 0)
-        one_row = copies_for_region(tensor, piece.row0, piece.col0, 1, piece.cols, piece.dst_row, piece.dst_col)
-        return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, piece.rows, c.cols, c.dst_row, c.dst_col)
-                for c in one_row]
-    if transposed:
-        return copies_for_region(tensor, piece.col0, piece.row0, piece.cols, piece.rows, piece.dst_row,
-                                 piece.dst_col, transpose=True)
-    return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col)
-
 
 def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSpec, padded: int,
                  params_dtype: str, binary_head: bool) -> dict:
@@ -841,7 +823,7 @@ def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, it
             raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
         pieces = layout.pieces(mapping, names, t)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
-        copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+        copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed)]
         dtype = output_dtype(catalog.tensors[names[0]], target.dtype)
         shape = shard_shape(pieces, len(mapping.shape(dims)))
         slot = TensorSlot(dtype, shape)

@@ -27,16 +27,15 @@ from pyconv.fp8 import scale_names
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    FIRST_STAGE, GATED_FC1, LAST_STAGE, LATENT_DOWN, LAYER, QKV, REPLICATED, ROW, VOCAB, COLUMN, Family, ModelDims,
+    FIRST_STAGE, LAST_STAGE, LAYER, Family, ModelDims,
     TensorMapping, family_for_architecture, family_for_megatron_args, get_family,
 )
 from pyconv.formats import register_format
 from pyconv.io.torchsave import TensorSlot, TorchDtypeValue, layout_torch_save
 from pyconv.layout import (
-    Piece, column_parallel, gated_fc1, layout_mtp_chunk, layout_stages, padded_vocab_size, qkv_fused, replicated,
-    row_parallel, slot_stages, virtual_stages, vocab_parallel,
+    Piece, layout_mtp_chunk, layout_stages, padded_vocab_size, slot_stages, virtual_stages,
 )
-from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, \
+from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, \
     plan_text_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -61,25 +60,7 @@ def shard_pieces(mapping: TensorMapping, names: list[str], dims: ModelDims, padd
     `naming` matters to MLA's down projections only: whole under TransformerEngine's spec,
     column-parallel under the local one."""
     shape = logical_shape(mapping.shape(dims), mapping.transposed)
-    if mapping.rule == LATENT_DOWN:
-        return replicated(names[0], shape) if naming == "te" else column_parallel(names[0], shape, tp, rank)
-    if mapping.rule == REPLICATED:
-        return replicated(names[0], shape)
-    if mapping.rule == COLUMN:
-        return column_parallel(names[0], shape, tp, rank)
-    if mapping.rule == ROW:
-        return row_parallel(names[0], shape, tp, rank)
-    if mapping.rule == VOCAB:
-        return vocab_parallel(names[0], shape, padded_vocab, tp, rank)
-    if mapping.rule == GATED_FC1:
-        return gated_fc1(names[0], names[1], shape[0], shape[1], tp, rank)
-    if mapping.rule == QKV:
-        if len(names) == 3:
-            return qkv_fused(*names, shape[1], dims.heads, dims.groups, dims.head_dim, tp, rank)
-        q_rows, kv_rows = dims.heads * dims.head_dim, dims.groups * dims.head_dim
-        return qkv_fused(names[0], names[0], names[0], shape[1], dims.heads, dims.groups, dims.head_dim, tp, rank,
-                         q_row0=0, k_row0=q_rows, v_row0=q_rows + kv_rows)
-    raise ValueError(f"unknown shard rule {mapping.rule}")
+    return mapping.rule.pieces(names, shape, dims, padded_vocab, tp, rank, naming)
 
 
 def shard_shape(pieces: list[Piece], canonical_rank: int) -> tuple[int, ...]:
@@ -534,15 +515,17 @@ def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: 
             raise FormatError(f"{file}: '{key}' is not a tensor")
         pieces = layout.pieces(mapping, names, t, etp_rank)
         expected = shard_shape(pieces, len(mapping.shape(dims)))
-        whole = mapping.rule in (REPLICATED, LATENT_DOWN)
-        if mapping.rule == LATENT_DOWN and tuple(ref.shape) != expected:
-            # whole under the TransformerEngine spec, column-parallel under the local spec
+        whole = mapping.rule.whole_on_every_rank(layout.naming)
+        for naming in mapping.rule.alternative_namings(layout.naming):
+            if tuple(ref.shape) == expected:
+                break
+            # MLA's down projections: whole under TransformerEngine's spec, column-parallel under the local one
             try:
-                local = layout.pieces(mapping, names, t, naming="local")
+                other = layout.pieces(mapping, names, t, naming=naming)
             except LayoutError:
-                local = None
-            if local and tuple(ref.shape) == shard_shape(local, 2):
-                pieces, expected, whole = local, shard_shape(local, 2), False
+                continue
+            if tuple(ref.shape) == shard_shape(other, 2):
+                pieces, expected, whole = other, shard_shape(other, 2), mapping.rule.whole_on_every_rank(naming)
         if tuple(ref.shape) != expected:
             raise FormatError(f"{file}: tensor '{key}' has shape {list(ref.shape)}, expected {list(expected)} "
                               f"for tp={tp} (hidden {dims.hidden}, heads {dims.heads}, groups {dims.groups}, "
@@ -552,20 +535,15 @@ def _read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: 
         stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         for piece in pieces:
-            if piece.repeat:
-                continue  # vocab padding carries nothing back
+            block = piece.source_block(stored, transposed)
+            if block is None:
+                continue
             if piece.source not in blocks:
                 blocks[piece.source], dtypes[piece.source] = [], ref.dtype
                 order.append(piece.source)
             if dtypes[piece.source] != ref.dtype:
                 raise FormatError(f"{file}: '{key}' is {ref.dtype} but other shards of "
                                   f"{piece.source} are {dtypes[piece.source]}")
-            if transposed:
-                block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.cols, piece.rows,
-                                    piece.col0, piece.row0, transpose=True)
-            else:
-                block = SourceBlock(stored, piece.dst_row, piece.dst_col, piece.rows, piece.cols,
-                                    piece.row0, piece.col0)
             blocks[piece.source].append(block)
     unknown = [k for k in model if k not in seen and not str(k).endswith("_extra_state")]
     if unknown:
@@ -616,10 +594,7 @@ def _family_from_args(args: dict, where: str) -> Family:
 
 
 def _hf_shape(mapping: TensorMapping, index: int, dims: ModelDims) -> tuple[int, ...]:
-    shape = mapping.shape(dims)
-    if mapping.rule == QKV and len(mapping.hf) == 3 and index > 0:  # k and v: num_query_groups heads
-        return (dims.groups * dims.head_dim,) + tuple(shape[1:])
-    return tuple(shape)
+    return mapping.rule.part_shape(mapping.shape(dims), index, len(mapping.hf), dims)
 
 
 def _hf_order(family: Family, dims: ModelDims, names: list[str]) -> list[str]:
@@ -634,22 +609,6 @@ def _hf_order(family: Family, dims: ModelDims, names: list[str]) -> list[str]:
 
 
 # ---- writing ---------------------------------------------------------------------------
-
-def _region_copies(tensor: CanonicalTensor, piece: Piece, transposed: bool, dtype: str | None = None) -> list[BlockCopy]:
-    """The copies of one piece; written as `dtype`, a block-scaled fp8 source is dequantized."""
-    if piece.repeat:
-        one_row = copies_for_region(tensor, piece.row0, piece.col0, 1, piece.cols, piece.dst_row, piece.dst_col,
-                                    dtype=dtype)
-        if any(c.scale_source for c in one_row):
-            raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 row cannot be repeated as vocab padding")
-        return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, piece.rows, c.cols, c.dst_row, c.dst_col)
-                for c in one_row]
-    if transposed:
-        return copies_for_region(tensor, piece.col0, piece.row0, piece.cols, piece.rows, piece.dst_row,
-                                 piece.dst_col, transpose=True, dtype=dtype)
-    return copies_for_region(tensor, piece.row0, piece.col0, piece.rows, piece.cols, piece.dst_row, piece.dst_col,
-                             dtype=dtype)
-
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -845,8 +804,7 @@ def _plan_chunk(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, t:
         pieces = layout.pieces(mapping, names, t, et)
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         dtype = output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
-        copies = [c for piece in pieces
-                  for c in _region_copies(catalog.tensors[piece.source], piece, transposed, dtype)]
+        copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed, dtype)]
         shape = shard_shape(pieces, len(mapping.shape(dims)))
         grouped = target.moe_grouped_gemm and isinstance(mapping.megatron, dict) and "grouped" in mapping.megatron
         naming = "grouped" if grouped else target.megatron_naming

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from pyconv.catalog import Catalog, CanonicalTensor, SourceBlock, StoredTensor, nbytes
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, VOCAB, Family, ModelDims, family_for_architecture
+from pyconv.families import FIRST_STAGE, LAST_STAGE, LAYER, Family, ModelDims, family_for_architecture
 from pyconv.formats import register_format
 from pyconv.dtypes import output_dtype
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
@@ -199,10 +199,10 @@ def read(path: str) -> Catalog:
         hf_shape = mapping.shape(dims)
         parts = split_names(naming, fused) if len(names) > 1 else None
         if fused in stored:
-            if mapping.rule == GATED_FC1 and interleaved:
+            if mapping.rule.gated and interleaved:
                 _read_interleaved(names, hf_shape, expect(fused, (2 * hf_shape[0],) + hf_shape[1:]), fused, add)
                 continue
-            if mapping.rule == VOCAB and stored[fused].shape and stored[fused].shape[0] > dims.vocab:
+            if mapping.rule.pads_vocab and stored[fused].shape and stored[fused].shape[0] > dims.vocab:
                 padded_vocab = stored[fused].shape[0]  # padded rows are dropped
             pieces = shard_pieces(mapping, names, dims, padded_vocab, 1, 0)
             rows = max(p.dst_row + p.rows for p in pieces)
@@ -236,10 +236,7 @@ def read(path: str) -> Catalog:
 
 
 def _part_shape(mapping, index: int, dims: ModelDims) -> tuple[int, ...]:
-    shape = tuple(mapping.shape(dims))
-    if mapping.rule == QKV and index > 0:  # k and v: one head per query group
-        return (dims.groups * dims.head_dim,) + shape[1:]
-    return shape
+    return mapping.rule.part_shape(mapping.shape(dims), index, len(mapping.hf), dims)
 
 
 def _read_interleaved(names: list[str], hf_shape: tuple[int, ...], tensor: StoredTensor, key: str, add) -> None:
@@ -263,7 +260,7 @@ def _check(catalog: Catalog) -> tuple[Family, ModelDims]:
 def _planned(catalog: Catalog, mapping, names: list[str], dims: ModelDims, dtype: str):
     """(shape, view, copies) of one MindFormers tensor, to be placed at an offset."""
     hf_shape = tuple(mapping.shape(dims))
-    if mapping.rule == GATED_FC1:  # row-interleaved: gate | up side by side in an [n, 2 * in] view
+    if mapping.rule.gated:  # row-interleaved: gate | up side by side in an [n, 2 * in] view
         n = hf_shape[0]
         cols = hf_shape[1] if len(hf_shape) > 1 else 1
         copies = [c for i, name in enumerate(names)

@@ -64,7 +64,7 @@ from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, output_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
-    GATED_FC1, LAYER, MTP, REPLICATED, Family, ModelDims, TensorMapping, family_for_architecture,
+    LAYER, MTP, Family, ModelDims, TensorMapping, family_for_architecture,
     get_family,
 )
 from pyconv.formats import register_format
@@ -517,7 +517,7 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
     the layout where there is one, must agree with the keys."""
     from pyconv.formats.megatron import _hf_order, _hf_shape, hf_names, mtp_hf_copies, shard_pieces, shard_shape
 
-    gated = any(m.rule == GATED_FC1 for m in fam.mappings)
+    gated = any(m.rule.gated for m in fam.mappings)
     joined = join_singleton_keys(md, keys, gated, content_metadata)
     keys = joined.keys
     blocks: dict[str, list[SourceBlock]] = {}
@@ -689,7 +689,7 @@ def extra_state_keys(family: Family, dims: ModelDims, per_layer: bool = False) -
         for m, name in named:
             module, leaf = name.rsplit(".", 1)
             if leaf == "weight" and (module.rsplit(".", 1)[-1].startswith("linear_")
-                                     or (m.where == MTP and m.rule != REPLICATED)):
+                                     or (m.where == MTP and not m.rule.replicated)):
                 modules.setdefault(module, m.per_expert)
         modules.setdefault(core_attention, False)
         return modules
@@ -776,7 +776,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     """The files of one Megatron-Core distributed checkpoint directory: data files, .metadata,
     common.pt (torch.save of `common`) and metadata.json, every key prefixed with `key_prefix`
     (NeMo 2 saves its model under 'module.')."""
-    from pyconv.formats.megatron import _region_copies, hf_names, shard_pieces, shard_shape
+    from pyconv.formats.megatron import hf_names, shard_pieces, shard_shape
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
     from pyconv.io.torchsave import TensorSlot, layout_torch_save
 
@@ -834,7 +834,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
                 raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
                                   f"are {dtype}; pass --dtype")
             dtype = slice_dtype
-            copies = [c for piece in pieces for c in _region_copies(catalog.tensors[piece.source], piece, transposed)]
+            copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed)]
             stacked = tuple(i for i in index if i is not None)[-lead:] if lead else ()
             offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
             label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"

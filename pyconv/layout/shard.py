@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyconv.catalog import CanonicalTensor, SourceBlock, StoredTensor
 from pyconv.errors import LayoutError
+from pyconv.plan import BlockCopy, copies_for_region
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,33 @@ class Piece:
     dst_row: int
     dst_col: int = 0
     repeat: bool = False
+
+    def source_block(self, stored: StoredTensor, transposed: bool, at: tuple[int, int] | None = None):
+        """Reading: the block of the canonical tensor this piece of a stored shard holds (None for
+        vocab padding, which carries nothing back). `at`: the piece's (row, col) in `stored` where
+        that differs from (dst_row, dst_col) (legacy QKV orders)."""
+        if self.repeat:
+            return None
+        row, col = at or (self.dst_row, self.dst_col)
+        if transposed:  # the shard is [in, out] (Conv1D): the piece's rows are the shard's columns
+            return SourceBlock(stored, row, col, self.cols, self.rows, self.col0, self.row0, transpose=True)
+        return SourceBlock(stored, row, col, self.rows, self.cols, self.row0, self.col0)
+
+    def copies(self, tensor: CanonicalTensor, transposed: bool, dtype: str | None = None) -> list[BlockCopy]:
+        """Writing: the block copies that fill this piece of a shard from the canonical tensor;
+        written as `dtype`, a block-scaled fp8 source is dequantized."""
+        if self.repeat:  # vocab padding: the last real row, repeated (row stride 0)
+            one_row = copies_for_region(tensor, self.row0, self.col0, 1, self.cols, self.dst_row, self.dst_col,
+                                        dtype=dtype)
+            if any(c.scale_source for c in one_row):
+                raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 row cannot be repeated as vocab padding")
+            return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, self.rows, c.cols, c.dst_row, c.dst_col)
+                    for c in one_row]
+        if transposed:
+            return copies_for_region(tensor, self.col0, self.row0, self.cols, self.rows, self.dst_row, self.dst_col,
+                                     transpose=True, dtype=dtype)
+        return copies_for_region(tensor, self.row0, self.col0, self.rows, self.cols, self.dst_row, self.dst_col,
+                                 dtype=dtype)
 
 
 def divide(n: int, parts: int, quantity: str, over: str) -> int:
