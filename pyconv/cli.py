@@ -27,6 +27,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from pyconv.formats import format_names, writable_format_names  # the registry's names; no adapter imported
+
     parser = _Parser(prog="pyconv", description="Convert and reshard LLM checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -39,9 +41,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--to", default="hf",
-                   choices=["hf", "megatron", "torch_dist", "deepseek", "mindspore", "megatron-legacy", "nemo"],
+                   choices=writable_format_names(),
                    help="target format (default: hf)")
-    p.add_argument("--from", dest="source_format", default=None, help="source format (default: detected)")
+    p.add_argument("--from", dest="source_format", default=None, choices=format_names(),
+                   help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor (model) parallel size of a megatron or deepseek target; for torch_dist only the "

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 from pyconv.catalog import CanonicalTensor, view2d
 from pyconv.dtypes import ITEMSIZE
-from pyconv.fp8 import FP8_BLOCK
-
 from pyconv.errors import LayoutError
+from pyconv.fp8 import FP8_BLOCK
 
 
 @dataclass(frozen=True)
@@ -246,3 +245,9 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise LayoutError(f"size must be positive, got {text}")
     return value
+
+
+class PlannedFiles(list):
+    """The planned files, with notes for the plan (what was dropped and why)."""
+
+    notes: tuple[str, ...] = ()

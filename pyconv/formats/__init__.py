@@ -1,11 +1,14 @@
-"""One adapter per checkpoint format, registered by name.
+"""One adapter per checkpoint format, listed here by name; each imported only when used.
 
-An adapter knows how to recognise its layout on disk (`detect`), read it into a
-Catalog of canonical tensors (`read`), and plan its files for a target (`plan_output`).
+An adapter is a module with `detect(path) -> bool`, `read(path, **READ_OPTIONS) -> Catalog` and,
+if the format can be written, `plan_output(catalog, target) -> list[PlannedFile]`. Adapters
+share code through pyconv.mcore, layout, families and io, never by importing one another
+(tests/test_architecture.py walks the imports).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -13,60 +16,63 @@ from typing import Callable
 from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError
 
+# (format name, adapter module, writable), in detection order. Asked first are the adapters
+# whose layouts another adapter would claim too: nemo directories holding mp_rank_* or a DCP
+# directory (only with NeMo's model_config.yaml or weights/ + context/), torch_dist an iteration
+# directory Megatron's tracker also names (only when it holds a distributed checkpoint),
+# mindspore safetensors files (only by their MindFormers tensor names), megatron-legacy
+# mp_rank_* directories the megatron adapter would also claim (only when the first rank's model
+# has the legacy `language_model` tree).
+FORMATS = (
+    ("nemo", "nemo", True),
+    ("torch_dist", "torch_dist", True),
+    ("mindspore", "mindspore", True),
+    ("megatron-legacy", "legacy_megatron", True),
+    ("deepseek", "deepseek", True),
+    ("hf", "hf", True),
+    ("megatron", "megatron", True),
+)
+_MODULES = {name: module for name, module, _ in FORMATS}
+
 
 @dataclass(frozen=True)
 class FormatAdapter:
     name: str
     detect: Callable[[str], bool]
-    read: Callable[[str], Catalog]
+    read: Callable[..., Catalog]
     plan_output: Callable | None  # (catalog, target) -> list[PlannedFile]; None: read-only format
     read_options: tuple[str, ...] = ()  # keyword options `read` takes (e.g. family)
 
 
-_FORMATS: dict[str, FormatAdapter] = {}
-
-
-def register_format(name: str, *, detect, read, plan_output=None, read_options=()) -> None:
-    _FORMATS[name] = FormatAdapter(name, detect, read, plan_output, tuple(read_options))
-
-
-def _load_builtin() -> None:
-    # Imported lazily so `pyconv --help` does not pay for every adapter.
-    from pyconv.formats import deepseek, mindspore, hf, torch_dist, megatron, legacy_megatron, nemo  # noqa: F401
-
-
-# Adapters asked first, before the rest in registration order, because what they claim another
-# adapter would claim too: torch_dist an iteration directory Megatron's tracker also names
-# (only when it holds a distributed checkpoint), mindspore safetensors files (only by their
-# MindFormers tensor names), megatron-legacy mp_rank_* directories the megatron adapter would
-# also claim (only when the first rank's model has the legacy `language_model` tree), nemo
-# directories holding mp_rank_* or a DCP directory too (only with NeMo's model_config.yaml or
-# weights/ + context/).
-DETECT_FIRST = ("nemo", "torch_dist", "mindspore", "megatron-legacy")
+_LOADED: dict[str, FormatAdapter] = {}
 
 
 def format_names() -> list[str]:
-    _load_builtin()
-    return sorted(_FORMATS)
+    return sorted(_MODULES)
+
+
+def writable_format_names() -> list[str]:
+    return sorted(name for name, _, writable in FORMATS if writable)
 
 
 def get_format(name: str) -> FormatAdapter:
-    _load_builtin()
-    if name not in _FORMATS:
-        raise LayoutError(f"unknown format '{name}' (known: {', '.join(sorted(_FORMATS))})")
-    return _FORMATS[name]
+    if name not in _MODULES:
+        raise LayoutError(f"unknown format '{name}' (known: {', '.join(format_names())})")
+    if name not in _LOADED:
+        module = importlib.import_module(f"pyconv.formats.{_MODULES[name]}")
+        _LOADED[name] = FormatAdapter(name, module.detect, module.read, getattr(module, "plan_output", None),
+                                      tuple(getattr(module, "READ_OPTIONS", ())))
+    return _LOADED[name]
 
 
 def detect_format(path: str) -> FormatAdapter:
-    _load_builtin()
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")
-    first = {name: i for i, name in enumerate(DETECT_FIRST)}
-    adapters = sorted(_FORMATS.values(), key=lambda a: first.get(a.name, len(first)))
-    for adapter in adapters:
+    for name, _, _ in FORMATS:
+        adapter = get_format(name)
         if adapter.detect(path):
             return adapter
-    raise FormatError(f"{path}: not a checkpoint pyconv recognises (looked for: {', '.join(sorted(_FORMATS))})")
+    raise FormatError(f"{path}: not a checkpoint pyconv recognises (looked for: {', '.join(format_names())})")
 
 
 def read_checkpoint(path: str, format: str | None = None, **options) -> Catalog:

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
-from pyconv.formats import register_format
 from pyconv.dtypes import output_dtypes
 from pyconv.families import kept_dtypes
 from pyconv.fp8 import FP8_BLOCK, SCALE_SUFFIX
@@ -404,6 +403,3 @@ def read(path: str) -> Catalog:
                 blocks += part_blocks(st, dim, rank, shape)
         tensors[hf_name] = CanonicalTensor(hf_name, first.dtype, shape, tuple(blocks))
     return Catalog("deepseek", root, tensors, config, architecture, extra_files(root), details={"tp": mp})
-
-
-register_format("deepseek", detect=detect, read=read, plan_output=plan_output)

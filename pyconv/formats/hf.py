@@ -12,7 +12,6 @@ from pyconv.catalog import CanonicalTensor, Catalog, StoredTensor, nbytes
 from pyconv.dtypes import output_dtypes
 from pyconv.errors import FormatError
 from pyconv.families import kept_dtypes
-from pyconv.formats import register_format
 from pyconv.fp8 import SCALE_SUFFIX, link_scales, scale_grid
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
 from pyconv.io.jsonfile import config_architecture, load_config, load_json
@@ -147,6 +146,3 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
     return files
-
-
-register_format("hf", detect=detect, read=read, plan_output=plan_output)

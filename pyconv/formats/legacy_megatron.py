@@ -50,7 +50,6 @@ from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, ModelDims, TensorMapping, get_family
-from pyconv.formats import register_format
 from pyconv.io.jsonfile import parse_yaml
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, \
     plan_text_file
@@ -112,6 +111,8 @@ for _legacy, _mcore in _ROWS:
     _TO_LEGACY.setdefault(_mcore, _legacy)
 _TIED_HEAD = "word_embeddings_for_head/weight"
 _FAMILIES = ("gpt2", "bert")
+
+READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
 
 
 # Megatron-Core's name for the transformer block: GPTModel's `decoder`, BertModel's `encoder`.
@@ -203,9 +204,9 @@ def _rank_key(t: str, p: str | None) -> tuple[int, int]:
 
 
 def _find_in_directory(root: str) -> _Found:
-    from pyconv.formats.megatron import _iteration_dir
+    from pyconv.mcore.checkpoint import iteration_dir
 
-    directory, iteration = _iteration_dir(root)
+    directory, iteration = iteration_dir(root)
     ranks = {}
     for entry in sorted(os.listdir(directory)):
         m = _RANK_DIR.match(entry)
@@ -508,7 +509,7 @@ def _family(trees: dict, family: str | None, where: str) -> Family:
 
 
 def _dims(family: Family, args: dict, first: dict, where: str) -> ModelDims:
-    from pyconv.formats.megatron import megatron_dims
+    from pyconv.mcore.config import megatron_dims
 
     dims = megatron_dims(args, where)
     if family.name == "bert":
@@ -522,7 +523,9 @@ def _dims(family: Family, args: dict, first: dict, where: str) -> ModelDims:
 
 
 def read(path: str, family: str | None = None) -> Catalog:
-    from pyconv.formats.megatron import MegatronLayout, _args_dict, hf_names, rank_dir_name
+    from pyconv.mcore.checkpoint import args_dict
+    from pyconv.mcore.names import hf_names
+    from pyconv.mcore.parallel import MegatronLayout, rank_dir_name
     from pyconv.layout import layer_stages
 
     root = os.path.abspath(path)
@@ -567,7 +570,7 @@ def read(path: str, family: str | None = None) -> Catalog:
             args = _args_from_hf(fam, config_override, config_path)
             args["padded_vocab_size"] = None  # from the shards
         else:
-            args = _args_dict(raw_args, first_rank.label)
+            args = args_dict(raw_args, first_rank.label)
     embedding = tensors_by_rank[(0, 0)].get("embedding.word_embeddings.weight")
     if embedding is None or len(embedding.shape) != 2:
         raise FormatError(f"{first_rank.label}: no 2-D 'model.language_model.embedding.word_embeddings.weight'")
@@ -688,7 +691,8 @@ def legacy_qkv_position(stored: StoredTensor, row: int, rows: int, col: int, dim
 def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float,
                blocks: dict, dtypes: dict) -> None:
     """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for."""
-    from pyconv.formats.megatron import hf_names, megatron_tensor_name, shard_shape
+    from pyconv.mcore.names import hf_names, megatron_tensor_name
+    from pyconv.mcore.parallel import shard_shape
     from pyconv.layout import divide
 
     dims, tp = layout.dims, layout.tp
@@ -765,7 +769,8 @@ def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSp
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    from pyconv.formats.megatron import MegatronLayout, family_and_dims
+    from pyconv.mcore.config import family_and_dims
+    from pyconv.mcore.parallel import MegatronLayout
     from pyconv.layout import layer_stages, padded_vocab_size
 
     family, dims = family_and_dims(catalog)
@@ -802,7 +807,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, iteration_dir: str,
                     t: int, p: int) -> PlannedFile:
     from pyconv.dtypes import output_dtype
-    from pyconv.formats.megatron import hf_names, megatron_tensor_name, rank_dir_name, shard_shape
+    from pyconv.mcore.names import hf_names, megatron_tensor_name
+    from pyconv.mcore.parallel import rank_dir_name, shard_shape
     from pyconv.io.torchsave import TensorSlot, layout_torch_save
 
     family, dims, pp = layout.family, layout.dims, layout.pp
@@ -841,6 +847,3 @@ def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, it
                     for slot, offset in zip(slots, zip_layout.record_offsets))
     path = f"{iteration_dir}/{rank_dir_name(t, p, pp)}/{RANK_FILES[0]}"
     return PlannedFile(path, zip_layout.size, tensors, zip_layout.literals)
-
-
-register_format(FORMAT, detect=detect, read=read, plan_output=plan_output, read_options=("family",))

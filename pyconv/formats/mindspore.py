@@ -28,10 +28,11 @@ from dataclasses import replace
 from pyconv.catalog import Catalog, CanonicalTensor, SourceBlock, StoredTensor, nbytes
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import FIRST_STAGE, LAST_STAGE, LAYER, Family, ModelDims, family_for_architecture
-from pyconv.formats import register_format
 from pyconv.dtypes import output_dtype
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
-from pyconv.formats.megatron import family_and_dims, hf_names, shard_pieces
+from pyconv.mcore.config import family_and_dims
+from pyconv.mcore.names import hf_names
+from pyconv.mcore.parallel import shard_pieces
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, plan_text_file
@@ -311,6 +312,3 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
     return files
-
-
-register_format("mindspore", detect=detect, read=read, plan_output=plan_output)

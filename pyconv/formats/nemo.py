@@ -42,7 +42,6 @@ from pyconv.catalog import Catalog
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
-from pyconv.formats import register_format
 from pyconv.io.jsonfile import config_architecture, load_config, load_json, load_yaml
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
 
@@ -76,6 +75,8 @@ _LEGACY_RENAMES = (
     (re.compile(r"^encoder\."), "decoder."),  # GPT: the legacy "encoder" stack is Megatron-Core's decoder
 )
 
+READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
+
 
 def nemo_to_mcore_key(key: str, stack: str = "decoder") -> str:
     """'module.decoder.layers.mlp.linear_fc1.weight' -> 'decoder.layers.mlp.linear_fc1.weight';
@@ -107,10 +108,10 @@ def layer_stack(family: Family) -> str:
 # ---- where the checkpoint is -----------------------------------------------------------------------
 
 def _is_nemo2(path: str) -> bool:
-    from pyconv.formats.torch_dist import _is_dcp_dir
+    from pyconv.mcore.dcp import is_dcp_dir
 
     return (os.path.isdir(path) and os.path.isdir(os.path.join(path, CONTEXT))
-            and _is_dcp_dir(os.path.join(path, WEIGHTS)))
+            and is_dcp_dir(os.path.join(path, WEIGHTS)))
 
 
 def _is_nemo1(path: str) -> bool:
@@ -334,7 +335,7 @@ def nemo_config_to_args(cls: str, explicit: dict, where: str) -> dict:
 def _context_model(root: str, context: str, weights_vocab_rows: int, family: str | None):
     """(family, dims, HF config, where they came from)."""
     from pyconv.families import family_for_architecture, family_for_megatron_args
-    from pyconv.formats.megatron import megatron_dims
+    from pyconv.mcore.config import megatron_dims
 
     for candidate in (os.path.join(root, CONFIG), os.path.join(context, TOKENIZER_DIR, CONFIG)):
         if os.path.isfile(candidate):
@@ -382,14 +383,14 @@ def _dcp_keys(md, weights: str, stack: str = "decoder") -> dict[str, str]:
 
 
 def read(path: str, family: str | None = None) -> Catalog:
-    from pyconv.formats.torch_dist import _check_backend, padded_vocab, read_tensors
+    from pyconv.mcore.dcp import check_backend, padded_vocab, read_tensors
     from pyconv.io.dcp import read_metadata
 
     root = os.path.abspath(path)
     if not _is_nemo2(root):
         return _read_nemo1(root, family)
     weights, context = os.path.join(root, WEIGHTS), os.path.join(root, CONTEXT)
-    _check_backend(weights)
+    check_backend(weights)
     md = read_metadata(weights)
     keys = _dcp_keys(md, weights)
     fam, dims, config, config_source = _context_model(root, context, _embedding_rows(md, keys, weights), family)
@@ -497,8 +498,10 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
     model-parallel rank directories, or a distributed model_weights/), keys under `model.` in
     Megatron-Core or pre-Megatron-Core (language_model) names."""
     from pyconv.families import family_for_architecture, family_for_megatron_args
-    from pyconv.formats.megatron import MegatronLayout, _Assembly, _catalog, _read_rank, megatron_dims
-    from pyconv.formats.torch_dist import padded_vocab, read_tensors
+    from pyconv.mcore.assemble import Assembly, assembled_catalog, read_rank
+    from pyconv.mcore.config import megatron_dims
+    from pyconv.mcore.parallel import MegatronLayout
+    from pyconv.mcore.dcp import padded_vocab, read_tensors
     from pyconv.io.dcp import read_metadata
     from pyconv.io.torchzip import TensorRef, read_torch_checkpoint
     from pyconv.layout import layer_stages
@@ -557,11 +560,11 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
         dims = dims or megatron_dims(args, where)
         layout = MegatronLayout(family=fam, dims=dims, padded_vocab=padded, stages=layer_stages(dims.num_layers, pp),
                                 tp=tp, pp=pp, ep=1)
-        assembly = _Assembly({}, {}, [])
+        assembly = Assembly({}, {}, [])
         for p in range(pp):
             for t in range(tp):
-                _read_rank(files[(t, p)], mapped((t, p), layer_stack(fam)), layout, t, p, 0, assembly)
-        catalog = _catalog(root, root, "release", layout, args, assembly)
+                read_rank(files[(t, p)], mapped((t, p), layer_stack(fam)), layout, t, p, 0, assembly)
+        catalog = assembled_catalog(root, root, "release", layout, args, assembly)
         tensors, config = catalog.tensors, catalog.config
         details.update(tp=tp, pp=pp)
     dtype = next((t.dtype for t in tensors.values()), None)
@@ -740,8 +743,9 @@ def model_yaml(model_cls: tuple[str, str], config_cls: tuple[str, str], fields: 
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    from pyconv.formats.megatron import PlannedFiles, attention_notes, family_and_dims
-    from pyconv.formats.torch_dist import check_global_target, plan_dcp
+    from pyconv.mcore.config import attention_notes, family_and_dims
+    from pyconv.plan import PlannedFiles
+    from pyconv.mcore.dcp import check_global_target, plan_dcp
 
     family, dims = family_and_dims(catalog)
     if family.name not in _NEMO_CLASSES:
@@ -770,6 +774,3 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         if name != CONFIG:
             files.append(plan_file_copy(path, size, f"{CONTEXT}/{TOKENIZER_DIR}/{name}"))
     return files
-
-
-register_format("nemo", detect=detect, read=read, plan_output=plan_output, read_options=("family",))
