@@ -67,7 +67,7 @@ def make_timer(torch, on_gpu: bool):
 def bench_kernels(elements: int, repeat: int) -> list[dict]:
     import torch
 
-    from kernels import ops
+    from pyconv._kernels import ops
 
     on_gpu = not ops.interpreted()
     dev = torch.device("cuda" if on_gpu else "cpu")

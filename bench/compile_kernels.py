@@ -13,7 +13,9 @@ then runs it so is for tests/test_kernels.py on a GPU to prove.
     python bench/compile_kernels.py [--arch 90,80] [--check] [--json]
 
 Run it with TRITON_INTERPRET unset: under the interpreter triton.jit builds no compilable
-function."""
+function. The kernels are imported as pyconv._kernels, so pyconv must be installed (editable
+or not); the repository root is deliberately not put on sys.path, where its source pyconv/
+(without _core or _kernels) would shadow the installed one."""
 
 from __future__ import annotations
 
@@ -28,12 +30,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 @dataclass(frozen=True)
 class Specialization:
-    kernel: str  # attribute of kernels.cast / kernels.fp8
+    kernel: str  # attribute of pyconv._kernels.cast / .fp8
     signature: dict  # argument name -> Triton type ("*i16", "i64", "constexpr")
     constexprs: dict
     num_warps: int = 4
@@ -48,9 +48,9 @@ def specializations() -> list[Specialization]:
     """What kernels/ops.py launches on a GPU, in its compiled launch shapes: every source and
     target format pair of the casts, every ALIGN of the row gather, each dequantization
     target, the quantizer."""
-    from kernels.bits import BF16, E4M3, F16, F32
-    from kernels.ops import COMPILED_SHAPES as SHAPES
-    from kernels.ops import SCALE_BLOCK, dequant_block
+    from pyconv._kernels.bits import BF16, E4M3, F16, F32
+    from pyconv._kernels.ops import COMPILED_SHAPES as SHAPES
+    from pyconv._kernels.ops import SCALE_BLOCK, dequant_block
 
     pointer = {F32: "*i32", BF16: "*i16", F16: "*i16", E4M3: "*u8"}
     formats = (F32, BF16, F16, E4M3)
@@ -129,8 +129,8 @@ def compile_one(spec: Specialization, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import cast, fp8
-    from kernels.ops import EXACT
+    from pyconv._kernels import cast, fp8
+    from pyconv._kernels.ops import EXACT
 
     fn = getattr(cast, spec.kernel, None) or getattr(fp8, spec.kernel)
     started = time.perf_counter()

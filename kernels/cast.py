@@ -1,11 +1,11 @@
 """Triton kernels that move elements with a dtype cast: contiguous, by a table of rows
 (row permutations such as the fused QKV layout, row stacking, column placement), and
-transposed. The cast itself is kernels.bits.convert (integer arithmetic, bit-exact)."""
+transposed. The cast itself is bits.convert (integer arithmetic, bit-exact)."""
 
 import triton
 import triton.language as tl
 
-from kernels.bits import convert, load_bits, store_bits
+from .bits import convert, load_bits, store_bits
 
 
 @triton.jit

@@ -9,7 +9,7 @@ where the CPU keeps an operand's sign and payload."""
 import triton
 import triton.language as tl
 
-from kernels.bits import e4m3_from_f32, f32_from_e4m3, from_f32_bits, load_bits, store_bits
+from .bits import e4m3_from_f32, f32_from_e4m3, from_f32_bits, load_bits, store_bits
 
 
 @triton.jit

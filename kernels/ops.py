@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernels.bits import BF16, E4M3, F16, F32
-from kernels.cast import cast_contiguous_kernel, gather_rows_cast_kernel, transpose_cast_kernel
-from kernels.fp8 import dequant_kernel, quantize_kernel
+from .bits import BF16, E4M3, F16, F32
+from .cast import cast_contiguous_kernel, gather_rows_cast_kernel, transpose_cast_kernel
+from .fp8 import dequant_kernel, quantize_kernel
 
 FORMAT_OF = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.float8_e4m3fn: E4M3}
 FORMAT_NAMES = {"F32": F32, "BF16": BF16, "F16": F16, "F8_E4M3": E4M3}

@@ -50,7 +50,7 @@ def interpreting() -> bool:
 
 
 def load_backend():
-    """(torch, kernels.ops, device) for --device cuda, or a PyconvError saying why not."""
+    """(torch, pyconv._kernels.ops, device) for --device cuda, or a PyconvError saying why not."""
     interpret = interpreting()
     try:
         import torch
@@ -60,7 +60,7 @@ def load_backend():
         raise PyconvError("--device cuda: no CUDA GPU is available to torch (set TRITON_INTERPRET=1 to run the "
                           "GPU kernels on the CPU with Triton's interpreter, or use --device cpu)")
     try:
-        from kernels import ops
+        from pyconv._kernels import ops
     except ImportError as e:
         raise PyconvError(f"--device cuda needs triton (pip install triton): {e}") from None
     if interpret:

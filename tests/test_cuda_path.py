@@ -134,7 +134,7 @@ def test_without_gpu_or_interpreter_exit_2_and_nothing_written(tiny_models, tmp_
 
 def test_cpu_path_imports_neither_torch_nor_triton(tiny_models, tmp_path):
     code = ("import sys, pyconv; pyconv.reshard(sys.argv[1], sys.argv[2], dtype='bf16'); "
-            "print(sorted(m for m in ('torch', 'triton', 'kernels') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'triton', 'pyconv._kernels') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code, tiny_models["llama"][1], tmp_path / "out"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import ops  # noqa: E402  (after TRITON_INTERPRET)
+from pyconv._kernels import ops  # noqa: E402  (after TRITON_INTERPRET)
 
 from pyconv import _core  # noqa: E402
 
