@@ -12,6 +12,8 @@
 #include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <iterator>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -194,6 +196,46 @@ class Runner {
       }
       validate_copies(t, t.copies, where);
     }
+    if (!compare_) check_dest_ranges();
+  }
+
+  // No byte of a destination file is written twice: its tensors, their scale grids and its
+  // literals are sorted by offset and each compared with the furthest-reaching range before it.
+  void check_dest_ranges() const {
+    struct Range {
+      uint64_t begin, end;
+      int kind;  // 0 tensor, 1 its scale grid, 2 literal
+      size_t index;
+    };
+    const auto describe = [&](const Range& r) {
+      const std::string span = " [" + std::to_string(r.begin) + ", " + std::to_string(r.end) + ")";
+      if (r.kind == 0) return "output tensor #" + std::to_string(r.index) + span;
+      if (r.kind == 1) return "the scale grid of output tensor #" + std::to_string(r.index) + span;
+      return "literal #" + std::to_string(r.index) + span;
+    };
+    std::vector<std::vector<Range>> by_dest(plan_.dests.size());
+    for (size_t i = 0; i < plan_.literals.size(); ++i) {
+      const auto& lit = plan_.literals[i];
+      if (!lit.bytes.empty()) by_dest[lit.dest].push_back({lit.offset, lit.offset + lit.bytes.size(), 2, i});
+    }
+    for (size_t i = 0; i < plan_.tensors.size(); ++i) {  // every range was bounds-checked above
+      const auto& t = plan_.tensors[i];
+      const uint64_t bytes = t.rows * t.cols * dtype_itemsize(t.dtype);
+      if (bytes) by_dest[t.dest].push_back({t.offset, t.offset + bytes, 0, i});
+      if (t.quantize && bytes) by_dest[t.dest].push_back({t.scale_offset, t.scale_offset + scale_grid_bytes(t), 1, i});
+    }
+    for (size_t d = 0; d < by_dest.size(); ++d) {
+      auto& ranges = by_dest[d];
+      std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
+        return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+      });
+      size_t reach = 0;  // the range seen so far that ends last
+      for (size_t i = 1; i < ranges.size(); ++i) {
+        if (ranges[i].begin < ranges[reach].end)
+          throw FormatError(plan_.dests[d].path + ": " + describe(ranges[i]) + " overlaps " + describe(ranges[reach]));
+        if (ranges[i].end > ranges[reach].end) reach = i;
+      }
+    }
   }
 
   // Every copy of one side of a tensor: indices, dtypes, byte ranges, exact tiling by area.
@@ -215,10 +257,63 @@ class Runner {
         throw FormatError(where + ": block copy source extent overflows");
       sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
       if (c.scale_source != kNoScale) check_scale_range(c, where);
-      covered += checked_area(c.rows, c.cols, 1, where);
+      covered += checked_area(c.rows, c.cols, 1, where);  // cannot overflow: the copies are disjoint (below)
     }
+    check_disjoint(copies, where);
     if (covered != t.rows * t.cols)
       throw FormatError(where + ": block copies cover " + std::to_string(covered) + " of " + std::to_string(t.rows * t.cols) + " elements");
+  }
+
+  // No two copies write the same element; with every copy inside the tensor, disjoint copies
+  // whose areas add up to the tensor's tile it exactly. A sweep down the rows keeps the column
+  // intervals of the copies crossing the current row, disjoint, in a map by first column: a copy
+  // entering need only be compared with its two neighbours there. O(n log n) for n copies.
+  static void check_disjoint(const std::vector<BlockCopy>& copies, const std::string& where) {
+    struct Event {
+      uint64_t row;
+      bool enter;
+      size_t copy;
+    };
+    std::vector<Event> events;
+    events.reserve(2 * copies.size());
+    for (size_t i = 0; i < copies.size(); ++i) {
+      const auto& c = copies[i];
+      if (c.rows == 0 || c.cols == 0) continue;
+      events.push_back({c.dst_row, true, i});
+      events.push_back({c.dst_row + c.rows, false, i});
+    }
+    // Rows are half-open: at one row, copies ending leave before copies starting enter.
+    std::sort(events.begin(), events.end(), [](const Event& a, const Event& b) {
+      return a.row != b.row ? a.row < b.row : (a.enter != b.enter ? !a.enter : a.copy < b.copy);
+    });
+    std::map<uint64_t, size_t> active;  // dst_col -> copy
+    const auto rect = [&](size_t i) {
+      const auto& c = copies[i];
+      return "#" + std::to_string(i) + " [" + std::to_string(c.dst_row) + "+" + std::to_string(c.rows) + ", " +
+             std::to_string(c.dst_col) + "+" + std::to_string(c.cols) + "]";
+    };
+    const auto overlap = [&](size_t a, size_t b) {
+      const auto& x = copies[std::min(a, b)];
+      const auto& y = copies[std::max(a, b)];
+      return FormatError(where + ": block copies " + rect(std::min(a, b)) + " and " + rect(std::max(a, b)) + " overlap in rows [" +
+                         std::to_string(std::max(x.dst_row, y.dst_row)) + ", " + std::to_string(std::min(x.dst_row + x.rows, y.dst_row + y.rows)) +
+                         "), columns [" + std::to_string(std::max(x.dst_col, y.dst_col)) + ", " +
+                         std::to_string(std::min(x.dst_col + x.cols, y.dst_col + y.cols)) + ")");
+    };
+    for (const auto& e : events) {
+      const auto& c = copies[e.copy];
+      if (!e.enter) {
+        active.erase(c.dst_col);
+        continue;
+      }
+      const auto next = active.lower_bound(c.dst_col);
+      if (next != active.end() && next->first < c.dst_col + c.cols) throw overlap(e.copy, next->second);
+      if (next != active.begin()) {
+        const size_t before = std::prev(next)->second;
+        if (copies[before].dst_col + copies[before].cols > c.dst_col) throw overlap(e.copy, before);
+      }
+      active.emplace(c.dst_col, e.copy);
+    }
   }
 
   // Which source dtype may feed which output, with or without block scales.

@@ -61,7 +61,7 @@ struct OutputTensor {
   uint64_t offset;  // absolute byte offset in the destination file
   DType dtype;
   uint64_t rows, cols;
-  std::vector<BlockCopy> copies;  // must tile [rows, cols] exactly
+  std::vector<BlockCopy> copies;  // must tile [rows, cols] exactly: inside it, disjoint, covering it
   // Quantize (dtype F8_E4M3): the float32 grid [ceil(rows/128), ceil(cols/128)] of
   // scales goes to scale_offset in the same file (no other tensor may cover it).
   bool quantize = false;
@@ -107,8 +107,9 @@ struct ExecStats {
 using ProgressTick = std::function<bool(uint64_t, uint64_t)>;
 
 // Validates the whole plan (indices, dtypes, casts, every byte range against the
-// file sizes, exact tiling by area), creates and preallocates the destination
-// files, runs the copies, fsyncs. Throws FormatError, IoError or Cancelled.
+// file sizes, exact tiling of each tensor by disjoint copies, no two tensors, scale grids
+// or literals of a file overlapping), creates and preallocates the destination files,
+// runs the copies, fsyncs. Throws FormatError, IoError or Cancelled.
 ExecStats execute_plan(const Plan& plan, const ExecOptions& options, const ProgressTick& tick);
 
 // Compare mode (`pyconv verify`): nothing is written. Each tensor is gathered twice, from

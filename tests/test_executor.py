@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,12 @@ def test_literals_and_several_tensors(tmp_path):
     ([(0, 0, 16, "I32", 3, 4, 0, 0, False)], "cannot cast I32 to F32"),
     ([(5, 0, 16, "F32", 3, 4, 0, 0, False)], "missing source"),
     ([(0, 0, 2**63, "F32", 3, 4, 0, 0, False)], "overflows"),
+    # 8 + 4 elements, as many as the tensor has, but row 1 written twice and row 2 never
+    ([(0, 0, 16, "F32", 2, 4, 0, 0, False), (0, 0, 16, "F32", 1, 4, 1, 0, False)],
+     re.escape("out.bin: output tensor #0: block copies #0 [0+2, 0+4] and #1 [1+1, 0+4] overlap in rows [1, 2), columns [0, 4)")),
+    # side by side, the second reaching one column into the first; a column left empty
+    ([(0, 0, 16, "F32", 3, 2, 0, 0, False), (0, 0, 16, "F32", 3, 2, 0, 1, False)],
+     re.escape("block copies #0 [0+3, 0+2] and #1 [0+3, 1+2] overlap in rows [0, 3), columns [1, 2)")),
 ])
 def test_plan_errors_are_caught_before_writing(tmp_path, copies, message):
     src = write(tmp_path / "src", np.zeros(12, np.float32))
@@ -85,6 +93,28 @@ def test_destination_range_is_checked(tmp_path):
         _core.execute([src], [(str(tmp_path / "o"), 8)], [], [(0, 0, "F32", 1, 4, [(0, 0, 16, "F32", 1, 4, 0, 0, False)])])
     with pytest.raises(FormatError, match="past the file size"):
         _core.execute([src], [(str(tmp_path / "o"), 8)], [(0, 4, b"12345")], [])
+
+
+@pytest.mark.parametrize("literals, tensors, message", [
+    # two tensors of 32 bytes at 8 and 36: bytes 36..40 written by both
+    ([(0, 0, b"HEADER!!")], [(8, None), (36, None)], "output tensor #1 [36, 68) overlaps output tensor #0 [8, 40)"),
+    # a header one byte too long runs into the first tensor
+    ([(0, 0, b"HEADER!!!")], [(8, None), (40, None)], "output tensor #0 [8, 40) overlaps literal #0 [0, 9)"),
+    # a literal inside the second tensor, found past the first
+    ([(0, 0, b"HEADER!!"), (0, 60, b"xyz")], [(8, None), (40, None)], "literal #1 [60, 63) overlaps output tensor #1 [40, 72)"),
+    # the first tensor quantized (8 fp8 bytes at 8, its 1 x 1 scale grid at 12): grid over its own bytes
+    ([(0, 0, b"HEADER!!")], [(8, 12), (40, None)], "the scale grid of output tensor #0 [12, 16) overlaps output tensor #0 [8, 16)"),
+])
+def test_overlapping_file_ranges_are_refused_before_writing(tmp_path, literals, tensors, message):
+    src = write(tmp_path / "src", np.zeros(8, np.float32))
+    out = tmp_path / "out.bin"
+    records = []
+    for offset, scales in tensors:
+        copy = (0, 0, 16, "F32", 2, 4, 0, 0, False)
+        records.append((0, offset, "F32", 2, 4, [copy]) if scales is None else (0, offset, "F8_E4M3", 2, 4, [copy], scales))
+    with pytest.raises(FormatError, match=re.escape(f"{out}: {message}")):
+        _core.execute([src], [(str(out), 72)], literals, records)
+    assert not out.exists()
 
 
 def test_progress_callback_can_cancel(tmp_path):

@@ -10,8 +10,8 @@
 //     validate_safetensors. Every call must succeed or throw FormatError / IoError.
 // (b) execute_plan on small synthetic files: plain copies, casts, transposed copies,
 //     stride-0 repeats, fp8 dequantization and quantization (checked against the scalar
-//     codecs), and hostile plans (out-of-range ranges, overflowing sizes) that must throw
-//     FormatError before any destination file is created.
+//     codecs), and hostile plans (out-of-range ranges, overflowing sizes, overlapping copies
+//     or file ranges) that must throw FormatError before any destination file is created.
 // (c) exhaustive cast round trips: bf16 / fp16 -> fp32 -> back is the identity for every
 //     non-NaN pattern (scalar functions and cast_elements, aligned and unaligned), and the
 //     same for all 256 e4m3fn patterns.
@@ -659,6 +659,132 @@ void executor_hostile_plans() {
   mutate("source file missing", [&](Plan& p) { p.sources[0] = tmp_path("does-not-exist"); });
 }
 
+// Overlapping writes: the area of the copies adds up but two of them overlap (and leave a hole),
+// or two ranges of one destination file overlap. Each must be refused, naming the numbers.
+void expect_plan_message(const std::string& what, const Plan& plan, const std::string& message) {
+  expect_plan_rejected(what, plan);
+  check(g_last_error.find(message) != std::string::npos,
+        "hostile plan: " + what + ": message '" + g_last_error + "' lacks '" + message + "'");
+}
+
+void executor_overlap_plans() {
+  // [4, 4] F32 as four [2, 2] quadrants; variants move one quadrant onto another.
+  auto quadrants = [] {
+    return one_tensor_plan(DType::F32, 4, 4,
+                           {copy_of(0, 16, DType::F32, 2, 2, 0, 0), copy_of(8, 16, DType::F32, 2, 2, 0, 2),
+                            copy_of(32, 16, DType::F32, 2, 2, 2, 0), copy_of(40, 16, DType::F32, 2, 2, 2, 2)},
+                           64);
+  };
+  check(!run_plan("overlap baseline (quadrants)", quadrants()).empty(), "overlap baseline plan failed");
+  {
+    Plan p = quadrants();
+    p.tensors[0].copies[3].dst_row = 1;  // [1+2, 2+2] over #1 [0+2, 2+2]; rows 3, cols 2..4 left a hole
+    expect_plan_message("copies overlap, area adds up", p,
+                        "out.bin: output tensor #0: block copies #1 [0+2, 2+2] and #3 [1+2, 2+2] overlap in rows [1, 2), columns [2, 4)");
+  }
+  {
+    Plan p = quadrants();
+    p.tensors[0].copies[2].dst_col = 1;  // #2 [2+2, 1+2] reaches into #3's column 2
+    expect_plan_message("copies overlap, neighbour to the right", p, "block copies #2 [2+2, 1+2] and #3 [2+2, 2+2] overlap in rows [2, 4), columns [2, 3)");
+  }
+  {
+    Plan p = quadrants();
+    p.tensors[0].copies[1].dst_col = 1;  // #1 [0+2, 1+2] entered after #0: found as #0's neighbour to the left
+    std::swap(p.tensors[0].copies[0], p.tensors[0].copies[1]);
+    expect_plan_message("copies overlap, neighbour to the left", p, "block copies #0 [0+2, 1+2] and #1 [0+2, 0+2] overlap in rows [0, 2), columns [1, 2)");
+  }
+  {
+    Plan p = quadrants();
+    p.tensors[0].copies[0] = p.tensors[0].copies[3];  // the same rectangle twice
+    expect_plan_message("copies identical", p, "overlap in rows [2, 4), columns [2, 4)");
+  }
+  {
+    // A 1 x 1 copy inside a long one that started rows earlier (still active in the sweep).
+    Plan p = one_tensor_plan(DType::F32, 4, 4, {copy_of(0, 4, DType::F32, 4, 1, 0, 0), copy_of(0, 16, DType::F32, 4, 3, 0, 1)}, 64);
+    check(!run_plan("overlap baseline (columns)", p).empty(), "overlap baseline (columns) failed");
+    p.tensors[0].copies[1].cols = 2;
+    p.tensors[0].copies.push_back(copy_of(0, 4, DType::F32, 1, 1, 3, 0));
+    p.tensors[0].copies.push_back(copy_of(0, 4, DType::F32, 3, 1, 0, 3));
+    expect_plan_message("copy inside a longer one", p, "block copies #0 [0+4, 0+1] and #2 [3+1, 0+1] overlap in rows [3, 4), columns [0, 1)");
+  }
+  {
+    // Copies that only touch (end row == start row, end column == start column) are fine; empty
+    // copies at any place are ignored.
+    Plan p = one_tensor_plan(DType::F32, 3, 4, {copy_of(0, 16, DType::F32, 1, 4, 0, 0), copy_of(16, 16, DType::F32, 2, 1, 1, 0),
+                                                copy_of(20, 16, DType::F32, 2, 3, 1, 1), copy_of(0, 16, DType::F32, 0, 4, 1, 0)},
+                             48);
+    check(!run_plan("touching copies", p).empty(), "touching copies were refused");
+  }
+  {
+    // A tensor of 4096 rows x 64 one-row copies (a sweep, not n^2 pairs), then one moved onto another.
+    const uint64_t R = 4096;
+    std::vector<BlockCopy> rows;
+    for (uint64_t r = 0; r < R; ++r) rows.push_back(copy_of(0, 0, DType::U8, 1, 64, R - 1 - r, 0));
+    Plan p = one_tensor_plan(DType::U8, R, 64, rows, R * 64);
+    check(!run_plan("4096 row copies", p).empty(), "4096 disjoint row copies were refused");
+    p.tensors[0].copies[100].dst_row = 7;
+    expect_plan_message("4096 row copies, one doubled", p, "block copies #100 [7+1, 0+64] and #4088 [7+1, 0+64] overlap");
+  }
+
+  // Ranges of one destination file.
+  auto two_tensors = [] {
+    Plan p = one_tensor_plan(DType::F32, 2, 4, {copy_of(0, 16, DType::F32, 2, 4)}, 8 + 32 + 32);
+    p.tensors.push_back(p.tensors[0]);
+    p.tensors[0].offset = 8;
+    p.tensors[1].offset = 40;
+    p.literals.push_back({0, 0, "HEADER!!"});
+    return p;
+  };
+  check(!run_plan("dest ranges baseline", two_tensors()).empty(), "dest ranges baseline failed");
+  {
+    Plan p = two_tensors();
+    p.tensors[1].offset = 36;
+    expect_plan_message("tensors overlap", p, "out.bin: output tensor #1 [36, 68) overlaps output tensor #0 [8, 40)");
+  }
+  {
+    Plan p = two_tensors();
+    p.literals.push_back({0, 60, "xyz"});
+    expect_plan_message("literal inside a tensor", p, "out.bin: literal #1 [60, 63) overlaps output tensor #1 [40, 72)");
+  }
+  {
+    Plan p = two_tensors();
+    p.literals[0].bytes = "HEADER!!!";
+    expect_plan_message("literal runs into a tensor", p, "output tensor #0 [8, 40) overlaps literal #0 [0, 9)");
+  }
+  {
+    // A tensor far past a long range is compared with that range, not with its immediate predecessor.
+    Plan p = two_tensors();
+    p.literals[0] = {0, 0, std::string(72, 'L')};
+    p.literals.push_back({0, 0, ""});  // empty: never overlaps
+    expect_plan_message("literal over both tensors", p, "output tensor #0 [8, 40) overlaps literal #0 [0, 72)");
+    p.literals[0].bytes = "HEADER!!";
+    p.tensors[0].copies[0].rows = 1;
+    p.tensors[0].rows = 1;
+    p.literals.push_back({0, 24, "gap filler"});  // [24, 34) lies in the gap after tensor #0 [8, 24)
+    check(!run_plan("gap literal", p).empty(), "a literal in the gap between tensors was refused");
+  }
+  {
+    // Quantized: the scale grid [1 x 1 float] must not overlap the fp8 bytes or another tensor.
+    Plan p = one_tensor_plan(DType::F8_E4M3, 4, 4, {copy_of(0, 16, DType::F32, 4, 4)}, 16 + 4);
+    p.tensors[0].quantize = true;
+    p.tensors[0].scale_offset = 16;
+    check(!run_plan("quantized, grid after the bytes", p).empty(), "quantized baseline failed");
+    p.tensors[0].scale_offset = 12;
+    expect_plan_message("scale grid over its own bytes", p, "the scale grid of output tensor #0 [12, 16) overlaps output tensor #0 [0, 16)");
+    p.tensors[0].scale_offset = 16;
+    p.literals.push_back({0, 18, "ab"});
+    expect_plan_message("literal over a scale grid", p, "literal #0 [18, 20) overlaps the scale grid of output tensor #0 [16, 20)");
+  }
+  {
+    // Two destination files: the same offsets in different files do not overlap.
+    Plan p = two_tensors();
+    p.dests.push_back({tmp_path("out2.bin"), 72});
+    p.tensors[1].dest = 1;
+    p.tensors[1].offset = 8;
+    check(!run_plan("same offsets, two files", p).empty(), "tensors at the same offset of two files were refused");
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // (c) cast round trips
 
@@ -771,6 +897,7 @@ int main(int argc, char** argv) {
   make_source();
   executor_valid_plans();
   executor_hostile_plans();
+  executor_overlap_plans();
   cast_round_trips();
 
   std::error_code ec;
