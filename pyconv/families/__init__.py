@@ -111,7 +111,18 @@ class Family:
     dims_from_hf: Callable[[dict], ModelDims]
     megatron_args_from_hf: Callable[[dict, ModelDims], dict]
     hf_config_from_megatron: Callable[[dict], dict]
-    matches_megatron_args: Callable[[dict], bool]
+    # How the family is recognised from Megatron args alone (a checkpoint that does not carry its
+    # HF config): the features (megatron_features(args)) it always has, and those it may have.
+    # Two families whose features could match one args are refused when registered.
+    megatron_features: frozenset[str] | None = None
+    megatron_optional: frozenset[str] = frozenset()
+    # NeMo 2: (module, model class, config class) of the family's model; None: not written.
+    nemo_classes: tuple[str, str, str] | None = None
+    # Legacy (pre-Megatron-Core) Megatron-LM: the transformer block's name in Megatron-Core terms
+    # (GPTModel's `decoder`, BertModel's `encoder`); None: no legacy checkpoints of this family.
+    legacy_megatron_stack: str | None = None
+    # MindSpore Transformers names this family's (Llama-like) tensors.
+    mindformers: bool = False
     ignored_hf: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
     # HF layers with index >= num_hidden_layers (DeepSeek-V3's multi-token-prediction layers) are
     # not part of the model Megatron runs: dropped (and said so) instead of refused.
@@ -210,8 +221,55 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    for other in _FAMILIES.values():
+        if other.name != family.name and _features_overlap(family, other):
+            raise ValueError(f"family {family.name}: Megatron args with features "
+                             f"{sorted(family.megatron_features | other.megatron_features)} would match both it "
+                             f"and {other.name}: make one's features tell them apart")
     _FAMILIES[family.name] = family
     return family
+
+
+def megatron_features(args: dict) -> frozenset[str]:
+    """What Megatron args say about a model's architecture, as names a family table declares.
+    Megatron-LM saves every argument, defaults included, so only what is set counts; a bias on
+    the q/k/v projections only (Qwen's) differs from a bias on every linear (which covers q/k/v)."""
+    f = set()
+    if args.get("normalization", "LayerNorm") == "LayerNorm":
+        f.add("layernorm")
+    elif args.get("normalization") == "RMSNorm":
+        f.add("rmsnorm")
+    if args.get("position_embedding_type"):
+        f.add("pos_" + str(args["position_embedding_type"]))
+    flags = {"swiglu": "swiglu", "add_bias_linear": "linear_bias", "qk_layernorm": "qk_layernorm",
+             "multi_latent_attention": "mla", "bert_binary_head": "bert"}
+    f.update(feature for arg, feature in flags.items() if args.get(arg))
+    if args.get("add_qkv_bias") and not args.get("add_bias_linear"):
+        f.add("qkv_bias")
+    if str(args.get("tokenizer_type") or "").startswith("BertWordPiece"):
+        f.add("bert")
+    if args.get("num_experts"):
+        f.add("moe")
+        if args.get("moe_shared_expert_intermediate_size"):
+            f.add("shared_expert")
+        if args.get("moe_shared_expert_gate"):
+            f.add("shared_expert_gate")
+        if args.get("moe_router_score_function"):
+            f.add(str(args["moe_router_score_function"]) + "_router")
+    return frozenset(f)
+
+
+def _accepts(family: Family, features: frozenset[str]) -> bool:
+    required = family.megatron_features
+    return required is not None and required <= features <= required | family.megatron_optional
+
+
+def _features_overlap(a: Family, b: Family) -> bool:
+    """Whether some set of features would be accepted by both families."""
+    if a.megatron_features is None or b.megatron_features is None:
+        return False
+    union = a.megatron_features | b.megatron_features
+    return union <= (a.megatron_features | a.megatron_optional) & (b.megatron_features | b.megatron_optional)
 
 
 def _load_builtin() -> None:
@@ -239,9 +297,16 @@ def family_for_architecture(architecture: str | None, where: str) -> Family:
     raise FormatError(f"{where}: architecture '{architecture}' has no pyconv family table (known: {', '.join(known)})")
 
 
+def families_with(predicate) -> list[Family]:
+    """The registered families a table field selects, e.g. families_with(lambda f: f.mindformers)."""
+    _load_builtin()
+    return [f for f in _FAMILIES.values() if predicate(f)]
+
+
 def family_for_megatron_args(args: dict, where: str) -> Family:
     _load_builtin()
-    found = [f for f in _FAMILIES.values() if f.matches_megatron_args(args)]
+    features = megatron_features(args)
+    found = [f for f in _FAMILIES.values() if _accepts(f, features)]
     if len(found) != 1:
         raise FormatError(f"{where}: cannot tell the model family from the Megatron args "
                           f"({'several match: ' + ', '.join(f.name for f in found) if found else 'none matches'}); "

@@ -127,10 +127,6 @@ def bert_hf_config(args: dict) -> dict:
     return config
 
 
-def is_bert_args(args: dict) -> bool:
-    return bool(args.get("bert_binary_head")) or str(args.get("tokenizer_type", "")).startswith("BertWordPiece")
-
-
 BERT = register_family(Family(
     name="bert",
     architectures=("MegatronBertForPreTraining",),
@@ -138,6 +134,8 @@ BERT = register_family(Family(
     dims_from_hf=bert_dims,
     megatron_args_from_hf=bert_megatron_args,
     hf_config_from_megatron=bert_hf_config,
-    matches_megatron_args=is_bert_args,
+    megatron_features=frozenset({"bert"}),
+    megatron_optional=frozenset({"layernorm", "pos_learned_absolute", "linear_bias", "qkv_bias"}),
+    legacy_megatron_stack="encoder",
     ignored_hf=("bert.embeddings.position_ids",),
 ))

@@ -120,7 +120,6 @@ MTP_AFTER = (
 )
 
 
-
 def _optional_int(config: dict, key: str, default: int = 0) -> int:
     value = config.get(key)
     if value is None:
@@ -268,11 +267,6 @@ def deepseek_v3_hf_config(args: dict) -> dict:
     return config
 
 
-def is_deepseek_v3_args(args: dict) -> bool:
-    return (bool(args.get("multi_latent_attention")) and bool(args.get("num_experts"))
-            and args.get("moe_router_score_function", "sigmoid") == "sigmoid")
-
-
 # ---- DeepSeek-V2 (and V2-Lite) -------------------------------------------------------------------
 # The same multi-latent attention and MoE layout without the score-correction bias; its router
 # takes the softmax over every expert, the top k without renormalising (transformers ignores
@@ -308,9 +302,9 @@ def deepseek_v2_hf_config(args: dict) -> dict:
     return config
 
 
-def is_deepseek_v2_args(args: dict) -> bool:
-    return (bool(args.get("multi_latent_attention")) and bool(args.get("num_experts"))
-            and args.get("moe_router_score_function") == "softmax")
+# What Megatron args of an MLA + MoE model may also say (recognition from args alone).
+MLA_OPTIONAL = frozenset({"swiglu", "rmsnorm", "layernorm", "pos_rope", "pos_yarn", "qk_layernorm", "shared_expert",
+                          "shared_expert_gate", "linear_bias"})
 
 
 DEEPSEEK_V3 = register_family(Family(
@@ -320,7 +314,8 @@ DEEPSEEK_V3 = register_family(Family(
     dims_from_hf=deepseek_v3_dims,
     megatron_args_from_hf=deepseek_v3_megatron_args,
     hf_config_from_megatron=deepseek_v3_hf_config,
-    matches_megatron_args=is_deepseek_v3_args,
+    megatron_features=frozenset({"mla", "moe"}),
+    megatron_optional=MLA_OPTIONAL | {"sigmoid_router"},
     drops_extra_layers=True,
     mtp_before=MTP_BEFORE,
     mtp_after=MTP_AFTER,
@@ -333,5 +328,6 @@ DEEPSEEK_V2 = register_family(Family(
     dims_from_hf=deepseek_v2_dims,
     megatron_args_from_hf=deepseek_v2_megatron_args,
     hf_config_from_megatron=deepseek_v2_hf_config,
-    matches_megatron_args=is_deepseek_v2_args,
+    megatron_features=frozenset({"mla", "moe", "softmax_router"}),
+    megatron_optional=MLA_OPTIONAL,
 ))

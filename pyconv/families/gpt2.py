@@ -92,11 +92,6 @@ def gpt2_hf_config(args: dict) -> dict:
     return config
 
 
-def is_gpt2_args(args: dict) -> bool:
-    return (not args.get("swiglu") and args.get("position_embedding_type") == "learned_absolute"
-            and args.get("normalization", "LayerNorm") == "LayerNorm")
-
-
 GPT2 = register_family(Family(
     name="gpt2",
     architectures=("GPT2LMHeadModel",),
@@ -104,6 +99,9 @@ GPT2 = register_family(Family(
     dims_from_hf=gpt2_dims,
     megatron_args_from_hf=gpt2_megatron_args,
     hf_config_from_megatron=gpt2_hf_config,
-    matches_megatron_args=is_gpt2_args,
+    megatron_features=frozenset({"layernorm", "pos_learned_absolute"}),
+    megatron_optional=frozenset({"linear_bias", "qkv_bias"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
+    legacy_megatron_stack="decoder",
     ignored_hf=(L + "attn.bias", L + "attn.masked_bias"),
 ))

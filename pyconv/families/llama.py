@@ -121,12 +121,6 @@ def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_ty
     return config
 
 
-def is_llama_args(args: dict) -> bool:
-    return (not args.get("num_experts") and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
-            and args.get("position_embedding_type") == "rope"
-            and not (args.get("add_qkv_bias") and not args.get("add_bias_linear")) and not args.get("qk_layernorm"))
-
-
 LLAMA = register_family(Family(
     name="llama",
     architectures=("LlamaForCausalLM", "MistralForCausalLM"),
@@ -134,6 +128,9 @@ LLAMA = register_family(Family(
     dims_from_hf=llama_dims,
     megatron_args_from_hf=llama_megatron_args,
     hf_config_from_megatron=llama_hf_config,
-    matches_megatron_args=is_llama_args,
+    megatron_features=frozenset({"swiglu", "rmsnorm", "pos_rope"}),
+    megatron_optional=frozenset({"linear_bias"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.llama", "LlamaModel", "LlamaConfig"),
+    mindformers=True,
     ignored_hf=(L + "self_attn.rotary_emb.inv_freq",),
 ))

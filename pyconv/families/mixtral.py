@@ -55,12 +55,6 @@ def mixtral_hf_config(args: dict) -> dict:
     return config
 
 
-def is_mixtral_args(args: dict) -> bool:
-    return (bool(args.get("num_experts")) and bool(args.get("swiglu")) and args.get("normalization") == "RMSNorm"
-            and not args.get("moe_shared_expert_intermediate_size") and not args.get("add_qkv_bias")
-            and not args.get("multi_latent_attention") and not args.get("qk_layernorm"))
-
-
 MIXTRAL = register_family(Family(
     name="mixtral",
     architectures=("MixtralForCausalLM",),
@@ -68,5 +62,7 @@ MIXTRAL = register_family(Family(
     dims_from_hf=mixtral_dims,
     megatron_args_from_hf=mixtral_megatron_args,
     hf_config_from_megatron=mixtral_hf_config,
-    matches_megatron_args=is_mixtral_args,
+    megatron_features=frozenset({"moe", "swiglu", "rmsnorm"}),
+    megatron_optional=frozenset({"pos_rope", "linear_bias", "softmax_router", "sigmoid_router"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.mixtral", "MixtralModel", "MixtralConfig"),
 ))

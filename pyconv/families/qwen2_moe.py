@@ -61,11 +61,6 @@ def qwen2_moe_hf_config(args: dict) -> dict:
     return config
 
 
-def is_qwen2_moe_args(args: dict) -> bool:
-    return (bool(args.get("num_experts")) and bool(args.get("moe_shared_expert_intermediate_size"))
-            and bool(args.get("moe_shared_expert_gate")) and not args.get("multi_latent_attention"))
-
-
 QWEN2_MOE = register_family(Family(
     name="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),
@@ -73,5 +68,7 @@ QWEN2_MOE = register_family(Family(
     dims_from_hf=qwen2_moe_dims,
     megatron_args_from_hf=qwen2_moe_megatron_args,
     hf_config_from_megatron=qwen2_moe_hf_config,
-    matches_megatron_args=is_qwen2_moe_args,
+    megatron_features=frozenset({"moe", "shared_expert", "shared_expert_gate"}),
+    megatron_optional=frozenset({"swiglu", "rmsnorm", "pos_rope", "qkv_bias", "linear_bias", "qk_layernorm", "softmax_router", "sigmoid_router"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
 ))

@@ -88,20 +88,6 @@ def qwen3_moe_hf_config(args: dict) -> dict:
     return config
 
 
-def _qk_norm_rope(args: dict) -> bool:
-    return (bool(args.get("qk_layernorm")) and not args.get("multi_latent_attention") and bool(args.get("swiglu"))
-            and args.get("normalization") == "RMSNorm" and args.get("position_embedding_type") == "rope")
-
-
-def is_qwen3_args(args: dict) -> bool:
-    return _qk_norm_rope(args) and not args.get("num_experts")
-
-
-def is_qwen3_moe_args(args: dict) -> bool:
-    return (_qk_norm_rope(args) and bool(args.get("num_experts"))
-            and not args.get("moe_shared_expert_intermediate_size"))
-
-
 QWEN3 = register_family(Family(
     name="qwen3",
     architectures=("Qwen3ForCausalLM",),
@@ -109,7 +95,9 @@ QWEN3 = register_family(Family(
     dims_from_hf=qwen3_dims,
     megatron_args_from_hf=qwen3_megatron_args,
     hf_config_from_megatron=qwen3_hf_config,
-    matches_megatron_args=is_qwen3_args,
+    megatron_features=frozenset({"swiglu", "rmsnorm", "pos_rope", "qk_layernorm"}),
+    megatron_optional=frozenset({"linear_bias"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.qwen3", "Qwen3Model", "Qwen3Config"),
 ))
 QWEN3_MOE = register_family(Family(
     name="qwen3_moe",
@@ -118,5 +106,7 @@ QWEN3_MOE = register_family(Family(
     dims_from_hf=qwen3_moe_dims,
     megatron_args_from_hf=qwen3_moe_megatron_args,
     hf_config_from_megatron=qwen3_moe_hf_config,
-    matches_megatron_args=is_qwen3_moe_args,
+    megatron_features=frozenset({"moe", "swiglu", "rmsnorm", "pos_rope", "qk_layernorm"}),
+    megatron_optional=frozenset({"linear_bias", "softmax_router", "sigmoid_router"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.qwen3", "Qwen3Model", "Qwen3MoEConfig"),
 ))

@@ -49,7 +49,7 @@ from dataclasses import dataclass, replace
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import Family, ModelDims, TensorMapping, get_family
+from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
 from pyconv.io.jsonfile import parse_yaml
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, \
     plan_text_file
@@ -110,13 +110,8 @@ _TO_LEGACY: dict[str, str] = {}
 for _legacy, _mcore in _ROWS:
     _TO_LEGACY.setdefault(_mcore, _legacy)
 _TIED_HEAD = "word_embeddings_for_head/weight"
-_FAMILIES = ("gpt2", "bert")
 
 READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
-
-
-# Megatron-Core's name for the transformer block: GPTModel's `decoder`, BertModel's `encoder`.
-_STACK = {"gpt2": "decoder", "bert": "encoder"}
 
 
 def mcore_name(legacy: str, stack: str = "decoder") -> str | None:
@@ -498,7 +493,7 @@ def _normalized_args(args: dict, where: str, tp: int, pp: int, padded_from_shape
 def _family(trees: dict, family: str | None, where: str) -> Family:
     """BERT when any rank holds a BERT-only part (token types, pooler, LM head, binary head)."""
     if family is not None:
-        if family not in _FAMILIES:
+        if family not in {f.name for f in families_with(lambda f: f.legacy_megatron_stack)}:
             raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (--family gpt2|bert), "
                               f"not '{family}'")
         return get_family(family)
@@ -540,7 +535,7 @@ def read(path: str, family: str | None = None) -> Catalog:
     trees = {key: _load(rank) for key, rank in found.ranks.items()}
     refs = {key: _legacy_refs(trees[key], rank.label) for key, rank in found.ranks.items()}
     fam = _family(refs, family, first_rank.label)
-    tensors_by_rank = {key: _model_tensors(refs[key], rank.label, _STACK[fam.name])
+    tensors_by_rank = {key: _model_tensors(refs[key], rank.label, fam.legacy_megatron_stack)
                        for key, rank in found.ranks.items()}
     first = trees[(0, 0)]
     version = _version(first, first_rank.label)
@@ -774,7 +769,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.layout import layer_stages, padded_vocab_size
 
     family, dims = family_and_dims(catalog)
-    if family.name not in _FAMILIES:
+    if family.legacy_megatron_stack is None:
         raise LayoutError(f"{catalog.path}: legacy Megatron checkpoints hold GPT-2 or BERT models, not "
                           f"{catalog.architecture} (use --to megatron for Megatron-Core)")
     if target.tp < 1 or target.pp < 1 or target.ep != 1:

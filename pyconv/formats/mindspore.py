@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from pyconv.catalog import Catalog, CanonicalTensor, SourceBlock, StoredTensor, nbytes
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import FIRST_STAGE, LAST_STAGE, LAYER, Family, ModelDims, family_for_architecture
+from pyconv.families import FIRST_STAGE, LAST_STAGE, LAYER, Family, families_with, ModelDims, family_for_architecture
 from pyconv.dtypes import output_dtype
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
 from pyconv.mcore.config import family_and_dims
@@ -37,7 +37,6 @@ from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, plan_text_file
 
-FAMILIES = ("llama", "qwen2")  # Llama-like: GQA, RMSNorm, SwiGLU, RoPE, optional biases
 INTERLEAVED_KEY = "use_interleaved_weight_layout_mlp"
 NAME_MAP = "param_name_map.json"
 SINGLE_FILE = "model.safetensors"
@@ -127,9 +126,10 @@ def _config(root: str) -> dict:
 
 def _family(config: dict, where: str) -> Family:
     family = family_for_architecture(config_architecture(config), where)
-    if family.name not in FAMILIES:
+    if not family.mindformers:
+        names = ", ".join(f.name for f in families_with(lambda f: f.mindformers))
         raise FormatError(f"{where}: MindSpore Transformers naming is supported for Llama-like models "
-                          f"({', '.join(FAMILIES)}), not {family.name}")
+                          f"({names}), not {family.name}")
     return family
 
 

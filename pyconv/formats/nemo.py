@@ -576,16 +576,6 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
 
 # ---- writing ----------------------------------------------------------------------------------------
 
-# (module, model class, config class) NeMo 2 uses for each family.
-_NEMO_CLASSES = {
-    "llama": ("nemo.collections.llm.gpt.model.llama", "LlamaModel", "LlamaConfig"),
-    "qwen2": ("nemo.collections.llm.gpt.model.qwen2", "Qwen2Model", "Qwen2Config"),
-    "mixtral": ("nemo.collections.llm.gpt.model.mixtral", "MixtralModel", "MixtralConfig"),
-    "gpt2": ("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
-    "qwen2_moe": ("nemo.collections.llm.gpt.model.base", "GPTModel", "GPTConfig"),
-    "qwen3": ("nemo.collections.llm.gpt.model.qwen3", "Qwen3Model", "Qwen3Config"),
-    "qwen3_moe": ("nemo.collections.llm.gpt.model.qwen3", "Qwen3Model", "Qwen3MoEConfig"),
-}
 _TOKENIZER_CLASS = ("nemo.collections.common.tokenizers.huggingface.auto_tokenizer", "AutoTokenizer")
 _TRAINER_CONTEXT = ("nemo.lightning.io.pl", "TrainerContext")
 # The trainer NeMo's HF importers record (connector.nemo_setup); `load_context(path)` without a
@@ -748,13 +738,13 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.mcore.dcp import check_global_target, plan_dcp
 
     family, dims = family_and_dims(catalog)
-    if family.name not in _NEMO_CLASSES:
+    if family.nemo_classes is None:
         raise LayoutError(f"{catalog.architecture}: pyconv has no NeMo 2 model class for the {family.name} family")
     check_global_target(target)
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
     fields = nemo_config_fields(family, catalog.config, dims, params_dtype)
-    module, model_name, config_name = _NEMO_CLASSES[family.name]
+    module, model_name, config_name = family.nemo_classes
     # No vocabulary padding (as NeMo's importers): the embedding keeps the true vocabulary.
     files = PlannedFiles(plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX))
     files.notes = attention_notes(catalog.config)
