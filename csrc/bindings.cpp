@@ -82,6 +82,18 @@ OutputTensor to_output_tensor(py::handle h) {
   return t;
 }
 
+// The plan records `execute` and `validate` take (see execute's docstring).
+Plan to_plan(const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,
+             const std::vector<std::tuple<uint32_t, uint64_t, py::bytes>>& literals, const py::sequence& tensors) {
+  Plan plan;
+  plan.sources = sources;
+  for (const auto& [path, size] : dests) plan.dests.push_back({path, size});
+  for (const auto& [dest, offset, bytes] : literals) plan.literals.push_back({dest, offset, std::string(bytes)});
+  plan.tensors.reserve(tensors.size());
+  for (const auto& t : tensors) plan.tensors.push_back(to_output_tensor(t));
+  return plan;
+}
+
 [[noreturn]] void raise_pyconv(const char* cls, const char* message) {
   py::object type = py::module_::import("pyconv.errors").attr(cls);
   PyErr_SetObject(type.ptr(), py::str(message).ptr());
@@ -170,12 +182,7 @@ PYBIND11_MODULE(_core, m) {
         [](const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,
            const std::vector<std::tuple<uint32_t, uint64_t, py::bytes>>& literals, const py::sequence& tensors,
            unsigned threads, uint64_t chunk_bytes, uint64_t buffer_bytes, bool fsync, py::object progress) {
-          Plan plan;
-          plan.sources = sources;
-          for (const auto& [path, size] : dests) plan.dests.push_back({path, size});
-          for (const auto& [dest, offset, bytes] : literals) plan.literals.push_back({dest, offset, std::string(bytes)});
-          plan.tensors.reserve(tensors.size());
-          for (const auto& t : tensors) plan.tensors.push_back(to_output_tensor(t));
+          const Plan plan = to_plan(sources, dests, literals, tensors);
           ExecOptions options;
           options.threads = threads;
           options.chunk_bytes = chunk_bytes;
@@ -206,6 +213,17 @@ PYBIND11_MODULE(_core, m) {
         "(source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row, dst_col, transpose[, scale_source, "
         "scale_offset, scale_row_stride, scale_row0, scale_col0, scale_block]) where the scale fields dequantize "
         "a block-scaled F8_E4M3 source.");
+
+  m.def("validate",
+        [](const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,
+           const std::vector<std::tuple<uint32_t, uint64_t, py::bytes>>& literals, const py::sequence& tensors) {
+          const Plan plan = to_plan(sources, dests, literals, tensors);
+          py::gil_scoped_release release;
+          validate_plan(plan);
+        },
+        py::arg("sources"), py::arg("dests"), py::arg("literals"), py::arg("tensors"),
+        "Checks a plan as execute does before writing (records as execute takes them) and raises FormatError "
+        "where it would; the sources are opened read-only, no destination is touched.");
 
   m.def("compare",
         [](const std::vector<std::string>& sources, const py::sequence& tensors, unsigned threads, uint64_t chunk_bytes,

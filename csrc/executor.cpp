@@ -125,6 +125,11 @@ class Runner {
     return comparisons_;
   }
 
+  void validate_only() {
+    open_sources();
+    validate();
+  }
+
   ExecStats run(const ProgressTick& tick) {
     const auto start = std::chrono::steady_clock::now();
     open_sources();
@@ -786,6 +791,12 @@ std::vector<TensorComparison> compare_plan(const Plan& plan, const ExecOptions& 
 ExecStats execute_plan(const Plan& plan, const ExecOptions& options, const ProgressTick& tick) {
   Runner runner(plan, options);
   return runner.run(tick);
+}
+
+void validate_plan(const Plan& plan) {
+  const ExecOptions options;
+  Runner runner(plan, options);
+  runner.validate_only();
 }
 
 }  // namespace pyconv

@@ -112,6 +112,11 @@ using ProgressTick = std::function<bool(uint64_t, uint64_t)>;
 // runs the copies, fsyncs. Throws FormatError, IoError or Cancelled.
 ExecStats execute_plan(const Plan& plan, const ExecOptions& options, const ProgressTick& tick);
 
+// The same validation alone, for an executor that runs the copies itself (`--device cuda`):
+// the sources are opened read-only to check their ranges; no destination is touched.
+// Throws FormatError (or IoError when a source cannot be mapped).
+void validate_plan(const Plan& plan);
+
 // Compare mode (`pyconv verify`): nothing is written. Each tensor is gathered twice, from
 // `copies` and from `other_copies`, task by task (so memory stays at 2 x chunk_bytes per
 // thread), and the two are compared: bit for bit, or, with a tolerance, as numbers

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 
 from pyconv import _core
-from pyconv.errors import Cancelled, LayoutError, OutputError
+from pyconv.errors import Cancelled, FormatError, LayoutError, OutputError
 from pyconv.plan import ReshardPlan
 
 TMP_MARK = ".pyconv-tmp-"
@@ -96,6 +96,7 @@ def copy_fields(c, sources: dict[str, int]) -> tuple:
 
 
 def _core_args(plan: ReshardPlan, root: str):
+    """The plan as the records _core.execute and _core.validate take, its files under root."""
     sources: dict[str, int] = {}
     dests, literals, tensors = [], [], []
     for file_index, planned in enumerate(plan.files):
@@ -138,13 +139,12 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
             subdirs = sorted({os.path.dirname(f.path) for f in plan.files} - {""})
             for sub in subdirs:
                 os.makedirs(os.path.join(tmp, sub), exist_ok=True)
-            sources, dests, literals, tensors = _core_args(plan, tmp)
             if device == "cuda":
                 from pyconv.cuda_exec import execute_plan_cuda
 
-                stats = execute_plan_cuda(plan, tmp, threads=threads, progress=progress)
+                stats = execute_plan_cuda(plan, tmp, threads=threads, progress=progress)  # _core.validate first
             else:
-                stats = _core.execute(sources, dests, literals, tensors, threads=threads, chunk_bytes=chunk_bytes,
+                stats = _core.execute(*_core_args(plan, tmp), threads=threads, chunk_bytes=chunk_bytes,
                                       fsync=True, progress=progress)
             for sub in subdirs:
                 _fsync_dir(os.path.join(tmp, sub))
@@ -158,11 +158,11 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(f"{dst}: no space left on the device") from None
         raise OutputError(f"{e.filename or dst}: {e.strerror}") from None
-    except OutputError as e:
-        # The core names the files it writes by their temporary path, which is gone by now:
-        # name them where they would have been, under the destination.
+    except (OutputError, FormatError) as e:
+        # The core names the files it writes (and a plan's ranges in them) by their temporary
+        # path, which is gone by now: name them where they would have been, under the destination.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(str(e).replace(tmp, dst)) from None
+        raise type(e)(str(e).replace(tmp, dst)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,6 +5,7 @@ path otherwise unchanged); on a machine with a GPU the in-process tests use it i
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -171,9 +172,37 @@ def test_source_truncated_after_planning_is_a_format_error(tiny_models, tmp_path
     plan = pyconv.plan_reshard(str(src), to="hf", dtype="bf16")
     shard = sorted(src.glob("*.safetensors"))[-1]
     os.truncate(shard, shard.stat().st_size - 100)
-    with pytest.raises(pyconv.FormatError, match=f"{shard}: block copy source range .* past the end of the file"):
+    with pytest.raises(pyconv.FormatError, match=f"{shard}: block copy source range .* lies outside the file"):
         execute_plan(plan, tmp_path / "out", device="cuda")
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no destination, no temporary left
+
+
+def test_plan_is_validated_by_the_core(tiny_models, tmp_path, interpreted):
+    """The cuda path has no checks of its own: a plan whose copies overlap (and leave a hole, so
+    their areas add up) is refused by _core.validate, with the core's message, before anything runs."""
+    import dataclasses
+
+    plan = pyconv.plan_reshard(tiny_models["llama"][1], to="hf", dtype="bf16")
+    index, (fi, ti) = next((k, ft) for k, ft in enumerate((fi, ti) for fi, f in enumerate(plan.files)
+                                                            for ti in range(len(f.tensors)))
+                           if len(plan.files[ft[0]].tensors[ft[1]].copies) == 1
+                           and plan.files[ft[0]].tensors[ft[1]].view2d[0] >= 2)
+    f = plan.files[fi]
+    t = f.tensors[ti]
+    (c,) = t.copies
+    rows, cols = t.view2d
+    copies = (dataclasses.replace(c, rows=rows - 1), dataclasses.replace(c, rows=1))  # row 0 twice, the last never
+    tensors = f.tensors[:ti] + (dataclasses.replace(t, copies=copies),) + f.tensors[ti + 1:]
+    bad = dataclasses.replace(plan, files=plan.files[:fi] + (dataclasses.replace(f, tensors=tensors),) + plan.files[fi + 1:])
+    dst = tmp_path / "out"
+    expected = (f"{dst / f.path}: output tensor #{index}: block copies #0 [0+{rows - 1}, 0+{cols}] and #1 [0+1, 0+{cols}] "
+                f"overlap in rows [0, 1), columns [0, {cols})")
+    with pytest.raises(pyconv.FormatError, match=re.escape(expected)):
+        execute_plan(bad, dst, device="cuda")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(pyconv.FormatError, match=re.escape(expected.replace(str(dst), str(tmp_path / "direct")))):
+        cuda_exec.execute_plan_cuda(bad, str(tmp_path / "direct"))  # called directly, it validates too
+    assert os.listdir(tmp_path) == []
 
 
 def test_cancelled_by_progress_leaves_nothing(tiny_models, tmp_path, interpreted):

@@ -117,6 +117,21 @@ def test_overlapping_file_ranges_are_refused_before_writing(tmp_path, literals, 
     assert not out.exists()
 
 
+def test_validate_checks_as_execute_does_and_touches_nothing(tmp_path):
+    src = write(tmp_path / "src", np.zeros(12, np.float32))
+    out = tmp_path / "out.bin"
+    good = [(0, 0, 16, "F32", 2, 4, 0, 0, False), (0, 32, 16, "F32", 1, 4, 2, 0, False)]
+    assert _core.validate([src], [(str(out), 48)], [], [(0, 0, "F32", 3, 4, good)]) is None
+    overlapping = [(0, 0, 16, "F32", 2, 4, 0, 0, False), (0, 32, 16, "F32", 1, 4, 1, 0, False)]
+    with pytest.raises(FormatError, match=re.escape(f"{out}: output tensor #0: block copies #0 [0+2, 0+4] and #1 [1+1, 0+4]")):
+        _core.validate([src], [(str(out), 48)], [], [(0, 0, "F32", 3, 4, overlapping)])
+    with pytest.raises(FormatError, match="outside the file"):
+        _core.validate([src], [(str(out), 64)], [], [(0, 0, "F32", 4, 4, [(0, 0, 16, "F32", 4, 4, 0, 0, False)])])
+    with pytest.raises(FormatError, match=re.escape(f"{out}: literal #0 [40, 52) overlaps output tensor #0 [0, 48)")):
+        _core.validate([src], [(str(out), 52)], [(0, 40, b"x" * 12)], [(0, 0, "F32", 3, 4, good)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no destination created, valid or not
+
+
 def test_progress_callback_can_cancel(tmp_path):
     big = np.zeros(8 << 20, np.uint8)
     src = write(tmp_path / "src", big)
