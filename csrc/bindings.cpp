@@ -173,6 +173,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<const std::string&>())
       .def_property_readonly("path", &MappedFile::path)
       .def_property_readonly("size", &MappedFile::size)
+      .def_property_readonly("fd", &MappedFile::fd)
       .def_buffer([](MappedFile& f) {
         return py::buffer_info(const_cast<unsigned char*>(f.data()), 1, py::format_descriptor<unsigned char>::format(), 1,
                                {static_cast<py::ssize_t>(f.size())}, {1}, /*readonly=*/true);

@@ -22,7 +22,6 @@ torch and triton are imported only here, and only when --device cuda is asked fo
 
 from __future__ import annotations
 
-import mmap
 import os
 import queue
 import threading
@@ -260,38 +259,25 @@ def _layout(fi: int, t: PlannedTensor, r0: int, r1: int) -> _Item:
 # -- the run ------------------------------------------------------------------------------------
 
 class _Sources:
-    """Source files opened once: descriptors for pread, mappings for strided gathers."""
+    """The plan's source files as the core maps them (_core.MappedFile, opened read-only once):
+    their descriptors for pread, numpy views of the mappings for strided gathers."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._fds: dict = {}
-        self._maps: dict = {}
-
-    def fd(self, path: str) -> int:
-        with self._lock:
-            if path not in self._fds:
-                try:
-                    self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as e:
-                    raise FormatError(f"{path}: cannot open: {e.strerror}") from None
-            return self._fds[path]
-
-    def view(self, path: str):
+    def __init__(self, paths):
         import numpy as np
 
-        fd = self.fd(path)
-        with self._lock:
-            if path not in self._maps:
-                size = os.fstat(fd).st_size
-                self._maps[path] = np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), dtype=np.uint8) \
-                    if size else np.zeros(0, np.uint8)
-            return self._maps[path]
+        self._files = {path: _core.MappedFile(path) for path in paths}
+        self._views = {path: np.frombuffer(f, dtype=np.uint8) if f.size else np.zeros(0, np.uint8)
+                       for path, f in self._files.items()}
 
-    def close(self):
-        self._maps.clear()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+    def fd(self, path: str) -> int:
+        return self._files[path].fd
+
+    def view(self, path: str):
+        return self._views[path]
+
+    def close(self):  # a mapping is released with the last view of it
+        self._views.clear()
+        self._files.clear()
 
 
 def _do_read(sources: _Sources, r: _Read, slot) -> None:
@@ -327,6 +313,12 @@ def _host_transpose(sources: _Sources, c, h0: int, h1: int, at: int, out_row: in
     dst[...] = block
 
 
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):  # a positional write may write less than asked
+        n = os.pwrite(fd, buf, offset)
+        buf, offset = buf[n:], offset + n
+
+
 class _NoEvent:
     def synchronize(self):
         pass
@@ -344,7 +336,8 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     # ranges); what follows relies on that and checks nothing again. The kernels support the
     # dtype pairs the core accepts (same dtype, F32/BF16/F16 among themselves, block-scaled
     # F8_E4M3 to those, those quantized to F8_E4M3), so no check here is cuda's own.
-    _core.validate(*_core_args(plan, root))
+    core_args = _core_args(plan, root)
+    _core.validate(*core_args)
     torch, ops, device = load_backend()
     slot_bytes, slots = slot_bytes or SLOT_BYTES, slots or SLOTS
     import numpy as np
@@ -354,7 +347,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     items = _items(plan, slot_bytes)
     total = sum(i.write_bytes for i in items) + sum(len(d) for f in plan.files for _, d in f.literals)
 
-    sources = _Sources()
+    sources = _Sources(core_args[0])
     fds = []
     pool = queue.Queue()
     for _ in range(slots):
@@ -397,10 +390,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
         host = slot.numpy()
         fd = fds[item.file_index]
         for at, length, offset in item.writes:
-            buf = memoryview(host[at:at + length])
-            while len(buf):
-                n = os.pwrite(fd, buf, offset)
-                buf, offset = buf[n:], offset + n
+            _pwrite_all(fd, memoryview(host[at:at + length]), offset)
         with done_lock:
             done[0] += item.write_bytes
         pool.put(slot if slot.numel() <= slot_bytes else None)
@@ -467,7 +457,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             if f.size:
                 os.posix_fallocate(fd, 0, f.size)  # a full disk fails now, before any copying
             for offset, data in f.literals:
-                os.pwrite(fd, data, offset)
+                _pwrite_all(fd, memoryview(data), offset)
                 done[0] += len(data)
         pending: deque = deque()
         writes: deque = deque()
