@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError, OutputError
@@ -149,48 +149,57 @@ def _check_paths(src: str, dst: str) -> None:
         raise OutputError(f"{dst}: destination contains the source; replacing it would destroy the source")
 
 
-def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, max_shard_size=None,
-                 source_format: str | None = None, family: str | None = None, tp: int = 1, pp: int = 1, vpp: int = 1,
-                 pipeline_layout: str | None = None, ep: int = 1, etp: int | None = None, megatron_naming: str = "te",
-                 moe_grouped_gemm: bool = False, iteration: int | None = None, vocab_divisible_by: int = 128,
-                 first_stage_layers: int | None = None, last_stage_layers: int | None = None) -> ReshardPlan:
-    """The plan of a conversion, as pure data: nothing is read but headers, nothing written."""
-    if (vpp != 1 or pipeline_layout) and to != "megatron":
-        raise LayoutError(f"--vpp and --pipeline-layout apply to --to megatron, not --to {to}")
-    catalog = read_checkpoint(os.fspath(src), source_format, family=family)
-    shard_size = parse_size(max_shard_size) if max_shard_size is not None else TargetSpec.max_shard_size
-    target = TargetSpec(format=to, dtype=parse_dtype(dtype), max_shard_size=shard_size, tp=tp, pp=pp, vpp=vpp,
-                        pipeline_layout=pipeline_layout, ep=ep, etp=etp, megatron_naming=megatron_naming,
-                        moe_grouped_gemm=moe_grouped_gemm, iteration=iteration, vocab_divisible_by=vocab_divisible_by,
-                        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
+def target_spec(to: str, dtype: str | None = None, **options) -> TargetSpec:
+    """The target of a conversion: format `to`, dtype, and options of that format only (tp, pp...
+    for megatron; max_shard_size for hf...). An option the format does not take is refused."""
     adapter = get_format(to)
-    if adapter.plan_output is None:
+    if adapter.plan_output is None or adapter.options is None:
         raise LayoutError(f"format '{to}' can be read but not written")
-    files = adapter.plan_output(catalog, target)
+    known = {f.name for f in fields(adapter.options)}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise LayoutError(f"option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                          f"{'do' if len(unknown) > 1 else 'does'} not apply to format '{to}' "
+                          f"(its options: {', '.join(sorted(known)) or 'none'})")
+    if "max_shard_size" in given:
+        given["max_shard_size"] = parse_size(given["max_shard_size"])
+    _validate_layout(given)
+    return TargetSpec(format=to, dtype=parse_dtype(dtype), options=adapter.options(**given))
+
+
+def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_format: str | None = None,
+                 family: str | None = None, **options) -> ReshardPlan:
+    """The plan of a conversion, as pure data: nothing is read but headers, nothing written.
+    options: the target format's options (see target_spec), e.g. tp=2, pp=2 for megatron."""
+    target = target_spec(to, dtype, **options)
+    catalog = read_checkpoint(os.fspath(src), source_format, family=family)
+    files = get_format(to).plan_output(catalog, target)
     return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files), tuple(getattr(files, "notes", ())))
 
 
-def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, max_shard_size=None, force: bool = False,
+def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool = False,
             dry_run: bool = False, threads: int = 4, source_format: str | None = None,
-            progress=None, device: str = "cpu", **layout) -> ReshardReport:
+            progress=None, device: str = "cpu", **options) -> ReshardReport:
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
-    dtype: fp32 | bf16 | fp16 (floating tensors are cast; others keep theirs);
-    max_shard_size: bytes or a size such as '5GB' (hf). layout (megatron): tp, pp, vpp, pipeline_layout,
-    ep, etp, megatron_naming ('te' or 'local'), moe_grouped_gemm, iteration, vocab_divisible_by,
-    first_stage_layers, last_stage_layers; family (to read a Megatron checkpoint whose family the args do not tell).
+    dtype: fp32 | bf16 | fp16 | fp8 (floating tensors are cast; others keep theirs);
+    options: the target format's own (its adapter's Options), e.g. max_shard_size (bytes or '5GB')
+    for hf, mindspore, torch_dist and nemo; tp, pp, vpp, pipeline_layout, ep, etp, megatron_naming
+    ('te' or 'local'), moe_grouped_gemm, iteration, vocab_divisible_by, first_stage_layers,
+    last_stage_layers for megatron; an option the target does not take is refused. family: the
+    family of a Megatron source whose args do not tell it.
     Nothing is written on dry_run. device: "cpu" (the C++ core) or "cuda" (Triton kernels on a GPU,
     or on the CPU under TRITON_INTERPRET=1; same output bytes).
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    _validate_layout(layout)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     _check_paths(src, dst)
     if not dry_run and os.path.lexists(dst) and not force:
         raise OutputError(f"{dst}: destination exists (use --force to replace it)")
     started = time.perf_counter()
-    plan = plan_reshard(src, to=to, dtype=dtype, max_shard_size=max_shard_size, source_format=source_format, **layout)
+    plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, **options)
     if dry_run:
         return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count,
                              plan.total_bytes, time.perf_counter() - started, True, plan)

@@ -46,23 +46,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source_format", default=None, choices=format_names(),
                    help="source format (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=int, default=None,
                    help="tensor (model) parallel size of a megatron or deepseek target; for torch_dist only the "
                         "vocabulary padding (default 1)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of a megatron target (default 1)")
-    p.add_argument("--vpp", type=int, default=1,
+    p.add_argument("--pp", type=int, default=None, help="pipeline parallel size of a megatron target (default 1)")
+    p.add_argument("--vpp", type=int, default=None,
                    help="model chunks per pipeline rank of a megatron target: an interleaved (virtual) pipeline "
                         "saved as model0..modelN-1 (default 1)")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size of a megatron MoE target (default 1)")
+    p.add_argument("--ep", type=int, default=None, help="expert parallel size of a megatron MoE target (default 1)")
     p.add_argument("--etp", type=int, default=None,
                    help="expert tensor parallel size of a megatron MoE target: routed experts split over etp "
                         "ranks instead of tp (default: tp)")
-    p.add_argument("--megatron-naming", choices=["te", "local"], default="te",
+    p.add_argument("--megatron-naming", choices=["te", "local"], default=None,
                    help="TransformerEngine fused-norm names (te, default) or local module names")
-    p.add_argument("--moe-grouped-gemm", action="store_true",
+    p.add_argument("--moe-grouped-gemm", action="store_true", default=None,
                    help="write experts with TransformerEngine's grouped-GEMM names (experts.linear_fc1.weightJ)")
     p.add_argument("--iteration", type=int, default=None, help="write iter_NNNNNNN/ instead of release/")
-    p.add_argument("--make-vocab-size-divisible-by", dest="vocab_divisible_by", type=int, default=128,
+    p.add_argument("--make-vocab-size-divisible-by", dest="vocab_divisible_by", type=int, default=None,
                    help="Megatron pads the vocabulary to a multiple of this times tp (default 128)")
     p.add_argument("--pipeline-layout", default=None,
                    help="Megatron-Core's pipeline_model_parallel_layout for a megatron target, e.g. 'Et*3|(tt|)*2,tL': "
@@ -138,27 +138,31 @@ def _cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-def _layout_options(args) -> dict:
-    return dict(tp=args.tp, pp=args.pp, vpp=args.vpp, pipeline_layout=args.pipeline_layout, ep=args.ep, etp=args.etp,
-                megatron_naming=args.megatron_naming, moe_grouped_gemm=args.moe_grouped_gemm, iteration=args.iteration,
-                vocab_divisible_by=args.vocab_divisible_by, first_stage_layers=args.first_stage_layers,
-                last_stage_layers=args.last_stage_layers, family=args.family)
+def _target_options(args) -> dict:
+    """The target options given on the command line (those not given keep the format's defaults;
+    one the target format does not take is refused by the API)."""
+    given = dict(tp=args.tp, pp=args.pp, vpp=args.vpp, pipeline_layout=args.pipeline_layout, ep=args.ep,
+                 etp=args.etp, megatron_naming=args.megatron_naming, moe_grouped_gemm=args.moe_grouped_gemm,
+                 iteration=args.iteration, vocab_divisible_by=args.vocab_divisible_by,
+                 first_stage_layers=args.first_stage_layers, last_stage_layers=args.last_stage_layers,
+                 max_shard_size=args.max_shard_size)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _cmd_reshard(args) -> int:
     import pyconv
 
     if args.dry_run:
-        report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, dry_run=True, source_format=args.source_format,
-                                **_layout_options(args))
+                                **_target_options(args))
         print(json.dumps(report.plan.to_json(), indent=2) if args.json else report.plan.summary())
         return EXIT_OK
     update, close = _progress_bar(not args.json and sys.stderr.isatty())
     try:
-        report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, threads=args.threads, source_format=args.source_format,
-                                progress=update, device=args.device, **_layout_options(args))
+                                progress=update, device=args.device, **_target_options(args))
     finally:
         close()
     if os.environ.get("RANK", "0") != "0":

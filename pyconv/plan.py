@@ -197,27 +197,17 @@ def plan_text_file(relative_path: str, text: str) -> PlannedFile:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What to produce. dtype is a safetensors dtype name (F32, BF16, F16) or None to keep.
-    The parallel fields apply to parallel formats (megatron)."""
+    """What to produce: a format, a dtype (a safetensors dtype name, F32, BF16, F16, F8_E4M3, or
+    None to keep) and the format's own options, an instance of its adapter's `Options` (parallel
+    sizes for megatron, the shard size for hf...)."""
 
     format: str = "hf"
     dtype: str | None = None
-    max_shard_size: int = 5_000_000_000
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1                          # expert parallel size (experts split into ep ranges)
-    etp: int | None = None               # expert tensor parallel size (None: tp)
-    megatron_naming: str = "te"          # "te" (TransformerEngine fused norms) or "local"
-    moe_grouped_gemm: bool = False       # experts as TransformerEngine's grouped GEMM (linear_fc1.weightJ)
-    iteration: int | None = None         # None: release/
-    vocab_divisible_by: int = 128        # Megatron's make_vocab_size_divisible_by
-    first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers
-    last_stage_layers: int | None = None   # Megatron's decoder_last_pipeline_num_layers
-    vpp: int = 1                         # model chunks per pipeline rank (virtual pipeline, interleaved)
-    pipeline_layout: str | None = None   # Megatron-Core's pipeline_model_parallel_layout ("Et|tt|tL")
+    options: object = None
 
     def to_json(self) -> dict:
-        return dict(vars(self))
+        options = vars(self.options) if self.options is not None else {}
+        return {"format": self.format, "dtype": self.dtype, **options}
 
 
 _SIZE_UNITS = {

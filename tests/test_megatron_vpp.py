@@ -130,7 +130,7 @@ def test_cli_inspect_and_refusals(tiny_models, tmp_path, capsys):
         pyconv.reshard(src, tmp_path / "x", to="megatron", pp=2, vpp=2)  # 3 layers per rank
     with pytest.raises(LayoutError, match="needs pp > 1"):
         pyconv.reshard(src, tmp_path / "x", to="megatron", vpp=2)
-    with pytest.raises(LayoutError, match="apply to --to megatron"):
+    with pytest.raises(LayoutError, match="vpp does not apply to format 'hf'"):
         pyconv.reshard(src, tmp_path / "x", to="hf", vpp=2)
     assert main(["reshard", str(src), str(tmp_path / "x"), "--to", "megatron", "--pp", "2", "--vpp", "0"]) == 2
     assert not (tmp_path / "x").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import LayoutError
-from pyconv.formats.hf import plan_output
+from pyconv.formats.hf import Options, plan_output
 from pyconv.io.hfdir import split_into_shards
 from pyconv.plan import BlockCopy, TargetSpec, copies_for_region, parse_size
 
@@ -50,7 +50,7 @@ def test_split_into_shards_follows_huggingface_hub():
 def test_plan_hf_golden_offsets_and_dtype_order():
     tensors = [whole("w", "F32", (4, 8), offset=100), whole("b", "F32", (8,), offset=228),
                whole("ids", "I64", (3,), offset=260), whole("m", "BF16", (5,), offset=284)]
-    files = plan_output(catalog_of(*tensors), TargetSpec(dtype="BF16", max_shard_size=10**9))
+    files = plan_output(catalog_of(*tensors), TargetSpec(dtype="BF16", options=Options(max_shard_size=10**9)))
     assert [f.path for f in files] == ["model.safetensors"]
     shard = files[0]
     header_len = len(shard.literals[0][1])
@@ -75,7 +75,7 @@ def test_plan_hf_sharding_index_and_config():
     tensors = [whole(f"t{i}", "F32", (10, 10), offset=400 * i) for i in range(5)]  # 400 bytes each
     config = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "float32"}
     files = plan_output(catalog_of(*tensors, config=config, extra=(("/src/tokenizer.json", 17),)),
-                        TargetSpec(dtype="F16", max_shard_size=500))
+                        TargetSpec(dtype="F16", options=Options(max_shard_size=500)))
     names = [f.path for f in files]
     assert names == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
                      "model-00003-of-00003.safetensors", "model.safetensors.index.json", "config.json",
@@ -91,7 +91,7 @@ def test_plan_hf_sharding_index_and_config():
 
 def test_plan_refuses_fp8_cast_with_name():
     with pytest.raises(LayoutError, match="w8: an F8_E4M3 weight without its weight_scale_inv cannot be dequantized to BF16"):
-        plan_output(catalog_of(whole("w8", "F8_E4M3", (2, 2))), TargetSpec(dtype="BF16"))
+        plan_output(catalog_of(whole("w8", "F8_E4M3", (2, 2))), TargetSpec(dtype="BF16", options=Options()))
 
 
 def test_copies_for_region_composes_shards():
@@ -124,7 +124,7 @@ def test_plan_is_json_and_needs_no_io(monkeypatch):
     monkeypatch.setattr(builtins, "open", no_io)
     monkeypatch.setattr(os, "stat", no_io)
     monkeypatch.setattr(os.path, "getsize", no_io)
-    files = plan_output(catalog_of(whole("w", "F32", (3, 3))), TargetSpec())
+    files = plan_output(catalog_of(whole("w", "F32", (3, 3))), TargetSpec(options=Options()))
     assert files[0].size == len(files[0].literals[0][1]) + 36
 
 

@@ -358,8 +358,10 @@ def test_writer_refuses_pipeline_options(tiny_models, tmp_path):
     import pyconv
     from pyconv.errors import LayoutError
 
-    with pytest.raises(LayoutError, match="--pp, --ep and stage sizes do not apply"):
-        pyconv.reshard(tiny_models["llama"][1], tmp_path / "td", to="torch_dist", pp=2)
+    for option in ("pp", "ep", "first_stage_layers"):  # global tensors load at any pipeline/expert split
+        with pytest.raises(LayoutError, match=f"{option} does not apply to format 'torch_dist'"):
+            pyconv.reshard(tiny_models["llama"][1], tmp_path / "td", to="torch_dist", **{option: 2})
+    assert not (tmp_path / "td").exists()
 
 
 # ---- hostile input ------------------------------------------------------------------------------------

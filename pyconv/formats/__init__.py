@@ -1,7 +1,8 @@
 """One adapter per checkpoint format, listed here by name; each imported only when used.
 
 An adapter is a module with `detect(path) -> bool`, `read(path, **READ_OPTIONS) -> Catalog` and,
-if the format can be written, `plan_output(catalog, target) -> list[PlannedFile]`. Adapters
+if the format can be written, `plan_output(catalog, target) -> list[PlannedFile]` with `Options`,
+the frozen dataclass of its target options (target.options). Adapters
 share code through pyconv.mcore, layout, families and io, never by importing one another
 (tests/test_architecture.py walks the imports).
 """
@@ -42,6 +43,7 @@ class FormatAdapter:
     read: Callable[..., Catalog]
     plan_output: Callable | None  # (catalog, target) -> list[PlannedFile]; None: read-only format
     read_options: tuple[str, ...] = ()  # keyword options `read` takes (e.g. family)
+    options: type | None = None  # the target options plan_output takes (a frozen dataclass)
 
 
 _LOADED: dict[str, FormatAdapter] = {}
@@ -61,7 +63,7 @@ def get_format(name: str) -> FormatAdapter:
     if name not in _LOADED:
         module = importlib.import_module(f"pyconv.formats.{_MODULES[name]}")
         _LOADED[name] = FormatAdapter(name, module.detect, module.read, getattr(module, "plan_output", None),
-                                      tuple(getattr(module, "READ_OPTIONS", ())))
+                                      tuple(getattr(module, "READ_OPTIONS", ())), getattr(module, "Options", None))
     return _LOADED[name]
 
 

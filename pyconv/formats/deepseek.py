@@ -85,6 +85,12 @@ _TOKENIZER_GLOB = "*token*"
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 
 
+@dataclass(frozen=True)
+class Options:
+    tp: int = 1  # model-parallel ranks (DeepSeek's --model-parallel)
+
+
+
 def file_name(rank: int, mp: int) -> str:
     return f"model{rank}-mp{mp}.safetensors"
 
@@ -245,13 +251,9 @@ def _layer_index(hf_name: str) -> int | None:
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    mp = target.tp
+    mp = target.options.tp
     if mp < 1:
         raise LayoutError(f"tp must be a positive integer, got {mp}")
-    if target.pp != 1:
-        raise LayoutError("the deepseek layout has no pipeline stages (use --pp 1)")
-    if getattr(target, "ep", 1) != 1:  # its ranks hold experts by --tp alone
-        raise LayoutError("the deepseek layout places experts by its model-parallel size (--tp); use --ep 1")
     if not isinstance(catalog.config, dict):
         raise LayoutError(f"{catalog.path}: the deepseek layout needs the model's config.json "
                           f"(num_hidden_layers, n_routed_experts), and the source has none")

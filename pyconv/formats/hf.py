@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from pyconv.catalog import CanonicalTensor, Catalog, StoredTensor, nbytes
 from pyconv.dtypes import output_dtypes
@@ -22,6 +22,12 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+
+
+@dataclass(frozen=True)
+class Options:
+    max_shard_size: int = 5_000_000_000  # bytes per output file, as huggingface_hub splits
+
 
 
 def detect(path: str) -> bool:
@@ -113,7 +119,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         return size + (nbytes("F32", scale_grid(catalog.tensors[name].shape)) if name in quantized else 0)
 
     sizes = [(name, unit_size(name)) for name in names]
-    shards = split_into_shards(sizes, target.max_shard_size)
+    shards = split_into_shards(sizes, target.options.max_shard_size)
     metadata = {**catalog.metadata, "format": "pt"}
     files: list[PlannedFile] = []
     weight_map: dict[str, str] = {}

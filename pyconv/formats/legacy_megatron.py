@@ -114,6 +114,17 @@ _TIED_HEAD = "word_embeddings_for_head/weight"
 READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
 
 
+@dataclass(frozen=True)
+class Options:
+    tp: int = 1
+    pp: int = 1
+    iteration: int | None = None           # None: release/
+    vocab_divisible_by: int = 128          # Megatron's make_vocab_size_divisible_by
+    first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers
+    last_stage_layers: int | None = None   # Megatron's decoder_last_pipeline_num_layers
+
+
+
 def mcore_name(legacy: str, stack: str = "decoder") -> str | None:
     """The Megatron-Core name of a legacy tensor path (dotted), or None; `stack` names the
     transformer block (decoder: GPT, encoder: BERT)."""
@@ -745,13 +756,13 @@ def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSp
     args = {
         "orig_vocab_size": dims.vocab, "max_position_embeddings": dims.max_positions, "hidden_size": dims.hidden,
         "num_layers": dims.num_layers, "num_attention_heads": dims.heads, "ffn_hidden_size": dims.ffn,
-        "kv_channels": dims.head_dim, "tensor_model_parallel_size": target.tp,
-        "pipeline_model_parallel_size": target.pp, "data_parallel_size": 1,
-        "make_vocab_size_divisible_by": target.vocab_divisible_by, "padded_vocab_size": padded, "rank": 0,
+        "kv_channels": dims.head_dim, "tensor_model_parallel_size": target.options.tp,
+        "pipeline_model_parallel_size": target.options.pp, "data_parallel_size": 1,
+        "make_vocab_size_divisible_by": target.options.vocab_divisible_by, "padded_vocab_size": padded, "rank": 0,
         "bias_gelu_fusion": activation == "gelu_fast", "openai_gelu": activation == "gelu_new",
         "params_dtype": TorchDtypeValue(TORCH_NAME.get(params_dtype, "float32")),
         "fp16": params_dtype == "F16", "bf16": params_dtype == "BF16",
-        "untie_embeddings_and_output_weights": not dims.tied, "iteration": target.iteration or 0,
+        "untie_embeddings_and_output_weights": not dims.tied, "iteration": target.options.iteration or 0,
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
     if family.name == "bert":
@@ -772,29 +783,27 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     if family.legacy_megatron_stack is None:
         raise LayoutError(f"{catalog.path}: legacy Megatron checkpoints hold GPT-2 or BERT models, not "
                           f"{catalog.architecture} (use --to megatron for Megatron-Core)")
-    if target.tp < 1 or target.pp < 1 or target.ep != 1:
-        raise LayoutError(f"legacy Megatron takes tp >= 1, pp >= 1 and no expert parallelism "
-                          f"(got tp={target.tp}, pp={target.pp}, ep={target.ep})")
-    if target.megatron_naming != "te" or target.moe_grouped_gemm:
-        raise LayoutError("--megatron-naming and --moe-grouped-gemm apply to --to megatron, not legacy checkpoints")
+    if target.options.tp < 1 or target.options.pp < 1:
+        raise LayoutError(f"legacy Megatron takes tp >= 1 and pp >= 1 (got tp={target.options.tp}, "
+                          f"pp={target.options.pp})")
     if target.dtype not in (None, *FLOAT_DTYPES):
         raise LayoutError(f"legacy Megatron checkpoints hold fp32, bf16 or fp16 weights, not {target.dtype}")
     from pyconv.layout import divide
 
-    divide(dims.heads, target.tp, "num_attention_heads", "tp")
-    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
-    stages = layer_stages(dims.num_layers, target.pp, target.first_stage_layers, target.last_stage_layers)
+    divide(dims.heads, target.options.tp, "num_attention_heads", "tp")
+    padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
+    stages = layer_stages(dims.num_layers, target.options.pp, target.options.first_stage_layers, target.options.last_stage_layers)
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     args = _writer_args(family, catalog.config, dims, target, padded, target.dtype or source_dtype,
                         binary_head="cls.seq_relationship.weight" in catalog.tensors)
-    if target.first_stage_layers is not None or target.last_stage_layers is not None:
-        args.update(decoder_first_pipeline_num_layers=target.first_stage_layers,
-                    decoder_last_pipeline_num_layers=target.last_stage_layers)
-    layout = MegatronLayout(family, dims, padded, stages, target.tp, target.pp, 1)
-    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+    if target.options.first_stage_layers is not None or target.options.last_stage_layers is not None:
+        args.update(decoder_first_pipeline_num_layers=target.options.first_stage_layers,
+                    decoder_last_pipeline_num_layers=target.options.last_stage_layers)
+    layout = MegatronLayout(family, dims, padded, stages, target.options.tp, target.options.pp, 1)
+    iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"
     files = [_plan_rank_file(catalog, layout, target, args, iteration_dir, t, p)
-             for p in range(target.pp) for t in range(target.tp)]
-    files.append(plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)))
+             for p in range(target.options.pp) for t in range(target.options.tp)]
+    files.append(plan_text_file(TRACKER, "release" if target.options.iteration is None else str(target.options.iteration)))
     files.extend(plan_file_copy(path, size, os.path.basename(path)) for path, size in catalog.extra_files)
     return files
 
@@ -836,7 +845,7 @@ def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, it
         node[leaf] = slot
         planned[id(slot)] = (legacy.replace("/", "."), dtype, shape, copies)
     obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION,
-           "iteration": target.iteration or 0, "model": model}
+           "iteration": target.options.iteration or 0, "model": model}
     zip_layout, slots = layout_torch_save(obj)
     tensors = tuple(PlannedTensor(*planned[id(slot)][:3], offset, tuple(planned[id(slot)][3]))
                     for slot, offset in zip(slots, zip_layout.record_offsets))

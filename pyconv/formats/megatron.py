@@ -15,6 +15,8 @@ turns each shard back into blocks of the canonical tensors with the same pieces.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import os
 import re
@@ -78,6 +80,23 @@ READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint
 
 
 # ---- reading ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1                           # model chunks per pipeline rank (interleaved schedule)
+    pipeline_layout: str | None = None     # Megatron-Core's pipeline_model_parallel_layout ("Et|tt|tL")
+    ep: int = 1                            # expert parallel size
+    etp: int | None = None                 # expert tensor parallel size (None: tp)
+    megatron_naming: str = "te"            # "te" (TransformerEngine fused norms) or "local"
+    moe_grouped_gemm: bool = False         # experts as TransformerEngine's grouped GEMM (linear_fc1.weightJ)
+    iteration: int | None = None           # None: release/
+    vocab_divisible_by: int = 128          # Megatron's make_vocab_size_divisible_by
+    first_stage_layers: int | None = None  # Megatron's decoder_first_pipeline_num_layers
+    last_stage_layers: int | None = None   # Megatron's decoder_last_pipeline_num_layers
+
 
 
 def _rank_numbers(directory: str) -> dict[tuple[int, ...], str]:
@@ -202,8 +221,8 @@ def _model_chunks(obj: dict, file: str) -> list[str]:
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     family, dims = family_and_dims(catalog, with_mtp=True)
     config = catalog.config
-    tp, pp, ep = target.tp, target.pp, target.ep
-    etp = tp if getattr(target, "etp", None) is None else target.etp
+    tp, pp, ep = target.options.tp, target.options.pp, target.options.ep
+    etp = tp if target.options.etp is None else target.options.etp
     if tp < 1 or pp < 1 or ep < 1 or etp < 1:
         raise LayoutError(f"tp, pp, ep and etp must be >= 1 (got tp={tp}, pp={pp}, ep={ep}, etp={etp})")
     if ep > 1 and not dims.num_experts:
@@ -216,48 +235,48 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     if fp8 and target.dtype in (None, "F8_E4M3"):
         raise LayoutError(f"{catalog.path}: '{fp8[0]}' (and {len(fp8) - 1} more) is fp8 with block scales, which a "
                           f"Megatron checkpoint cannot hold: pass --dtype bf16 (or fp16/fp32) to dequantize")
-    if target.megatron_naming not in ("te", "local"):
-        raise LayoutError(f"unknown Megatron naming '{target.megatron_naming}' (te or local)")
-    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, tp)
-    vpp = target.vpp
-    if target.pipeline_layout:
-        if target.first_stage_layers is not None or target.last_stage_layers is not None:
+    if target.options.megatron_naming not in ("te", "local"):
+        raise LayoutError(f"unknown Megatron naming '{target.options.megatron_naming}' (te or local)")
+    padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, tp)
+    vpp = target.options.vpp
+    if target.options.pipeline_layout:
+        if target.options.first_stage_layers is not None or target.options.last_stage_layers is not None:
             raise LayoutError("a pipeline layout places every layer itself: leave out the first/last stage sizes")
-        stages, layout_vpp = layout_stages(target.pipeline_layout, dims.num_layers, pp)
+        stages, layout_vpp = layout_stages(target.options.pipeline_layout, dims.num_layers, pp)
         if vpp not in (1, layout_vpp):
-            raise LayoutError(f"pipeline layout {target.pipeline_layout!r} gives vpp={layout_vpp}, not {vpp}")
+            raise LayoutError(f"pipeline layout {target.options.pipeline_layout!r} gives vpp={layout_vpp}, not {vpp}")
         vpp = layout_vpp
-        mtp_stage = layout_mtp_stage(target.pipeline_layout, dims, catalog.path)
+        mtp_stage = layout_mtp_stage(target.options.pipeline_layout, dims, catalog.path)
     else:
         mtp_stage = None
-        stages = virtual_stages(dims.num_layers, pp, vpp, target.first_stage_layers, target.last_stage_layers)
-    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+        stages = virtual_stages(dims.num_layers, pp, vpp, target.options.first_stage_layers, target.options.last_stage_layers)
+    iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         **({"expert_model_parallel_size": ep, "expert_tensor_parallel_size": etp,
-            "moe_grouped_gemm": target.moe_grouped_gemm} if dims.num_experts else {}),
-        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
+            "moe_grouped_gemm": target.options.moe_grouped_gemm} if dims.num_experts else {}),
+        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.options.vocab_divisible_by,
         "params_dtype": TorchDtypeValue(TORCH_NAME.get(params_dtype, "float32")),
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
-        "decoder_first_pipeline_num_layers": target.first_stage_layers,
-        "decoder_last_pipeline_num_layers": target.last_stage_layers,
-        **({"pipeline_model_parallel_layout": target.pipeline_layout} if target.pipeline_layout else {}),
+        "decoder_first_pipeline_num_layers": target.options.first_stage_layers,
+        "decoder_last_pipeline_num_layers": target.options.last_stage_layers,
+        **({"pipeline_model_parallel_layout": target.options.pipeline_layout} if target.options.pipeline_layout else {}),
         **({"virtual_pipeline_model_parallel_size": vpp, "num_virtual_stages_per_pipeline_rank": vpp,
             "num_layers_per_virtual_pipeline_stage": (len(stages[0]) if len({len(s) for s in stages}) == 1
-                                                      and not target.pipeline_layout else None)} if vpp > 1 else {}),
-        "iteration": target.iteration or 0,
+                                                      and not target.options.pipeline_layout else None)} if vpp > 1 else {}),
+        "iteration": target.options.iteration or 0,
         # The source config travels with the args so Megatron -> HF restores it (ids, rope scaling...).
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
-    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.megatron_naming, vpp, mtp_stage)
+    layout = MegatronLayout(family, dims, padded, stages, tp, pp, ep, etp, target.options.megatron_naming, vpp, mtp_stage)
     files = PlannedFiles()
     for p in range(pp):
         for t, e, et in grid:
             files.append(_plan_rank_file(catalog, layout, target, args, iteration_dir, t, p, e, et))
-    tracker = "release" if target.iteration is None else str(target.iteration)
+    tracker = "release" if target.options.iteration is None else str(target.options.iteration)
     files.append(plan_text_file(TRACKER, tracker))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
@@ -275,7 +294,7 @@ def _plan_rank_file(catalog: Catalog, layout: MegatronLayout, target: TargetSpec
                     t: int, p: int, e: int, et: int | None = None) -> PlannedFile:
     """One model_optim_rng.pt: the torch.save layout of its state dict(s), each tensor's block copies."""
     pp, ep = layout.pp, layout.ep
-    obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
+    obj = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.options.iteration or 0}
     planned: list[tuple[str, str, tuple[int, ...], list[BlockCopy]]] = []
     for chunk, stage in layout.chunks(p):
         obj[chunk] = _plan_chunk(catalog, layout, target, t, e, et, stage, planned)
@@ -310,8 +329,8 @@ def _plan_chunk(catalog: Catalog, layout: MegatronLayout, target: TargetSpec, t:
         dtype = output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
         copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed, dtype)]
         shape = shard_shape(pieces, len(mapping.shape(dims)))
-        grouped = target.moe_grouped_gemm and isinstance(mapping.megatron, dict) and "grouped" in mapping.megatron
-        naming = "grouped" if grouped else target.megatron_naming
+        grouped = target.options.moe_grouped_gemm and isinstance(mapping.megatron, dict) and "grouped" in mapping.megatron
+        naming = "grouped" if grouped else target.options.megatron_naming
         name = megatron_tensor_name(mapping, naming, local, entry.local_expert)
         model[name] = TensorSlot(dtype, shape)
         planned.append((name, dtype, shape, copies))

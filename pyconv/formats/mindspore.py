@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from pyconv.catalog import Catalog, CanonicalTensor, SourceBlock, StoredTensor, nbytes
 from pyconv.errors import FormatError, LayoutError
@@ -68,6 +68,12 @@ _SPLIT = {
                "feed_forward.w_gate_hidden": ("feed_forward.w1", "feed_forward.w3")},
 }
 NAMINGS = {"mcore": _MCORE, "legacy": _LEGACY}
+
+
+@dataclass(frozen=True)
+class Options:
+    max_shard_size: int = 5_000_000_000  # bytes per output file, as huggingface_hub splits
+
 
 
 def mindspore_name(naming: str, megatron_local: str) -> str:
@@ -275,9 +281,6 @@ def _planned(catalog: Catalog, mapping, names: list[str], dims: ModelDims, dtype
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     family, dims = _check(catalog)
-    if target.tp != 1 or target.pp != 1 or target.ep != 1:
-        raise LayoutError("MindSpore Transformers checkpoints are written whole (tp = pp = ep = 1); "
-                          "MindFormers shards them itself when it loads them")
     units = []  # (mindspore name, dtype, shape, view, copies)
     for mapping, layer in _entries(family, dims):
         names = hf_names(mapping, layer)
@@ -293,7 +296,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         units.append((_fill(mindspore_name("mcore", mapping.megatron_name("local")), layer), dtype, shape, view,
                       copies))
     by_name = {u[0]: u for u in units}
-    shards = split_into_shards([(u[0], nbytes(u[1], u[2])) for u in units], target.max_shard_size)
+    shards = split_into_shards([(u[0], nbytes(u[1], u[2])) for u in units], target.options.max_shard_size)
     files: list[PlannedFile] = []
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):

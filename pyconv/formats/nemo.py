@@ -42,6 +42,7 @@ from pyconv.catalog import Catalog
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
+from pyconv.mcore.dcp import DcpOptions
 from pyconv.io.jsonfile import config_architecture, load_config, load_json, load_yaml
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
 
@@ -76,6 +77,10 @@ _LEGACY_RENAMES = (
 )
 
 READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
+
+
+Options = DcpOptions  # weights/ is a torch_dist checkpoint
+
 
 
 def nemo_to_mcore_key(key: str, stack: str = "decoder") -> str:
@@ -735,12 +740,11 @@ def model_yaml(model_cls: tuple[str, str], config_cls: tuple[str, str], fields: 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.mcore.config import attention_notes, family_and_dims
     from pyconv.plan import PlannedFiles
-    from pyconv.mcore.dcp import check_global_target, plan_dcp
+    from pyconv.mcore.dcp import plan_dcp
 
     family, dims = family_and_dims(catalog)
     if family.nemo_classes is None:
         raise LayoutError(f"{catalog.architecture}: pyconv has no NeMo 2 model class for the {family.name} family")
-    check_global_target(target)
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
     fields = nemo_config_fields(family, catalog.config, dims, params_dtype)

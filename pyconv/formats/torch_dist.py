@@ -52,6 +52,8 @@ other key must map.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import os
 from argparse import Namespace
@@ -71,9 +73,9 @@ from pyconv.mcore.dcp import (
     BACKEND_FILE,
     COMMON_FILE,
     CONTENT_METADATA,
+    DcpOptions,
     SINGLETON_FLAG,
     check_backend,
-    check_global_target,
     is_dcp_dir,
     is_singleton_key,
     padded_vocab,
@@ -92,6 +94,14 @@ READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint
 
 
 # ---- where the checkpoint is -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options(DcpOptions):
+    tp: int = 1                   # sets the vocabulary padding only: the tensors are global
+    iteration: int | None = None  # None: release/
+    vocab_divisible_by: int = 128  # Megatron's make_vocab_size_divisible_by
+
 
 
 def _checkpoint_dir(root: str) -> tuple[str, str | None]:
@@ -263,24 +273,23 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 
     family, dims = family_and_dims(catalog, with_mtp=True)
     config = catalog.config
-    check_global_target(target)
-    padded = padded_vocab_size(dims.vocab, target.vocab_divisible_by, target.tp)
-    iteration_dir = "release" if target.iteration is None else f"iter_{target.iteration:07d}"
+    padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
+    iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"
     source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
     params_dtype = target.dtype or source_dtype
     args = {
         **family.megatron_args_from_hf(config, dims),
-        "tensor_model_parallel_size": target.tp, "pipeline_model_parallel_size": 1,
-        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.vocab_divisible_by,
+        "tensor_model_parallel_size": target.options.tp, "pipeline_model_parallel_size": 1,
+        "padded_vocab_size": padded, "make_vocab_size_divisible_by": target.options.vocab_divisible_by,
         "params_dtype": TorchDtypeValue(TORCH_NAME[params_dtype]),
         "bf16": params_dtype == "BF16", "fp16": params_dtype == "F16",
-        "ckpt_format": "torch_dist", "iteration": target.iteration or 0,
+        "ckpt_format": "torch_dist", "iteration": target.options.iteration or 0,
         "pyconv_hf_config": json.dumps(config, sort_keys=True),
     }
-    common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.iteration or 0}
+    common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.options.iteration or 0}
     files = PlannedFiles(plan_dcp(catalog, target, family, dims, padded, iteration_dir, common))
     files.notes = attention_notes(config)
-    files.append(plan_text_file(TRACKER, "release" if target.iteration is None else str(target.iteration)))
+    files.append(plan_text_file(TRACKER, "release" if target.options.iteration is None else str(target.options.iteration)))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))
     return files

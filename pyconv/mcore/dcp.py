@@ -32,6 +32,14 @@ CONTENT_METADATA = "content_metadata"  # common.pt's record of the sharded_state
 SINGLETON_FLAG = "singleton_local_shards"
 
 
+@dataclass(frozen=True)
+class DcpOptions:
+    """The options of a distributed-checkpoint target (torch_dist, NeMo 2's weights/)."""
+
+    megatron_naming: str = "te"           # "te" (TransformerEngine fused norms) or "local"
+    max_shard_size: int = 5_000_000_000   # bytes per .distcp file
+
+
 def is_dcp_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isfile(os.path.join(path, BACKEND_FILE))
 
@@ -534,14 +542,6 @@ def extra_state_keys(family: Family, dims: ModelDims, per_layer: bool = False) -
 DATA_FILE = "__0_{}.distcp"  # as rank 0's writer names its files
 
 
-def check_global_target(target: TargetSpec) -> None:
-    if target.pp != 1 or target.ep != 1 or target.first_stage_layers or target.last_stage_layers:
-        raise LayoutError("a torch_dist checkpoint holds global tensors that load at any pipeline and expert "
-                          "parallelism: --pp, --ep and stage sizes do not apply (--tp sets the vocabulary padding)")
-    if target.tp < 1:
-        raise LayoutError(f"tp must be >= 1, got {target.tp}")
-
-
 def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDims, padded: int, directory: str,
              common, key_prefix: str = "") -> list[PlannedFile]:
     """The files of one Megatron-Core distributed checkpoint directory: data files, .metadata,
@@ -566,7 +566,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
         if (slot.dtype, slot.shape) not in archive_layouts:
             archive_layouts[(slot.dtype, slot.shape)] = layout_torch_save(slot)[0]
         layout = archive_layouts[(slot.dtype, slot.shape)]
-        if sizes[-1] and sizes[-1] + layout.size > target.max_shard_size:
+        if sizes[-1] and sizes[-1] + layout.size > target.options.max_shard_size:
             planned.append([])
             literals.append([])
             sizes.append(0)
@@ -633,7 +633,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
         groups = [(layer, [i for i in indices if i[0] == layer]) for layer in layers] if layers is not None \
             else [(None, indices)]
         for layer, group in groups:
-            write_key(mapping, dist_key(mapping, target.megatron_naming, layer, renames_norms(family)), group,
+            write_key(mapping, dist_key(mapping, target.options.megatron_naming, layer, renames_norms(family)), group,
                       leading_axes(mapping, per_layer=layers is not None), layer_axis=layer is None)
 
     for mapping, i, layer in mtp_keyed_mappings(family, dims):  # keyed per MTP layer, experts on an axis
@@ -643,7 +643,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
             continue
         if missing:
             raise LayoutError(f"{catalog.path}: tensor '{missing[0]}' is missing")
-        write_key(mapping, dist_key(mapping, target.megatron_naming, i, renames_norms(family)), group,
+        write_key(mapping, dist_key(mapping, target.options.megatron_naming, i, renames_norms(family)), group,
                   int(mapping.per_expert), layer_axis=False)
 
     # Megatron-LM (checkpointing.py, load_checkpoint) and NeMo (MegatronStrategy.load_checkpoint)
