@@ -46,13 +46,19 @@ import zipfile
 from argparse import Namespace
 from dataclasses import dataclass, replace
 
-from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
 from pyconv.io.jsonfile import parse_yaml
-from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_file_copy, \
-    plan_text_file
+from pyconv.io.torchzip import read_torch_archive
+from pyconv.plan import (
+    PlannedFile,
+    PlannedTensor,
+    TargetSpec,
+    plan_file_copy,
+    plan_text_file,
+)
 
 FORMAT = "megatron-legacy"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -178,31 +184,13 @@ def _load(rank: RankFile):
     except OSError as e:
         raise FormatError(f"{rank.label}: cannot open: {e.strerror}") from None
     with f:
-        st = os.fstat(f.fileno())
-        return _load_cached(rank, st.st_size, st.st_mtime_ns, f)
-
-
-_TREES: dict = {}  # (rank file, size, mtime) -> object tree, the last few parsed
-
-
-def _load_cached(rank: RankFile, file_size: int, mtime_ns: int, f):
-    """Detection peeks at the first rank file and reading parses it again: parse once."""
-    from pyconv.io.torchzip import read_torch_archive
-
-    key = (rank, file_size, mtime_ns)
-    if key in _TREES:
-        return _TREES[key]
-    try:
-        obj = read_torch_archive(rank.path, f, rank.base, rank.size).obj
-    except FormatError as e:
-        message = str(e)
-        if rank.label != rank.path and message.startswith(rank.path):
-            message = rank.label + message[len(rank.path):]
-        raise FormatError(message) from None
-    if len(_TREES) >= 4:
-        _TREES.pop(next(iter(_TREES)))
-    _TREES[key] = obj
-    return obj
+        try:  # detection peeks at the first rank file that reading parses: parsed once (io.parse_once)
+            return read_torch_archive(rank.path, f, rank.base, rank.size).obj
+        except FormatError as e:
+            message = str(e)
+            if rank.label != rank.path and message.startswith(rank.path):
+                message = rank.label + message[len(rank.path):]
+            raise FormatError(message) from None
 
 
 def _rank_key(t: str, p: str | None) -> tuple[int, int]:
@@ -529,10 +517,10 @@ def _dims(family: Family, args: dict, first: dict, where: str) -> ModelDims:
 
 
 def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.layout import layer_stages
     from pyconv.mcore.checkpoint import args_dict
     from pyconv.mcore.names import hf_names
     from pyconv.mcore.parallel import MegatronLayout, rank_dir_name
-    from pyconv.layout import layer_stages
 
     root = os.path.abspath(path)
     found = _find(root)
@@ -697,9 +685,9 @@ def legacy_qkv_position(stored: StoredTensor, row: int, rows: int, col: int, dim
 def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float,
                blocks: dict, dtypes: dict) -> None:
     """Adds the canonical blocks one rank file holds; every tensor in it must be accounted for."""
+    from pyconv.layout import divide
     from pyconv.mcore.names import hf_names, megatron_tensor_name
     from pyconv.mcore.parallel import shard_shape
-    from pyconv.layout import divide
 
     dims, tp = layout.dims, layout.tp
     divide(dims.heads, tp, "num_attention_heads", "tp")
@@ -775,9 +763,9 @@ def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSp
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    from pyconv.layout import layer_stages, padded_vocab_size
     from pyconv.mcore.config import family_and_dims
     from pyconv.mcore.parallel import MegatronLayout
-    from pyconv.layout import layer_stages, padded_vocab_size
 
     family, dims = family_and_dims(catalog)
     if family.legacy_megatron_stack is None:
@@ -811,9 +799,9 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
 def _plan_rank_file(catalog: Catalog, layout, target: TargetSpec, args: dict, iteration_dir: str,
                     t: int, p: int) -> PlannedFile:
     from pyconv.dtypes import output_dtype
+    from pyconv.io.torchsave import TensorSlot, layout_torch_save
     from pyconv.mcore.names import hf_names, megatron_tensor_name
     from pyconv.mcore.parallel import rank_dir_name, shard_shape
-    from pyconv.io.torchsave import TensorSlot, layout_torch_save
 
     family, dims, pp = layout.family, layout.dims, layout.pp
     model: dict = {}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from pyconv import _core
 from pyconv.catalog import StoredTensor, nbytes
 from pyconv.dtypes import ITEMSIZE
 from pyconv.errors import FormatError
+from pyconv.io.parse_once import parsed
 
 _INT64_MAX = 2**63 - 1
 
@@ -66,7 +68,12 @@ def _int_field(path: str, name: str, what: str, value) -> int:
 
 
 def read_safetensors(path: str) -> SafetensorsFile:
-    """Reads and validates a safetensors header; raises FormatError naming the file and tensor."""
+    """Reads and validates a safetensors header; raises FormatError naming the file and tensor.
+    Parsed once per read of a checkpoint (io.parse_once): detection may have parsed it already."""
+    return parsed(("safetensors", os.path.realpath(path)), lambda: _read_header(path))
+
+
+def _read_header(path: str) -> SafetensorsFile:
     header_len, file_size, raw = _core.read_safetensors_prefix(path)
     header = _parse_json(path, raw)
     if not isinstance(header, dict):

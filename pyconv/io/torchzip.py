@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from pyconv.errors import FormatError
-from pyconv.io.unpickle import MAX_PICKLE_BYTES, PersistentStorage, RebuiltTensor, inert, restricted_load
+from pyconv.io.parse_once import parsed
+from pyconv.io.unpickle import (
+    MAX_PICKLE_BYTES,
+    PersistentStorage,
+    RebuiltTensor,
+    inert,
+    restricted_load,
+)
 
 MAX_TREE_DEPTH = 100  # Megatron's deepest trees (optimizer state) are under 10
 MAX_PATH_CHARS = 1024  # a tensor's dotted path; real ones are under 200
@@ -347,7 +354,11 @@ def read_torch_checkpoint(path: str | os.PathLike) -> TorchCheckpoint:
 def read_torch_archive(path: str, f, base: int = 0, size: int | None = None) -> TorchCheckpoint:
     """read_torch_checkpoint for the archive in bytes [base, base + size) of the open file f
     (a PyTorch DCP `.distcp` file holds one torch.save archive per tensor chunk); its TensorRefs
-    carry absolute offsets in the file."""
+    carry absolute offsets in the file. Parsed once per read of a checkpoint (io.parse_once)."""
+    return parsed(("torch archive", os.path.realpath(path), base, size), lambda: _read_archive(path, f, base, size))
+
+
+def _read_archive(path: str, f, base: int, size: int | None) -> TorchCheckpoint:
     archive = _Archive(path, f, base, size)
     if archive.record("constants.pkl") is not None:
         raise FormatError(f"{path}: a TorchScript archive (torch.jit.save), not a torch.save checkpoint")
