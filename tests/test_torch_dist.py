@@ -551,3 +551,25 @@ if __name__ == "__main__":  # torchrun entry; the guard matters: Megatron's chec
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", required=True)
     sys.exit(_run_jobs(parser.parse_args().jobs))
+
+
+def test_fp8_source_dequantizes_or_is_refused(tmp_path):
+    """Block-scaled fp8 weights: --dtype dequantizes them into torch_dist exactly as into HF;
+    without a float dtype they are refused before anything is written (they crashed before)."""
+    import subprocess
+    import sys
+
+    import pyconv
+    from pyconv.errors import LayoutError
+    from test_output_hashes import make_source
+
+    src = make_source("deepseek_v3_fp8", tmp_path / "src")
+    with pytest.raises(LayoutError, match="fp8 with block scales"):
+        pyconv.reshard(src, tmp_path / "td", to="torch_dist")
+    assert not (tmp_path / "td").exists()
+    pyconv.reshard(src, tmp_path / "td", to="torch_dist", dtype="bf16")
+    pyconv.reshard(tmp_path / "td", tmp_path / "back", to="hf")
+    pyconv.reshard(src, tmp_path / "direct", to="hf", dtype="bf16")
+    r = subprocess.run([sys.executable, "-m", "pyconv", "verify", str(tmp_path / "direct"), str(tmp_path / "back")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -15,13 +15,12 @@ turns each shard back into blocks of the canonical tensors with the same pieces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
 import os
 import re
 from argparse import Namespace
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pyconv.catalog import Catalog
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, output_dtype
@@ -50,6 +49,7 @@ from pyconv.mcore.config import (
     family_and_dims,
     family_from_args,
     megatron_dims,
+    refuse_fp8_weights,
 )
 from pyconv.mcore.names import hf_names, megatron_tensor_name
 from pyconv.mcore.parallel import (
@@ -231,10 +231,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         raise LayoutError(f"etp={etp} needs a mixture-of-experts model; {catalog.architecture} has no experts")
     experts_per_rank(dims, ep)
     grid = sorted(expert_grid(tp, ep, etp))
-    fp8 = [n for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"]
-    if fp8 and target.dtype in (None, "F8_E4M3"):
-        raise LayoutError(f"{catalog.path}: '{fp8[0]}' (and {len(fp8) - 1} more) is fp8 with block scales, which a "
-                          f"Megatron checkpoint cannot hold: pass --dtype bf16 (or fp16/fp32) to dequantize")
+    refuse_fp8_weights(catalog, target.dtype)
     if target.options.megatron_naming not in ("te", "local"):
         raise LayoutError(f"unknown Megatron naming '{target.options.megatron_naming}' (te or local)")
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, tp)

@@ -137,3 +137,12 @@ def attention_notes(config: dict) -> tuple[str, ...]:
                 f"context unless run with --window-size, so sequences longer than {window} tokens differ from the "
                 f"HF model there",)
     return ()
+
+
+def refuse_fp8_weights(catalog: Catalog, dtype: str | None) -> None:
+    """Block-scaled fp8 weights have no place in a Megatron-style checkpoint (.pt, torch_dist,
+    NeMo): a float --dtype dequantizes them in the core; without one they are refused."""
+    fp8 = [n for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"]
+    if fp8 and dtype in (None, "F8_E4M3"):
+        raise LayoutError(f"{catalog.path}: '{fp8[0]}' (and {len(fp8) - 1} more) is fp8 with block scales, which a "
+                          f"Megatron checkpoint cannot hold: pass --dtype bf16 (or fp16/fp32) to dequantize")

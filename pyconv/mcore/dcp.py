@@ -549,9 +549,11 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     (NeMo 2 saves its model under 'module.')."""
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
     from pyconv.io.torchsave import TensorSlot, layout_torch_save
+    from pyconv.mcore.config import refuse_fp8_weights
     from pyconv.mcore.names import hf_names
     from pyconv.mcore.parallel import shard_pieces, shard_shape
 
+    refuse_fp8_weights(catalog, target.dtype)
     config = catalog.config
     iteration_dir = directory
 
@@ -606,7 +608,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
                 raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
                                   f"are {dtype}; pass --dtype")
             dtype = slice_dtype
-            copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed)]
+            copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed, dtype)]
             stacked = tuple(i for i in index if i is not None)[-lead:] if lead else ()
             offsets, chunk_sizes = stacked + (0,) * len(shape), (1,) * lead + shape
             label = key if not stacked else f"{key}[{','.join(map(str, stacked))}]"
