@@ -119,3 +119,14 @@ def nontrivial_vectors(model):
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
     return model
+
+
+def flatten_state_dict(tree: dict, prefix: str = "") -> dict:
+    """{dotted.name: leaf} of a nested state dict (a legacy Megatron model tree)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_state_dict(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import flatten_state_dict
+
 import pyconv
 
 F32 = 4
@@ -849,15 +851,6 @@ def gpt2_source(root: Path) -> Source:
     return make_hf(root, config, tensors)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
 
 def test_megatron_legacy_gpt2_tp2(tmp_path):
     """Legacy Megatron-LM GPT-2 at TP 2, checkpoint_version 3.0: query_key_value rows per head
@@ -874,7 +867,7 @@ def test_megatron_legacy_gpt2_tp2(tmp_path):
         obj = torch_archive(image(f))
         assert obj["checkpoint_version"] == 3.0
         assert (obj["args"].padded_vocab_size, obj["args"].orig_vocab_size) == (16, 14)
-        stored = flatten(obj["model"])
+        stored = flatten_state_dict(obj["model"])
         assert list(stored) == [t.name for t in f.tensors]
         for t in f.tensors:
             assert (stored[t.name].dtype, stored[t.name].shape, stored[t.name].offset) == (t.dtype, t.shape, t.offset)

@@ -21,6 +21,8 @@ import pytest
 import torch
 import transformers
 
+from conftest import flatten_state_dict
+
 import pyconv
 from pyconv.errors import FormatError, LayoutError
 
@@ -289,16 +291,6 @@ def test_legacy_fp16_shards_read_as_fp16(gpt2, tmp_path):
 
 # ---- HF -> legacy ----------------------------------------------------------------------------
 
-def _tree_tensors(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_tree_tensors(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_hf_to_legacy_matches_the_reference_layout_and_round_trips(gpt2, bert, tmp_path, family):
     model, cls = ((gpt2, transformers.GPT2LMHeadModel) if family == "gpt2"
@@ -316,7 +308,7 @@ def test_hf_to_legacy_matches_the_reference_layout_and_round_trips(gpt2, bert, t
         assert written["checkpoint_version"] == 3.0
         assert written["args"].padded_vocab_size == 96 and written["args"].orig_vocab_size == VOCAB
         assert written["args"].params_dtype == torch.bfloat16
-        ours, theirs = _tree_tensors(written["model"]), _tree_tensors(expected["model"])
+        ours, theirs = flatten_state_dict(written["model"]), flatten_state_dict(expected["model"])
         assert list(ours) == list(theirs) or sorted(ours) == sorted(theirs)
         for name, tensor in theirs.items():
             if name.endswith(("word_embeddings.weight", "word_embeddings_for_head.weight", "lm_head.bias")) and t == 1:
@@ -535,7 +527,7 @@ def nemo1_state_dicts(rank_dicts):
     out = {}
     for key, obj in rank_dicts.items():
         flat = {}
-        for name, tensor in _tree_tensors(obj["model"]).items():
+        for name, tensor in flatten_state_dict(obj["model"]).items():
             flat["model." + name.replace("word_embeddings_for_head.", "word_embeddings.")] = tensor
         out[key] = flat
     return out
