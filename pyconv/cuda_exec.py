@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from pyconv import _core
 from pyconv.dtypes import ITEMSIZE
 from pyconv.errors import Cancelled, FormatError, PyconvError
-from pyconv.execute import _core_args
-from pyconv.plan import PlannedTensor, ReshardPlan
+from pyconv.plan import PlannedTensor, ReshardPlan, core_records
 
 QUANT_BLOCK = 128
 ALIGN = 64  # byte alignment of every region inside a slot
@@ -336,7 +335,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     # ranges); what follows relies on that and checks nothing again. The kernels support the
     # dtype pairs the core accepts (same dtype, F32/BF16/F16 among themselves, block-scaled
     # F8_E4M3 to those, those quantized to F8_E4M3), so no check here is cuda's own.
-    core_args = _core_args(plan, root)
+    core_args = core_records(plan, root)
     _core.validate(*core_args)
     torch, ops, device = load_backend()
     slot_bytes, slots = slot_bytes or SLOT_BYTES, slots or SLOTS

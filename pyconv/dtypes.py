@@ -8,6 +8,7 @@ writes it with (None: torch pickles it as an UntypedStorage plus the dtype).
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from pyconv.errors import LayoutError
@@ -80,12 +81,22 @@ def with_config_dtype(config: dict, dtype: str | None) -> dict:
     return {**config, **{k: TORCH_NAME[dtype] for k in keys}}
 
 
+_IN_LAYER = re.compile(r"(^|\.)(layers|h)\.\d+\.")
+
+
+def is_quantizable(name: str, tensor) -> bool:
+    """The weights --dtype fp8 quantizes, as DeepSeek-V3 stores them in fp8: 2-D linear weights
+    inside the layers, not norms, routers or embeddings."""
+    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
+    return (tensor.dtype in FLOAT_DTYPES and len(tensor.shape) == 2 and name.endswith(".weight")
+            and _IN_LAYER.search(name) is not None and "norm" not in leaf
+            and leaf not in ("gate", "shared_expert_gate", "router"))
+
+
 def output_dtype(tensor, dtype: str | None) -> str:
     """The dtype a canonical tensor is written in: floating tensors take the target dtype (fp8:
     only the quantizable weights), block-scaled fp8 weights are dequantized to a float target,
     others keep theirs."""
-    from pyconv.fp8 import is_quantizable
-
     if dtype is None or tensor.dtype == dtype:
         return tensor.dtype
     if dtype == FP8:

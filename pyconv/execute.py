@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from pyconv import _core
 from pyconv.errors import Cancelled, FormatError, LayoutError, OutputError
-from pyconv.plan import ReshardPlan
+from pyconv.plan import ReshardPlan, core_records
 
 TMP_MARK = ".pyconv-tmp-"
 OLD_MARK = ".pyconv-old-"
@@ -85,30 +85,6 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def copy_fields(c, sources: dict[str, int]) -> tuple:
-    """A BlockCopy as the core takes it; `sources` numbers the files as they are first met."""
-    fields = (sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
-              c.rows, c.cols, c.dst_row, c.dst_col, c.transpose)
-    if c.scale_source is None:
-        return fields
-    return fields + (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
-                     c.scale_row0, c.scale_col0, c.scale_block)
-
-
-def _core_args(plan: ReshardPlan, root: str):
-    """The plan as the records _core.execute and _core.validate take, its files under root."""
-    sources: dict[str, int] = {}
-    dests, literals, tensors = [], [], []
-    for file_index, planned in enumerate(plan.files):
-        dests.append((os.path.join(root, planned.path), planned.size))
-        literals.extend((file_index, offset, data) for offset, data in planned.literals)
-        for t in planned.tensors:
-            rows, cols = t.view2d
-            tensor = (file_index, t.offset, t.dtype, rows, cols, [copy_fields(c, sources) for c in t.copies])
-            tensors.append(tensor if t.quantize is None else tensor + (t.quantize,))
-    return list(sources), dests, literals, tensors
-
-
 def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: int = 4,
                  chunk_bytes: int = 32 << 20, progress=None, device: str = "cpu") -> dict:
     """Writes the plan's files under dst atomically. Returns the executor's statistics.
@@ -144,7 +120,7 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
 
                 stats = execute_plan_cuda(plan, tmp, threads=threads, progress=progress)  # _core.validate first
             else:
-                stats = _core.execute(*_core_args(plan, tmp), threads=threads, chunk_bytes=chunk_bytes,
+                stats = _core.execute(*core_records(plan, tmp), threads=threads, chunk_bytes=chunk_bytes,
                                       fsync=True, progress=progress)
             for sub in subdirs:
                 _fsync_dir(os.path.join(tmp, sub))

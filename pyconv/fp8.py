@@ -6,11 +6,10 @@ per 128 x 128 block of the weight's 2-D view, W = q * S.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from pyconv.catalog import view2d
-from pyconv.dtypes import FLOAT_DTYPES, FP8
+from pyconv.dtypes import FP8
 from pyconv.errors import FormatError
 
 FP8_BLOCK = 128  # DeepSeek-V3's weight_block_size: scales per 128 x 128 block
@@ -39,18 +38,6 @@ def link_scales(stored: dict, config: dict | None) -> dict:
                               f"{list(scale_grid(weight.shape))} for the {list(weight.shape)} weight")
         linked[name[:-len(SCALE_SUFFIX)]] = replace(weight, scale=scale)
     return linked
-
-
-_IN_LAYER = re.compile(r"(^|\.)(layers|h)\.\d+\.")
-
-
-def is_quantizable(name: str, tensor) -> bool:
-    """The weights DeepSeek-V3 stores in fp8: 2-D linear weights inside the layers, not norms,
-    routers or embeddings."""
-    leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
-    return (tensor.dtype in FLOAT_DTYPES and len(tensor.shape) == 2 and name.endswith(".weight")
-            and _IN_LAYER.search(name) is not None and "norm" not in leaf
-            and leaf not in ("gate", "shared_expert_gate", "router"))
 
 
 def scale_names(tensors: dict) -> set[str]:

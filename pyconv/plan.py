@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 from pyconv.catalog import CanonicalTensor, view2d
@@ -241,3 +242,29 @@ class PlannedFiles(list):
     """The planned files, with notes for the plan (what was dropped and why)."""
 
     notes: tuple[str, ...] = ()
+
+
+# ---- the records the core reads (_core.execute, _core.validate), written here once ----------------
+
+def copy_record(c: BlockCopy, sources: dict[str, int]) -> tuple:
+    """A BlockCopy as the core takes it; `sources` numbers the files as they are first met."""
+    fields = (sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
+              c.rows, c.cols, c.dst_row, c.dst_col, c.transpose)
+    if c.scale_source is None:
+        return fields
+    return fields + (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
+                     c.scale_row0, c.scale_col0, c.scale_block)
+
+
+def core_records(plan: ReshardPlan, root: str):
+    """The plan as the records _core.execute and _core.validate take, its files under root."""
+    sources: dict[str, int] = {}
+    dests, literals, tensors = [], [], []
+    for file_index, planned in enumerate(plan.files):
+        dests.append((os.path.join(root, planned.path), planned.size))
+        literals.extend((file_index, offset, data) for offset, data in planned.literals)
+        for t in planned.tensors:
+            rows, cols = t.view2d
+            tensor = (file_index, t.offset, t.dtype, rows, cols, [copy_record(c, sources) for c in t.copies])
+            tensors.append(tensor if t.quantize is None else tensor + (t.quantize,))
+    return list(sources), dests, literals, tensors

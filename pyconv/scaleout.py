@@ -17,8 +17,8 @@ import time
 
 from pyconv import _core
 from pyconv.errors import OutputError, PyconvError
-from pyconv.execute import TMP_MARK, _commit, _core_args, _fsync_dir
-from pyconv.plan import ReshardPlan
+from pyconv.execute import TMP_MARK, _commit, _fsync_dir
+from pyconv.plan import ReshardPlan, core_records
 
 
 def world_from_env() -> tuple[int, int] | None:
@@ -98,7 +98,7 @@ def _execute_on_this_rank(dist, plan: ReshardPlan, dst: str, *, force: bool, thr
     try:
         part = dataclasses.replace(plan, files=tuple(plan.files[i] for i in mine))
         if part.files:
-            sources, dests, literals, tensors = _core_args(part, tmp)
+            sources, dests, literals, tensors = core_records(part, tmp)
             stats = _core.execute(sources, dests, literals, tensors, threads=threads, chunk_bytes=chunk_bytes,
                                   fsync=True, progress=progress)
     except BaseException as e:  # noqa: BLE001 - every rank must reach the collective below

@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pyconv import _core
 from pyconv.catalog import CanonicalTensor, view2d
 from pyconv.dtypes import FLOAT_DTYPES
-from pyconv.execute import copy_fields
 from pyconv.formats import read_checkpoint
-from pyconv.plan import copies_for_region
+from pyconv.plan import copies_for_region, copy_record
 
 
 @dataclass
@@ -104,7 +103,7 @@ def verify(a, b, *, atol: float | None = None, rtol: float | None = None, thread
             if difference.reason == "dtype":
                 report.different.append(difference)
             continue
-        sides = [[copy_fields(c, sources) for c in copies_for_region(t, 0, 0, rows, cols, dtype=dtype)] for t in (ta, tb)]
+        sides = [[copy_record(c, sources) for c in copies_for_region(t, 0, 0, rows, cols, dtype=dtype)] for t in (ta, tb)]
         jobs.append((dtype, rows, cols, sides[0], sides[1]))
         compared.append(difference)
     results = _core.compare(list(sources), jobs, threads=threads, chunk_bytes=chunk_bytes, bitwise=bitwise,
