@@ -272,8 +272,20 @@ def _features_overlap(a: Family, b: Family) -> bool:
     return union <= (a.megatron_features | a.megatron_optional) & (b.megatron_features | b.megatron_optional)
 
 
+_BUILTIN_LOADED = False
+
+
 def _load_builtin() -> None:
-    from pyconv.families import bert, deepseek_v3, gpt2, llama, mixtral, qwen2, qwen2_moe, qwen3  # noqa: F401
+    """Imports every family table in this package once: a new family is one new file here."""
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    _BUILTIN_LOADED = True
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 def family_names() -> list[str]:
