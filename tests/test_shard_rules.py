@@ -80,3 +80,16 @@ def test_latent_down_is_whole_under_te_and_split_under_local():
     assert LATENT_DOWN.whole_on_every_rank("te") and not LATENT_DOWN.whole_on_every_rank("local")
     assert LATENT_DOWN.alternative_namings("te") == ("local",)
     assert [p.rows for p in LATENT_DOWN.pieces(["w"], (8, 4), DIMS, 0, 2, 1, "local")] == [4]
+
+
+def test_expert_partition_places_contiguous_ranges():
+    from pyconv.errors import LayoutError
+    from pyconv.layout.rules import ExpertPartition
+
+    part = ExpertPartition(8, 4)
+    assert part.experts_of(1) == [(2, 0), (3, 1)]
+    assert [part.rank_of(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(e for r in range(4) for e, _ in part.experts_of(r)) == list(range(8))
+    assert ExpertPartition(0, 2).experts_of(1) == []  # a dense model
+    with pytest.raises(LayoutError, match="num_experts = 6 is not divisible by ep = 4"):
+        ExpertPartition(6, 4).per_rank

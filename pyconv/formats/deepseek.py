@@ -50,6 +50,7 @@ from pyconv.fp8 import FP8_BLOCK, SCALE_SUFFIX
 from pyconv.io.hfdir import CONFIG, extra_files
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
+from pyconv.layout.rules import ExpertPartition
 from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
 
 # convert.py's table: Hugging Face module name -> (DeepSeek module name, dim split across ranks,
@@ -261,6 +262,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     experts = _config_int(catalog.config, "n_routed_experts", False)
     if experts is not None and experts % mp:
         raise LayoutError(f"n_routed_experts {experts} does not divide into {mp} model-parallel ranks")
+    partition = ExpertPartition(experts or 0, mp)
     block = _fp8_block(catalog.config)
 
     ranks: list[list[_RankTensor]] = [[] for _ in range(mp)]
@@ -293,7 +295,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
                 raise LayoutError(f"tensor {hf_name}: a routed expert, but config.json has no n_routed_experts")
             if index >= experts:
                 raise LayoutError(f"tensor {hf_name}: expert {index} is outside n_routed_experts {experts}")
-            ranks[index // (experts // mp)].append(_RankTensor(ds_name, dtype, tensor.shape, whole))
+            ranks[partition.rank_of(index)].append(_RankTensor(ds_name, dtype, tensor.shape, whole))
         elif dim is None:
             for rank in ranks:
                 rank.append(_RankTensor(ds_name, dtype, tensor.shape, whole))

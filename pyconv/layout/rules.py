@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyconv.layout.shard import (
-    Piece, column_parallel, gated_fc1, qkv_fused, replicated, row_parallel, vocab_parallel,
+    Piece, column_parallel, divide, gated_fc1, qkv_fused, replicated, row_parallel, vocab_parallel,
 )
 
 
@@ -109,3 +109,25 @@ QKV = _Qkv("qkv", fuses_qkv=True)
 GATED_FC1 = _GatedFc1("gated_fc1", gated=True)
 LATENT_DOWN = _LatentDown("latent_down")
 RULES = (REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_FC1, LATENT_DOWN)
+
+
+@dataclass(frozen=True)
+class ExpertPartition:
+    """Routed experts over expert-parallel ranks, as Megatron-Core and DeepSeek's convert.py
+    both place them: contiguous ranges, expert e on rank e // (E / ranks) as its local expert
+    e % (E / ranks). Inside an expert, the rules above split it over expert-TP ranks."""
+
+    num_experts: int
+    ranks: int
+
+    @property
+    def per_rank(self) -> int:
+        return divide(self.num_experts, self.ranks, "num_experts", "ep") if self.num_experts else 0
+
+    def experts_of(self, rank: int) -> list[tuple[int, int]]:
+        """(global expert, local expert) of every expert rank `rank` holds."""
+        n = self.per_rank
+        return [(rank * n + j, j) for j in range(n)]
+
+    def rank_of(self, expert: int) -> int:
+        return expert // self.per_rank

@@ -22,6 +22,7 @@ from pyconv.layout import (
     slot_stages,
     virtual_stages,
 )
+from pyconv.layout.rules import ExpertPartition
 
 
 def logical_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
@@ -137,11 +138,7 @@ def expert_grid(tp: int, ep: int, etp: int) -> list[tuple[int, int, int]]:
 
 
 def experts_per_rank(dims: ModelDims, ep: int) -> int:
-    if not dims.num_experts:
-        return 0
-    from pyconv.layout import divide
-
-    return divide(dims.num_experts, ep, "num_experts", "ep")
+    return ExpertPartition(dims.num_experts, ep).per_rank
 
 
 def stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[range], ep_rank: int, ep: int,
@@ -156,32 +153,32 @@ def stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[rang
     final_norm_here = (dims.num_layers - 1 in stages[stage]) if dims.mtp_layers else last
     if stage == 0 or mtp_here:
         yield from (Entry(m, None, None, copy=stage != 0) for m in family.mappings if m.where == FIRST_STAGE)
-    local_count = experts_per_rank(dims, ep)
+    experts = ExpertPartition(dims.num_experts, ep).experts_of(ep_rank)
     for local, layer in enumerate(stages[stage]):
         for m in family.mappings:
             if m.where != LAYER or not m.applies_to(dims, layer):
                 continue
             if m.per_expert:
-                yield from (Entry(m, layer, local, ep_rank * local_count + j, j) for j in range(local_count))
+                yield from (Entry(m, layer, local, e, j) for e, j in experts)
             else:
                 yield Entry(m, layer, local)
     tail = [m for m in family.mappings if m.where == LAST_STAGE]
     if final_norm_here:
         yield from (Entry(m, None, None) for m in tail if m.megatron_names()[0].startswith("decoder."))
     if mtp_here:
-        yield from mtp_entries(family, dims, ep_rank, local_count)
+        yield from mtp_entries(family, dims, experts)
     if last:
         yield from (Entry(m, None, None) for m in tail if not m.megatron_names()[0].startswith("decoder."))
 
 
-def mtp_entries(family: Family, dims: ModelDims, ep_rank: int, local_count: int):
+def mtp_entries(family: Family, dims: ModelDims, experts: list[tuple[int, int]]):
     """Megatron-Core's mtp.layers.i: enorm, hnorm, eh_proj, its transformer layer (HF layer
-    num_layers + i), final_layernorm."""
+    num_layers + i), final_layernorm; `experts`: the (global, local) experts of this EP rank."""
     for i in range(dims.mtp_layers):
         layer = dims.num_layers + i
         for m in family.mtp_layer_mappings(dims):
             if m.per_expert:
-                yield from (Entry(m, layer, i, ep_rank * local_count + j, j) for j in range(local_count))
+                yield from (Entry(m, layer, i, e, j) for e, j in experts)
             else:
                 yield Entry(m, layer, i)
 
