@@ -479,3 +479,13 @@ def test_fp8_cut_inside_a_scale_block_needs_dequantizing(fp8_checkpoint, tmp_pat
     assert_same_directory(tmp_path / "ours", tmp_path / "reference")
     with pytest.raises(LayoutError, match="keeps the source's fp8 weights"):
         pyconv.reshard(src, tmp_path / "x", to="deepseek", tp=2, dtype="fp8")
+
+def test_a_family_the_layout_does_not_cover_is_refused_by_name(tmp_path):
+    """Llama through convert.py's table would fail on k_proj; pyconv says why before that."""
+    from test_output_hashes import make_source
+
+    src = make_source("llama", tmp_path / "src")
+    with pytest.raises(LayoutError, match=r"inference layout holds DeepSeek models \(deepseek_v3, deepseek_v2\), "
+                                          r"not LlamaForCausalLM \(the llama family\)"):
+        pyconv.reshard(src, tmp_path / "ds", to="deepseek", tp=2)
+    assert not (tmp_path / "ds").exists()

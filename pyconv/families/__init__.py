@@ -123,6 +123,8 @@ class Family:
     legacy_megatron_stack: str | None = None
     # MindSpore Transformers names this family's (Llama-like) tensors.
     mindformers: bool = False
+    # DeepSeek's inference layout (its convert.py's name table) covers this family.
+    deepseek_inference: bool = False
     ignored_hf: tuple[str, ...] = ()  # HF buffers that are not weights (e.g. rotary inv_freq)
     # HF layers with index >= num_hidden_layers (DeepSeek-V3's multi-token-prediction layers) are
     # not part of the model Megatron runs: dropped (and said so) instead of refused.

@@ -316,6 +316,7 @@ DEEPSEEK_V3 = register_family(Family(
     hf_config_from_megatron=deepseek_v3_hf_config,
     megatron_features=frozenset({"mla", "moe"}),
     megatron_optional=MLA_OPTIONAL | {"sigmoid_router"},
+    deepseek_inference=True,
     drops_extra_layers=True,
     mtp_before=MTP_BEFORE,
     mtp_after=MTP_AFTER,
@@ -330,4 +331,5 @@ DEEPSEEK_V2 = register_family(Family(
     hf_config_from_megatron=deepseek_v2_hf_config,
     megatron_features=frozenset({"mla", "moe", "softmax_router"}),
     megatron_optional=MLA_OPTIONAL,
+    deepseek_inference=True,
 ))

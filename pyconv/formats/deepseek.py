@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.dtypes import output_dtypes
-from pyconv.families import kept_dtypes
+from pyconv.families import families_with, family_for_architecture, kept_dtypes
 from pyconv.fp8 import FP8_BLOCK, SCALE_SUFFIX
 from pyconv.io.hfdir import CONFIG, extra_files
 from pyconv.io.jsonfile import config_architecture, load_config
@@ -251,7 +251,21 @@ def _layer_index(hf_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _refuse_uncovered_family(catalog: Catalog) -> None:
+    """convert.py maps names, whatever the model; a family pyconv knows and DeepSeek's layout does
+    not cover is refused by name (a source of unknown architecture is converted by names alone)."""
+    try:
+        family = family_for_architecture(catalog.architecture, catalog.path)
+    except FormatError:
+        return
+    if not family.deepseek_inference:
+        covered = ", ".join(f.name for f in families_with(lambda f: f.deepseek_inference))
+        raise LayoutError(f"{catalog.path}: DeepSeek's inference layout holds DeepSeek models ({covered}), not "
+                          f"{catalog.architecture} (the {family.name} family)")
+
+
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    _refuse_uncovered_family(catalog)
     mp = target.options.tp
     if mp < 1:
         raise LayoutError(f"tp must be a positive integer, got {mp}")
