@@ -9,6 +9,7 @@
 #include "executor.h"
 #include "fp8.h"
 #include "mapped_file.h"
+#include "output_file.h"
 #include "safetensors.h"
 
 namespace py = pybind11;
@@ -178,6 +179,31 @@ PYBIND11_MODULE(_core, m) {
         return py::buffer_info(const_cast<unsigned char*>(f.data()), 1, py::format_descriptor<unsigned char>::format(), 1,
                                {static_cast<py::ssize_t>(f.size())}, {1}, /*readonly=*/true);
       });
+
+  py::class_<OutputFile>(m, "OutputFile", "A destination file created and preallocated to its planned size, as execute writes its files.")
+      .def(py::init<const std::string&, uint64_t>(), py::arg("path"), py::arg("size"))
+      .def_property_readonly("path", &OutputFile::path)
+      .def_property_readonly("size", &OutputFile::size)
+      .def("write",
+           [](const OutputFile& f, uint64_t offset, py::buffer data) {
+             Py_buffer view;
+             if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) throw py::error_already_set();
+             const std::unique_ptr<Py_buffer, decltype(&PyBuffer_Release)> held(&view, &PyBuffer_Release);
+             py::gil_scoped_release release;
+             f.write(offset, view.buf, static_cast<uint64_t>(view.len));
+           },
+           py::arg("offset"), py::arg("data"), "Writes all of a C-contiguous buffer at offset (inside the planned size).")
+      .def("sync", &OutputFile::sync, py::call_guard<py::gil_scoped_release>())
+      .def("close", &OutputFile::close, py::call_guard<py::gil_scoped_release>())
+      .def("__enter__", [](OutputFile& f) -> OutputFile& { return f; }, py::return_value_policy::reference)
+      .def("__exit__",
+           [](OutputFile& f, py::handle type, py::handle, py::handle) {
+             if (type.is_none())
+               f.close();
+             else
+               f.close_quietly();
+           },
+           "Closes the file; after an exception, without reporting a failure to close.");
 
   m.def("execute",
         [](const std::vector<std::string>& sources, const std::vector<std::pair<std::string, uint64_t>>& dests,

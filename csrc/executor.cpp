@@ -1,7 +1,6 @@
 #include "executor.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +21,7 @@
 #include "errors.h"
 #include "fp8.h"
 #include "mapped_file.h"
+#include "output_file.h"
 #include "safetensors.h"
 
 namespace pyconv {
@@ -29,39 +29,6 @@ namespace pyconv {
 namespace {
 
 std::string errno_text(int err) { return std::strerror(err); }
-
-// A destination file opened for writing, closed on destruction.
-struct DestHandle {
-  std::string path;
-  int fd = -1;
-  ~DestHandle() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-void write_all(const DestHandle& dest, const unsigned char* data, uint64_t length, uint64_t offset) {
-  while (length > 0) {
-    const size_t step = static_cast<size_t>(std::min<uint64_t>(length, 1ull << 30));
-    ssize_t n = ::pwrite(dest.fd, data, step, static_cast<off_t>(offset));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw IoError(dest.path + ": write failed: " + errno_text(n < 0 ? errno : EIO));
-    data += n;
-    length -= static_cast<uint64_t>(n);
-    offset += static_cast<uint64_t>(n);
-  }
-}
-
-// Preallocates so that a full disk fails now, before any copying, with a clear error.
-void preallocate(const DestHandle& dest, uint64_t size) {
-  if (size == 0) return;
-  if (::fallocate(dest.fd, 0, 0, static_cast<off_t>(size)) == 0) return;
-  const int err = errno;
-  if (err == ENOSPC || err == EDQUOT || err == EFBIG)
-    throw IoError(dest.path + ": cannot allocate " + std::to_string(size) + " bytes: " + errno_text(err));
-  // Filesystems without fallocate: a sparse file of the final size.
-  if (::ftruncate(dest.fd, static_cast<off_t>(size)) != 0)
-    throw IoError(dest.path + ": cannot size to " + std::to_string(size) + " bytes: " + errno_text(errno));
-}
 
 // A rectangle of one output tensor, contiguous in the destination file: whole rows,
 // or a column range of a single row. A quantized tensor's task is a band of up to 128
@@ -136,22 +103,14 @@ class Runner {
     validate();
     open_dests();
     for (const auto& lit : plan_.literals) {
-      write_all(dests_[lit.dest], reinterpret_cast<const unsigned char*>(lit.bytes.data()), lit.bytes.size(), lit.offset);
+      dests_[lit.dest]->write(lit.offset, lit.bytes.data(), lit.bytes.size());
       stats_.bytes_written += lit.bytes.size();
     }
     make_tasks();
     run_tasks(tick);
-    if (options_.fsync) {
-      for (const auto& d : dests_)
-        if (::fsync(d.fd) != 0) throw IoError(d.path + ": fsync failed: " + errno_text(errno));
-    }
-    for (auto& d : dests_) {
-      if (::close(d.fd) != 0) {
-        d.fd = -1;
-        throw IoError(d.path + ": close failed: " + errno_text(errno));
-      }
-      d.fd = -1;
-    }
+    if (options_.fsync)
+      for (const auto& d : dests_) d->sync();
+    for (auto& d : dests_) d->close();
     stats_.bytes_written += done_bytes_.load();
     stats_.tasks = tasks_.size();
     stats_.direct_tasks = direct_tasks_.load();
@@ -360,13 +319,8 @@ class Runner {
   }
 
   void open_dests() {
-    dests_ = std::vector<DestHandle>(plan_.dests.size());
-    for (size_t i = 0; i < plan_.dests.size(); ++i) {
-      dests_[i].path = plan_.dests[i].path;
-      dests_[i].fd = ::open(plan_.dests[i].path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (dests_[i].fd < 0) throw IoError(plan_.dests[i].path + ": cannot create: " + errno_text(errno));
-      preallocate(dests_[i], plan_.dests[i].size);
-    }
+    dests_.reserve(plan_.dests.size());
+    for (const auto& d : plan_.dests) dests_.push_back(std::make_unique<OutputFile>(d.path, d.size));
   }
 
   // A tensor whose one copy covers it with its own dtype from contiguous rows goes file to
@@ -509,7 +463,7 @@ class Runner {
     const uint64_t width = task.col1 - task.col0;
     const uint64_t length = (task.row1 - task.row0) * width * isz;
     const uint64_t dst_offset = task_offset(task);
-    const DestHandle& dest = dests_[t.dest];
+    const OutputFile& dest = *dests_[t.dest];
 
     // Fast path: one copy covers the task, same dtype, source rows contiguous:
     // the bytes go file to file.
@@ -539,7 +493,7 @@ class Runner {
       if (!intersect(c, task, &hit)) continue;
       copy_into(c, hit, task, width, isz, t.dtype, buffer.data());
     }
-    write_all(dest, buffer.data(), length, dst_offset);
+    dest.write(dst_offset, buffer.data(), length);
     finish(dest, dst_offset, length);
   }
 
@@ -657,7 +611,7 @@ class Runner {
   // band's fp8 rows; then the rows and the band's run of the scale grid are written.
   void run_quantize_task(const Task& task, Scratch& scratch) {
     const auto& t = plan_.tensors[task.tensor];
-    const DestHandle& dest = dests_[t.dest];
+    const OutputFile& dest = *dests_[t.dest];
     const uint64_t rows = task.row1 - task.row0, width = task.col1 - task.col0;
     const uint64_t blocks = ceil_div(width, kQuantizeBlock);
     const uint64_t tile_cols = std::min<uint64_t>(width, kQuantizeTileCols);
@@ -689,13 +643,13 @@ class Runner {
 
     const uint64_t at = task_offset(task);
     if (width == t.cols) {
-      write_all(dest, scratch.bytes.data(), rows * width, at);
+      dest.write(at, scratch.bytes.data(), rows * width);
     } else {
-      for (uint64_t i = 0; i < rows; ++i) write_all(dest, scratch.bytes.data() + i * width, width, at + i * t.cols);
+      for (uint64_t i = 0; i < rows; ++i) dest.write(at + i * t.cols, scratch.bytes.data() + i * width, width);
     }
     start_writeback(dest, at, (rows - 1) * t.cols + width);
     const uint64_t grid_at = t.scale_offset + ((task.row0 / kQuantizeBlock) * ceil_div(t.cols, kQuantizeBlock) + task.col0 / kQuantizeBlock) * 4;
-    write_all(dest, reinterpret_cast<const unsigned char*>(scratch.scales.data()), blocks * 4, grid_at);
+    dest.write(grid_at, scratch.scales.data(), blocks * 4);
     start_writeback(dest, grid_at, blocks * 4);
     done_bytes_.fetch_add(rows * width + blocks * 4);
   }
@@ -725,35 +679,34 @@ class Runner {
 
   // copy_file_range keeps the bytes in the kernel; where the filesystem cannot, the
   // mapping is written directly and its pages released after.
-  void copy_direct(const MappedFile& src, uint64_t src_offset, const DestHandle& dest, uint64_t dst_offset, uint64_t length) {
+  void copy_direct(const MappedFile& src, uint64_t src_offset, const OutputFile& dest, uint64_t dst_offset, uint64_t length) {
     loff_t in = static_cast<loff_t>(src_offset), out = static_cast<loff_t>(dst_offset);
     uint64_t left = length;
     while (left > 0 && use_copy_file_range_.load()) {
-      ssize_t n = ::copy_file_range(src.fd(), &in, dest.fd, &out, static_cast<size_t>(std::min<uint64_t>(left, 1ull << 30)), 0);
+      ssize_t n = ::copy_file_range(src.fd(), &in, dest.fd(), &out, static_cast<size_t>(std::min<uint64_t>(left, 1ull << 30)), 0);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP || errno == EBADF)) {
         use_copy_file_range_ = false;
         break;
       }
-      if (n < 0) throw IoError(dest.path + ": copy from " + src.path() + " failed: " + errno_text(errno));
+      if (n < 0) throw IoError(dest.path() + ": copy from " + src.path() + " failed: " + errno_text(errno));
       if (n == 0) throw IoError(src.path() + ": unexpected end of file while copying");
       left -= static_cast<uint64_t>(n);
     }
     if (left == 0) return;
     const uint64_t done = length - left;
     src.will_need(src_offset + done, left);
-    write_all(dest, src.data() + src_offset + done, left, dst_offset + done);
+    dest.write(dst_offset + done, src.data() + src_offset + done, left);
     src.release(src_offset + done, left);
   }
 
-  void finish(const DestHandle& dest, uint64_t offset, uint64_t length) {
+  void finish(const OutputFile& dest, uint64_t offset, uint64_t length) {
     start_writeback(dest, offset, length);
     done_bytes_.fetch_add(length);
   }
 
-  // Start writeback now so dirty pages do not pile up and the final fsync is short.
-  void start_writeback(const DestHandle& dest, uint64_t offset, uint64_t length) {
-    if (options_.fsync) ::sync_file_range(dest.fd, static_cast<off_t>(offset), static_cast<off_t>(length), SYNC_FILE_RANGE_WRITE);
+  void start_writeback(const OutputFile& dest, uint64_t offset, uint64_t length) {
+    if (options_.fsync) dest.start_writeback(offset, length);  // it shortens the final fsync; without one, no need
   }
 
   const Plan& plan_;
@@ -762,7 +715,7 @@ class Runner {
   std::vector<TensorComparison> comparisons_;
   std::vector<std::mutex> comparison_locks_;
   std::vector<std::unique_ptr<MappedFile>> sources_;
-  std::vector<DestHandle> dests_;
+  std::vector<std::unique_ptr<OutputFile>> dests_;
   std::vector<Task> tasks_;
   uint64_t total_bytes_ = 0;
   ExecStats stats_;

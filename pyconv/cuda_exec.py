@@ -3,7 +3,7 @@ arithmetic (casts, fp8 dequantization and quantization, the row permutations aro
 in the Triton kernels of the `kernels` package, and gives the same bytes.
 
     reader threads                main thread (one CUDA stream per slot)         writer threads
-    pread / strided gather   ──▶  H2D ─▶ kernels ─▶ D2H (non-blocking)     ──▶  wait event, pwrite
+    pread / strided gather   ──▶  H2D ─▶ kernels ─▶ D2H (non-blocking)     ──▶  wait event, write
     into a pinned slot            the next item's H2D overlaps these kernels     frees the slot
 
 Work is cut into items: bands of whole rows of one output tensor, sized so that the source
@@ -22,6 +22,7 @@ torch and triton are imported only here, and only when --device cuda is asked fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -312,12 +313,6 @@ def _host_transpose(sources: _Sources, c, h0: int, h1: int, at: int, out_row: in
     dst[...] = block
 
 
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    while len(buf):  # a positional write may write less than asked
-        n = os.pwrite(fd, buf, offset)
-        buf, offset = buf[n:], offset + n
-
-
 class _NoEvent:
     def synchronize(self):
         pass
@@ -347,7 +342,7 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     total = sum(i.write_bytes for i in items) + sum(len(d) for f in plan.files for _, d in f.literals)
 
     sources = _Sources(core_args[0])
-    fds = []
+    outputs = []  # the plan's files, as the core creates and writes them (_core.OutputFile)
     pool = queue.Queue()
     for _ in range(slots):
         pool.put(None)  # slots are allocated on first use, at slot_bytes
@@ -387,9 +382,9 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     def write_item(item: _Item, slot, event):
         event.synchronize()
         host = slot.numpy()
-        fd = fds[item.file_index]
+        out = outputs[item.file_index]
         for at, length, offset in item.writes:
-            _pwrite_all(fd, memoryview(host[at:at + length]), offset)
+            out.write(offset, host[at:at + length])
         with done_lock:
             done[0] += item.write_bytes
         pool.put(slot if slot.numel() <= slot_bytes else None)
@@ -448,15 +443,16 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             event.record(stream)
             return event
 
-    try:
-        for f in plan.files:
-            path = os.path.join(root, f.path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            fds.append(fd)
-            if f.size:
-                os.posix_fallocate(fd, 0, f.size)  # a full disk fails now, before any copying
+    with contextlib.ExitStack() as stack:  # unwound last in, first out: the pools, the files, the sources
+        stack.callback(sources.close)
+        # Created and preallocated, so that a full disk fails now. After an error each is closed
+        # without a word (that error is the one raised), as the core's destructor closes its own.
+        outputs.extend(stack.enter_context(_core.OutputFile(path, size)) for path, size in core_args[1])
+        stack.callback(writers.shutdown, wait=True, cancel_futures=True)  # no write is left when a file closes
+        stack.callback(readers.shutdown, wait=True, cancel_futures=True)
+        for f, out in zip(plan.files, outputs):
             for offset, data in f.literals:
-                _pwrite_all(fd, memoryview(data), offset)
+                out.write(offset, data)
                 done[0] += len(data)
         pending: deque = deque()
         writes: deque = deque()
@@ -492,16 +488,12 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
             fill()
         for w in writes:
             w.result()
-        for fd in fds:
-            os.fsync(fd)
         if progress is not None and progress(done[0], total) is False:
             raise Cancelled("cancelled")
-    finally:
-        readers.shutdown(wait=True, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=True)
-        for fd in fds:
-            os.close(fd)
-        sources.close()
+        for out in outputs:  # as the core ends a run: every file synced, then every file closed
+            out.sync()
+        for out in outputs:
+            out.close()
     return {"bytes_written": done[0], "tasks": len(items), "device_tasks": sum(i.on_device for i in items),
             "kernel_launches": sum(launches.values()), "launches": launches,
             "pinned_slots": len([a for a in allocated if a <= slot_bytes]),

@@ -358,6 +358,25 @@ def test_disk_full_fails_cleanly(medium, tmp_path):
         _umount(disk)
 
 
+def test_disk_full_fails_cleanly_on_the_cuda_path(medium, tmp_path):
+    """--device cuda writes through the core's OutputFile: the same refusal, the same message."""
+    pytest.importorskip("triton")
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk)
+    try:
+        dst = disk / "out"
+        env = dict(os.environ, TRITON_INTERPRET="1")  # the kernels on the CPU where there is no GPU
+        done = subprocess.run(reshard_cmd(medium, dst, "--device", "cuda"), cwd=tmp_path, capture_output=True, text=True,
+                              env=env)
+        assert done.returncode == 2, (done.returncode, done.stderr)
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, done.stderr
+        assert str(dst) in lines[0] and "no space left" in lines[0].lower(), lines[0]
+        assert os.listdir(disk) == []
+    finally:
+        _umount(disk)
+
+
 def test_read_only_destination_fails_cleanly(medium, tmp_path):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk)

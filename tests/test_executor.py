@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pyconv import _core
-from pyconv.errors import FormatError
+from pyconv.errors import FormatError, OutputError
 
 
 def write(path, array):
@@ -93,6 +93,26 @@ def test_destination_range_is_checked(tmp_path):
         _core.execute([src], [(str(tmp_path / "o"), 8)], [], [(0, 0, "F32", 1, 4, [(0, 0, 16, "F32", 1, 4, 0, 0, False)])])
     with pytest.raises(FormatError, match="past the file size"):
         _core.execute([src], [(str(tmp_path / "o"), 8)], [(0, 4, b"12345")], [])
+
+
+def test_output_file_writes_at_offsets_inside_its_planned_size(tmp_path):
+    """_core.OutputFile is the executor's destination file; --device cuda writes through it."""
+    path = tmp_path / "out.bin"
+    with _core.OutputFile(str(path), 16) as out:
+        assert path.stat().st_size == 16  # preallocated when opened
+        out.write(8, np.arange(8, dtype=np.uint8))
+        out.write(0, b"head")
+        out.write(4, memoryview(b"abcd"))
+        with pytest.raises(FormatError, match=re.escape(f"{path}: write of 5 bytes at 12 runs past the file size 16")):
+            out.write(12, b"12345")
+        out.sync()
+    assert path.read_bytes() == b"headabcd" + bytes(range(8))
+    with pytest.raises(OutputError, match=re.escape(f"{path}: write after the file was closed")):
+        out.write(0, b"x")
+    with pytest.raises(OutputError, match=re.escape(f"{tmp_path / 'missing' / 'x'}: cannot create: No such file")):
+        _core.OutputFile(str(tmp_path / "missing" / "x"), 1)
+    with pytest.raises(KeyError), _core.OutputFile(str(path), 4):  # an error inside the block goes on as it was
+        raise KeyError("x")
 
 
 @pytest.mark.parametrize("literals, tensors, message", [

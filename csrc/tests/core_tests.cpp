@@ -11,7 +11,8 @@
 // (b) execute_plan on small synthetic files: plain copies, casts, transposed copies,
 //     stride-0 repeats, fp8 dequantization and quantization (checked against the scalar
 //     codecs), and hostile plans (out-of-range ranges, overflowing sizes, overlapping copies
-//     or file ranges) that must throw FormatError before any destination file is created.
+//     or file ranges) that must throw FormatError before any destination file is created;
+//     OutputFile, the executor's destination file, on its own.
 // (c) exhaustive cast round trips: bf16 / fp16 -> fp32 -> back is the identity for every
 //     non-NaN pattern (scalar functions and cast_elements, aligned and unaligned), and the
 //     same for all 256 e4m3fn patterns.
@@ -38,6 +39,7 @@
 #include "errors.h"
 #include "executor.h"
 #include "fp8.h"
+#include "output_file.h"
 #include "safetensors.h"
 
 using namespace pyconv;
@@ -788,6 +790,34 @@ void executor_overlap_plans() {
 // ---------------------------------------------------------------------------------------------
 // (c) cast round trips
 
+// OutputFile, as execute_plan and --device cuda write through it: preallocated when opened,
+// written at offsets, a write past the planned size refused, errors as IoError naming the file.
+void output_file() {
+  const std::string path = tmp_path("output_file.bin");
+  Outcome o = run_guarded("OutputFile", [&] {
+    OutputFile f(path, 16);
+    check(read_file(path).size() == 16, "OutputFile: not sized to 16 bytes when opened");
+    f.write(8, "89abcdef", 8);
+    f.write(0, "01234567", 8);
+    expect_format_error("OutputFile: a write past the planned size", [&] { f.write(12, "xxxxx", 5); });
+    check(g_last_error == path + ": write of 5 bytes at 12 runs past the file size 16", "OutputFile: message '" + g_last_error + "'");
+    expect_format_error("OutputFile: an overflowing write", [&] { f.write(std::numeric_limits<uint64_t>::max(), "x", 1); });
+    f.sync();
+    f.close();
+    f.close();  // a second close does nothing
+    check(run_guarded("OutputFile: write after close", [&] { f.write(0, "x", 1); }) == Outcome::Io, "OutputFile: write after close not an IoError");
+  });
+  check(o == Outcome::Ok, "OutputFile: " + g_last_error);
+  const auto bytes = read_file(path);
+  check(std::string(bytes.begin(), bytes.end()) == "0123456789abcdef", "OutputFile: bytes written");
+  o = run_guarded("OutputFile in a missing directory", [&] { OutputFile f(tmp_path("missing/x.bin"), 4); });
+  check(o == Outcome::Io && g_last_error.find(tmp_path("missing/x.bin") + ": cannot create") == 0, "OutputFile: missing directory: " + g_last_error);
+  // Too large for any filesystem: refused when opened (fallocate, or ftruncate where there is none).
+  o = run_guarded("OutputFile of 2^62 bytes", [&] { OutputFile f(tmp_path("huge.bin"), 1ull << 62); });
+  check(o == Outcome::Io && g_last_error.find(tmp_path("huge.bin") + ": cannot ") == 0, "OutputFile: 2^62 bytes: " + g_last_error);
+  ::unlink(tmp_path("huge.bin").c_str());
+}
+
 bool bf16_is_nan(uint16_t b) { return (b & 0x7F80) == 0x7F80 && (b & 0x7F); }
 bool f16_is_nan(uint16_t h) { return (h & 0x7C00) == 0x7C00 && (h & 0x3FF); }
 
@@ -898,6 +928,7 @@ int main(int argc, char** argv) {
   executor_valid_plans();
   executor_hostile_plans();
   executor_overlap_plans();
+  output_file();
   cast_round_trips();
 
   std::error_code ec;
