@@ -9,11 +9,7 @@ from argparse import Namespace
 from pyconv.errors import FormatError
 
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
 CHECKPOINT_FILE = "model_optim_rng.pt"
-
-
 CHECKPOINT_VERSION = 3.0
 
 

@@ -179,21 +179,13 @@ def padded_vocab(fam: Family, dims: ModelDims, md: DcpMetadata, directory: str, 
 #     decoder.layers.3.mlp.linear_fc1.weight                       [2F, H]  = [w; v]
 #     decoder.layers.3.mlp.experts.experts.linear_fc1.weight       [E, 2F_moe, H]
 _GLU_HALF = re.compile(r"^(?P<base>.+\.linear_fc1\.(?:weight|bias))_(?P<half>[wv])$")
-
-
 _ONE_EXPERT = re.compile(r"^(?P<head>.+\.experts\.experts)\.(?P<expert>\d+)\.(?P<tail>.+)$")
 
 
 # Keys only the default layout has: layers stacked on an axis, experts stacked on an axis.
 _STACKED_LAYERS = re.compile(r"(?:^|\.)layers\.(?!\d+\.)")
-
-
 _EXPERT_AXIS = re.compile(r"\.experts\.experts\.(?!\d+\.)")
-
-
 _UNSPLIT_FC1 = re.compile(r"\.linear_fc1\.(?:weight|bias)$")
-
-
 _INDEX = re.compile(r"\.\d+\.")
 
 

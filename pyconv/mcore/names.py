@@ -3,11 +3,7 @@ expert; the canonical (HF) shapes and order of the tensors a Megatron-style chec
 
 from __future__ import annotations
 
-from pyconv.families import (
-    Family,
-    ModelDims,
-    TensorMapping,
-)
+from pyconv.families import Family, ModelDims, TensorMapping
 from pyconv.mcore.parallel import stage_entries
 
 
