@@ -65,8 +65,8 @@ def parse_dtype(name: str | None) -> str | None:
     return ALIASES[key]
 
 
-def params_dtype(target_dtype: str | None, tensor_dtypes) -> str:
-    """The model's floating dtype in a written config (Megatron's params_dtype, NeMo's): the
+def model_dtype(target_dtype: str | None, tensor_dtypes) -> str:
+    """The model's floating dtype in a written config (Megatron's params_dtype, NeMo's): a float
     target dtype, else the first floating dtype among the source tensors, else F32."""
     if target_dtype in FLOAT_DTYPES:
         return target_dtype

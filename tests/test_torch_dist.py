@@ -573,3 +573,16 @@ def test_fp8_source_dequantizes_or_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyconv", "verify", str(tmp_path / "direct"), str(tmp_path / "back")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("to", ["megatron", "torch_dist", "nemo"])
+def test_quantizing_to_fp8_is_refused_for_megatron_style_targets(tmp_path, to):
+    """--dtype fp8 into a torch checkpoint ended in a TypeError traceback while planning."""
+    import pyconv
+    from pyconv.errors import LayoutError
+    from test_output_hashes import make_source
+
+    src = make_source("llama", tmp_path / "src")
+    with pytest.raises(LayoutError, match="cannot hold block-scaled fp8 weights"):
+        pyconv.reshard(src, tmp_path / "out", to=to, dtype="fp8")
+    assert not (tmp_path / "out").exists()

@@ -47,7 +47,7 @@ from argparse import Namespace
 from dataclasses import dataclass, replace
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
-from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
 from pyconv.io.jsonfile import parse_yaml
@@ -781,8 +781,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     divide(dims.heads, target.options.tp, "num_attention_heads", "tp")
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
     stages = layer_stages(dims.num_layers, target.options.pp, target.options.first_stage_layers, target.options.last_stage_layers)
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
-    args = _writer_args(family, catalog.config, dims, target, padded, target.dtype or source_dtype,
+    args = _writer_args(family, catalog.config, dims, target, padded,
+                        model_dtype(target.dtype, (t.dtype for t in catalog.tensors.values())),
                         binary_head="cls.seq_relationship.weight" in catalog.tensors)
     if target.options.first_stage_layers is not None or target.options.last_stage_layers is not None:
         args.update(decoder_first_pipeline_num_layers=target.options.first_stage_layers,

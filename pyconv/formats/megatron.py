@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from pyconv.catalog import Catalog
-from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, output_dtype
+from pyconv.dtypes import TORCH_NAME, model_dtype, output_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
     get_family,
@@ -248,8 +248,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         mtp_stage = None
         stages = virtual_stages(dims.num_layers, pp, vpp, target.options.first_stage_layers, target.options.last_stage_layers)
     iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
-    params_dtype = target.dtype or source_dtype
+    params_dtype = model_dtype(target.dtype, (t.dtype for t in catalog.tensors.values()))
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,

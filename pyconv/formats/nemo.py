@@ -39,7 +39,7 @@ import os
 import re
 
 from pyconv.catalog import Catalog
-from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
 from pyconv.mcore.dcp import DcpOptions
@@ -745,8 +745,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     family, dims = family_and_dims(catalog)
     if family.nemo_classes is None:
         raise LayoutError(f"{catalog.architecture}: pyconv has no NeMo 2 model class for the {family.name} family")
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
-    params_dtype = target.dtype or source_dtype
+    params_dtype = model_dtype(target.dtype, (t.dtype for t in catalog.tensors.values()))
     fields = nemo_config_fields(family, catalog.config, dims, params_dtype)
     module, model_name, config_name = family.nemo_classes
     # No vocabulary padding (as NeMo's importers): the embedding keeps the true vocabulary.

@@ -59,7 +59,7 @@ import os
 from argparse import Namespace
 
 from pyconv.catalog import Catalog
-from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
+from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError
 from pyconv.families import (
     Family,
@@ -275,8 +275,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     config = catalog.config
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
     iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"
-    source_dtype = next((t.dtype for t in catalog.tensors.values() if t.dtype in FLOAT_DTYPES), "F32")
-    params_dtype = target.dtype or source_dtype
+    params_dtype = model_dtype(target.dtype, (t.dtype for t in catalog.tensors.values()))
     args = {
         **family.megatron_args_from_hf(config, dims),
         "tensor_model_parallel_size": target.options.tp, "pipeline_model_parallel_size": 1,

@@ -141,7 +141,11 @@ def attention_notes(config: dict) -> tuple[str, ...]:
 
 def refuse_fp8_weights(catalog: Catalog, dtype: str | None) -> None:
     """Block-scaled fp8 weights have no place in a Megatron-style checkpoint (.pt, torch_dist,
-    NeMo): a float --dtype dequantizes them in the core; without one they are refused."""
+    NeMo): a float dtype dequantizes them in the core; without one they are refused, and so is
+    quantizing to fp8 (a torch checkpoint has no fp8 storage with scales)."""
+    if dtype == "F8_E4M3":
+        raise LayoutError(f"{catalog.path}: dtype fp8: a Megatron checkpoint cannot hold block-scaled fp8 weights "
+                          f"(fp8 quantization is written to an hf target)")
     fp8 = [n for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"]
     if fp8 and dtype in (None, "F8_E4M3"):
         raise LayoutError(f"{catalog.path}: '{fp8[0]}' (and {len(fp8) - 1} more) is fp8 with block scales, which a "
