@@ -38,7 +38,6 @@ DTYPES = tuple(Dtype(*row) for row in (
     ("F8_E4M3", "float8_e4m3fn", 1, None),
     ("F8_E5M2", "float8_e5m2", 1, None),
 ))
-BY_NAME = {d.name: d for d in DTYPES}
 
 ITEMSIZE = {d.name: d.itemsize for d in DTYPES}
 TORCH_NAME = {d.name: d.torch for d in DTYPES}                      # F32 -> float32

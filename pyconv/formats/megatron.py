@@ -34,6 +34,7 @@ from pyconv.layout import (
     padded_vocab_size,
     virtual_stages,
 )
+from pyconv.layout.rules import ExpertPartition
 from pyconv.mcore.assemble import Assembly, assembled_catalog, read_rank
 from pyconv.mcore.checkpoint import (
     CHECKPOINT_FILE,
@@ -55,7 +56,6 @@ from pyconv.mcore.names import hf_names, megatron_tensor_name
 from pyconv.mcore.parallel import (
     MegatronLayout,
     expert_grid,
-    experts_per_rank,
     layout_mtp_stage,
     rank_dir_name,
     shard_shape,
@@ -229,7 +229,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         raise LayoutError(f"ep={ep} needs a mixture-of-experts model; {catalog.architecture} has no experts")
     if etp != tp and not dims.num_experts:
         raise LayoutError(f"etp={etp} needs a mixture-of-experts model; {catalog.architecture} has no experts")
-    experts_per_rank(dims, ep)
+    ExpertPartition(dims.num_experts, ep).per_rank  # ep must divide the experts
     grid = sorted(expert_grid(tp, ep, etp))
     refuse_fp8_weights(catalog, target.dtype)
     if target.options.megatron_naming not in ("te", "local"):

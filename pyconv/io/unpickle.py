@@ -56,8 +56,6 @@ MAX_PICKLE_BYTES = 1 << 30  # a data.pkl holds structure, not tensor bytes; real
 MAX_TUPLE_DEPTH = 64  # torch's own pickles nest tuples 2-3 deep
 _INT64_LIMIT = 1 << 63
 
-# torch dtype name -> safetensors dtype, for the dtypes whose tensors pyconv reads.
-TORCH_TO_SAFETENSORS = FROM_TORCH_NAME
 # Every dtype torch 2.13 defines, by the name it pickles under (`torch.half` pickles as
 # `torch.float16`), with its itemsize; these may appear as values (`args.params_dtype`).
 TORCH_DTYPE_ITEMSIZE = {
@@ -130,7 +128,7 @@ class TorchDtype:
 
     @property
     def safetensors(self) -> str | None:
-        return TORCH_TO_SAFETENSORS.get(self.name)
+        return FROM_TORCH_NAME.get(self.name)  # the dtypes whose tensors pyconv reads
 
     @property
     def itemsize(self) -> int:

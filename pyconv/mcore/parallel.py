@@ -137,9 +137,6 @@ def expert_grid(tp: int, ep: int, etp: int) -> list[tuple[int, int, int]]:
     return [(s % tp, (s // etp) % ep, s % etp) for s in range(etp * ep)]
 
 
-def experts_per_rank(dims: ModelDims, ep: int) -> int:
-    return ExpertPartition(dims.num_experts, ep).per_rank
-
 
 def stage_entries(family: Family, dims: ModelDims, stage: int, stages: list[range], ep_rank: int, ep: int,
                    mtp_stage: int | None = None):
