@@ -62,10 +62,10 @@ class Checkpoint:
             return torch.empty(t.shape, dtype=dtype)
         first = t.blocks[0].stored
         if len(t.blocks) == 1 and first.shape == t.shape and first.dtype == t.dtype:
-            return self._stored_view(first, dtype).view(t.shape)
+            return self._stored_view(first, dtype)
         out = torch.empty((rows, cols), dtype=dtype)
         for b in t.blocks:
-            src = self._stored_view(b.stored, dtype)
+            src = self._stored_view(b.stored, dtype).reshape(view2d(b.stored.shape))
             if b.transpose:
                 block = src[b.src_row:b.src_row + b.cols, b.src_col:b.src_col + b.rows].T
             else:
@@ -74,21 +74,23 @@ class Checkpoint:
         return out.view(t.shape)
 
     def _stored_view(self, stored, dtype):
-        """A stored tensor as a [rows, cols] view of its file's read-only mapping."""
+        """A stored tensor as a view of its file's read-only mapping, with its strides."""
+        import math
         import warnings
 
         import torch
 
         from pyconv import _core
-        from pyconv.catalog import view2d
 
         mapping = self._maps.get(stored.path)
         if mapping is None:
             mapping = self._maps[stored.path] = _core.MappedFile(stored.path)
-        rows, cols = view2d(stored.shape)
+        span = 1 + sum((n - 1) * s for n, s in zip(stored.shape, stored.element_strides)) if math.prod(stored.shape) else 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns that the buffer is not writable; it is meant not to be
-            return torch.frombuffer(mapping, dtype=dtype, count=rows * cols, offset=stored.offset).view(rows, cols)
+            flat = torch.frombuffer(mapping, dtype=dtype, count=span, offset=stored.offset) if span else \
+                torch.empty(0, dtype=dtype)
+        return flat.as_strided(stored.shape, stored.element_strides)
 
     def summary(self) -> dict:
         by_dtype: dict[str, int] = {}

@@ -149,29 +149,37 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
         c0, c1 = max(col0, b.dst_col), min(col0 + cols, b.dst_col + b.cols)
         if r0 >= r1 or c0 >= c1:
             continue
-        stored_cols = view2d(b.stored.shape)[1]
-        isz = ITEMSIZE[b.stored.dtype]
+        # The stored block read: stored_rows x stored_cols at (src_r, src_c) of the stored 2-D view.
         if b.transpose:
             src_r, src_c = b.src_row + (c0 - b.dst_col), b.src_col + (r0 - b.dst_row)
+            stored_rows, stored_cols = c1 - c0, r1 - r0
         else:
             src_r, src_c = b.src_row + (r0 - b.dst_row), b.src_col + (c0 - b.dst_col)
+            stored_rows, stored_cols = r1 - r0, c1 - c0
         if transpose:
-            at_row, at_col, n_rows, n_cols = dst_row + (c0 - col0), dst_col + (r0 - row0), c1 - c0, r1 - r0
+            at_row, at_col = dst_row + (c0 - col0), dst_col + (r0 - row0)
         else:
-            at_row, at_col, n_rows, n_cols = dst_row + (r0 - row0), dst_col + (c0 - col0), r1 - r0, c1 - c0
+            at_row, at_col = dst_row + (r0 - row0), dst_col + (c0 - col0)
+        flipped = transpose != b.transpose  # stored element (i, j) lands at output (j, i)
         scale = b.stored.scale if dtype is not None and dtype != b.stored.dtype else None
-        if scale is not None and (transpose or b.transpose):
-            raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 weight cannot be transposed")
-        out.append(BlockCopy(
-            source=b.stored.path,
-            src_offset=b.stored.offset + (src_r * stored_cols + src_c) * isz,
-            src_row_stride=stored_cols * isz,
-            src_dtype=b.stored.dtype,
-            rows=n_rows, cols=n_cols, dst_row=at_row, dst_col=at_col,
-            transpose=transpose != b.transpose,
-            **({} if scale is None else dict(
-                scale_source=scale.path, scale_offset=scale.offset, scale_row_stride=view2d(scale.shape)[1] * 4,
-                scale_row0=src_r, scale_col0=src_c, scale_block=FP8_BLOCK))))
+        if scale is not None and (flipped or b.stored.strides is not None or scale.strides is not None):
+            raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 weight cannot be transposed or strided")
+        for region in b.stored.regions(src_r, src_c, stored_rows, stored_cols):
+            if flipped:
+                region_at = (at_row + region.col, at_col + region.row, region.cols, region.rows)
+            else:
+                region_at = (at_row + region.row, at_col + region.col, region.rows, region.cols)
+            out.append(BlockCopy(
+                source=b.stored.path,
+                src_offset=region.offset,
+                src_row_stride=region.stride,
+                src_dtype=b.stored.dtype,
+                rows=region_at[2], cols=region_at[3], dst_row=region_at[0], dst_col=region_at[1],
+                transpose=flipped if region.along_rows else not flipped,
+                **({} if scale is None else dict(
+                    scale_source=scale.path, scale_offset=scale.offset,
+                    scale_row_stride=view2d(scale.shape)[1] * 4,
+                    scale_row0=src_r, scale_col0=src_c, scale_block=FP8_BLOCK))))
         covered += (r1 - r0) * (c1 - c0)
     if covered != rows * cols:
         raise LayoutError(f"tensor {tensor.name}: source blocks cover {covered} of the {rows * cols} elements requested")

@@ -231,3 +231,16 @@ def test_row_interleaved_mindspore_fc1_equals_cpu(tiny_models, tmp_path, interpr
     _, src = tiny_models["llama"]
     plan, _ = both_ways(src, tmp_path, to="mindspore", dtype="bf16")
     assert any(t.view is not None for f in plan.files for t in f.tensors)
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_strided_views_equal_cpu(tmp_path, interpreted, dtype):
+    # Views torch.save kept with their strides: transposing copies, per-row and per-column copies
+    # of stepped slices, repeated (stride 0) rows, with a cast on the device or bytes on the host.
+    from test_strided_views import view_matrix
+
+    (tmp_path / "src").mkdir()
+    torch.save({k: v for k, v in view_matrix().items() if v.dtype != torch.bool or dtype is None},
+               tmp_path / "src" / "pytorch_model.bin")
+    plan, _ = both_ways(tmp_path / "src", tmp_path, to="hf", dtype=dtype)
+    assert sum(c.transpose for f in plan.files for t in f.tensors for c in t.copies) > 5

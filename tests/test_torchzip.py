@@ -371,13 +371,26 @@ def test_record_past_end_of_file(tmp_path):
         read_torch_checkpoint(path)
 
 
-def test_non_contiguous_tensor_is_named(tmp_path):
+def test_a_transposed_view_is_read_with_its_strides(tmp_path):
     name = "decoder.layers.0.mlp.linear_fc1.weight"
-    path = saved(tmp_path, obj={"model": collections.OrderedDict([(name, sample(torch.bfloat16, 3, 5).t())])})
+    weight = sample(torch.bfloat16, 3, 5)
+    path = saved(tmp_path, obj={"model": collections.OrderedDict([(name, weight.t())])})
+    ref = dict(iter_tensors(read_torch_checkpoint(path).obj))[f"model.{name}"]
+    assert (ref.shape, ref.strides, ref.nbytes) == ((5, 3), (1, 5), 30)
+    assert file_bytes(ref) == raw_bytes(weight)  # the storage, row-major as the original
+
+
+@pytest.mark.parametrize("size, stride, needs", [((5, 3), (1, 5), "0..60"), ((2, 2), (9, 1), "0..44"),
+                                                 ((3, 4), (0, 4), "0..52")])
+def test_a_view_reaching_past_its_storage_is_named(tmp_path, size, stride, needs):
+    """Bounds are those of the view (its last element), not of numel elements from its start:
+    each of these has numel <= 10 elements in a 10-element storage."""
+    path = write_archive(tmp_path / "v.pt", fake_pickle({"w": FakeTensor(FakeStorage("0", 10), 0, size, stride)}),
+                         {"0": floats(10)})
     with pytest.raises(FormatError) as e:
         read_torch_checkpoint(path)
-    assert str(e.value) == (f"{path}: tensor 'model.{name}' is not contiguous (shape (5, 3), stride (1, 5)); "
-                            "re-save it after .contiguous()")
+    assert str(e.value) == (f"{path}: tensor 'w' needs bytes {needs} of storage '0' (offset 0, shape {size}, "
+                            f"stride {stride}, torch.float32), which holds 40 bytes")
 
 
 def test_storage_smaller_than_declared(tmp_path):

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 
-from pyconv.catalog import CanonicalTensor, Catalog, StoredTensor, nbytes
+from pyconv.catalog import CanonicalTensor, Catalog, nbytes
 from pyconv.dtypes import output_dtypes
 from pyconv.errors import FormatError
 from pyconv.families import kept_dtypes
@@ -77,7 +77,7 @@ def _read_bin_tensors(path: str):
     checkpoint = read_torch_checkpoint(path)
     out = {}
     for name, ref in iter_tensors(checkpoint.obj):
-        out[name] = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
+        out[name] = ref.stored()
     return out
 
 

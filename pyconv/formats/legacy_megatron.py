@@ -44,9 +44,9 @@ import re
 import struct
 import zipfile
 from argparse import Namespace
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
@@ -678,8 +678,10 @@ def legacy_qkv_position(stored: StoredTensor, row: int, rows: int, col: int, dim
         return stored, row, col
     if version == 0:
         return stored, split * local_heads * hn + head * hn + d0, col
-    cols = view2d(stored.shape)[1]  # 1.0: [np, hn, 3] rows; as [np * hn, 3 * cols] each of q, k, v is a column block
-    return replace(stored, shape=(local_heads * hn, 3 * cols)), head * hn + d0, split * cols + col
+    # 1.0: rows in [np, hn, 3] order; q, k or v alone is every third row from its own first
+    strides = stored.element_strides
+    split_view = stored.view(split * strides[0], (local_heads * hn,) + stored.shape[1:], (3 * strides[0],) + strides[1:])
+    return split_view, head * hn + d0, col
 
 
 def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float,
@@ -712,7 +714,7 @@ def _read_rank(label: str, tensors: dict, layout, t: int, p: int, version: float
             continue  # the last stage's copy of the tied word embedding
         if mapping.rule.replicated and t > 0:
             continue  # replicas: taken from tensor-parallel rank 0
-        stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
+        stored = ref.stored()
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         for piece in pieces:
             if piece.repeat:

@@ -288,7 +288,7 @@ class ChunkLocator:
         if obj.dtype != tensor.dtype or tuple(obj.shape) != chunk.sizes:
             raise FormatError(f"{where}: the archive holds a {obj.dtype} tensor of shape {list(obj.shape)}, the "
                               f"metadata says {tensor.dtype} {list(chunk.sizes)}")
-        return StoredTensor(path, obj.offset, obj.dtype, chunk.sizes)
+        return obj.stored()
 
 
 # ---- writing the .metadata ------------------------------------------------------------------

@@ -32,6 +32,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from pyconv.catalog import StoredTensor
 from pyconv.errors import FormatError
 from pyconv.io.parse_once import parsed
 from pyconv.io.unpickle import (
@@ -54,14 +55,19 @@ _SMALL_RECORD = 64  # byteorder and friends
 @inert
 @dataclass(frozen=True, slots=True)
 class TensorRef:
-    """A contiguous row-major tensor of a torch.save archive: `nbytes` bytes at `offset` of `path`."""
+    """A tensor of a torch.save archive: its first element at `offset` of `path`, row-major
+    contiguous (`nbytes` bytes from there) or a view with the element `strides` torch kept."""
 
     path: str
     storage_key: str
     offset: int  # absolute, of the first element
     dtype: str  # safetensors name: BF16, F32, F8_E4M3...
     shape: tuple[int, ...]
-    nbytes: int
+    nbytes: int  # of the tensor's elements (a strided view spans more of its storage)
+    strides: tuple[int, ...] | None = None  # in elements; None: row-major contiguous
+
+    def stored(self) -> StoredTensor:
+        return StoredTensor(self.path, self.offset, self.dtype, tuple(self.shape), strides=self.strides)
 
 
 @dataclass(frozen=True)
@@ -292,20 +298,22 @@ class _Archive:
         if t.metadata:
             return _TensorProblem(key, f"has torch's lazy {'/'.join(map(str, t.metadata))[:40]} bit set; "
                                        "re-save it after .resolve_conj()/.resolve_neg()")
-        if not _is_contiguous(t.size, t.stride):
-            return _TensorProblem(key, f"is not contiguous (shape {t.size}, stride {t.stride}); "
-                                       "re-save it after .contiguous()")
         itemsize = t.dtype.itemsize
         numel = 1
         for size in t.size:
             numel *= size
+        contiguous = _is_contiguous(t.size, t.stride)
+        # The bytes the view reaches, checked against its storage (a view may span more than numel).
+        last = t.storage_offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) if numel else t.storage_offset - 1
         _, record_offset, record_bytes = self.storages[key]
-        begin, nbytes = t.storage_offset * itemsize, numel * itemsize
-        if begin + nbytes > record_bytes:
-            return _TensorProblem(key, f"needs bytes {begin}..{begin + nbytes} of storage '{key[:64]}' "
-                                       f"(offset {t.storage_offset}, shape {t.size}, {t.dtype!r}), which holds "
+        begin, end = t.storage_offset * itemsize, (last + 1) * itemsize
+        if end > record_bytes:
+            view = "" if contiguous else f", stride {t.stride}"
+            return _TensorProblem(key, f"needs bytes {begin}..{end} of storage '{key[:64]}' "
+                                       f"(offset {t.storage_offset}, shape {t.size}{view}, {t.dtype!r}), which holds "
                                        f"{record_bytes} bytes")
-        return TensorRef(self.path, key, record_offset + begin, dtype, t.size, nbytes)
+        return TensorRef(self.path, key, record_offset + begin, dtype, t.size, numel * itemsize,
+                         None if contiguous else t.stride)
 
 
 class _FileWindow:
@@ -341,7 +349,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> TorchCheckpoint:
 
     Raises FormatError (message starting with the path) for anything torch.save would not have
     written or pyconv cannot map: the legacy format, compressed or truncated records, a global
-    outside the allowlist, a non-contiguous or out-of-bounds tensor (named by its tree path)."""
+    outside the allowlist, a tensor reaching outside its storage (named by its tree path)."""
     path = os.fspath(path)
     try:
         f = open(path, "rb")

@@ -8,7 +8,7 @@ so one function serves both HF -> Megatron and Megatron -> HF.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyconv.catalog import CanonicalTensor, SourceBlock, StoredTensor
 from pyconv.errors import LayoutError
@@ -49,6 +49,8 @@ class Piece:
                                         dtype=dtype)
             if any(c.scale_source for c in one_row):
                 raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 row cannot be repeated as vocab padding")
+            if any(c.transpose for c in one_row):  # a row of a transposed view: its elements are not adjacent
+                return [replace(c, dst_row=self.dst_row + i) for i in range(self.rows) for c in one_row]
             return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, self.rows, c.cols, c.dst_row, c.dst_col)
                     for c in one_row]
         if transposed:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
+from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME
 from pyconv.errors import FormatError, LayoutError
 from pyconv.mcore.checkpoint import ARGS_SUMMARY, TRACKER
@@ -78,7 +78,7 @@ def read_rank(file: str, obj: dict, layout: MegatronLayout, t: int, p: int, e: i
                               f"head_dim {dims.head_dim}, ffn {dims.ffn}, padded vocab {padded})")
         if (whole and t > 0) or (dense_replica and not mapping.per_expert):
             continue  # replicas: taken from the first tensor- and expert-parallel rank
-        stored = StoredTensor(ref.path, ref.offset, ref.dtype, tuple(ref.shape))
+        stored = ref.stored()
         transposed = mapping.transposed and len(mapping.shape(dims)) == 2
         for piece in pieces:
             block = piece.source_block(stored, transposed)

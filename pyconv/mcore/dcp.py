@@ -461,7 +461,9 @@ def _chunk_blocks(mapping: TensorMapping, chunk, stored: StoredTensor, pieces: d
         count *= len(span)
     if count * nr * nc == 0:
         return
-    grid = StoredTensor(stored.path, stored.offset, stored.dtype, (count * nr, nc))
+    # The chunk's own 2-D view is [count * nr, nc]; a vector chunk gains a unit column.
+    grid = stored if len(offsets) > 1 else replace(stored, shape=stored.shape + (1,),
+                                                   strides=None if stored.strides is None else stored.strides + (1,))
     for i, index in enumerate(itertools.product(*spans)):
         slice_layer = layer if layer is not None else (index[0] if mapping.where == LAYER else None)
         expert = index[-1] if mapping.per_expert else None
@@ -540,7 +542,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     common.pt (torch.save of `common`) and metadata.json, every key prefixed with `key_prefix`
     (NeMo 2 saves its model under 'module.')."""
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
-    from pyconv.io.torchsave import TensorSlot, layout_torch_save
+    from pyconv.io.torchsave import layout_torch_save
     from pyconv.mcore.config import refuse_fp8_weights
     from pyconv.mcore.names import hf_names
     from pyconv.mcore.parallel import shard_pieces, shard_shape
