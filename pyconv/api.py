@@ -105,6 +105,7 @@ class Checkpoint:
             "bytes_by_dtype": by_dtype,
             "extra_files": [os.path.basename(p) for p, _ in self.catalog.extra_files],
             **self.catalog.details,
+            **({"notes": list(self.catalog.notes)} if self.catalog.notes else {}),
         }
 
     def __repr__(self) -> str:
@@ -177,7 +178,8 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_f
     target = target_spec(to, dtype, **options)
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
     files = get_format(to).plan_output(catalog, target)
-    return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files), tuple(getattr(files, "notes", ())))
+    return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files),
+                       catalog.notes + tuple(getattr(files, "notes", ())))
 
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool = False,

@@ -199,6 +199,7 @@ class Catalog:
     extra_files: tuple[tuple[str, int], ...] = ()  # (absolute path, size) of tokenizer/generation files to copy
     metadata: dict[str, str] = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # format-specific facts for `inspect` (tp, pp, iteration...)
+    notes: tuple[str, ...] = ()  # what the reader left out and why (optimizer state...), for the plan
 
     @property
     def total_bytes(self) -> int:

@@ -133,6 +133,8 @@ def _cmd_inspect(args) -> int:
             print(f"  {key + ':':<13} {summary[key]}")
     if "args" in summary:
         print("  args:         " + ", ".join(f"{k}={v}" for k, v in summary["args"].items()))
+    for note in summary.get("notes", ()):
+        print(f"  note:         {note}")
     for t in summary.get("tensor_list", []) if args.tensors else []:
         print(f"    {t['name']:<60} {t['dtype']:<8} {t['shape']}")
     return EXIT_OK

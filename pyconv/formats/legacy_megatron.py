@@ -52,6 +52,7 @@ from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
 from pyconv.io.jsonfile import parse_yaml
 from pyconv.io.torchzip import read_torch_archive
+from pyconv.mcore.checkpoint import RANK_DIR, RANK_FILES, TRACKER, skipped_training_state
 from pyconv.plan import (
     PlannedFile,
     PlannedTensor,
@@ -61,11 +62,8 @@ from pyconv.plan import (
 )
 
 FORMAT = "megatron-legacy"
-TRACKER = "latest_checkpointed_iteration.txt"
-RANK_FILES = ("model_optim_rng.pt", "model_rng.pt")
 CHECKPOINT_VERSION = 3.0
 CONFIG = "config.json"
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 # NeMo 1 (.nemo tar or its extracted directory): model_config.yaml plus model_weights.ckpt, or
 # mp_rank_TT/model_weights.ckpt (tp > 1), or tp_rank_TT_pp_rank_PPP/model_weights.ckpt (pp > 1).
 NEMO1_WEIGHTS = "model_weights.ckpt"
@@ -175,6 +173,7 @@ class _Found:
     container: str  # "file", "zip", "directory", "nemo" or "nemo-directory"
     where: str  # the directory (or zip prefix) holding the rank dirs, for messages
     nemo_config: dict | None = None  # NeMo 1's model_config.yaml
+    optimizer_files: tuple[str, ...] = ()  # the distributed optimizer's, not read
 
 
 def _load(rank: RankFile):
@@ -198,22 +197,17 @@ def _rank_key(t: str, p: str | None) -> tuple[int, int]:
 
 
 def _find_in_directory(root: str) -> _Found:
-    from pyconv.mcore.checkpoint import iteration_dir
+    from pyconv.mcore.checkpoint import find_rank_files, iteration_dir
 
     directory, iteration = iteration_dir(root)
+    found = find_rank_files(directory)
     ranks = {}
-    for entry in sorted(os.listdir(directory)):
-        m = _RANK_DIR.match(entry)
-        rank_dir = os.path.join(directory, entry)
-        if not m or not os.path.isdir(rank_dir):
-            continue
-        file = next((os.path.join(rank_dir, n) for n in RANK_FILES if os.path.isfile(os.path.join(rank_dir, n))), None)
-        if file is None:
-            raise FormatError(f"{rank_dir}: no {' or '.join(RANK_FILES)}")
-        ranks[_rank_key(*m.groups())] = RankFile(file, file)
-    if not ranks:
-        raise FormatError(f"{directory}: no mp_rank_TT[_PPP] directories")
-    return _Found(ranks, iteration, "directory", directory)
+    for numbers, file in found.ranks.items():
+        if len(numbers) > 2:
+            raise FormatError(f"{os.path.dirname(file)}: an expert-parallel rank; legacy Megatron-LM models have "
+                              "no experts")
+        ranks[(numbers[0], numbers[1] if len(numbers) > 1 else 0)] = RankFile(file, file)
+    return _Found(ranks, iteration, "directory", directory, optimizer_files=found.optimizer_files)
 
 
 def _zip_member_offset(path: str, f, info: zipfile.ZipInfo, file_size: int) -> int:
@@ -396,7 +390,7 @@ def detect(path: str) -> bool:
         return False
     if _is_nemo1_dir(path):
         return True
-    if not os.path.isfile(os.path.join(path, TRACKER)) and not any(_RANK_DIR.match(e) for e in os.listdir(path)):
+    if not os.path.isfile(os.path.join(path, TRACKER)) and not any(RANK_DIR.match(e) for e in os.listdir(path)):
         return False
     try:
         found = _find_in_directory(os.path.abspath(path))
@@ -603,7 +597,9 @@ def read(path: str, family: str | None = None) -> Catalog:
                       if n not in (TRACKER, CONFIG) and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
     details = {"family": fam.name, "tp": tp, "pp": pp, "iteration": found.iteration, "checkpoint_version": version,
                "container": found.container, "padded_vocab_size": layout.padded_vocab}
-    return Catalog(FORMAT, root, tensors, config, fam.architectures[0], extra, details=details)
+    note = skipped_training_state(found.optimizer_files, trees.values())
+    return Catalog(FORMAT, root, tensors, config, fam.architectures[0], extra, details=details,
+                   notes=(note,) if note else ())
 
 
 def _nemo1_args(config: dict, where: str) -> dict:

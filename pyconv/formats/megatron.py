@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from argparse import Namespace
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,9 +38,13 @@ from pyconv.mcore.assemble import Assembly, assembled_catalog, read_rank
 from pyconv.mcore.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_VERSION,
+    RANK_DIR,
     TRACKER,
     args_dict,
+    find_rank_files,
     iteration_dir,
+    iteration_dirs,
+    skipped_training_state,
 )
 from pyconv.mcore.config import (
     HF_LAYER,
@@ -71,8 +74,6 @@ from pyconv.plan import (
     plan_text_file,
 )
 
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-
 READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
 
 
@@ -99,18 +100,8 @@ class Options:
 
 
 
-def _rank_numbers(directory: str) -> dict[tuple[int, ...], str]:
-    """mp_rank_TT[_NNN[_NNN]] directories by their numbers."""
-    ranks = {}
-    for entry in sorted(os.listdir(directory)):
-        m = _RANK_DIR.match(entry)
-        if m and os.path.isdir(os.path.join(directory, entry)):
-            ranks[tuple(int(g) for g in m.groups() if g is not None)] = os.path.join(directory, entry)
-    return ranks
-
-
-def _rank_dirs(directory: str, numbers: dict[tuple[int, ...], str], args: dict) -> dict[tuple[int, int, int], str]:
-    """(tp, pp, ep) rank -> directory. Two numbers are (tp, pp) or (tp, ep), as the args say."""
+def _rank_files(numbers: dict[tuple[int, ...], str], args: dict) -> dict[tuple[int, int, int], str]:
+    """(tp, pp, ep) rank -> rank file. Two numbers are (tp, pp) or (tp, ep), as the args say."""
     pp_from_args = args.get("pipeline_model_parallel_size") or 1
     ep_from_args = args.get("expert_model_parallel_size") or 1
     ranks = {}
@@ -131,9 +122,10 @@ def _rank_dirs(directory: str, numbers: dict[tuple[int, ...], str], args: dict) 
 def detect(path: str) -> bool:
     if not os.path.isdir(path):
         return False
-    if os.path.isfile(os.path.join(path, TRACKER)):
+    if os.path.isfile(os.path.join(path, TRACKER)) or any(RANK_DIR.match(e) for e in os.listdir(path)):
         return True
-    return any(_RANK_DIR.match(e) for e in os.listdir(path))
+    # iterations without the tracker: reading says which to choose
+    return any(RANK_DIR.match(e) for d in iteration_dirs(path) for e in os.listdir(os.path.join(path, d)))
 
 
 def read(path: str, family: str | None = None) -> Catalog:
@@ -141,24 +133,22 @@ def read(path: str, family: str | None = None) -> Catalog:
 
     root = os.path.abspath(path)
     directory, iteration = iteration_dir(root)
-    numbers = _rank_numbers(directory)
-    if not numbers:
-        raise FormatError(f"{directory}: no mp_rank_* directories")
-    first_dir = numbers[min(numbers)]
+    found = find_rank_files(directory)
+    numbers = found.ranks
+    first_path = numbers[min(numbers)]
+    objects = []
 
-    def load_file(rank_dir):
-        file = os.path.join(rank_dir, CHECKPOINT_FILE)
-        if not os.path.isfile(file):
-            raise FormatError(f"{rank_dir}: no {CHECKPOINT_FILE}")
+    def load_file(file):
         obj = read_torch_checkpoint(file).obj
         if not isinstance(obj, dict):
             raise FormatError(f"{file}: not a Megatron checkpoint (top level is not a dict)")
         _model_chunks(obj, file)
+        objects.append(obj)
         return file, obj
 
-    first_file, first = load_file(first_dir)
+    first_file, first = load_file(first_path)
     args = args_dict(first.get("args"), first_file)
-    ranks = _rank_dirs(directory, numbers, args)
+    ranks = _rank_files(numbers, args)
     tp, pp, ep = (max(r[i] for r in ranks) + 1 for i in range(3))
     for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
                        ("expert_model_parallel_size", ep)):
@@ -179,7 +169,7 @@ def read(path: str, family: str | None = None) -> Catalog:
         raise FormatError(f"{directory}: {rank_dir_name(t, p, pp, e, ep)} is missing "
                           f"(found tp={tp}, pp={pp}, ep={ep}" + (f", etp={etp})" if etp != tp else ")"))
     for t, p, e in sorted(set(ranks) - expected):
-        raise FormatError(f"{directory}: {os.path.basename(ranks[(t, p, e)])} does not belong to a checkpoint "
+        raise FormatError(f"{directory}: {os.path.basename(os.path.dirname(ranks[(t, p, e)]))} does not belong to a checkpoint "
                           f"with tp={tp}, pp={pp}, ep={ep}, etp={etp} (Megatron-LM writes no such rank)")
     layout = MegatronLayout(
         family=get_family(family) if family else family_from_args(args, first_file), dims=dims,
@@ -190,7 +180,7 @@ def read(path: str, family: str | None = None) -> Catalog:
     for p in range(pp):
         dense_seen = set()
         for t, e, et in grid:
-            file, obj = (first_file, first) if ranks[(t, p, e)] == first_dir else load_file(ranks[(t, p, e)])
+            file, obj = (first_file, first) if ranks[(t, p, e)] == first_path else load_file(ranks[(t, p, e)])
             chunks = _model_chunks(obj, file)
             if len(chunks) != vpp:
                 raise FormatError(f"{file}: holds {len(chunks)} model chunk(s) ({', '.join(chunks)}), but {first_file} "
@@ -199,7 +189,10 @@ def read(path: str, family: str | None = None) -> Catalog:
                 read_rank(file, obj, layout, t, p, e, assembly, et, dense_replica=t in dense_seen, chunk=chunk,
                            stage=stage)
             dense_seen.add(t)
-    return assembled_catalog(root, directory, iteration, layout, args, assembly)
+    catalog = assembled_catalog(root, directory, iteration, layout, args, assembly)
+    note = skipped_training_state(found.optimizer_files, objects)
+    catalog.notes = (note,) if note else ()
+    return catalog
 
 
 def _model_chunks(obj: dict, file: str) -> list[str]:

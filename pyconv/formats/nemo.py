@@ -42,6 +42,7 @@ from pyconv.catalog import Catalog
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
+from pyconv.mcore.checkpoint import OPTIMIZER_KEY_PREFIX
 from pyconv.mcore.dcp import DcpOptions
 from pyconv.io.jsonfile import config_architecture, load_config, load_json, load_yaml
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
@@ -58,7 +59,6 @@ NEMO1_WEIGHTS_FILE = "model_weights.ckpt"
 NEMO1_WEIGHTS_DIR = "model_weights"       # its distributed (torch_dist) weights
 _MCORE_PREFIXES = ("model.decoder.", "model.embedding.", "model.output_layer.")
 _NEMO1_RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
-_SKIPPED_PREFIXES = ("optimizer.",)
 _MODEL_CONFIG_PATH = "<root>.model.config"
 
 # ---- NeMo 1 / NeMo 2 key names -> Megatron-Core ----------------------------------------------------
@@ -378,7 +378,7 @@ def _dcp_keys(md, weights: str, stack: str = "decoder") -> dict[str, str]:
     """Megatron-Core key -> the checkpoint's own key, for every model tensor of a DCP directory."""
     keys: dict[str, str] = {}
     for fqn in md.tensors:
-        if fqn.startswith(_SKIPPED_PREFIXES):
+        if fqn.startswith(OPTIMIZER_KEY_PREFIX):
             continue
         key = nemo_to_mcore_key(fqn, stack)
         if key in keys:

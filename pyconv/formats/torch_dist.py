@@ -69,6 +69,16 @@ from pyconv.families import (
 )
 from pyconv.io.dcp import METADATA_FILE, read_metadata
 from pyconv.io.jsonfile import config_architecture, load_config
+from pyconv.mcore.checkpoint import (
+    ARGS_SUMMARY,
+    CHECKPOINT_VERSION,
+    OPTIMIZER_KEY_PREFIX,
+    TRACKER,
+    args_dict,
+    iteration_dir,
+    iteration_dirs,
+    skipped_optimizer_keys,
+)
 from pyconv.mcore.dcp import (
     BACKEND_FILE,
     COMMON_FILE,
@@ -86,9 +96,7 @@ from pyconv.mcore.dcp import (
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
 
 CONFIG = "config.json"
-TRACKER = "latest_checkpointed_iteration.txt"
 _DCP_SUFFIX = ".distcp"
-_SKIPPED_PREFIXES = ("optimizer.",)
 
 READ_OPTIONS = ("family",)  # read(path, family=...): the family of a checkpoint whose args do not tell it
 
@@ -108,8 +116,6 @@ def _checkpoint_dir(root: str) -> tuple[str, str | None]:
     """(directory holding .metadata, iteration label or None)."""
     if is_dcp_dir(root):
         return root, None
-    from pyconv.mcore.checkpoint import iteration_dir
-
     directory, iteration = iteration_dir(root)
     if not is_dcp_dir(directory):
         raise FormatError(f"{directory}: no {METADATA_FILE} or {BACKEND_FILE}: not a torch_dist checkpoint")
@@ -121,12 +127,10 @@ def detect(path: str) -> bool:
         return False
     if is_dcp_dir(path):
         return True
-    tracker = os.path.join(path, TRACKER)
-    if not os.path.isfile(tracker):
-        return False
+    if not os.path.isfile(os.path.join(path, TRACKER)):
+        # iterations without the tracker: reading says which to choose
+        return any(is_dcp_dir(os.path.join(path, d)) for d in iteration_dirs(path))
     try:
-        from pyconv.mcore.checkpoint import iteration_dir
-
         return is_dcp_dir(iteration_dir(os.path.abspath(path))[0])
     except FormatError:
         return False
@@ -147,8 +151,6 @@ def _common_state(directory: str) -> dict | None:
 
 def _common_args(common: dict | None, path: str) -> dict | None:
     """Megatron-LM's args from common.pt, as a dict with dtypes by name; None without any."""
-    from pyconv.mcore.checkpoint import args_dict
-
     if common is None or common.get("args") is None:
         return None
     return args_dict(common["args"], path)
@@ -208,7 +210,7 @@ def read(path: str, family: str | None = None) -> Catalog:
         common, args, common_problem = None, None, str(e)
     content = _content_metadata(common, common_path)
     fam, dims, config, config_source = _model(root, directory, args, family, common_problem)
-    keys = {k: k for k in md.tensors if not k.startswith(_SKIPPED_PREFIXES)}
+    keys = {k: k for k in md.tensors if not k.startswith(OPTIMIZER_KEY_PREFIX)}
     dims = with_mtp_layers(fam, dims, keys)
     if dims.mtp_layers:
         config["num_nextn_predict_layers"] = dims.mtp_layers
@@ -229,11 +231,10 @@ def read(path: str, family: str | None = None) -> Catalog:
     if common_problem:
         details["common.pt"] = f"not read: {common_problem}"
     if args is not None:
-        from pyconv.mcore.checkpoint import ARGS_SUMMARY
-
         details["args"] = {k: args[k] for k in sorted(args) if k in ARGS_SUMMARY}
+    note = skipped_optimizer_keys(md.tensors)
     return Catalog("torch_dist", root, tensors, config, fam.architectures[0], _extra_files(root, directory),
-                   details=details)
+                   details=details, notes=(note,) if note else ())
 
 
 # ---- Megatron-Core's singleton_local_shards layout ----------------------------------------------
@@ -267,7 +268,6 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     mixture-of-experts layer's pre-MLP norm, which follows --megatron-naming (see dist_key)."""
     from pyconv.io.torchsave import TorchDtypeValue
     from pyconv.layout import padded_vocab_size
-    from pyconv.mcore.checkpoint import CHECKPOINT_VERSION
     from pyconv.mcore.config import attention_notes, family_and_dims
     from pyconv.plan import PlannedFiles
 
