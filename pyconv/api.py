@@ -10,7 +10,7 @@ from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError, OutputError
 from pyconv.formats import get_format, read_checkpoint
 from pyconv.dtypes import TORCH_NAME, parse_dtype
-from pyconv.plan import ReshardPlan, TargetSpec, parse_size
+from pyconv.plan import ReshardPlan, TargetSpec, check_count, parse_size
 
 
 
@@ -119,8 +119,8 @@ def open(path: str | os.PathLike, format: str | None = None, family: str | None 
 
 def _validate_layout(layout: dict) -> None:
     for key in ("tp", "pp", "vpp", "ep", "etp"):
-        if key in layout and layout[key] is not None and (not isinstance(layout[key], int) or layout[key] < 1):
-            raise LayoutError(f"{key} must be a positive integer, got {layout[key]!r}")
+        if layout.get(key) is not None:
+            check_count(key, layout[key])
 
 
 @dataclass
@@ -197,6 +197,7 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
     or on the CPU under TRITON_INTERPRET=1; same output bytes).
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    check_count("threads", threads)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     _check_paths(src, dst)

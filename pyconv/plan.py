@@ -246,6 +246,13 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def check_count(name: str, value) -> int:
+    """A positive whole number given by the user (tp, pp, threads...), or a LayoutError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 class PlannedFiles(list):
     """The planned files, with notes for the plan (what was dropped and why)."""
 

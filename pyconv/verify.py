@@ -11,7 +11,7 @@ from pyconv import _core
 from pyconv.catalog import CanonicalTensor, view2d
 from pyconv.dtypes import FLOAT_DTYPES
 from pyconv.formats import read_checkpoint
-from pyconv.plan import copies_for_region, copy_record
+from pyconv.plan import check_count, copies_for_region, copy_record
 
 
 @dataclass
@@ -76,6 +76,7 @@ def verify(a, b, *, atol: float | None = None, rtol: float | None = None, thread
            family: str | None = None, chunk_bytes: int = 1 << 20, progress=None) -> VerifyReport:
     """Compares checkpoints a and b (any supported formats) by canonical tensor name."""
     a, b = os.fspath(a), os.fspath(b)
+    check_count("threads", threads)
     cat_a = read_checkpoint(a, family=family)
     cat_b = read_checkpoint(b, family=family)
     bitwise = atol is None and rtol is None

@@ -17,7 +17,7 @@ from conftest import load_hf_tensors as hf_tensors
 from conftest import FAMILIES, example_input
 from pyconv.errors import FormatError, LayoutError
 
-LAYOUTS = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 3)]
+LAYOUTS = [(tp, pp) for tp in (1, 2, 4) for pp in (1, 2, 3)]  # 4 heads: tp 8 is refused (test_impossible_targets)
 
 
 
@@ -46,7 +46,7 @@ def test_hf_megatron_hf_round_trip_is_bitwise(tiny_models, tmp_path, family, tp,
         assert torch.equal(source[name], output[name]), name
 
 
-@pytest.mark.parametrize("family, tp, pp", [("llama", 2, 3), ("qwen2", 4, 2), ("gpt2", 2, 2), ("llama", 8, 1)])
+@pytest.mark.parametrize("family, tp, pp", [("llama", 2, 3), ("qwen2", 4, 2), ("gpt2", 2, 2), ("llama", 4, 1)])
 def test_transformers_loads_megatron_export_with_equal_logits(tiny_models, tmp_path, family, tp, pp):
     model, src = tiny_models[family]
     pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=tp, pp=pp, megatron_naming="local")
@@ -165,13 +165,13 @@ def test_tied_embeddings_with_pp_put_the_output_layer_on_the_last_stage(tiny_mod
 
 def test_bad_layouts_name_the_numbers(tiny_models, tmp_path):
     _, src = tiny_models["llama"]
-    with pytest.raises(LayoutError, match="is not divisible by tp = 3"):
+    with pytest.raises(LayoutError, match="tp=3 does not divide num_attention_heads=4"):
         pyconv.reshard(src, tmp_path / "x", to="megatron", tp=3)
     with pytest.raises(LayoutError, match="6 layers are not divisible over the 4 remaining pipeline stages"):
         pyconv.reshard(src, tmp_path / "x", to="megatron", pp=4)
     r = subprocess.run([sys.executable, "-m", "pyconv", "reshard", src, str(tmp_path / "x"), "--to", "megatron",
                         "--tp", "5"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tp = 5" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "tp=5" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
 
 

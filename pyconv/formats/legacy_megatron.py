@@ -762,7 +762,7 @@ def _writer_args(family: Family, config: dict, dims: ModelDims, target: TargetSp
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.layout import layer_stages, padded_vocab_size
-    from pyconv.mcore.config import family_and_dims
+    from pyconv.mcore.config import check_tensor_parallel, family_and_dims
     from pyconv.mcore.parallel import MegatronLayout
 
     family, dims = family_and_dims(catalog)
@@ -774,9 +774,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
                           f"pp={target.options.pp})")
     if target.dtype not in (None, *FLOAT_DTYPES):
         raise LayoutError(f"legacy Megatron checkpoints hold fp32, bf16 or fp16 weights, not {target.dtype}")
-    from pyconv.layout import divide
-
-    divide(dims.heads, target.options.tp, "num_attention_heads", "tp")
+    check_tensor_parallel(dims, target.options.tp)
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
     stages = layer_stages(dims.num_layers, target.options.pp, target.options.first_stage_layers, target.options.last_stage_layers)
     args = _writer_args(family, catalog.config, dims, target, padded,

@@ -268,10 +268,11 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     mixture-of-experts layer's pre-MLP norm, which follows --megatron-naming (see dist_key)."""
     from pyconv.io.torchsave import TorchDtypeValue
     from pyconv.layout import padded_vocab_size
-    from pyconv.mcore.config import attention_notes, family_and_dims
+    from pyconv.mcore.config import attention_notes, check_tensor_parallel, family_and_dims
     from pyconv.plan import PlannedFiles
 
     family, dims = family_and_dims(catalog, with_mtp=True)
+    check_tensor_parallel(dims, target.options.tp)  # the vocabulary is padded for a tp Megatron-Core can use
     config = catalog.config
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
     iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"

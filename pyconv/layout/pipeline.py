@@ -17,6 +17,9 @@ def layer_stages(num_layers: int, pp: int, first: int | None = None, last: int |
         if first not in (None, num_layers) or last not in (None, num_layers):
             raise LayoutError(f"uneven first/last stage sizes need pp > 1 (num_layers={num_layers})")
         return [range(num_layers)]
+    for which, count in (("first", first), ("last", last)):
+        if count is not None and count < 1:  # Megatron-Core's TransformerConfig refuses an empty end stage
+            raise LayoutError(f"the {which} pipeline stage must hold at least one layer ({which}={count})")
     counts: list[int | None] = [None] * pp
     if first is not None:
         counts[0] = first
@@ -28,6 +31,9 @@ def layer_stages(num_layers: int, pp: int, first: int | None = None, last: int |
     if rest < 0 or (open_stages == 0 and rest != 0):
         raise LayoutError(f"num_layers={num_layers} does not match first/last stage sizes {first}/{last} over pp={pp}")
     if open_stages:
+        if rest == 0:
+            raise LayoutError(f"no layers left for the {open_stages} other pipeline stage{'s' if open_stages > 1 else ''} "
+                              f"(num_layers={num_layers}, pp={pp}, first={first}, last={last})")
         if rest % open_stages:
             raise LayoutError(f"{rest} layers are not divisible over the {open_stages} remaining pipeline stages "
                               f"(num_layers={num_layers}, pp={pp}, first={first}, last={last})")

@@ -139,6 +139,20 @@ def attention_notes(config: dict) -> tuple[str, ...]:
     return ()
 
 
+def check_tensor_parallel(dims: ModelDims, tp: int) -> None:
+    """Refuses a tensor-parallel size Megatron-Core cannot build the model at, as its
+    TransformerConfig checks (0.16.1, transformer_config.py): the attention heads split over the
+    ranks, and the query groups either split over them or each replicated on tp / groups ranks."""
+    if tp < 1:
+        raise LayoutError(f"tp must be >= 1, got {tp}")
+    if dims.heads % tp:
+        raise LayoutError(f"tp={tp} does not divide num_attention_heads={dims.heads}: Megatron-Core splits the "
+                          "attention heads over the tensor-parallel ranks")
+    if dims.groups % tp and tp % dims.groups:
+        raise LayoutError(f"tp={tp} neither divides num_query_groups={dims.groups} nor is a multiple of it, as "
+                          "Megatron-Core requires")
+
+
 def refuse_fp8_weights(catalog: Catalog, dtype: str | None) -> None:
     """Block-scaled fp8 weights have no place in a Megatron-style checkpoint (.pt, torch_dist,
     NeMo): a float dtype dequantizes them in the core; without one they are refused, and so is
