@@ -84,7 +84,9 @@ def reference_convert(hf_dir, save_dir, n_experts, mp, mtp_layer, cast=None):
 
 
 def assert_same_directory(ours, reference):
-    assert sorted(os.listdir(ours)) == sorted(os.listdir(reference))
+    """convert.py's files byte for byte; beside them pyconv writes only the config it reads back with."""
+    assert sorted(set(os.listdir(ours)) - {"config.json"}) == sorted(os.listdir(reference))
+    assert "config.json" in os.listdir(ours)
     for name in os.listdir(reference):
         with open(os.path.join(ours, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
             assert a.read() == b.read(), f"{name} differs"
@@ -307,8 +309,13 @@ def test_output_is_convert_py_byte_for_byte(tiny_deepseek, tmp_path, mp):
     report = pyconv.reshard(src, tmp_path / "ours", to="deepseek", tp=mp)
     reference_convert(src, tmp_path / "reference", N_EXPERTS, mp, mtp_layer=N_LAYERS)
     assert_same_directory(tmp_path / "ours", tmp_path / "reference")
-    assert report.files == mp + len(TOKENIZER_FILES)
-    assert not os.path.exists(tmp_path / "ours" / "config.json")
+    assert report.files == mp + len(TOKENIZER_FILES) + 1
+    source_config = json.load(open(os.path.join(src, "config.json")))
+    assert source_config["num_nextn_predict_layers"] == 1  # the MTP layer convert.py drops...
+    assert json.load(open(tmp_path / "ours" / "config.json")) == {**source_config, "num_nextn_predict_layers": 0}
+    mtp = sum(name.startswith(f"model.layers.{N_LAYERS}.") for name in load_hf(src))
+    assert report.plan.notes[-1].startswith(f"{mtp} tensors of the multi-token-prediction layers (layers >= "
+                                            f"num_hidden_layers = {N_LAYERS}) dropped")
 
 
 @pytest.mark.parametrize("mp", [1, 2])
@@ -348,8 +355,7 @@ def test_plan_reads_nothing_and_splits_columns_with_one_strided_copy(tiny_deepse
 
 def test_round_trip_to_hf_is_bitwise_and_transformers_loads_it(tiny_deepseek, tmp_path):
     model, src = tiny_deepseek
-    pyconv.reshard(src, tmp_path / "ds", to="deepseek", tp=2)
-    shutil.copyfile(os.path.join(src, "config.json"), tmp_path / "ds" / "config.json")
+    pyconv.reshard(src, tmp_path / "ds", to="deepseek", tp=2)  # read back as written: no file copied by hand
     assert detect_format(str(tmp_path / "ds")).name == "deepseek"
     ckpt = pyconv.open(tmp_path / "ds")
     assert (ckpt.format, ckpt.architecture, ckpt.summary()["tp"]) == ("deepseek", "DeepseekV3ForCausalLM", 2)
@@ -366,7 +372,6 @@ def test_round_trip_to_hf_is_bitwise_and_transformers_loads_it(tiny_deepseek, tm
 def test_fp8_round_trip_to_hf_is_bitwise(fp8_checkpoint, tmp_path):
     tensors, src = fp8_checkpoint
     pyconv.reshard(src, tmp_path / "ds", to="deepseek", tp=2)
-    shutil.copyfile(os.path.join(src, "config.json"), tmp_path / "ds" / "config.json")
     pyconv.reshard(tmp_path / "ds", tmp_path / "hf", to="hf")
     assert_bitwise(without_layer(tensors, 2), load_hf(tmp_path / "hf"))
 
@@ -374,7 +379,6 @@ def test_fp8_round_trip_to_hf_is_bitwise(fp8_checkpoint, tmp_path):
 def test_relayout_mp4_to_mp2_equals_convert_py_mp2(tiny_deepseek, tmp_path):
     _, src = tiny_deepseek
     pyconv.reshard(src, tmp_path / "mp4", to="deepseek", tp=4)
-    shutil.copyfile(os.path.join(src, "config.json"), tmp_path / "mp4" / "config.json")
     pyconv.reshard(tmp_path / "mp4", tmp_path / "mp2", to="deepseek", tp=2)
     reference_convert(src, tmp_path / "reference", N_EXPERTS, 2, mtp_layer=N_LAYERS)
     assert_same_directory(tmp_path / "mp2", tmp_path / "reference")
@@ -393,9 +397,9 @@ def test_detection_keeps_formats_apart(tiny_deepseek, tmp_path):
     assert not deepseek.detect(str(tmp_path / "ds" / "model0-mp2.safetensors"))
 
 
-def test_reading_needs_a_config(tiny_deepseek, tmp_path):
+def test_reading_what_convert_py_wrote_needs_a_config(tiny_deepseek, tmp_path):
     _, src = tiny_deepseek
-    pyconv.reshard(src, tmp_path / "ds", to="deepseek", tp=2)
+    reference_convert(src, tmp_path / "ds", N_EXPERTS, 2, mtp_layer=N_LAYERS)
     with pytest.raises(FormatError, match="needs the model's config.json to name the architecture: copy"):
         pyconv.open(tmp_path / "ds")
     with pytest.raises(FormatError, match="config.json"):
@@ -407,7 +411,6 @@ def test_broken_deepseek_directories_are_refused(tiny_deepseek, tmp_path):
     _, src = tiny_deepseek
     ds = tmp_path / "ds"
     pyconv.reshard(src, ds, to="deepseek", tp=2)
-    shutil.copyfile(os.path.join(src, "config.json"), ds / "config.json")
     os.rename(ds / "model1-mp2.safetensors", ds / "model1-mp4.safetensors")
     with pytest.raises(FormatError, match="several model-parallel sizes"):
         pyconv.open(ds)

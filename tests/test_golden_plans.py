@@ -764,7 +764,7 @@ def test_deepseek_tp2(tmp_path):
     strided column halves; the rest (norms, wq_a, wkv_a, router) whole on both; layer 2 (MTP) dropped."""
     src = deepseek_source(tmp_path / "dsv3")
     files = by_path(plan(src.dir, "deepseek", tp=2))
-    assert sorted(files) == ["model0-mp2.safetensors", "model1-mp2.safetensors", "tokenizer.json"]
+    assert sorted(files) == ["config.json", "model0-mp2.safetensors", "model1-mp2.safetensors", "tokenizer.json"]
     common = {"embed.weight": (8, 8), "norm.weight": (8,), "head.weight": (8, 8)}
     for i in (0, 1):
         common.update({f"layers.{i}.attn_norm.weight": (8,), f"layers.{i}.attn.wq_a.weight": (4, 8),

@@ -190,8 +190,7 @@ def run_matrix(name: str, root: Path) -> dict:
         dst = root / case
         results[case] = _convert(src, dst, to, options)
         if isinstance(results[case], dict):
-            if to != "deepseek":  # DeepSeek's layout holds no config.json to read back
-                results[case + ">hf"] = _convert(dst, root / (case + ">hf"), "hf", {})
+            results[case + ">hf"] = _convert(dst, root / (case + ">hf"), "hf", {})
     for case, to, options in RESHARDS:
         if layers == 3 and options.get("pp") == 2:
             options = {**options, "pp": 3}

@@ -29,14 +29,16 @@ tensors landing on one name (the script keeps whichever file glob listed last), 
 outside n_routed_experts (the script drops it), an fp8 weight whose rank boundary falls inside a
 128 x 128 scale block (the script slices the scales anyway, so they no longer match the weights).
 
-The directory holds no config.json (the script writes none, and neither does this writer), but
-reading it back needs one to name the architecture: copy the model's Hugging Face config.json
-into the directory before `pyconv reshard DIR OUT --to hf`.
+The script writes no config.json; this writer puts the model's Hugging Face config.json beside
+the files (with num_nextn_predict_layers 0 when the MTP layers were dropped), so that pyconv reads
+the directory back. DeepSeek's generate.py takes its own --config and does not look at it. A
+directory convert.py wrote needs the model's config.json copied into it to be read.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 import re
@@ -47,11 +49,12 @@ from pyconv.errors import FormatError, LayoutError
 from pyconv.dtypes import output_dtypes
 from pyconv.families import families_with, family_for_architecture, kept_dtypes
 from pyconv.fp8 import FP8_BLOCK, SCALE_SUFFIX
-from pyconv.io.hfdir import CONFIG, extra_files
+from pyconv.io.hfdir import CONFIG, extra_files, updated_config
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.layout.rules import ExpertPartition
-from pyconv.plan import BlockCopy, PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy
+from pyconv.plan import (BlockCopy, PlannedFile, PlannedFiles, PlannedTensor, TargetSpec, copies_for_region,
+                         plan_file_copy, plan_text_file)
 
 # convert.py's table: Hugging Face module name -> (DeepSeek module name, dim split across ranks,
 # None: the whole tensor on every rank).
@@ -288,10 +291,14 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     # A dequantized fp8 weight no longer needs its scales (and they need not split with it).
     dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items()
                    if t.dtype in _FP8_DTYPES and dtypes[n] != t.dtype}
+    dropped_mtp = 0
     for hf_name, tensor in catalog.tensors.items():
         layer = _layer_index(hf_name)
-        if hf_name in dequantized or (layer is not None and layer >= layers):
-            continue  # scales of dequantized weights; multi-token-prediction layers (not the inference model)
+        if layer is not None and layer >= layers:
+            dropped_mtp += 1  # multi-token-prediction layers: not the inference model
+            continue
+        if hf_name in dequantized:
+            continue  # scales of dequantized weights
         ds_name, key = deepseek_name(hf_name)
         if ds_name in origin:
             raise LayoutError(f"tensors {origin[ds_name]} and {hf_name} both become {ds_name}")
@@ -319,7 +326,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
             for i, rank in enumerate(ranks):
                 rank.append(_RankTensor(ds_name, dtype, shape, part_copies(tensor, dim, mp, i, dtype)))
 
-    files = []
+    files = PlannedFiles()
     for i, rank in enumerate(ranks):
         header, entries = layout_like_save_file([(t.name, t.dtype, t.shape) for t in rank])
         by_name = {t.name: t for t in rank}
@@ -331,6 +338,13 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         base = os.path.basename(path)
         if fnmatch.fnmatchcase(base, _TOKENIZER_GLOB) and not base.startswith("."):  # as glob("*token*")
             files.append(plan_file_copy(path, size, base))
+    # Beside convert.py's files (which stay byte-identical), the config pyconv reads them back with.
+    config = updated_config(catalog.config, target.dtype, False, any(d in _FP8_DTYPES for d in dtypes.values()))
+    if dropped_mtp:
+        config["num_nextn_predict_layers"] = 0
+        files.notes = (f"{dropped_mtp} tensors of the multi-token-prediction layers (layers >= num_hidden_layers = "
+                       f"{layers}) dropped, as DeepSeek's convert.py drops them",)
+    files.append(plan_text_file(CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return files
 
 

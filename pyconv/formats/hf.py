@@ -31,8 +31,22 @@ class Options:
 
 
 def detect(path: str) -> bool:
+    """A directory holding HF weights, or one weights file (*.safetensors, or a *.bin state dict:
+    a torch.save archive of a flat dict of tensors)."""
+    if os.path.isfile(path):
+        return path.endswith(".safetensors") or (path.endswith(".bin") and _is_flat_state_dict(path))
     return os.path.isdir(path) and any(
         os.path.isfile(os.path.join(path, n)) for n in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE))
+
+
+def _is_flat_state_dict(path: str) -> bool:
+    from pyconv.io.torchzip import TensorRef, read_torch_checkpoint
+
+    try:
+        obj = read_torch_checkpoint(path).obj
+    except FormatError:
+        return False  # not one of ours, or broken: another adapter or the fallback names the problem
+    return isinstance(obj, dict) and bool(obj) and all(type(v) is TensorRef for v in obj.values())
 
 
 def _read_index(index_path: str) -> dict[str, str]:
@@ -82,9 +96,18 @@ def _read_bin_tensors(path: str):
 
 
 def read(path: str) -> Catalog:
+    """A checkpoint directory, or one weights file with the config.json and tokenizer files beside it."""
     root = os.path.abspath(path)
     metadata: dict[str, str] = {}
-    if os.path.isfile(os.path.join(root, SAFETENSORS_INDEX)):
+    single = root if os.path.isfile(root) else None
+    if single is not None:
+        root = os.path.dirname(single)
+        if single.endswith(".safetensors"):
+            st = read_safetensors(single)
+            stored, metadata = st.tensors, st.metadata
+        else:
+            stored = _read_bin_tensors(single)
+    elif os.path.isfile(os.path.join(root, SAFETENSORS_INDEX)):
         stored = _read_sharded(root, SAFETENSORS_INDEX, _read_safetensors_tensors)
     elif os.path.isfile(os.path.join(root, SAFETENSORS_SINGLE)):
         st = read_safetensors(os.path.join(root, SAFETENSORS_SINGLE))
@@ -104,7 +127,7 @@ def read(path: str) -> Catalog:
     # Source order: file by file, offset by offset, so output shards read sources sequentially.
     ordered = sorted(stored.items(), key=lambda kv: (kv[1].path, kv[1].offset))
     tensors = {name: CanonicalTensor.whole(name, st) for name, st in ordered}
-    return Catalog("hf", root, tensors, config, architecture, extra_files(root), metadata)
+    return Catalog("hf", single or root, tensors, config, architecture, extra_files(root), metadata)
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:

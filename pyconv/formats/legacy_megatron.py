@@ -371,21 +371,40 @@ def _is_nemo1_state(obj) -> bool:
         isinstance(k, str) and k.startswith(tuple(p + "language_model." for p in _NEMO1_PREFIXES)) for k in obj)
 
 
+def _claims_archive(obj) -> bool:
+    if _is_legacy_tree(obj):
+        return True
+    if isinstance(obj, dict) and ("model" in obj or "model0" in obj):
+        return False  # a Megatron-Core rank file: the megatron adapter's
+    from pyconv.io.torchzip import TensorRef
+
+    return not (isinstance(obj, dict) and obj and all(type(v) is TensorRef for v in obj.values()))  # hf's .bin
+
+
 def _is_legacy_tree(obj) -> bool:
     model = obj.get("model") if isinstance(obj, dict) else None
     return (isinstance(model, dict) and isinstance(model.get("language_model"), dict)) or _is_nemo1_state(obj)
 
 
 def detect(path: str) -> bool:
-    """A file that is a zip (a torch.save archive or a checkpoint .zip): always ours, reading says
-    what is wrong with it. A directory of mp_rank_* dirs: ours when the first rank file's model
-    has the legacy `language_model` tree (a Megatron-Core one is the megatron adapter's)."""
+    """A .nemo or a checkpoint .zip; a torch.save archive unless its tree is another adapter's (a
+    Megatron-Core rank file, a flat state dict): reading says what is wrong with anything else. A
+    directory of mp_rank_* dirs: ours when the first rank file's model has the legacy
+    `language_model` tree (a Megatron-Core one is the megatron adapter's)."""
     if os.path.isfile(path):
         try:
             with open(path, "rb") as f:
-                return f.read(4) == b"PK\x03\x04" or _is_tar(path) or path.endswith(".nemo")
+                if _is_tar(path) or path.endswith(".nemo"):
+                    return True
+                if f.read(4) != b"PK\x03\x04":
+                    return False
+            if _find_in_zip(path) is not None:
+                return True
+            return _claims_archive(_load(RankFile(path, path)))
         except OSError:
             return False
+        except FormatError:
+            return True  # reading names the problem
     if not os.path.isdir(path):
         return False
     if _is_nemo1_dir(path):

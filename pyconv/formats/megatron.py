@@ -40,6 +40,7 @@ from pyconv.mcore.checkpoint import (
     CHECKPOINT_VERSION,
     RANK_DIR,
     TRACKER,
+    RankFiles,
     args_dict,
     find_rank_files,
     iteration_dir,
@@ -121,6 +122,8 @@ def _rank_files(numbers: dict[tuple[int, ...], str], args: dict) -> dict[tuple[i
 
 
 def detect(path: str) -> bool:
+    if os.path.isfile(path):  # one rank file (megatron-legacy, detected first, declines Megatron-Core trees)
+        return _is_rank_file(path)
     if not os.path.isdir(path):
         return False
     if os.path.isfile(os.path.join(path, TRACKER)) or any(RANK_DIR.match(e) for e in os.listdir(path)):
@@ -129,12 +132,29 @@ def detect(path: str) -> bool:
     return any(RANK_DIR.match(e) for d in iteration_dirs(path) for e in os.listdir(os.path.join(path, d)))
 
 
+def _is_rank_file(path: str) -> bool:
+    from pyconv.io.torchzip import read_torch_checkpoint
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return False
+        obj = read_torch_checkpoint(path).obj
+    except (OSError, FormatError):
+        return False
+    return isinstance(obj, dict) and ("model" in obj or "model0" in obj)
+
+
 def read(path: str, family: str | None = None) -> Catalog:
     from pyconv.io.torchzip import read_torch_checkpoint
 
     root = os.path.abspath(path)
-    directory, iteration = iteration_dir(root)
-    found = find_rank_files(directory)
+    if os.path.isfile(root):  # one rank file: a checkpoint of tp = pp = ep = 1
+        directory, iteration = os.path.dirname(root), "release"
+        found = RankFiles({(0,): root}, ())
+    else:
+        directory, iteration = iteration_dir(root)
+        found = find_rank_files(directory)
     numbers = found.ranks
     first_path = numbers[min(numbers)]
     objects = []
@@ -154,6 +174,9 @@ def read(path: str, family: str | None = None) -> Catalog:
     for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
                        ("expert_model_parallel_size", ep)):
         if args.get(key) not in (None, value):
+            if os.path.isfile(root):
+                raise FormatError(f"{first_file}: one rank of a checkpoint with {key}={args[key]}: convert the "
+                                  f"directory holding all of its mp_rank_* directories")
             raise FormatError(f"{first_file}: args say {key}={args[key]} but the directory holds {value}")
     vpp = len(_model_chunks(first, first_file))
     if (args.get("virtual_pipeline_model_parallel_size") or vpp) != vpp:

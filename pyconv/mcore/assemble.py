@@ -114,7 +114,8 @@ def assembled_catalog(root: str, directory: str, iteration: str, layout: Megatro
     if dtype in FLOAT_DTYPES:
         config["dtype"] = TORCH_NAME[dtype]
     extra = tuple((os.path.join(root, n), os.path.getsize(os.path.join(root, n))) for n in sorted(os.listdir(root))
-                  if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n)))
+                  if n != TRACKER and not n.startswith(".") and os.path.isfile(os.path.join(root, n))) \
+        if os.path.isdir(root) else ()  # a rank file alone carries nothing else
     details = {"family": fam.name, "tp": layout.tp, "pp": layout.pp, **({"vpp": layout.vpp} if layout.vpp > 1 else {}),
                "ep": layout.ep,
                **({"etp": layout.expert_tp} if dims.num_experts else {}), "iteration": iteration,
