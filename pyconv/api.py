@@ -10,7 +10,7 @@ from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError, OutputError
 from pyconv.formats import get_format, read_checkpoint
 from pyconv.dtypes import TORCH_NAME, parse_dtype
-from pyconv.plan import ReshardPlan, TargetSpec, check_count, parse_size
+from pyconv.plan import ReshardPlan, TargetSpec, check_count, parse_size, recording_written
 
 
 
@@ -128,7 +128,7 @@ class ReshardReport:
     source: str
     destination: str
     files: int
-    tensors: int
+    tensors: int  # model tensors by Hugging Face name, as `inspect` counts them; plan.tensor_count: stored
     bytes: int
     seconds: float
     dry_run: bool = False
@@ -139,7 +139,9 @@ class ReshardReport:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict:
+        stored = self.plan.tensor_count if self.plan is not None else None
         return {"source": self.source, "destination": self.destination, "files": self.files, "tensors": self.tensors,
+                "stored_tensors": stored,
                 "bytes": self.bytes, "seconds": round(self.seconds, 6), "gb_per_s": round(self.gb_per_s, 3),
                 "dry_run": self.dry_run}
 
@@ -177,14 +179,15 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_f
     options: the target format's options (see target_spec), e.g. tp=2, pp=2 for megatron."""
     target = target_spec(to, dtype, **options)
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
-    files = get_format(to).plan_output(catalog, target)
+    with recording_written() as written:
+        files = get_format(to).plan_output(catalog, target)
     return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files),
-                       catalog.notes + tuple(getattr(files, "notes", ())))
+                       catalog.notes + tuple(getattr(files, "notes", ())), model_tensors=len(written))
 
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool = False,
             dry_run: bool = False, threads: int = 4, source_format: str | None = None,
-            progress=None, device: str = "cpu", **options) -> ReshardReport:
+            progress=None, device: str = "cpu", phase=None, **options) -> ReshardReport:
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
     dtype: fp32 | bf16 | fp16 | fp8 (floating tensors are cast; others keep theirs);
@@ -194,7 +197,9 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
     last_stage_layers for megatron; an option the target does not take is refused. family: the
     family of a Megatron source whose args do not tell it.
     Nothing is written on dry_run. device: "cpu" (the C++ core) or "cuda" (Triton kernels on a GPU,
-    or on the CPU under TRITON_INTERPRET=1; same output bytes).
+    or on the CPU under TRITON_INTERPRET=1; same output bytes). progress(done bytes, total bytes)
+    is called about every 100 ms (returning False cancels); phase(name) as the run enters
+    'copying', 'syncing' and 'committing'.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     check_count("threads", threads)
@@ -202,23 +207,23 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
         raise FormatError(f"{src}: no such file or directory")
     _check_paths(src, dst)
     if not dry_run and os.path.lexists(dst) and not force:
-        raise OutputError(f"{dst}: destination exists (use --force to replace it)")
+        raise OutputError(f"{dst}: destination exists (replacing it takes force)")
     started = time.perf_counter()
     plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, **options)
     if dry_run:
-        return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count,
+        return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.model_tensors,
                              plan.total_bytes, time.perf_counter() - started, True, plan)
     from pyconv.scaleout import world_from_env
 
     if world_from_env() is None:
         from pyconv.execute import execute_plan
 
-        execute_plan(plan, dst, force=force, threads=threads, progress=progress, device=device)
+        execute_plan(plan, dst, force=force, threads=threads, progress=progress, device=device, phase=phase)
     else:  # launched by torchrun: this rank writes its share of the files
         from pyconv.scaleout import execute_plan_distributed
 
         if device != "cpu":
-            raise LayoutError("--device cuda is not supported under torchrun yet; run it single-process")
+            raise LayoutError("device cuda is not supported under torchrun yet; run it single-process")
         execute_plan_distributed(plan, dst, force=force, threads=threads, progress=progress)
-    return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.tensor_count, plan.total_bytes,
+    return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.model_tensors, plan.total_bytes,
                          time.perf_counter() - started, False, plan)

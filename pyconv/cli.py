@@ -22,29 +22,89 @@ def _one_line(message: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other bad-input error
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)}\n")
+    def error(self, message):  # one line, exit 2, with the same prefix as every other error
+        command = self.prog.removeprefix("pyconv").strip()
+        hint = f" (see 'pyconv {command} --help')" if command else " (see 'pyconv --help')"
+        self.exit(EXIT_BAD_INPUT, f"pyconv: error: {_one_line(message)}{hint}\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Descriptions wrap to the terminal; the examples and exit codes keep their lines."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _formatter(prog):
+    return _Formatter(prog)
+
+
+def _examples(*lines: tuple[str, str]) -> str:
+    """'examples:' then one command per line, their comments aligned."""
+    width = max(len(command) for command, _ in lines)
+    return "examples:\n" + "\n".join(f"  {command:<{width}}  # {comment}" if comment else f"  {command}"
+                                       for command, comment in lines)
+
+
+_INSPECT_EXAMPLES = _examples(
+    ("pyconv inspect ./Llama-3.1-8B", "an HF directory"),
+    ("pyconv inspect ./megatron/ckpt --tensors", "Megatron-LM rank directories, every tensor"),
+    ("pyconv inspect ./ckpt/iter_0001000 --json", "one iteration of a torch_dist run, as JSON"),
+    ("pyconv inspect ./model.safetensors", "a single file"),
+)
+_RESHARD_EXAMPLES = _examples(
+    ("pyconv reshard ./Llama-3.1-8B ./llama-mcore --to megatron --tp 4 --pp 2", ""),
+    ("pyconv reshard ./llama-mcore ./llama-hf --to hf --dtype bf16 --max-shard-size 5GB", ""),
+    ("pyconv reshard ./Mixtral-8x7B ./mixtral-mcore --to megatron --tp 2 --ep 4 --moe-grouped-gemm", ""),
+    ("pyconv reshard ./Qwen2.5-7B ./qwen-dist --to torch_dist --dry-run", ""),
+    ("pyconv reshard ./DeepSeek-V3 ./ds-mp8 --to deepseek --tp 8", ""),
+)
+_VERIFY_EXAMPLES = _examples(
+    ("pyconv verify ./Llama-3.1-8B ./llama-mcore", "every tensor bit for bit, any two formats"),
+    ("pyconv verify ./llama-hf ./llama-bf16 --atol 1e-2 --rtol 1e-2", "within a tolerance"),
+    ("pyconv verify ./a ./b --json", "the report as JSON"),
+)
+_DEMO_EXAMPLES = _examples(
+    ("pyconv demo", "in a temporary directory, removed after"),
+    ("pyconv demo --workdir ./demo", "keep the models in ./demo"),
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from pyconv import __version__
     from pyconv.formats import format_names, writable_format_names  # the registry's names; no adapter imported
 
-    parser = _Parser(prog="pyconv", description="Convert and reshard LLM checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(prog="pyconv", formatter_class=_formatter,
+                     description="Convert and reshard LLM checkpoints between Hugging Face, Megatron-LM / "
+                                 "Megatron-Core, torch_dist, NeMo, DeepSeek's inference layout and MindSpore.",
+                     epilog="exit codes: 0 done, 1 verify found differences, 2 bad input or usage, 130 interrupted\n"
+                            "'pyconv COMMAND --help' shows a command's options and examples.")
+    parser.add_argument("--version", action="version", version=f"pyconv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("inspect", help="show a checkpoint's format, architecture, tensors and sizes")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p = sub.add_parser("inspect", help="show a checkpoint's format, architecture, tensors and sizes",
+                       description="Reads a checkpoint's headers (no tensor bytes) and shows its format, "
+                                   "architecture, tensor count and bytes, and the parallel layout it was saved in.",
+                       epilog=_INSPECT_EXAMPLES, formatter_class=_formatter)
+    p.add_argument("path", help="a checkpoint directory or file, in any format pyconv reads")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor: name, dtype, shape")
 
-    p = sub.add_parser("reshard", help="convert SRC into DST")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--to", default="hf",
-                   choices=writable_format_names(),
-                   help="target format (default: hf)")
-    p.add_argument("--from", dest="source_format", default=None, choices=format_names(),
-                   help="source format (default: detected)")
+    p = sub.add_parser("reshard", help="convert SRC into DST (any format, parallel layout and dtype)",
+                       description="Converts the checkpoint SRC into DST in the target format, layout and dtype. "
+                                   "DST appears whole or not at all; SRC is never modified.",
+                       epilog=_RESHARD_EXAMPLES, formatter_class=_formatter)
+    p.add_argument("src", help="the source checkpoint: a directory or a single file")
+    p.add_argument("dst", help="the directory to create (must not exist, unless --force)")
+    p.add_argument("--to", default="hf", choices=writable_format_names(), metavar="FORMAT",
+                   help=f"target format: {', '.join(writable_format_names())} (default: hf)")
+    p.add_argument("--from", dest="source_format", default=None, choices=format_names(), metavar="FORMAT",
+                   help="source format, when detection should not decide (default: detected)")
     p.add_argument("--family", default=None, help="model family of a Megatron source whose args do not tell it")
     p.add_argument("--tp", type=int, default=None,
                    help="tensor (model) parallel size of a megatron or deepseek target; for torch_dist only the "
@@ -67,47 +127,67 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-layout", default=None,
                    help="Megatron-Core's pipeline_model_parallel_layout for a megatron target, e.g. 'Et*3|(tt|)*2,tL': "
                         "one stage per model chunk (chunk v of rank p is stage v*pp+p), E embedding, t layer, L loss")
-    p.add_argument("--first-stage-layers", type=int, default=None, help="layers on the first pipeline stage")
-    p.add_argument("--last-stage-layers", type=int, default=None, help="layers on the last pipeline stage")
+    p.add_argument("--first-stage-layers", type=int, default=None,
+                   help="layers on the first pipeline stage (Megatron's decoder_first_pipeline_num_layers)")
+    p.add_argument("--last-stage-layers", type=int, default=None,
+                   help="layers on the last pipeline stage (Megatron's decoder_last_pipeline_num_layers)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp8"], default=None,
                    help="cast floating tensors; fp8 quantizes the layers' linear weights with 128x128 block "
-                        "scales; a float dtype dequantizes block-scaled fp8 weights")
-    p.add_argument("--max-shard-size", default=None, help="e.g. 5GB (decimal), 4GiB or bytes (default 5GB)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
-    p.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+                        "scales; a float dtype dequantizes block-scaled fp8 weights (default: keep)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="largest output file of hf, torch_dist, nemo and mindspore targets: 5GB (decimal), 4GiB "
+                        "or bytes (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (files, tensors, notes); write nothing")
     p.add_argument("--json", action="store_true", help="print JSON (the plan with --dry-run, else the report)")
     p.add_argument("--threads", type=int, default=4, help="copy threads (default 4)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: the C++ core (default); cuda: casts and fp8 in Triton kernels on a GPU "
                         "(on the CPU under TRITON_INTERPRET=1), same output")
 
-    p = sub.add_parser("verify", help="compare two checkpoints (any formats) tensor by tensor; exit 1 if they differ")
-    p.add_argument("a")
-    p.add_argument("b")
+    p = sub.add_parser("verify", help="compare two checkpoints (any formats) tensor by tensor; exit 1 if they differ",
+                       description="Compares every tensor of A and B by its canonical (Hugging Face) name, bit for "
+                                   "bit unless a tolerance is given, whatever their formats and layouts. Exit 0 when "
+                                   "equal, 1 when they differ.",
+                       epilog=_VERIFY_EXAMPLES, formatter_class=_formatter)
+    p.add_argument("a", help="one checkpoint (directory or file)")
+    p.add_argument("b", help="the other checkpoint")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: bit for bit)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: bit for bit)")
     p.add_argument("--family", default=None, help="model family of a Megatron side whose args do not tell it")
-    p.add_argument("--threads", type=int, default=4)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--threads", type=int, default=4, help="compare threads (default 4)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    p = sub.add_parser("demo", help="build a tiny Llama with transformers, convert it, check it loads")
-    p.add_argument("--workdir", default=None, help="where to put the models (default: a temporary directory)")
+    p = sub.add_parser("demo", help="build a tiny Llama with transformers, convert it, check it loads",
+                       description="The main job on an embedded default: a small Llama (GQA) built with "
+                                   "transformers from a config (no download), converted by pyconv (re-sharded, "
+                                   "cast to bf16, to Megatron tp 2 pp 2 and back), each result loaded by "
+                                   "transformers and compared with the source. Needs torch and transformers.",
+                       epilog=_DEMO_EXAMPLES, formatter_class=_formatter)
+    p.add_argument("--workdir", default=None,
+                   help="keep the models in this directory (default: a temporary directory, removed after)")
     return parser
 
 
 def _progress_bar(enabled: bool):
+    """(progress, phase, close) for reshard: bytes done of the total and the phase (copying,
+    syncing, committing), fitted to the terminal's width however narrow."""
     if not enabled:
-        return None, lambda: None
+        return None, None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, file=sys.stderr, desc="converting", leave=False)
+    bar = tqdm(total=0, unit="B", unit_scale=True, file=sys.stderr, desc="copying", leave=False, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{elapsed}<{remaining}]")
 
     def update(done: int, total: int) -> None:
         if bar.total != total:
             bar.total = total
         bar.update(done - bar.n)
 
-    return update, bar.close
+    def phase(name: str) -> None:
+        bar.set_description_str(name)
+
+    return update, phase, bar.close
 
 
 def _cmd_inspect(args) -> int:
@@ -160,11 +240,11 @@ def _cmd_reshard(args) -> int:
                                 **_target_options(args))
         print(json.dumps(report.plan.to_json(), indent=2) if args.json else report.plan.summary())
         return EXIT_OK
-    update, close = _progress_bar(not args.json and sys.stderr.isatty())
+    update, phase, close = _progress_bar(not args.json and sys.stderr.isatty())
     try:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, threads=args.threads, source_format=args.source_format,
-                                progress=update, device=args.device, **_target_options(args))
+                                progress=update, phase=phase, device=args.device, **_target_options(args))
     finally:
         close()
     if os.environ.get("RANK", "0") != "0":
@@ -172,8 +252,10 @@ def _cmd_reshard(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        print(f"wrote {report.destination}: {report.files} files, {report.tensors} tensors, "
-              f"{report.bytes:,} bytes in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s)")
+        stored = report.plan.tensor_count if report.plan is not None else report.tensors
+        print(f"wrote {report.destination}: {report.files} files, {report.tensors} tensors"
+              + (f" (stored as {stored})" if stored != report.tensors else "")
+              + f", {report.bytes:,} bytes in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s)")
         for note in report.plan.notes if report.plan is not None else ():
             print(f"note: {note}")
     return EXIT_OK
@@ -218,7 +300,11 @@ def _signals_stop_the_command():
 def main(argv: list[str] | None = None) -> int:
     from pyconv.errors import Cancelled, PyconvError
 
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `pyconv`: what it does and its commands
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
     command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
     try:
         with _signals_stop_the_command():

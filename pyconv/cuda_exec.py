@@ -55,20 +55,20 @@ def load_backend():
     try:
         import torch
     except ImportError:
-        raise PyconvError("--device cuda needs torch (pip install torch)") from None
+        raise PyconvError("device cuda needs torch (pip install torch)") from None
     if not interpret and not torch.cuda.is_available():
-        raise PyconvError("--device cuda: no CUDA GPU is available to torch (set TRITON_INTERPRET=1 to run the "
-                          "GPU kernels on the CPU with Triton's interpreter, or use --device cpu)")
+        raise PyconvError("device cuda: no CUDA GPU is available to torch (set TRITON_INTERPRET=1 to run the "
+                          "GPU kernels on the CPU with Triton's interpreter, or use device cpu)")
     try:
         from pyconv._kernels import ops
     except ImportError as e:
-        raise PyconvError(f"--device cuda needs triton (pip install triton): {e}") from None
+        raise PyconvError(f"device cuda needs triton (pip install triton): {e}") from None
     if interpret:
         import triton.language as tl
         from triton.runtime.interpreter import InterpretedFunction
 
         if not isinstance(tl.max, InterpretedFunction):  # triton's own jit functions were compiled for a GPU
-            raise PyconvError("--device cuda: TRITON_INTERPRET=1 was set after triton had been imported in this "
+            raise PyconvError("device cuda: TRITON_INTERPRET=1 was set after triton had been imported in this "
                               "process; set it before Python starts")
     device = torch.device("cpu") if interpret else torch.device("cuda", torch.cuda.current_device())
     return torch, ops, device

@@ -26,16 +26,40 @@ def _load(path, dtype):
     return model.eval()
 
 
+def _quiet_other_libraries() -> None:
+    """transformers' and huggingface_hub's progress bars and advice would interleave with the steps."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def run_demo(workdir: str | None = None) -> int:
-    try:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as e:
-        raise SystemExit(f"pyconv demo needs torch and transformers ({e}); install with: pip install '.[demo]'")
+    """Runs the demo in workdir (kept), or in a temporary directory removed afterwards."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"pyconv demo needs {' and '.join(missing)}; install with: pip install '.[demo]'")
+    _quiet_other_libraries()
+    if workdir is not None:
+        os.makedirs(workdir, exist_ok=True)
+        status = _demo(workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="pyconv-demo-") as scratch:
+            status = _demo(scratch)
+        print("   (the models were in a temporary directory, now removed; keep them with --workdir DIR)")
+    print("demo OK" if status == 0 else "demo FAILED")
+    return status
+
+
+def _demo(workdir: str) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     import pyconv
 
-    workdir = workdir or tempfile.mkdtemp(prefix="pyconv-demo-")
-    os.makedirs(workdir, exist_ok=True)
     src = os.path.join(workdir, "llama-hf")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG)).eval()
@@ -51,9 +75,10 @@ def run_demo(workdir: str | None = None) -> int:
     with torch.no_grad():
         reference = model(x).logits
     status = 0
-    for label, dst, kwargs, dtype in (
-        ("re-sharded at 2MB, fp32", os.path.join(workdir, "llama-hf-2MB"), dict(max_shard_size="2MB"), torch.float32),
-        ("cast to bf16", os.path.join(workdir, "llama-hf-bf16"), dict(dtype="bf16"), torch.bfloat16),
+    for step, label, dst, kwargs, dtype in (
+        (3, "re-sharded at 2MB, fp32", os.path.join(workdir, "llama-hf-2MB"), dict(max_shard_size="2MB"),
+         torch.float32),
+        (4, "cast to bf16", os.path.join(workdir, "llama-hf-bf16"), dict(dtype="bf16"), torch.bfloat16),
     ):
         report = pyconv.reshard(src, dst, to="hf", force=True, **kwargs)
         converted = _load(dst, None)
@@ -62,9 +87,9 @@ def run_demo(workdir: str | None = None) -> int:
             logits = converted(x).logits
         same = torch.equal(logits, expected)
         status |= 0 if same and converted.dtype == dtype else 1
-        print(f"3. pyconv reshard ({label}): {report.files} files, {report.bytes:,} bytes in {report.seconds:.3f} s "
-              f"-> {dst}\n   transformers loads it ({converted.dtype}, no missing/unexpected keys); logits "
-              f"{'identical to' if same else 'DIFFER from'} the "
+        print(f"{step}. pyconv reshard ({label}): {report.files} files, {report.bytes:,} bytes in "
+              f"{report.seconds:.3f} s -> {dst}\n   transformers loads it ({converted.dtype}, no missing/unexpected "
+              f"keys); logits {'identical to' if same else 'DIFFER from'} the "
               f"{'source model' if dtype == torch.float32 else 'source loaded as bf16 by transformers'}")
     megatron, back = os.path.join(workdir, "llama-megatron-tp2-pp2"), os.path.join(workdir, "llama-hf-from-megatron")
     to_megatron = pyconv.reshard(src, megatron, to="megatron", tp=2, pp=2, force=True)
@@ -73,9 +98,8 @@ def run_demo(workdir: str | None = None) -> int:
     with torch.no_grad():
         same = torch.equal(_load(back, None)(x).logits, reference)
     status |= 0 if same and same_weights else 1
-    print(f"4. pyconv reshard -> Megatron (tp 2, pp 2): {to_megatron.files} files in {to_megatron.seconds:.3f} s, "
+    print(f"5. pyconv reshard -> Megatron (tp 2, pp 2): {to_megatron.files} files in {to_megatron.seconds:.3f} s, "
           f"and back to HF in {from_megatron.seconds:.3f} s\n   pyconv verify: every tensor "
           f"{'bit for bit equal' if same_weights else 'NOT equal'}; transformers logits "
           f"{'identical to' if same else 'DIFFER from'} the source model")
-    print("demo OK" if status == 0 else "demo FAILED")
     return status

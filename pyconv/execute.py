@@ -85,10 +85,29 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _phases(progress, phase):
+    """progress, also announcing 'syncing' to phase once every byte is copied (the executor then
+    flushes the files to disk before it returns)."""
+    if phase is None:
+        return progress
+    synced = []
+
+    def tick(done: int, total: int):
+        keep_going = progress(done, total) if progress is not None else True
+        if done >= total and not synced:
+            synced.append(True)
+            phase("syncing")
+        return keep_going
+
+    return tick
+
+
 def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: int = 4,
-                 chunk_bytes: int = 32 << 20, progress=None, device: str = "cpu") -> dict:
+                 chunk_bytes: int = 32 << 20, progress=None, device: str = "cpu", phase=None) -> dict:
     """Writes the plan's files under dst atomically. Returns the executor's statistics.
-    device "cuda" runs the tensor arithmetic in Triton kernels (pyconv/cuda_exec.py)."""
+    device "cuda" runs the tensor arithmetic in Triton kernels (pyconv/cuda_exec.py).
+    progress(done bytes, total bytes) about every 100 ms; phase(name) as the run enters 'copying',
+    'syncing' and 'committing'."""
     if device not in ("cpu", "cuda"):
         raise LayoutError(f"unknown device '{device}' (choose cpu or cuda)")
     if device == "cuda":
@@ -98,7 +117,7 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
     dst = os.path.abspath(dst)
     parent = os.path.dirname(dst)
     if os.path.lexists(dst) and not force:
-        raise OutputError(f"{dst}: destination exists (use --force to replace it)")
+        raise OutputError(f"{dst}: destination exists (replacing it takes force)")
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
@@ -115,16 +134,21 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
             subdirs = sorted({os.path.dirname(f.path) for f in plan.files} - {""})
             for sub in subdirs:
                 os.makedirs(os.path.join(tmp, sub), exist_ok=True)
+            if phase is not None:
+                phase("copying")
+            tick = _phases(progress, phase)
             if device == "cuda":
                 from pyconv.cuda_exec import execute_plan_cuda
 
-                stats = execute_plan_cuda(plan, tmp, threads=threads, progress=progress)  # _core.validate first
+                stats = execute_plan_cuda(plan, tmp, threads=threads, progress=tick)  # _core.validate first
             else:
                 stats = _core.execute(*core_records(plan, tmp), threads=threads, chunk_bytes=chunk_bytes,
-                                      fsync=True, progress=progress)
+                                      fsync=True, progress=tick)
             for sub in subdirs:
                 _fsync_dir(os.path.join(tmp, sub))
             _fsync_dir(tmp)
+            if phase is not None:
+                phase("committing")
             _commit(tmp, dst)
     except KeyboardInterrupt:
         shutil.rmtree(tmp, ignore_errors=True)

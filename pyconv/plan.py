@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from pyconv.catalog import CanonicalTensor, view2d
@@ -82,6 +84,9 @@ class ReshardPlan:
     target: dict  # the target spec, JSON-able
     files: tuple[PlannedFile, ...]
     notes: tuple[str, ...] = field(default=())
+    # The model tensors (canonical, by Hugging Face name: what `inspect` counts) the files hold;
+    # tensor_count counts what the files store (TP shards, fused QKV, per-rank replicas...).
+    model_tensors: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -97,7 +102,8 @@ class ReshardPlan:
             "source_format": self.source_format,
             "target": self.target,
             "total_bytes": self.total_bytes,
-            "tensors": self.tensor_count,
+            "tensors": self.model_tensors,
+            "stored_tensors": self.tensor_count,
             "files": [
                 {
                     "path": f.path,
@@ -126,9 +132,33 @@ class ReshardPlan:
         for f in self.files:
             what = f"{len(f.tensors):>6} tensors" if f.kind == "weights" else f"{f.kind:>14}"
             lines.append(f"  {f.path:<48} {what} {f.size:>16,} bytes")
-        lines.append(f"  total: {len(self.files)} files, {self.tensor_count} tensors, {self.total_bytes:,} bytes")
+        lines.append(f"  total: {len(self.files)} files, {self.model_tensors} tensors (stored as {self.tensor_count}), "
+                     f"{self.total_bytes:,} bytes")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+_WRITTEN: ContextVar[set | None] = ContextVar("pyconv_written_tensors", default=None)
+
+
+@contextmanager
+def recording_written():
+    """Collects the names of the canonical tensors a writer plans into its output (every copy comes
+    from copies_for_region), so a plan can say how many model tensors it holds."""
+    names: set[str] = set()
+    token = _WRITTEN.set(names)
+    try:
+        yield names
+    finally:
+        _WRITTEN.reset(token)
+
+
+def note_written(name: str) -> None:
+    """A canonical tensor the output holds without a copy from the source (an empty tensor, a scale
+    grid that quantization writes)."""
+    written = _WRITTEN.get()
+    if written is not None:
+        written.add(name)
 
 
 def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, cols: int,
@@ -142,6 +172,7 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
     relative to the block), or to stored [src_row + c'][src_col + r'] when the block is
     transposed; a copy transposes when exactly one of the block and the request does. Written
     as `dtype`, a block-scaled fp8 source is dequantized with its scale grid."""
+    note_written(tensor.name)
     out = []
     covered = 0
     for b in tensor.blocks:
@@ -187,6 +218,7 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
 
 
 def plan_whole_tensor(tensor: CanonicalTensor, dtype: str, offset: int) -> PlannedTensor:
+    note_written(tensor.name)
     rows, cols = view2d(tensor.shape)
     copies = copies_for_region(tensor, 0, 0, rows, cols, dtype=dtype) if rows and cols else []
     return PlannedTensor(tensor.name, dtype, tensor.shape, offset, tuple(copies))

@@ -80,7 +80,7 @@ def _execute_on_this_rank(dist, plan: ReshardPlan, dst: str, *, force: bool, thr
     if rank == 0:
         try:
             if os.path.lexists(dst) and not force:
-                raise OutputError(f"{dst}: destination exists (use --force to replace it)")
+                raise OutputError(f"{dst}: destination exists (replacing it takes force)")
             os.makedirs(parent, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a failed earlier attempt of this same run
             os.mkdir(tmp)

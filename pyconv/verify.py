@@ -81,12 +81,13 @@ def verify(a, b, *, atol: float | None = None, rtol: float | None = None, thread
     cat_b = read_checkpoint(b, family=family)
     bitwise = atol is None and rtol is None
     report = VerifyReport(cat_a.path, cat_b.path, bitwise=bitwise, atol=atol or 0.0, rtol=rtol or 0.0)
-    report.missing = [n for n in cat_a.tensors if n not in cat_b.tensors]
-    report.extra = [n for n in cat_b.tensors if n not in cat_a.tensors]
+    tensors_a, tensors_b = _with_tied_head(cat_a, cat_b), _with_tied_head(cat_b, cat_a)
+    report.missing = [n for n in tensors_a if n not in tensors_b]
+    report.extra = [n for n in tensors_b if n not in tensors_a]
     sources: dict[str, int] = {}
     compared, jobs = [], []
-    for name, ta in cat_a.tensors.items():
-        tb = cat_b.tensors.get(name)
+    for name, ta in tensors_a.items():
+        tb = tensors_b.get(name)
         if tb is None:
             continue
         report.compared += 1
@@ -114,3 +115,27 @@ def verify(a, b, *, atol: float | None = None, rtol: float | None = None, thread
         if differing or difference.reason == "dtype":
             report.different.append(difference)
     return report
+
+
+_EMBEDDING = "embedding.word_embeddings.weight"  # Megatron-Core's name of the input embedding
+_HEAD = "output_layer.weight"
+
+
+def _with_tied_head(catalog, other) -> dict:
+    """catalog's tensors; where it ties its output head to the input embedding and stores no head
+    (Megatron does not) but `other` stores one (transformers' .bin files do), the embedding
+    stands for the head, so that the two compare as the models they are."""
+    from pyconv.families import family_for_architecture
+
+    tensors = catalog.tensors
+    try:
+        family = family_for_architecture(catalog.architecture, catalog.path)
+        tied = family.dims_from_hf(catalog.config or {}).tied
+    except Exception:  # noqa: BLE001 - an unknown or partial config: no tie to honour
+        return tensors
+    names = {m.megatron: m.hf[0] for m in family.mappings if len(m.hf) == 1 and isinstance(m.megatron, str)}
+    head, embedding = names.get(_HEAD), names.get(_EMBEDDING)
+    if not tied or head is None or head in tensors or head not in other.tensors or embedding not in tensors:
+        return tensors
+    return {**tensors, head: tensors[embedding]}
+

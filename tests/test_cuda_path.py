@@ -129,7 +129,7 @@ def test_without_gpu_or_interpreter_exit_2_and_nothing_written(tiny_models, tmp_
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = run_cli("reshard", tiny_models["llama"][1], tmp_path / "out", "--dtype", "bf16", "--device", "cuda", env=env)
     assert r.returncode == 2, r.stderr
-    assert "--device cuda: no CUDA GPU" in r.stderr and "TRITON_INTERPRET=1" in r.stderr
+    assert "device cuda: no CUDA GPU" in r.stderr and "TRITON_INTERPRET=1" in r.stderr
     assert not os.path.exists(tmp_path / "out") and os.listdir(tmp_path) == []
 
 

@@ -305,7 +305,7 @@ def fp8_model(models, tmp_path_factory):
 
 def test_fp8_source_needs_a_float_dtype(fp8_model, tmp_path):
     with pytest.raises(LayoutError, match="is fp8 with block scales, which a Megatron checkpoint cannot hold: "
-                                          "pass --dtype bf16"):
+                                          "convert with dtype bf16"):
         pyconv.reshard(fp8_model, tmp_path / "meg", to="megatron", tp=2, ep=2)
 
 

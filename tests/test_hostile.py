@@ -266,11 +266,10 @@ def valid_src(tmp_path):
     (["reshard", "--bogus", "SRC", "DST"], "unrecognized arguments: --bogus"),
     (["reshard"], "the following arguments are required: src, dst"),
     (["reshard", "SRC"], "the following arguments are required: dst"),
-    ([], "the following arguments are required: command"),
     (["convert", "SRC", "DST"], "invalid choice: 'convert'"),
     (["reshard", "SRC", "DST", "--dtype", "fp4"], "argument --dtype: invalid choice: 'fp4'"),
     (["reshard", "SRC", "DST", "--threads", "many"], "argument --threads: invalid int value: 'many'"),
-], ids=["unknown-option", "no-args", "no-dst", "no-command", "unknown-command", "bad-dtype", "bad-threads"])
+], ids=["unknown-option", "no-args", "no-dst", "unknown-command", "bad-dtype", "bad-threads"])
 def test_cli_usage_errors(tmp_path, valid_src, args, needle):
     before = _tree(valid_src)
     args = [valid_src if a == "SRC" else str(tmp_path / "dst") if a == "DST" else a for a in args]
@@ -314,7 +313,7 @@ def test_cli_refuses_existing_dst_without_force(tmp_path, valid_src):
     (dst / "keep.txt").write_text("precious\n")
     src_before, dst_before = _tree(valid_src), _tree(str(dst))
     proc = _cli("reshard", valid_src, str(dst), "--to", "hf", cwd=str(tmp_path))
-    _assert_one_error_line(proc, str(dst), "destination exists (use --force to replace it)")
+    _assert_one_error_line(proc, str(dst), "destination exists (replacing it takes force)")
     assert _tree(str(dst)) == dst_before and _tree(valid_src) == src_before
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 

@@ -90,3 +90,25 @@ def test_bad_input_exits_2(tiny_models, tmp_path):
     _, src = tiny_models["llama"]
     r = cli(src, tmp_path / "nope")
     assert r.returncode == 2 and r.stderr.startswith("pyconv: error:") and "nope" in r.stderr
+
+
+def test_a_tied_head_stored_on_one_side_is_compared_with_the_embedding(tiny_models, tmp_path):
+    """transformers' GPT-2 .bin stores lm_head.weight (tied to wte); Megatron stores no output
+    layer for a tied model. The two are the same model; a head that is not the embedding is not."""
+    model, src = tiny_models["gpt2"]
+    assert model.config.tie_word_embeddings
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    shutil.copy(f"{src}/config.json", tmp_path / "bin" / "config.json")
+    pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2)
+    assert "lm_head.weight" in pyconv.open(tmp_path / "bin").keys()
+    assert "lm_head.weight" not in pyconv.open(tmp_path / "meg").keys()
+    for a, b in ((tmp_path / "bin", tmp_path / "meg"), (tmp_path / "meg", tmp_path / "bin")):
+        report = pyconv.verify(a, b)
+        assert report.equal and not report.missing and not report.extra, report.summary()
+    state["lm_head.weight"] = state["lm_head.weight"].clone()
+    state["lm_head.weight"][3, 5] += 1.0
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    report = pyconv.verify(tmp_path / "bin", tmp_path / "meg")
+    assert not report.equal and [d.name for d in report.different] == ["lm_head.weight"]

@@ -324,7 +324,7 @@ def family_for_megatron_args(args: dict, where: str) -> Family:
     if len(found) != 1:
         raise FormatError(f"{where}: cannot tell the model family from the Megatron args "
                           f"({'several match: ' + ', '.join(f.name for f in found) if found else 'none matches'}); "
-                          f"pass --family")
+                          f"name the family")
     return found[0]
 
 

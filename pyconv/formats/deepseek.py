@@ -240,7 +240,7 @@ def _check_split(catalog: Catalog, tensor: CanonicalTensor, ds_name: str, dim: i
             raise LayoutError(f"tensor {tensor.name} ({ds_name}): each of the {mp} parts of {weight_name} along dim "
                               f"{dim} holds {part} of {weight.shape[dim]}, not a multiple of the {block[dim]}-wide fp8 "
                               f"scale blocks, so {weight_name + SCALE_SUFFIX} cannot be split with it; "
-                              f"convert with --dtype bf16 to dequantize instead")
+                              f"convert with dtype bf16 to dequantize instead")
     shape = tensor.shape
     if dim >= len(shape):
         raise LayoutError(f"tensor {tensor.name} ({ds_name}): splits along dim {dim}, but has shape {list(shape)}")
@@ -286,7 +286,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     origin: dict[str, str] = {}  # DeepSeek name -> the Hugging Face tensor it came from
     if target.dtype in _FP8_DTYPES:
         raise LayoutError("the deepseek layout keeps the source's fp8 weights as they are; quantize with "
-                          "--to hf --dtype fp8 first")
+                          "to hf with dtype fp8 first")
     dtypes = output_dtypes(catalog.tensors, target.dtype, kept_dtypes(catalog) if target.dtype else frozenset())
     # A dequantized fp8 weight no longer needs its scales (and they need not split with it).
     dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items()

@@ -16,7 +16,7 @@ from pyconv.fp8 import SCALE_SUFFIX, link_scales, scale_grid
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
 from pyconv.io.jsonfile import config_architecture, load_config, load_json
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
-from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file, plan_whole_tensor
+from pyconv.plan import PlannedFile, TargetSpec, note_written, plan_file_copy, plan_text_file, plan_whole_tensor
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -136,6 +136,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" and dtypes[n] != t.dtype}
     quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" and t.dtype != "F8_E4M3"}
     names = [n for n in catalog.tensors if n not in dequantized]
+    for name in quantized:
+        note_written(name + SCALE_SUFFIX)
 
     def unit_size(name):
         size = nbytes(dtypes[name], catalog.tensors[name].shape)

@@ -458,7 +458,7 @@ def _legacy_refs(obj: dict, where: str) -> dict:
                                           if virtual else "no 'model' state dict"))
     if not isinstance(model.get("language_model"), dict):
         raise FormatError(f"{where}: the model has no 'language_model' state dict: not a legacy Megatron "
-                          "checkpoint (a Megatron-Core one reads as --format megatron)")
+                          "checkpoint (a Megatron-Core one is the megatron format's)")
     return dict(iter_tensors(model))
 
 
@@ -506,7 +506,7 @@ def _family(trees: dict, family: str | None, where: str) -> Family:
     """BERT when any rank holds a BERT-only part (token types, pooler, LM head, binary head)."""
     if family is not None:
         if family not in {f.name for f in families_with(lambda f: f.legacy_megatron_stack)}:
-            raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (--family gpt2|bert), "
+            raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (family gpt2 or bert), "
                               f"not '{family}'")
         return get_family(family)
     bert_only = ("lm_head.", "binary_head.", "language_model.pooler.", "language_model.embedding.tokentype_embeddings.")
@@ -787,7 +787,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     family, dims = family_and_dims(catalog)
     if family.legacy_megatron_stack is None:
         raise LayoutError(f"{catalog.path}: legacy Megatron checkpoints hold GPT-2 or BERT models, not "
-                          f"{catalog.architecture} (use --to megatron for Megatron-Core)")
+                          f"{catalog.architecture} (Megatron-Core checkpoints are the megatron format)")
     if target.options.tp < 1 or target.options.pp < 1:
         raise LayoutError(f"legacy Megatron takes tp >= 1 and pp >= 1 (got tp={target.options.tp}, "
                           f"pp={target.options.pp})")

@@ -163,4 +163,4 @@ def refuse_fp8_weights(catalog: Catalog, dtype: str | None) -> None:
     fp8 = [n for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3"]
     if fp8 and dtype in (None, "F8_E4M3"):
         raise LayoutError(f"{catalog.path}: '{fp8[0]}' (and {len(fp8) - 1} more) is fp8 with block scales, which a "
-                          f"Megatron checkpoint cannot hold: pass --dtype bf16 (or fp16/fp32) to dequantize")
+                          f"Megatron checkpoint cannot hold: convert with dtype bf16 (or fp16, fp32) to dequantize")

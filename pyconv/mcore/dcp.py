@@ -600,7 +600,7 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
             slice_dtype = output_dtype(catalog.tensors[names[0]], None if mapping.keep_dtype else target.dtype)
             if dtype not in (None, slice_dtype):
                 raise LayoutError(f"{catalog.path}: '{names[0]}' is {slice_dtype} but earlier slices of {key} "
-                                  f"are {dtype}; pass --dtype")
+                                  f"are {dtype}; choose a dtype")
             dtype = slice_dtype
             copies = [c for piece in pieces for c in piece.copies(catalog.tensors[piece.source], transposed, dtype)]
             stacked = tuple(i for i in index if i is not None)[-lead:] if lead else ()
