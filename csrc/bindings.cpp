@@ -167,6 +167,8 @@ PYBIND11_MODULE(_core, m) {
     return py::bytes(out);
   }, py::arg("src"), py::arg("src_dtype"), py::arg("dst_dtype"));
 
+  m.def("rename_no_replace", &rename_no_replace,
+        "Renames from to to unless to exists; 0 or the errno (EEXIST/ENOTEMPTY: it exists; EINVAL/ENOSYS: unsupported).");
   m.def("itemsize", [](const std::string& name) { return dtype_itemsize(parse_dtype(name)); });
   m.def("cast_isa", &cast_isa, "The instruction-set variant the casts run with (portable, avx2, avx512).");
 

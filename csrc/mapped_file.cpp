@@ -28,7 +28,7 @@ bool page_span(uint64_t offset, uint64_t length, uint64_t size, uint64_t* lo, ui
 }  // namespace
 
 MappedFile::MappedFile(const std::string& path) : path_(path) {
-  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
   if (fd_ < 0) throw FormatError(path + ": cannot open for reading: " + std::strerror(errno));
   struct stat st;
   if (::fstat(fd_, &st) != 0) {

@@ -1,7 +1,9 @@
 #include "output_file.h"
 
 #include <fcntl.h>
+#include <linux/fs.h>  // RENAME_NOREPLACE
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -73,6 +75,11 @@ void OutputFile::close() {
 void OutputFile::close_quietly() noexcept {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
+}
+
+int rename_no_replace(const std::string& from, const std::string& to) {
+  if (::syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return 0;
+  return errno;
 }
 
 }  // namespace pyconv

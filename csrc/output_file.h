@@ -40,4 +40,10 @@ class OutputFile {
   int fd_ = -1;
 };
 
+// Renames from to to unless to exists (renameat2 RENAME_NOREPLACE): the commit of an output
+// that must never replace a destination another process created meanwhile. Returns 0, or the
+// errno: EEXIST (or ENOTEMPTY) when to exists, EINVAL or ENOSYS where the filesystem or kernel
+// cannot rename without replacing.
+int rename_no_replace(const std::string& from, const std::string& to);
+
 }  // namespace pyconv

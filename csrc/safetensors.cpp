@@ -52,7 +52,7 @@ std::string errno_text() { return std::strerror(errno); }
 }  // namespace
 
 SafetensorsPrefix read_safetensors_prefix(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
   if (fd < 0) throw FormatError(path + ": cannot open: " + errno_text());
   struct Closer { int fd; ~Closer() { ::close(fd); } } closer{fd};
   struct stat st;

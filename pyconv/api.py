@@ -118,9 +118,12 @@ def open(path: str | os.PathLike, format: str | None = None, family: str | None 
 
 
 def _validate_layout(layout: dict) -> None:
-    for key in ("tp", "pp", "vpp", "ep", "etp"):
+    for key in ("tp", "pp", "vpp", "ep", "etp", "vocab_divisible_by"):
         if layout.get(key) is not None:
             check_count(key, layout[key])
+    iteration = layout.get("iteration")
+    if iteration is not None and (isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0):
+        raise LayoutError(f"iteration must be a whole number >= 0, got {iteration!r}")  # iter_NNNNNNN/ as Megatron-LM
 
 
 @dataclass
@@ -144,6 +147,19 @@ class ReshardReport:
                 "stored_tensors": stored,
                 "bytes": self.bytes, "seconds": round(self.seconds, 6), "gb_per_s": round(self.gb_per_s, 3),
                 "dry_run": self.dry_run}
+
+
+def _check_plan_sources(plan: ReshardPlan, dst: str) -> None:
+    """Every file the plan reads, resolved (a hub cache's snapshot is symlinks into blobs), lies
+    outside the destination, so that replacing the destination cannot destroy a source."""
+    real_dst = os.path.realpath(dst)
+    paths = {c.source for f in plan.files for t in f.tensors for c in t.copies}
+    paths |= {c.scale_source for f in plan.files for t in f.tensors for c in t.copies if c.scale_source}
+    for path in sorted(paths):
+        real = os.path.realpath(path)
+        if real == real_dst or real.startswith(real_dst + os.sep):
+            raise OutputError(f"{dst}: the source file {path} is {real}, inside the destination; replacing the "
+                              "destination would destroy it")
 
 
 def _check_paths(src: str, dst: str) -> None:
@@ -210,6 +226,7 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
         raise OutputError(f"{dst}: destination exists (replacing it takes force)")
     started = time.perf_counter()
     plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, **options)
+    _check_plan_sources(plan, dst)
     if dry_run:
         return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.model_tensors,
                              plan.total_bytes, time.perf_counter() - started, True, plan)

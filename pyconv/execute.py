@@ -46,7 +46,7 @@ def remove_stale_temporaries(dst: str) -> list[str]:
     for entry in os.listdir(parent):
         for mark in (TMP_MARK, OLD_MARK):
             prefix = f".{name}{mark}"
-            if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+            if entry.startswith(prefix) and entry[len(prefix):].isascii() and entry[len(prefix):].isdigit():
                 pid = int(entry[len(prefix):])
                 if pid != os.getpid() and not _pid_alive(pid):
                     shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
@@ -149,7 +149,7 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
             _fsync_dir(tmp)
             if phase is not None:
                 phase("committing")
-            _commit(tmp, dst)
+            _commit(tmp, dst, force)
     except KeyboardInterrupt:
         shutil.rmtree(tmp, ignore_errors=True)
         raise Cancelled("interrupted (Ctrl-C); nothing was written to the destination") from None
@@ -170,13 +170,26 @@ def execute_plan(plan: ReshardPlan, dst: str, *, force: bool = False, threads: i
     return stats
 
 
-def _commit(tmp: str, dst: str) -> None:
-    """Renames tmp to dst; an existing dst (--force) is moved aside first and removed after."""
+def _commit(tmp: str, dst: str, force: bool) -> None:
+    """Renames tmp to dst without ever replacing a destination it was not asked to: with force an
+    existing dst is moved aside first and removed after; a dst that appears meanwhile (another
+    process converting into it) makes this one fail, never replaced."""
     old = None
-    if os.path.lexists(dst):
+    if force and os.path.lexists(dst):
         old = temporary_sibling(dst, OLD_MARK)
         os.rename(dst, old)
-    os.rename(tmp, dst)
+    err = _core.rename_no_replace(tmp, dst)
+    if err in (errno.EINVAL, errno.ENOSYS):  # a filesystem that cannot refuse to replace: check, then rename
+        err = errno.EEXIST if os.path.lexists(dst) else 0
+        if not err:
+            os.rename(tmp, dst)
+    if err:
+        if old is not None and not os.path.lexists(dst):
+            os.rename(old, dst)  # the replaced destination, put back
+        if err in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutputError(f"{dst}: destination appeared while this conversion ran (another process writing "
+                              "it?); it was left as it is")
+        raise OutputError(f"{dst}: cannot rename the finished output into place: {os.strerror(err)}")
     _fsync_dir(os.path.dirname(dst))
     if old:
         if os.path.isdir(old) and not os.path.islink(old):

@@ -116,7 +116,10 @@ def _execute_on_this_rank(dist, plan: ReshardPlan, dst: str, *, force: bool, thr
                 for sub in sorted({os.path.dirname(f.path) for f in plan.files} - {""}):
                     _fsync_dir(os.path.join(tmp, sub))
                 _fsync_dir(tmp)
-                _commit(tmp, dst)
+                _commit(tmp, dst, force)
+        except OutputError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            outcome = str(e)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             outcome = f"{dst}: cannot commit the output: {e.strerror}"

@@ -17,6 +17,7 @@ from typing import Callable
 from pyconv.catalog import Catalog
 from pyconv.errors import FormatError, LayoutError
 from pyconv.io.parse_once import parse_once
+from pyconv.io.tree import check_regular_tree
 
 # (format name, adapter module, writable), in detection order. Asked first are the adapters
 # whose layouts another adapter would claim too: nemo directories holding mp_rank_* or a DCP
@@ -80,6 +81,9 @@ def detect_format(path: str) -> FormatAdapter:
 
 def read_checkpoint(path: str, format: str | None = None, **options) -> Catalog:
     """options: reader options that apply (family=... for formats that do not name it)."""
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or directory")
+    check_regular_tree(path)
     with parse_once():  # detection and reading parse each file's header once between them
         adapter = get_format(format) if format else detect_format(path)
         return adapter.read(path, **{k: v for k, v in options.items() if v is not None and k in adapter.read_options})

@@ -270,7 +270,7 @@ def _choose_zip_iteration(path: str, f, members: dict, trackers: dict) -> str:
         if info.file_size > 64:
             continue
         text = zipfile.ZipFile(f).read(info).decode("utf-8", "replace").strip()
-        wanted = parent + ("release/" if text == "release" else f"iter_{int(text):07d}/" if text.isdigit() else "?")
+        wanted = parent + ("release/" if text == "release" else f"iter_{int(text):07d}/" if text.isascii() and text.isdigit() else "?")
         if wanted in members:
             return wanted
     raise FormatError(f"{path}: holds several checkpoints ({', '.join(sorted(p or '/' for p in members))}) and no "
@@ -453,7 +453,7 @@ def _legacy_refs(obj: dict, where: str) -> dict:
                           "pre-Megatron-Core language_model names")
     model = obj.get("model")
     if not isinstance(model, dict):
-        virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit()]
+        virtual = [k for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isascii() and k[5:].isdigit()]
         raise FormatError(f"{where}: " + ("virtual pipeline checkpoints (model0, model1...) are not supported"
                                           if virtual else "no 'model' state dict"))
     if not isinstance(model.get("language_model"), dict):

@@ -223,7 +223,7 @@ def _model_chunks(obj: dict, file: str) -> list[str]:
     """The state dicts of a rank file: 'model', or model0..model{V-1} of an interleaved pipeline."""
     if "model" in obj:
         return ["model"]
-    numbered = sorted(int(k[5:]) for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isdigit())
+    numbered = sorted(int(k[5:]) for k in obj if isinstance(k, str) and k.startswith("model") and k[5:].isascii() and k[5:].isdigit())
     if not numbered:
         raise FormatError(f"{file}: no 'model' state dict")
     if numbered != list(range(len(numbered))):

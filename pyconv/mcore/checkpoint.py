@@ -21,7 +21,8 @@ RANK_FILES = (CHECKPOINT_FILE, "model_rng.pt")
 OPTIMIZER_FILES = ("distrib_optim.pt", "optim.pt")
 OPTIMIZER_ENTRIES = ("optimizer", "opt_param_scheduler")  # of a rank file: training state, not weights
 RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-_ITERATION_DIR = re.compile(r"^iter_(\d{7})$")
+_ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
+_TRACKER_LIMIT = 64  # "release" or an iteration number, and a newline
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ def find_rank_files(directory: str) -> RankFiles:
         found = f" (only optimizer files: {', '.join(sorted({os.path.basename(f) for f in optimizer_files}))})" \
             if optimizer_files else ""
         raise FormatError(f"{directory}: no mp_rank_* directory holding {' or '.join(RANK_FILES)}{found}")
+    styles = {}
+    for numbers, file in ranks.items():  # Megatron-LM names every rank of a run the same way
+        styles.setdefault(len(numbers), os.path.basename(os.path.dirname(file)))
+    if len(styles) > 1:
+        raise FormatError(f"{directory}: rank directories named two ways ({' and '.join(styles.values())}), which "
+                          "cannot both belong to one checkpoint: remove the stray ones")
     return RankFiles(ranks, tuple(optimizer_files))
 
 
@@ -75,13 +82,15 @@ def iteration_dir(path: str) -> tuple[str, str]:
     tracker = os.path.join(path, TRACKER)
     if os.path.isfile(tracker):
         with open(tracker, "rb") as f:
-            text = f.read(64).decode("utf-8", "replace").strip()
+            raw = f.read(_TRACKER_LIMIT + 1)
+        text = raw.decode("utf-8", "replace").strip()
         if text == "release":
             directory = os.path.join(path, "release")
-        elif text.isdigit():
+        elif len(raw) <= _TRACKER_LIMIT and text.isascii() and text.isdigit():
             directory = os.path.join(path, f"iter_{int(text):07d}")
         else:
-            raise FormatError(f"{tracker}: expected 'release' or an iteration number, found {text[:40]!r}")
+            raise FormatError(f"{tracker}: expected 'release' or an iteration number, found {text[:40]!r}"
+                              + (f" and more (over {_TRACKER_LIMIT} bytes)" if len(raw) > _TRACKER_LIMIT else ""))
         if not os.path.isdir(directory):
             raise FormatError(f"{tracker}: names iteration '{text}' but {directory} does not exist")
         return directory, text
