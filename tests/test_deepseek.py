@@ -459,7 +459,7 @@ def test_unknown_keys_and_stray_experts_are_refused(tmp_path):
 
 def test_fp8_cut_inside_a_scale_block_needs_dequantizing(fp8_checkpoint, tmp_path):
     tensors, src = fp8_checkpoint
-    with pytest.raises(LayoutError, match="holds 64 of 256, not a multiple of the 128-wide fp8 scale blocks.*--dtype bf16"):
+    with pytest.raises(LayoutError, match="holds 64 of 256, not a multiple of the 128-wide fp8 scale blocks.*convert with dtype bf16"):
         pyconv.reshard(src, tmp_path / "out", to="deepseek", tp=4)
     assert not os.path.exists(tmp_path / "out")
     # With --dtype bf16 the weights are dequantized (fp32 math, one rounding) and the scales dropped:

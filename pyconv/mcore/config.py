@@ -73,9 +73,13 @@ def dropped_layers(catalog: Catalog, family: Family, dims: ModelDims) -> list[in
 
 
 def check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
+    """Every tensor matches the family's table at the config's dims, and the config's layer and
+    expert counts are those the tensors hold: a config claiming 10^7 layers is refused here,
+    before anything proportional to them is planned."""
     dropped = set(dropped_layers(catalog, family, dims))
     scales = scale_names(catalog.tensors)
     copies = mtp_hf_copies(family, dims)
+    layers_seen, experts_seen = set(), set()
     for name, tensor in catalog.tensors.items():
         extra = HF_LAYER.match(name)
         if (extra and int(extra.group(1)) in dropped) or name in scales:
@@ -92,6 +96,8 @@ def check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
                 continue
             raise LayoutError(f"{catalog.path}: tensor '{name}' matches no {family.name} mapping")
         mapping, index, layer, expert = match
+        layers_seen.add(layer)
+        experts_seen.add(expert)
         if layer is not None and layer >= dims.num_layers + dims.mtp_layers:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
         if not mapping.applies_to(dims, layer):
@@ -104,6 +110,15 @@ def check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
         if tuple(tensor.shape) != expected:
             raise LayoutError(f"{catalog.path}: tensor '{name}' has shape {list(tensor.shape)}, the config implies "
                               f"{list(expected)}")
+    layers_seen.discard(None)
+    experts_seen.discard(None)
+    if len(layers_seen) < dims.num_layers + dims.mtp_layers:
+        raise LayoutError(f"{catalog.path}: the config says {dims.num_layers} layers"
+                          + (f" and {dims.mtp_layers} MTP layers" if dims.mtp_layers else "")
+                          + f", but the tensors hold {len(layers_seen)}")
+    if dims.num_experts and len(experts_seen) < dims.num_experts:
+        raise LayoutError(f"{catalog.path}: the config says {dims.num_experts} experts, but the tensors hold "
+                          f"{len(experts_seen)}")
 
 
 def family_and_dims(catalog: Catalog, with_mtp: bool = False) -> tuple[Family, ModelDims]:

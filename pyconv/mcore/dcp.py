@@ -386,6 +386,11 @@ def read_tensors(md: DcpMetadata, directory: str, fam: Family, dims: ModelDims, 
             sources = _mapping_sources(mapping, dims, keys, directory, optional)
             if not sources:
                 continue  # absent biases; the output layer of a model that ties it to the embedding
+            if mapping.where == LAYER and sources[0][1] is None:  # before anything per layer is built
+                stacked = joined.tensors[keys[sources[0][0]]]
+                if not stacked.size or stacked.size[0] != dims.num_layers:
+                    raise FormatError(f"{directory}: '{stacked.fqn}' stacks {stacked.size[0] if stacked.size else 0} "
+                                      f"layers, the model config says {dims.num_layers}")
             layers = [layer for _, layer in sources] if sources[0][1] is not None else None
             indices = stack_indices(mapping, dims, directory, layers=layers)
             pieces = {(layer, expert): shard_pieces(mapping, hf_names(mapping, layer, expert), dims, padded, 1, 0)
@@ -430,6 +435,9 @@ def _mapping_sources(mapping: TensorMapping, dims: ModelDims, keys: dict[str, st
                 return []
             raise FormatError(f"{directory}: no '{dist_key(mapping)}' in {METADATA_FILE}")
         return [(stacked, None)]
+    if dims.num_layers > len(keys):  # one key per layer: a config claiming more layers cannot be right
+        raise FormatError(f"{directory}: the model config says {dims.num_layers} layers, but {METADATA_FILE} holds "
+                          f"{len(keys)} model keys")
     sources, missing = [], []
     for layer in applicable_layers(mapping, dims):
         key = next((k for k in dist_key_candidates(mapping, layer) if k in keys), None)
