@@ -171,3 +171,48 @@ def test_dcp_tiling_check_is_linear_in_the_chunks():
     with pytest.raises(FormatError, match=f"pyconv checks tilings of up to {MAX_TILING_CELLS} cells"):
         _check_tiling("w", (rows, rows + 1), irregular, "w")
     assert time.monotonic() - started < 5
+
+
+def test_a_pickle_bomb_is_refused_before_it_is_built(tmp_path):
+    """A data.pkl of nothing but empty lists (one byte each) would build ~56 bytes of objects per
+    byte: 300 MB of it was OOM-killed. prescan estimates what the load would build and stops."""
+    import resource
+
+    from pyconv.io.unpickle import MAX_UNPICKLED_BYTES, restricted_load
+
+    bomb = b"\x80\x02(" + b"]" * 20_000_000 + b"l."
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(FormatError, match=rf"bomb.pkl: unpickling would build more than {MAX_UNPICKLED_BYTES >> 20} "
+                                          r"MiB of objects by byte \d+ of 20000005 \(a pickle bomb\?\)"):
+        restricted_load(bomb, "bomb.pkl")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 400
+
+
+def test_a_config_claiming_ten_million_layers_is_refused_at_once(llama, tmp_path):
+    import json
+
+    src = tmp_path / "src"
+    shutil.copytree(llama, src)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = 10**7
+    (src / "config.json").write_text(json.dumps(config))
+    for to in ("torch_dist", "nemo", "megatron"):
+        started = time.monotonic()
+        with pytest.raises(LayoutError, match="the config says 10000000 layers, but the tensors hold 6"):
+            pyconv.plan_reshard(src, to=to)
+        assert time.monotonic() - started < 10
+
+
+def test_torch_dist_args_claiming_ten_million_layers(llama, tmp_path):
+    import torch
+
+    pyconv.reshard(llama, tmp_path / "td", to="torch_dist")
+    common = tmp_path / "td" / "release" / "common.pt"
+    state = torch.load(common, weights_only=False)
+    state["args"].num_layers = 10**7
+    torch.save(state, common)
+    started = time.monotonic()
+    with pytest.raises(FormatError, match="stacks 6 layers, the model config says 10000000"):
+        pyconv.open(tmp_path / "td")
+    assert time.monotonic() - started < 10

@@ -54,6 +54,13 @@ from pyconv.errors import FormatError
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl holds structure, not tensor bytes; real ones are KBs to tens of MBs
 MAX_TUPLE_DEPTH = 64  # torch's own pickles nest tuples 2-3 deep
+# What unpickling may build, estimated per opcode by prescan (CPython object sizes, roughly): a
+# data.pkl of tens of MB builds a few hundred MB; a pickle of nothing but empty containers
+# builds ~30 bytes of objects per byte of pickle and is refused before it is built.
+MAX_UNPICKLED_BYTES = 1 << 29
+_OBJECT_BYTES = 64  # a small object or empty container
+_SLOT_BYTES = 16  # a reference in a list, tuple, dict or on the stack
+_MEMO_BYTES = 100  # a memo entry (dict slot and int key)
 _INT64_LIMIT = 1 << 63
 
 # Every dtype torch 2.13 defines, by the name it pickles under (`torch.half` pickles as
@@ -695,9 +702,15 @@ def prescan(path: str, data: bytes) -> None:
     memo: dict[int, int] = {}
     fence = 0  # the C unpickler never pops below the last mark
     actions = _OPCODE_ACTIONS
+    built = 0  # estimated bytes of the objects the load would build
     try:
         for op, arg, pos in pickletools.genops(data):
             action, name, takes_mark, below, pushes = actions[op]
+            built += (_MEMO_BYTES if action == "put" else _SLOT_BYTES if action in ("get", "dup", "in_place")
+                      else _OBJECT_BYTES + (len(arg) if type(arg) in (str, bytes) else 0) if pushes else 0)
+            if built > MAX_UNPICKLED_BYTES:
+                raise FormatError(f"{path}: unpickling would build more than {MAX_UNPICKLED_BYTES >> 20} MiB of "
+                                  f"objects by byte {pos} of {len(data)} (a pickle bomb?); pyconv refuses it")
             if action == "other" and not takes_mark:
                 if below:
                     if len(stack) - below < fence:
@@ -737,6 +750,7 @@ def prescan(path: str, data: bytes) -> None:
                 if below:
                     popped = stack[len(stack) - below:] + popped
                     del stack[len(stack) - below:]
+                built += _SLOT_BYTES * len(popped)  # the items now held by a container
                 if action == "tuple":
                     depth = 1 + max(popped, default=0)
                     if depth > MAX_TUPLE_DEPTH:
