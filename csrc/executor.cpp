@@ -1,6 +1,7 @@
 #include "executor.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include "errors.h"
 #include "fp8.h"
 #include "mapped_file.h"
+#include "sigbus_guard.h"
 #include "output_file.h"
 #include "safetensors.h"
 
@@ -80,7 +82,9 @@ struct Scratch {
 class Runner {
  public:
   Runner(const Plan& plan, const ExecOptions& options, const CompareOptions* compare = nullptr)
-      : plan_(plan), options_(options), compare_(compare) {}
+      : plan_(plan), options_(options), compare_(compare) {
+    install_sigbus_handler();
+  }
 
   std::vector<TensorComparison> run_compare(const ProgressTick& tick) {
     open_sources();
@@ -562,6 +566,39 @@ class Runner {
   // them after (a caller that reads the same pages again does that itself, once).
   void copy_into(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz, DType dtype,
                  unsigned char* buffer, bool advise = true) {
+    // The reads of the mappings, guarded: a source that shrinks meanwhile faults with SIGBUS.
+    SigbusFrame frame;
+    if (sigsetjmp(frame.env, 0) != 0) {
+      leave_sigbus_frame(&frame);
+      throw_source_changed(frame.address);
+    }
+    enter_sigbus_frame(&frame);
+    try {
+      copy_into_unguarded(c, hit, task, width, isz, dtype, buffer, advise);
+    } catch (...) {
+      leave_sigbus_frame(&frame);
+      throw;
+    }
+    leave_sigbus_frame(&frame);
+  }
+
+  // A read faulted at address: name the source whose mapping holds it, and its size now.
+  [[noreturn]] void throw_source_changed(const void* address) const {
+    const auto* at = static_cast<const unsigned char*>(address);
+    for (const auto& source : sources_) {
+      if (source->size() && at >= source->data() && at < source->data() + source->size()) {
+        struct stat st;
+        const std::string now = ::fstat(source->fd(), &st) == 0 ? std::to_string(st.st_size) + " bytes" : "unknown";
+        throw FormatError(source->path() + ": the file changed while it was read (it was " +
+                          std::to_string(source->size()) + " bytes, it is " + now +
+                          "): another process truncated or rewrote it");
+      }
+    }
+    throw FormatError("a source file changed while it was read (a read faulted outside every mapping)");
+  }
+
+  void copy_into_unguarded(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz,
+                           DType dtype, unsigned char* buffer, bool advise) {
     if (c.transpose) {
       copy_transposed(c, hit, task, width, isz, dtype, buffer, advise);
       return;

@@ -216,3 +216,48 @@ def test_torch_dist_args_claiming_ten_million_layers(llama, tmp_path):
     with pytest.raises(FormatError, match="stacks 6 layers, the model config says 10000000"):
         pyconv.open(tmp_path / "td")
     assert time.monotonic() - started < 10
+
+
+@pytest.fixture(scope="module")
+def transposed_source(tmp_path_factory):
+    """~100 MB of transposed fp32 views: casting them (transposing copies on one thread) takes
+    several of the executor's 100 ms progress ticks, so a tick can truncate the file mid-run."""
+    import torch
+
+    src = tmp_path_factory.mktemp("shrinking") / "src"
+    src.mkdir()
+    g = torch.Generator().manual_seed(0)
+    torch.save({"a": torch.randn(4096, 4096, generator=g).t(), "b": torch.randn(2048, 4096, generator=g).t()},
+               src / "pytorch_model.bin")
+    return src
+
+
+def _truncating_tick(path):
+    def tick(done, total):
+        if not tick.fired:
+            tick.fired = True
+            os.truncate(path, 1000)
+        return True
+
+    tick.fired = False
+    return tick
+
+
+@pytest.mark.parametrize("how", ["cast", "verify"])
+def test_a_source_that_shrinks_during_the_run_is_an_error_not_sigbus(transposed_source, tmp_path, how):
+    src = tmp_path / "src"
+    shutil.copytree(transposed_source, src)
+    if how == "verify":
+        pyconv.reshard(src, tmp_path / "good", to="hf")
+    bin_file = src / "pytorch_model.bin"
+    size = os.path.getsize(bin_file)
+    tick = _truncating_tick(bin_file)
+    with pytest.raises(FormatError) as e:
+        if how == "cast":
+            pyconv.reshard(src, tmp_path / "out", to="hf", dtype="bf16", threads=1, progress=tick)
+        else:
+            pyconv.verify(src, tmp_path / "good", threads=1, progress=tick)
+    assert tick.fired
+    assert str(e.value) == (f"{bin_file}: the file changed while it was read (it was {size} bytes, it is 1000 "
+                            "bytes): another process truncated or rewrote it")
+    assert not (tmp_path / "out").exists() and no_temporaries(tmp_path)
