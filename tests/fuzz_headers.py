@@ -48,11 +48,11 @@ from pyconv.io.torchzip import read_torch_checkpoint  # noqa: E402
 FUZZ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fuzz")
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
             "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-CI_EXAMPLES = {"generated": 1500, "mutated": 1000, "torchzip": 600, "dcp": 600}
+CI_EXAMPLES = {"generated": 1500, "mutated": 1000, "torchzip": 600, "dcp": 600, "megatron": 300}
 
 _TMP = tempfile.mkdtemp(prefix="pyconv_fuzz_")
 _FAILURES: dict[str, tuple[bytes, str, str]] = {}  # failure signature -> (smallest input, suffix, traceback)
-CALLS = {".safetensors": 0, ".pt": 0, ".metadata": 0}  # inputs checked (shrinking included)
+CALLS = {".safetensors": 0, ".pt": 0, ".metadata": 0, "megatron": 0}  # inputs checked (shrinking included)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,8 +323,82 @@ def _fuzz_dcp(data):
     check_dcp_metadata_bytes(data)
 
 
+_MEGATRON_BASE: bytes | None = None
+
+
+def megatron_base() -> bytes:
+    """The rank file of a tiny Llama (3 layers) at tp = pp = 1, as pyconv's megatron writer makes it."""
+    global _MEGATRON_BASE
+    if _MEGATRON_BASE is None:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from test_output_hashes import make_source
+
+        root = tempfile.mkdtemp(prefix="pyconv_fuzz_megatron_")
+        src = make_source("llama", __import__("pathlib").Path(root))
+        pyconv.reshard(src, os.path.join(root, "meg"), to="megatron")
+        with open(os.path.join(root, "meg", "release", "mp_rank_00", "model_optim_rng.pt"), "rb") as f:
+            _MEGATRON_BASE = f.read()
+    return _MEGATRON_BASE
+
+
+# Where the rank file goes: (iteration directory, rank directory, file name), plus strays beside it.
+_RANK_PLACES = [("release", "mp_rank_00", "model_optim_rng.pt"), ("release", "mp_rank_00", "model_rng.pt"),
+                ("iter_0000007", "mp_rank_00", "model_optim_rng.pt"), ("release", "mp_rank_00_000", "model_optim_rng.pt"),
+                ("release", "mp_rank_00_000_000", "model_optim_rng.pt"), ("release", "mp_rank_01", "model_optim_rng.pt"),
+                ("release", "mp_rank_0", "model_optim_rng.pt"), ("", "mp_rank_00", "model_optim_rng.pt")]
+_STRAYS = [(), ("release/mp_rank_00_000/optim.pt",), ("release/mp_rank_00/distrib_optim.pt",), ("release/mp_rank_01/",),
+           ("iter_0000009/mp_rank_00/model_optim_rng.pt",), ("release/mp_rank_00_000/model_optim_rng.pt",),
+           ("release/mp_rank_00/model_rng.pt",), ("iter_0000007/",)]
+
+
+@st.composite
+def mutated_megatron(draw):
+    """(rank file bytes, tracker bytes or None, where the rank file goes, stray entries)."""
+    rank = _mutate(draw, megatron_base(), max_ops=2, lo=draw(st.sampled_from([4, 30, 400, 2000])))
+    if draw(st.integers(0, 3)) == 0:
+        rank = megatron_base()  # the structure alone varies
+    tracker = draw(st.one_of(st.none(), st.sampled_from([b"release", b"7", b"9", b"\xc2\xb2", b"release\n" + b"x" * 80,
+                                                         b"-5", b"0007"]), st.binary(max_size=12)))
+    return rank, tracker, draw(st.sampled_from(_RANK_PLACES)), draw(st.sampled_from(_STRAYS))
+
+
+def check_megatron_directory(case) -> None:
+    """pyconv.open of a Megatron checkpoint directory may succeed or raise a PyconvError (bad
+    input, one line); nothing else."""
+    import shutil
+
+    rank, tracker, (iteration, rank_dir, file_name), strays = case
+    root = os.path.join(_TMP, "megatron")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.join(root, iteration, rank_dir))
+    CALLS["megatron"] += 1
+    with open(os.path.join(root, iteration, rank_dir, file_name), "wb") as f:
+        f.write(rank)
+    if tracker is not None:
+        with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "wb") as f:
+            f.write(tracker)
+    for stray in strays:
+        os.makedirs(os.path.join(root, os.path.dirname(stray)), exist_ok=True)
+        if not stray.endswith("/"):
+            with open(os.path.join(root, stray), "wb") as f:
+                f.write(rank[: len(rank) // 2] if stray.endswith("optim.pt") else rank)
+    try:
+        pyconv.open(root)
+    except pyconv.PyconvError:
+        return
+    except Exception as e:  # noqa: BLE001
+        _record(rank, ".megatron.pt", e)
+        raise FuzzFailure(f"pyconv.open raised {type(e).__name__}: {e} (tracker {tracker!r}, {iteration}/{rank_dir}/"
+                          f"{file_name}, strays {strays})") from e
+
+
+def _fuzz_megatron(case):
+    check_megatron_directory(case)
+
+
 STRATEGIES = {"generated": (_fuzz_generated, generated_safetensors()), "mutated": (_fuzz_mutated, mutated_safetensors()),
-              "torchzip": (_fuzz_torchzip, mutated_torch()), "dcp": (_fuzz_dcp, mutated_dcp())}
+              "torchzip": (_fuzz_torchzip, mutated_torch()), "dcp": (_fuzz_dcp, mutated_dcp()),
+              "megatron": (_fuzz_megatron, mutated_megatron())}
 
 
 def make_target(kind: str, examples: int, derandomize: bool):
@@ -370,6 +444,7 @@ test_fuzz_generated_ci_slice = _ci("generated")
 test_fuzz_mutated_ci_slice = _ci("mutated")
 test_fuzz_torchzip_ci_slice = _ci("torchzip")
 test_fuzz_dcp_ci_slice = _ci("dcp")
+test_fuzz_megatron_ci_slice = _ci("megatron")
 
 
 def test_dcp_base_is_readable(tmp_path):
@@ -398,11 +473,11 @@ def _save_failures() -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=100_000, help="total cases over all targets (default 100000)")
-    ap.add_argument("--targets", default="generated,mutated,torchzip,dcp")
+    ap.add_argument("--targets", default="generated,mutated,torchzip,dcp,megatron")
     ap.add_argument("--batch", type=int, default=5000, help="cases per hypothesis run (fresh random seed each)")
     args = ap.parse_args(argv)
     kinds = args.targets.split(",")
-    share = {"generated": 0.3, "mutated": 0.3, "torchzip": 0.2, "dcp": 0.2}
+    share = {"generated": 0.3, "mutated": 0.3, "torchzip": 0.2, "dcp": 0.2, "megatron": 0.2}
     total_share = sum(share[k] for k in kinds)
     start = time.monotonic()
     counts = {}
