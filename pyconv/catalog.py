@@ -29,7 +29,7 @@ def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * ITEMSIZE[dtype]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredRegion:
     """Part of a read of a stored tensor's 2-D view that one block copy can take: rows x cols at
     (row, col) relative to the read's first element, starting at byte `offset`. Along rows, a
@@ -46,7 +46,7 @@ class StoredRegion:
     along_rows: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredTensor:
     """An array at a byte offset of a file: row-major and contiguous, or with the element
     `strides` torch.save kept (a transposed, permuted, stepped or expanded view). A
@@ -141,7 +141,7 @@ def _split_region(row: int, rows: int, cols: int, offset: int, row_stride: int, 
     return [StoredRegion(row, j, rows, 1, offset + j * col_stride, row_stride, True) for j in range(cols)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceBlock:
     """Rows x cols of a canonical tensor's 2-D view at (dst_row, dst_col), taken from the stored
     tensor's block at (src_row, src_col): rows x cols, or cols x rows read transposed."""
@@ -156,7 +156,7 @@ class SourceBlock:
     transpose: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CanonicalTensor:
     name: str
     dtype: str

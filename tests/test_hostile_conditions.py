@@ -261,3 +261,18 @@ def test_a_source_that_shrinks_during_the_run_is_an_error_not_sigbus(transposed_
     assert str(e.value) == (f"{bin_file}: the file changed while it was read (it was {size} bytes, it is 1000 "
                             "bytes): another process truncated or rewrote it")
     assert not (tmp_path / "out").exists() and no_temporaries(tmp_path)
+
+
+def test_a_config_json_of_many_megabytes_is_refused_unread(llama, tmp_path):
+    import json
+
+    from pyconv.io.jsonfile import MAX_CONFIG_BYTES
+
+    src = tmp_path / "src"
+    shutil.copytree(llama, src)
+    config = json.loads((src / "config.json").read_text())
+    config["id2label"] = {str(i): "x" * 40 for i in range(200_000)}  # ~10 MB
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError) as e:
+        pyconv.open(src)
+    assert str(e.value) == f"{src / 'config.json'}: config is larger than {MAX_CONFIG_BYTES} bytes"

@@ -7,17 +7,21 @@ import json
 from pyconv.errors import FormatError
 
 MAX_JSON_BYTES = 64 << 20  # an index of a very large model is a few MB
+# A model config is KBs (one with a 20k-label id2label map, under 1 MB); parsed JSON takes ~25x
+# its size in memory, so a 50 MB config.json would cost over a GB to read.
+MAX_CONFIG_BYTES = 4 << 20
 
 
-def load_json(path: str, what: str):
-    """The parsed file; FormatError naming the file if it cannot be read or is not JSON."""
+def load_json(path: str, what: str, max_bytes: int = MAX_JSON_BYTES):
+    """The parsed file; FormatError naming the file if it cannot be read, is larger than
+    max_bytes, or is not JSON."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise FormatError(f"{path}: cannot read {what}: {e.strerror}") from None
-    if len(data) > MAX_JSON_BYTES:
-        raise FormatError(f"{path}: {what} is larger than {MAX_JSON_BYTES} bytes")
+    if len(data) > max_bytes:
+        raise FormatError(f"{path}: {what} is larger than {max_bytes} bytes")
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -26,7 +30,7 @@ def load_json(path: str, what: str):
 
 def load_config(path: str) -> dict:
     """A Hugging Face config.json: a JSON object, or FormatError naming the file."""
-    config = load_json(path, "config")
+    config = load_json(path, "config", MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise FormatError(f"{path}: config is not a JSON object")
     return config
