@@ -130,3 +130,14 @@ def flatten_state_dict(tree: dict, prefix: str = "") -> dict:
         else:
             out[prefix + key] = value
     return out
+
+
+def file_tree(root) -> dict:
+    """Every file under root by relative path -> its bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, root)] = f.read()
+    return out

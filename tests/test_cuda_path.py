@@ -19,6 +19,7 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pyconv  # noqa: E402
+from conftest import file_tree as tree  # noqa: E402
 from pyconv import cuda_exec  # noqa: E402
 from pyconv.execute import execute_plan  # noqa: E402
 from test_fp8_hf import deepseek_fp8  # noqa: E402,F401  (the DeepSeek-V3-style fp8 checkpoint fixture)
@@ -28,16 +29,6 @@ from test_fp8_hf import deepseek_fp8  # noqa: E402,F401  (the DeepSeek-V3-style 
 def interpreted():
     """Kernels interpreted on the CPU unless a GPU is here (see above)."""
     assert HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def tree(path) -> dict:
-    out = {}
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, path)] = f.read()
-    return out
 
 
 def assert_same_tree(got, expected) -> None:

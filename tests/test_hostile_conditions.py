@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from conftest import file_tree as tree
+
 import pyconv
 from pyconv.errors import FormatError, LayoutError, OutputError
 
@@ -20,16 +22,6 @@ from pyconv.errors import FormatError, LayoutError, OutputError
 def run_cli(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "pyconv", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def tree(root) -> dict:
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
 
 
 def no_temporaries(parent) -> bool:

@@ -38,12 +38,17 @@ def _randomize_vectors(model):
     return model
 
 
-@pytest.fixture(scope="module")
-def gpt2():
+def tiny_gpt2():
+    """The GPT-2 the legacy checkpoints here are built from (other test modules build it too)."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS,
                                      n_head=HEADS, n_inner=FFN, activation_function="gelu_new")
     return _randomize_vectors(transformers.GPT2LMHeadModel(config).eval())
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return tiny_gpt2()
 
 
 @pytest.fixture(scope="module")

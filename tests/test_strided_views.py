@@ -187,14 +187,9 @@ def test_megatron_core_pt_with_views(tiny_models, tmp_path, tp):
 
 @pytest.fixture(scope="module")
 def legacy_gpt2():
-    import transformers
+    from test_legacy_megatron import tiny_gpt2
 
-    from test_legacy_megatron import FFN, HEADS, HIDDEN, LAYERS, POSITIONS, VOCAB, _randomize_vectors
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS,
-                                     n_head=HEADS, n_inner=FFN, activation_function="gelu_new")
-    return _randomize_vectors(transformers.GPT2LMHeadModel(config).eval())
+    return tiny_gpt2()
 
 
 @pytest.mark.parametrize("container", ["pt", "zip", "dir"])

@@ -126,13 +126,9 @@ def test_legacy_gpt2_with_the_distributed_optimizer_of_transformers_script(tmp_p
     --use_distributed_optimizer: release/mp_rank_00/model_rng.pt beside release/mp_rank_00_000/optim.pt."""
     import transformers
 
-    from test_legacy_megatron import (FFN, HEADS, HIDDEN, LAYERS, POSITIONS, VOCAB, _gpt2_logits, _load_hf,
-                                      legacy_rank_dicts, save_legacy)
+    from test_legacy_megatron import _gpt2_logits, _load_hf, legacy_rank_dicts, save_legacy, tiny_gpt2
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=HIDDEN, n_layer=LAYERS,
-                                     n_head=HEADS, n_inner=FFN, activation_function="gelu_new")
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2()
     src = save_legacy(legacy_rank_dicts(model, "gpt2", 1, 1, 3.0), tmp_path / "legacy", "dir")
     rank_dir = os.path.join(src, "release", "mp_rank_00")
     os.rename(os.path.join(rank_dir, "model_optim_rng.pt"), os.path.join(rank_dir, "model_rng.pt"))
