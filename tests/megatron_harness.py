@@ -111,12 +111,29 @@ def _activation(name: str):
 
 def _rope_theta(cfg: dict) -> float:
     rp = cfg.get("rope_parameters") or {}
-    rs = cfg.get("rope_scaling") or {}
-    rope_type = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
-    if rope_type != "default":
-        raise NotImplementedError(f"rope_type {rope_type!r} (only plain RoPE is translated)")
     theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
     return float(theta)
+
+
+def _rope_scaling(cfg: dict) -> dict:
+    """GPTModel kwargs for the HF rope scaling: Llama 3.x's (rope_scaling, rope_scaling_factor; the
+    low/high frequency factors and original context Megatron-Core fixes at 1, 4 and 8192) and
+    linear position interpolation (seq_len_interpolation_factor)."""
+    rp = cfg.get("rope_parameters") or {}
+    rs = cfg.get("rope_scaling") or {}
+    params = rp if rp.get("rope_type", "default") != "default" else rs
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "default":
+        return {}
+    if rope_type == "linear":
+        return {"seq_len_interpolation_factor": float(params["factor"])}
+    if rope_type == "llama3":
+        fixed = (params.get("low_freq_factor"), params.get("high_freq_factor"),
+                 params.get("original_max_position_embeddings"))
+        if fixed != (1.0, 4.0, 8192) and fixed != (1, 4, 8192):
+            raise NotImplementedError(f"llama3 rope with {fixed}: Megatron-Core fixes 1, 4, 8192")
+        return {"rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
+    raise NotImplementedError(f"rope_type {rope_type!r} (plain, linear and llama3 RoPE are translated)")
 
 
 def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int, etp: int | None = None) -> dict:
@@ -209,6 +226,8 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
         moe_shared_expert_overlap=False,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=tp if etp is None else etp,
     )
+    if _rope_scaling(cfg):
+        raise NotImplementedError("DeepSeek rope scaling (only plain RoPE is translated for MLA)")
     tc = dict(
         num_layers=layers, hidden_size=cfg["hidden_size"], num_attention_heads=heads, num_query_groups=heads,
         kv_channels=cfg["v_head_dim"], ffn_hidden_size=cfg["intermediate_size"],
@@ -238,7 +257,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
     cfg = _config_dict(hf_config)
     model_type = cfg.get("model_type")
     moe = {}
-    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe"):
+    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss"):
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -252,6 +271,12 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
             if cfg.get("attention_bias"):
                 raise NotImplementedError("Qwen3 with attention_bias")
             qkv_bias, linear_bias = False, False
+        elif model_type == "seed_oss":
+            # Seed-OSS: attention_bias on q/k/v only; o_proj's bias is attention_out_bias
+            out_bias, mlp_bias = bool(cfg.get("attention_out_bias", False)), bool(cfg.get("mlp_bias", False))
+            if out_bias != mlp_bias:
+                raise NotImplementedError("attention_out_bias != mlp_bias has no Megatron-Core equivalent")
+            qkv_bias, linear_bias = bool(cfg.get("attention_bias", True)) or mlp_bias, mlp_bias
         else:
             attn_bias, mlp_bias = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
             if attn_bias != mlp_bias:
@@ -273,7 +298,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
         )
         gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=_rope_theta(cfg),
                   max_sequence_length=cfg["max_position_embeddings"],
-                  share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
+                  share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
+                  **_rope_scaling(cfg))
         extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False)
         if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
             moe = _moe_transformer_config(cfg, model_type, tp, ep, etp)

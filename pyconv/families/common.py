@@ -16,6 +16,17 @@ def rope_theta(config: dict, default: float = 10000.0) -> float:
     return float(config.get("rope_theta", default))
 
 
+def rope_parameters(config: dict) -> dict:
+    """The rope scaling of an HF config: transformers 5's rope_parameters, or the older
+    rope_scaling (its `type` spelled `rope_type` since 4.45); {"rope_type": "default"} when plain."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict) or params.get("rope_type", params.get("type")) in (None, "default"):
+        params = config.get("rope_scaling") if isinstance(config.get("rope_scaling"), dict) else params
+    params = dict(params) if isinstance(params, dict) else {}
+    params["rope_type"] = params.get("rope_type", params.pop("type", None)) or "default"
+    return params
+
+
 def require(config: dict, key: str, where: str = "config.json"):
     if key not in config or config[key] is None:
         raise FormatError(f"{where}: missing '{key}'")

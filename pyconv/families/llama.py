@@ -8,7 +8,7 @@ from pyconv.families import (
     FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, REPLICATED, ROW, VOCAB, Family, ModelDims,
     TensorMapping, hf_int, register_family,
 )
-from pyconv.families.common import arg, original_hf_config, require, rope_theta
+from pyconv.families.common import arg, original_hf_config, require, rope_parameters, rope_theta
 
 L = "model.layers.*."
 M = "decoder.layers.*."
@@ -79,19 +79,48 @@ def llama_dims(config: dict) -> ModelDims:
         tied=bool(config.get("tie_word_embeddings", False)))
 
 
+# Megatron-Core applies Llama 3.x's rope scaling with these fixed (rotary_pos_embedding.py,
+# RotaryEmbedding._apply_scaling, 0.16.1); only the factor is an argument.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama_rope_args(config: dict) -> dict:
+    """Megatron-LM's rope scaling args for an HF config's rope_type: llama3 (use_rope_scaling,
+    rope_scaling_factor), linear (rotary_seq_len_interpolation_factor: positions divided by the
+    factor); any other scaling has no Megatron-Core equivalent for this layout and is refused."""
+    params = rope_parameters(config)
+    kind = params["rope_type"]
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        return {"rotary_seq_len_interpolation_factor": float(params["factor"])}
+    if kind == "llama3":
+        fixed = {k: params.get(k) for k in LLAMA3_ROPE}
+        if any(float(fixed[k] if fixed[k] is not None else -1) != v for k, v in LLAMA3_ROPE.items()):
+            raise LayoutError(f"config.json: llama3 rope scaling with {fixed}: Megatron-Core applies it with "
+                              f"{LLAMA3_ROPE} only")
+        return {"use_rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
+    raise LayoutError(f"config.json: rope_type '{kind}' has no Megatron-Core equivalent for this model "
+                      "(plain, linear and llama3 rope are written)")
+
+
 def llama_megatron_args(config: dict, dims: ModelDims) -> dict:
-    attention_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
-    if attention_bias and not mlp_bias:
-        raise LayoutError("attention_bias without mlp_bias: Megatron-Core has one add_bias_linear for "
-                          "linear_proj and the MLP, so o_proj's bias has no place")
+    # o_proj's bias: attention_out_bias where the config has it (Seed-OSS), else attention_bias (Llama).
+    qkv_bias = bool(config.get("attention_bias"))
+    out_bias = bool(config.get("attention_out_bias", qkv_bias))
+    mlp_bias = bool(config.get("mlp_bias"))
+    if out_bias != mlp_bias:
+        raise LayoutError(f"{'o_proj' if out_bias else 'the MLP'} has a bias and "
+                          f"{'the MLP' if out_bias else 'o_proj'} has none: Megatron-Core has one add_bias_linear "
+                          "for linear_proj and the MLP")
     return dict(
         num_layers=dims.num_layers, hidden_size=dims.hidden, ffn_hidden_size=dims.ffn,
         num_attention_heads=dims.heads, num_query_groups=dims.groups, group_query_attention=dims.groups != dims.heads,
         kv_channels=dims.head_dim, normalization="RMSNorm", swiglu=True, add_bias_linear=mlp_bias,
-        add_qkv_bias=attention_bias, position_embedding_type="rope", rotary_base=rope_theta(config),
+        add_qkv_bias=qkv_bias, position_embedding_type="rope", rotary_base=rope_theta(config),
         rotary_percent=1.0, max_position_embeddings=dims.max_positions, seq_length=dims.max_positions,
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
-        untie_embeddings_and_output_weights=not dims.tied, vocab_size=dims.vocab)
+        untie_embeddings_and_output_weights=not dims.tied, vocab_size=dims.vocab, **llama_rope_args(config))
 
 
 def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_type: str = "llama") -> dict:
@@ -113,9 +142,17 @@ def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_ty
     if model_type == "llama":
         config.update(attention_bias=bool(args.get("add_qkv_bias") or args.get("add_bias_linear")),
                       mlp_bias=bool(args.get("add_bias_linear")))
+    elif model_type == "seed_oss":
+        config.update(attention_bias=bool(args.get("add_qkv_bias") or args.get("add_bias_linear")),
+                      attention_out_bias=bool(args.get("add_bias_linear")), mlp_bias=bool(args.get("add_bias_linear")))
     theta = float(args.get("rotary_base", 10000))
     if isinstance(config.get("rope_parameters"), dict):
         config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": theta}
+    elif args.get("use_rope_scaling") or args.get("rotary_seq_len_interpolation_factor"):
+        config["rope_parameters"] = {"rope_theta": theta, **(
+            {"rope_type": "llama3", "factor": float(args.get("rope_scaling_factor", 8.0)), **LLAMA3_ROPE}
+            if args.get("use_rope_scaling") else
+            {"rope_type": "linear", "factor": float(args["rotary_seq_len_interpolation_factor"])})}
     else:
         config["rope_theta"] = theta
     return config
