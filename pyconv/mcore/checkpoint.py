@@ -124,7 +124,8 @@ ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                  "kv_channels", "normalization", "swiglu", "position_embedding_type", "padded_vocab_size",
                  "vocab_size", "untie_embeddings_and_output_weights", "params_dtype",
                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
-                 "pipeline_model_parallel_layout", "qk_layernorm", "num_experts", "mtp_num_layers")
+                 "pipeline_model_parallel_layout", "qk_layernorm", "num_experts", "mtp_num_layers",
+                 "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
 
 
 OPTIMIZER_KEY_PREFIX = "optimizer."  # a distributed checkpoint's optimizer state (Megatron-LM, NeMo)
