@@ -257,7 +257,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
     cfg = _config_dict(hf_config)
     model_type = cfg.get("model_type")
     moe = {}
-    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss"):
+    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "phi3"):
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -270,6 +270,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
         elif model_type in ("qwen3", "qwen3_moe"):
             if cfg.get("attention_bias"):
                 raise NotImplementedError("Qwen3 with attention_bias")
+            qkv_bias, linear_bias = False, False
+        elif model_type == "phi3":  # no biases; q/k/v and gate/up fused in HF only
             qkv_bias, linear_bias = False, False
         elif model_type == "seed_oss":
             # Seed-OSS: attention_bias on q/k/v only; o_proj's bias is attention_out_bias
@@ -296,7 +298,10 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
             # Qwen3: RMSNorm over head_dim on each query and key head (HF q_norm / k_norm)
             qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         )
-        gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=_rope_theta(cfg),
+        # Phi-3's partial rotary: the first partial_rotary_factor of each head's dims rotate, as rotary_percent does
+        rotary = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                              cfg.get("partial_rotary_factor", 1.0)))
+        gm = dict(position_embedding_type="rope", rotary_percent=rotary, rotary_base=_rope_theta(cfg),
                   max_sequence_length=cfg["max_position_embeddings"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
                   **_rope_scaling(cfg))

@@ -248,6 +248,8 @@ def megatron_features(args: dict) -> frozenset[str]:
     f.update(feature for arg, feature in flags.items() if args.get(arg))
     if args.get("add_qkv_bias") and not args.get("add_bias_linear"):
         f.add("qkv_bias")
+    if float(args.get("rotary_percent") or 1.0) < 1.0 and args.get("position_embedding_type") == "rope":
+        f.add("partial_rotary")
     if str(args.get("tokenizer_type") or "").startswith("BertWordPiece"):
         f.add("bert")
     if args.get("num_experts"):

@@ -46,7 +46,7 @@ from pyconv.families import (
     COLUMN, GATED_FC1, LATENT_DOWN, LAYER, MTP, REPLICATED, ROW, Family, ModelDims, TensorMapping, hf_int,
     register_family,
 )
-from pyconv.families.common import arg, original_hf_config
+from pyconv.families.common import arg, original_hf_config, rope_theta
 from pyconv.families.llama import DENSE_MLP, EMBEDDING, HEAD, MOE_NORM, llama_megatron_args
 from pyconv.families.mixtral import expert_mappings
 
@@ -197,7 +197,9 @@ def _mla_moe_args(config: dict, dims: ModelDims, groups_topk: tuple, score_funct
     """Megatron-LM's args of a DeepSeek MLA + MoE model, with its router's scoring."""
     topk = hf_int(config, "num_experts_per_tok")
     groups, group_topk = groups_topk
-    base = llama_megatron_args({**config, "attention_bias": False, "mlp_bias": False}, dims)
+    # The Llama args without Llama's rope scaling: MLA's (yarn) is _rope_args' below.
+    plain_rope = {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta(config)}}
+    base = llama_megatron_args({**config, "attention_bias": False, "mlp_bias": False, **plain_rope}, dims)
     return {
         **base, "kv_channels": dims.v_head_dim,
         "multi_latent_attention": True, "qk_layernorm": True,

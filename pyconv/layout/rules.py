@@ -67,8 +67,13 @@ class _Vocab(ShardRule):
 
 
 class _GatedFc1(ShardRule):
+    """Two HF tensors (gate, up), or one holding [gate; up] stacked (Phi-3's gate_up_proj)."""
+
     def pieces(self, names, shape, dims, padded_vocab, tp, rank, naming="te"):
-        return gated_fc1(names[0], names[1], shape[0], shape[1], tp, rank)
+        if len(names) == 2:
+            return gated_fc1(names[0], names[1], shape[0], shape[1], tp, rank)
+        ffn = shape[0] // 2
+        return gated_fc1(names[0], names[0], ffn, shape[1], tp, rank, up_row0=ffn)
 
 
 class _Qkv(ShardRule):

@@ -137,7 +137,8 @@ def qkv_fused(q: str, k: str, v: str, cols: int, num_heads: int, num_groups: int
     return _take_rows(segments, cols, rank * rows, (rank + 1) * rows)
 
 
-def gated_fc1(gate: str, up: str, ffn: int, cols: int, tp: int, rank: int) -> list[Piece]:
-    """SwiGLU linear_fc1 on rank r: [gate_r; up_r], each the rank's dim-0 slice of its projection."""
+def gated_fc1(gate: str, up: str, ffn: int, cols: int, tp: int, rank: int, up_row0: int = 0) -> list[Piece]:
+    """SwiGLU linear_fc1 on rank r: [gate_r; up_r], each the rank's dim-0 slice of its projection.
+    up_row0 locates up inside its source when one tensor holds [gate; up] (Phi-3's gate_up_proj)."""
     rows = divide(ffn, tp, "ffn_hidden_size", "tp")
-    return [Piece(gate, rank * rows, 0, rows, cols, 0), Piece(up, rank * rows, 0, rows, cols, rows)]
+    return [Piece(gate, rank * rows, 0, rows, cols, 0), Piece(up, up_row0 + rank * rows, 0, rows, cols, rows)]

@@ -1,10 +1,13 @@
-"""Seed-OSS and Llama 3.x rope scaling through the Llama table (issue: dense families of 2025-2026).
+"""Dense families of 2025-2026 (first ones): Seed-OSS and Llama 3.x rope scaling through the Llama
+table, and Phi-3.
 
 Seed-OSS is Llama's layout with q/k/v biases and, separately, an o_proj bias (attention_out_bias)
 and MLP biases (mlp_bias). Llama 3.1's `rope_type: llama3` and linear rope scaling are Megatron-LM
 args (use_rope_scaling / rope_scaling_factor, rotary_seq_len_interpolation_factor) that
-Megatron-Core applies; other rope types are refused by name. Judged by transformers (no missing or
-unexpected keys, the same logits) and by Megatron-Core (strict load, logits within 1e-5)."""
+Megatron-Core applies; other rope types are refused by name. Phi-3 fuses q/k/v and gate/up in HF
+(taken apart by row offsets) and rotates part of each head (partial_rotary_factor ->
+rotary_percent). Judged by transformers (no missing or unexpected keys, the same logits) and by
+Megatron-Core (strict load, logits within 1e-5)."""
 
 from __future__ import annotations
 
@@ -58,6 +61,17 @@ def models(tmp_path_factory):
             layer.self_attn.q_proj.weight.mul_(12.0)
             layer.self_attn.k_proj.weight.mul_(12.0)
     out["llama3_rope"] = _save(model, root / "llama3_rope")
+    torch.manual_seed(3)
+    phi3 = transformers.Phi3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.75})
+    model = transformers.Phi3ForCausalLM(phi3)
+    with torch.no_grad():  # sharp attention: rotating the wrong dims must show in the logits
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight.mul_(8.0)
+    out["phi3"] = _save(model, root / "phi3")
     return out
 
 
@@ -80,7 +94,7 @@ def _load(path, cls):
 
 
 CLASSES = {"seed_oss": transformers.SeedOssForCausalLM, "seed_oss_biases": transformers.SeedOssForCausalLM,
-           "llama3_rope": transformers.LlamaForCausalLM}
+           "llama3_rope": transformers.LlamaForCausalLM, "phi3": transformers.Phi3ForCausalLM}
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
@@ -109,25 +123,30 @@ def test_megatron_core_loads_it_with_transformers_logits(models, tmp_path, name)
 
 def test_args_carry_the_rope_scaling_and_the_biases(models):
     from pyconv.families import get_family
-    from pyconv.families.llama import llama_megatron_args
 
     for name, expected in (("llama3_rope", {"use_rope_scaling": True, "rope_scaling_factor": 8.0,
-                                            "add_qkv_bias": False, "add_bias_linear": False}),
+                                            "add_qkv_bias": False, "add_bias_linear": False, "rotary_percent": 1.0}),
                            ("seed_oss", {"add_qkv_bias": True, "add_bias_linear": False}),
-                           ("seed_oss_biases", {"add_qkv_bias": True, "add_bias_linear": True})):
+                           ("seed_oss_biases", {"add_qkv_bias": True, "add_bias_linear": True}),
+                           ("phi3", {"add_qkv_bias": False, "add_bias_linear": False, "rotary_percent": 0.75,
+                                     "untie_embeddings_and_output_weights": False})):
         config = _config(models[name][1])
-        family = get_family("llama" if name == "llama3_rope" else "seed_oss")
-        args = llama_megatron_args(config, family.dims_from_hf(config))
+        family = get_family({"llama3_rope": "llama", "phi3": "phi3"}.get(name, "seed_oss"))
+        args = family.megatron_args_from_hf(config, family.dims_from_hf(config))
         assert {k: args.get(k) for k in expected} == expected, name
-        judge = mh.translate_hf_config(config)["gpt_model"]
-        assert judge.get("rope_scaling", False) == bool(args.get("use_rope_scaling"))
-        assert judge.get("rope_scaling_factor", 8.0) == args.get("rope_scaling_factor", 8.0)
+        judge = mh.translate_hf_config(config)
+        assert judge["gpt_model"].get("rope_scaling", False) == bool(args.get("use_rope_scaling"))
+        assert judge["gpt_model"].get("rope_scaling_factor", 8.0) == args.get("rope_scaling_factor", 8.0)
+        assert judge["gpt_model"]["rotary_percent"] == args["rotary_percent"]
+        assert (judge["transformer_config"]["add_qkv_bias"], judge["transformer_config"]["add_bias_linear"]) == (
+            args["add_qkv_bias"], args["add_bias_linear"])
 
 
 def test_megatron_to_hf_from_the_args_alone(models, tmp_path):
     """Without the HF config pyconv keeps in the args: Llama 3's rope comes back from
     use_rope_scaling, and Seed-OSS reads as Qwen2 (the same args, the same model)."""
-    for name, cls in (("llama3_rope", transformers.LlamaForCausalLM), ("seed_oss", transformers.Qwen2ForCausalLM)):
+    for name, cls in (("llama3_rope", transformers.LlamaForCausalLM), ("seed_oss", transformers.Qwen2ForCausalLM),
+                      ("phi3", transformers.Phi3ForCausalLM)):
         model, src = models[name]
         meg = tmp_path / name
         pyconv.reshard(src, meg, to="megatron")
@@ -149,10 +168,13 @@ def test_megatron_to_hf_from_the_args_alone(models, tmp_path):
     ({"rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": 2.0}},
      "llama3 rope scaling with .* Megatron-Core applies it with"),
     ({"attention_out_bias": True}, "o_proj has a bias and the MLP has none"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                          "short_factor": [1.0] * 6, "long_factor": [2.0] * 6,
+                          "original_max_position_embeddings": 32}}, "Phi-3's LongRoPE .* has no Megatron-Core"),
 ])
 def test_what_megatron_core_cannot_express_is_refused(models, tmp_path, change, message):
     src = tmp_path / "src"
-    _, original = models["seed_oss"]
+    _, original = models["phi3" if "longrope" in json.dumps(change) else "seed_oss"]
     os.makedirs(src)
     for name in os.listdir(original):
         if name != "config.json":
