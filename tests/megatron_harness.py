@@ -257,7 +257,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
     cfg = _config_dict(hf_config)
     model_type = cfg.get("model_type")
     moe = {}
-    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "phi3"):
+    if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "phi3",
+                      "smollm3"):
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -298,6 +299,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
             # Qwen3: RMSNorm over head_dim on each query and key head (HF q_norm / k_norm)
             qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         )
+        if model_type == "smollm3":  # NoPE layers: HF's no_rope_layers marks the layers that DO rotate
+            tc["no_rope_freq"] = [1 - int(v) for v in cfg["no_rope_layers"]]
         # Phi-3's partial rotary: the first partial_rotary_factor of each head's dims rotate, as rotary_percent does
         rotary = float((cfg.get("rope_parameters") or {}).get("partial_rotary_factor",
                                                               cfg.get("partial_rotary_factor", 1.0)))

@@ -1,12 +1,12 @@
 """Dense families of 2025-2026 (first ones): Seed-OSS and Llama 3.x rope scaling through the Llama
-table, and Phi-3.
+table, Phi-3 and SmolLM3.
 
 Seed-OSS is Llama's layout with q/k/v biases and, separately, an o_proj bias (attention_out_bias)
 and MLP biases (mlp_bias). Llama 3.1's `rope_type: llama3` and linear rope scaling are Megatron-LM
 args (use_rope_scaling / rope_scaling_factor, rotary_seq_len_interpolation_factor) that
 Megatron-Core applies; other rope types are refused by name. Phi-3 fuses q/k/v and gate/up in HF
 (taken apart by row offsets) and rotates part of each head (partial_rotary_factor ->
-rotary_percent). Judged by transformers (no missing or unexpected keys, the same logits) and by
+rotary_percent). SmolLM3's NoPE layers are Megatron-Core's no_rope_freq. Judged by transformers (no missing or unexpected keys, the same logits) and by
 Megatron-Core (strict load, logits within 1e-5)."""
 
 from __future__ import annotations
@@ -72,6 +72,16 @@ def models(tmp_path_factory):
         for layer in model.model.layers:
             layer.self_attn.qkv_proj.weight.mul_(8.0)
     out["phi3"] = _save(model, root / "phi3")
+    torch.manual_seed(4)
+    smol = transformers.SmolLM3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      no_rope_layers=[1, 0, 1, 1], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.SmolLM3ForCausalLM(smol)
+    with torch.no_grad():  # sharp attention: a NoPE layer that rotates must show in the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    out["smollm3"] = _save(model, root / "smollm3")
     return out
 
 
@@ -94,7 +104,8 @@ def _load(path, cls):
 
 
 CLASSES = {"seed_oss": transformers.SeedOssForCausalLM, "seed_oss_biases": transformers.SeedOssForCausalLM,
-           "llama3_rope": transformers.LlamaForCausalLM, "phi3": transformers.Phi3ForCausalLM}
+           "llama3_rope": transformers.LlamaForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+           "smollm3": transformers.SmolLM3ForCausalLM}
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))
@@ -129,9 +140,10 @@ def test_args_carry_the_rope_scaling_and_the_biases(models):
                            ("seed_oss", {"add_qkv_bias": True, "add_bias_linear": False}),
                            ("seed_oss_biases", {"add_qkv_bias": True, "add_bias_linear": True}),
                            ("phi3", {"add_qkv_bias": False, "add_bias_linear": False, "rotary_percent": 0.75,
-                                     "untie_embeddings_and_output_weights": False})):
+                                     "untie_embeddings_and_output_weights": False}),
+                           ("smollm3", {"no_rope_freq": [0, 1, 0, 0], "untie_embeddings_and_output_weights": False})):
         config = _config(models[name][1])
-        family = get_family({"llama3_rope": "llama", "phi3": "phi3"}.get(name, "seed_oss"))
+        family = get_family({"llama3_rope": "llama", "phi3": "phi3", "smollm3": "smollm3"}.get(name, "seed_oss"))
         args = family.megatron_args_from_hf(config, family.dims_from_hf(config))
         assert {k: args.get(k) for k in expected} == expected, name
         judge = mh.translate_hf_config(config)
@@ -140,13 +152,14 @@ def test_args_carry_the_rope_scaling_and_the_biases(models):
         assert judge["gpt_model"]["rotary_percent"] == args["rotary_percent"]
         assert (judge["transformer_config"]["add_qkv_bias"], judge["transformer_config"]["add_bias_linear"]) == (
             args["add_qkv_bias"], args["add_bias_linear"])
+        assert judge["transformer_config"].get("no_rope_freq") == args.get("no_rope_freq")
 
 
 def test_megatron_to_hf_from_the_args_alone(models, tmp_path):
     """Without the HF config pyconv keeps in the args: Llama 3's rope comes back from
     use_rope_scaling, and Seed-OSS reads as Qwen2 (the same args, the same model)."""
     for name, cls in (("llama3_rope", transformers.LlamaForCausalLM), ("seed_oss", transformers.Qwen2ForCausalLM),
-                      ("phi3", transformers.Phi3ForCausalLM)):
+                      ("phi3", transformers.Phi3ForCausalLM), ("smollm3", transformers.SmolLM3ForCausalLM)):
         model, src = models[name]
         meg = tmp_path / name
         pyconv.reshard(src, meg, to="megatron")

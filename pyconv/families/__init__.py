@@ -250,6 +250,9 @@ def megatron_features(args: dict) -> frozenset[str]:
         f.add("qkv_bias")
     if float(args.get("rotary_percent") or 1.0) < 1.0 and args.get("position_embedding_type") == "rope":
         f.add("partial_rotary")
+    skip = args.get("no_rope_freq")
+    if skip and (isinstance(skip, int) or any(skip)):
+        f.add("no_rope")
     if str(args.get("tokenizer_type") or "").startswith("BertWordPiece"):
         f.add("bert")
     if args.get("num_experts"):

@@ -136,6 +136,9 @@ def llama_hf_config(args: dict, architecture: str = "LlamaForCausalLM", model_ty
         rms_norm_eps=float(args.get("norm_epsilon", 1e-6)),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
         vocab_size=require(args, "vocab_size", where) if "vocab_size" in args else arg(args, "padded_vocab_size", where))
+    # The args do not carry token ids; some configs default pad_token_id past a small vocabulary
+    # (Phi3Config 32000, SmolLM3Config 128004), which transformers refuses to build.
+    config.setdefault("pad_token_id", None)
     head_dim = args.get("kv_channels") or hidden // heads
     if head_dim != hidden // heads or "head_dim" in config:  # Qwen2 configs have no head_dim field
         config["head_dim"] = head_dim

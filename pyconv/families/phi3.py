@@ -63,8 +63,6 @@ def phi3_megatron_args(config: dict, dims: ModelDims) -> dict:
 
 def phi3_hf_config(args: dict) -> dict:
     config = llama_hf_config(args, "Phi3ForCausalLM", "phi3")
-    # Phi3Config defaults pad_token_id to 32000, outside a smaller vocabulary; the args do not say it.
-    config.setdefault("pad_token_id", None)
     fraction = float(args.get("rotary_percent") or 1.0)
     if "rope_parameters" in config:
         config["rope_parameters"] = {**config["rope_parameters"], "partial_rotary_factor": fraction}
