@@ -11,6 +11,7 @@ from pyconv.errors import FormatError, LayoutError, OutputError
 from pyconv.formats import get_format, read_checkpoint
 from pyconv.dtypes import TORCH_NAME, parse_dtype
 from pyconv.plan import ReshardPlan, TargetSpec, check_count, parse_size, recording_written
+from pyconv.quantized import refuse_transforming
 
 
 
@@ -195,6 +196,7 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_f
     options: the target format's options (see target_spec), e.g. tp=2, pp=2 for megatron."""
     target = target_spec(to, dtype, **options)
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
+    refuse_transforming(catalog.details.get("quantization"), catalog.path, to, target.dtype)
     with recording_written() as written:
         files = get_format(to).plan_output(catalog, target)
     return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files),

@@ -208,6 +208,10 @@ def _cmd_inspect(args) -> int:
           + ", ".join(f"{d} {b:,}" for d, b in sorted(summary["bytes_by_dtype"].items())) + ")")
     if summary["extra_files"]:
         print(f"  other files:  {', '.join(summary['extra_files'])}")
+    if "quantization" in summary:
+        q = summary["quantization"]
+        print(f"  quantization: {q['method']} (declared by {q['declared_by']}"
+              + ("" if q["transformable"] else "; resharded HF -> HF as it is, not dequantized") + ")")
     for key in ("family", "tp", "pp", "vpp", "ep", "etp", "iteration", "padded_vocab_size"):
         if key in summary:
             print(f"  {key + ':':<13} {summary[key]}")

@@ -17,6 +17,7 @@ from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_conf
 from pyconv.io.jsonfile import config_architecture, load_config, load_json
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import PlannedFile, TargetSpec, note_written, plan_file_copy, plan_text_file, plan_whole_tensor
+from pyconv.quantized import declared_quantization
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -127,7 +128,9 @@ def read(path: str) -> Catalog:
     # Source order: file by file, offset by offset, so output shards read sources sequentially.
     ordered = sorted(stored.items(), key=lambda kv: (kv[1].path, kv[1].offset))
     tensors = {name: CanonicalTensor.whole(name, st) for name, st in ordered}
-    return Catalog("hf", single or root, tensors, config, architecture, extra_files(root), metadata)
+    quantization = declared_quantization(config, root, tensors)
+    details = {"quantization": quantization.details()} if quantization is not None else {}
+    return Catalog("hf", single or root, tensors, config, architecture, extra_files(root), metadata, details=details)
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:

@@ -55,6 +55,6 @@ def updated_config(config: dict, dtype: str | None, quantized: bool, fp8_left: b
     config = with_config_dtype(dict(config), dtype)
     if quantized:
         config["quantization_config"] = dict(QUANTIZATION_CONFIG)
-    elif not fp8_left:
-        config.pop("quantization_config", None)
+    elif not fp8_left and (config.get("quantization_config") or {}).get("quant_method") == "fp8":
+        config.pop("quantization_config")  # every block-fp8 weight dequantized; other schemes travel as they are
     return config
