@@ -38,6 +38,9 @@ std::string errno_text(int err) { return std::strerror(err); }
 struct Task {
   uint32_t tensor;
   uint64_t row0, row1, col0, col1;
+  // A run of file-to-file tasks merged into this one (small tensors back to back in the source
+  // and in the destination): its bytes from this task's first, copied with one system call.
+  uint64_t run_bytes = 0;
 };
 
 struct Intersection {
@@ -371,6 +374,7 @@ class Runner {
           for (uint64_t c = 0; c < t.cols; c += step) tasks_.push_back({ti, r, r + 1, c, std::min(t.cols, c + step)});
       }
     }
+    merge_direct_runs(direct_chunk);
     // Write each file front to back (the order sequential read-ahead and writeback like), and
     // interleave the files by how far into each a task lies, so that the threads, which take
     // tasks in this order, mostly write different files: writes to one file serialize on its
@@ -391,6 +395,69 @@ class Runner {
       if (fa != fb) return fa < fb;
       return ta.dest < tb.dest;
     });
+  }
+
+  // Where a task's bytes come from when it is one file-to-file copy (run_task's fast path):
+  // (source index, source offset, length); false otherwise.
+  bool direct_span(const Task& task, uint32_t* source, uint64_t* src_offset, uint64_t* length) const {
+    const auto& t = plan_.tensors[task.tensor];
+    if (!copies_file_to_file(t)) return false;
+    const uint64_t isz = dtype_itemsize(t.dtype);
+    Intersection hit;
+    const BlockCopy* only = nullptr;
+    for (const auto& c : t.copies)
+      if (intersect(c, task, &hit)) {
+        if (only) return false;
+        only = &c;
+      }
+    if (!only) return false;
+    intersect(*only, task, &hit);
+    if (hit.row0 != task.row0 || hit.row1 != task.row1 || hit.col0 != task.col0 || hit.col1 != task.col1) return false;
+    if (task.row1 - task.row0 > 1 && only->src_row_stride != only->cols * isz) return false;
+    *source = only->source;
+    *src_offset = only->src_offset + (task.row0 - only->dst_row) * only->src_row_stride + (task.col0 - only->dst_col) * isz;
+    *length = (task.row1 - task.row0) * (task.col1 - task.col0) * isz;
+    return true;
+  }
+
+  // Tasks that copy file to file and lie back to back both in one source and in one destination
+  // (the small tensors of an MoE checkpoint, say) become one task of up to chunk bytes: one
+  // copy_file_range and one writeback per run instead of per tensor.
+  void merge_direct_runs(uint64_t chunk) {
+    if (compare_) return;
+    std::vector<size_t> order(tasks_.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      const uint32_t da = plan_.tensors[tasks_[a].tensor].dest, db = plan_.tensors[tasks_[b].tensor].dest;
+      return da != db ? da < db : task_offset(tasks_[a]) < task_offset(tasks_[b]);
+    });
+    std::vector<Task> merged;
+    merged.reserve(tasks_.size());
+    uint32_t head_source = 0, source = 0;
+    uint64_t head_src_end = 0, head_dst_end = 0, src_offset = 0, length = 0;
+    bool head_direct = false;
+    for (size_t i : order) {
+      const Task& task = tasks_[i];
+      const bool direct = direct_span(task, &source, &src_offset, &length);
+      const uint64_t dst = task_offset(task);
+      if (direct && head_direct && !merged.empty() &&
+          plan_.tensors[merged.back().tensor].dest == plan_.tensors[task.tensor].dest && head_source == source &&
+          head_src_end == src_offset && head_dst_end == dst && merged.back().run_bytes + length <= chunk) {
+        merged.back().run_bytes += length;
+        head_src_end += length;
+        head_dst_end += length;
+        continue;
+      }
+      merged.push_back(task);
+      head_direct = direct;
+      if (direct) {
+        merged.back().run_bytes = length;
+        head_source = source;
+        head_src_end = src_offset + length;
+        head_dst_end = dst + length;
+      }
+    }
+    tasks_.swap(merged);
   }
 
   uint64_t task_offset(const Task& task) const {
@@ -469,6 +536,15 @@ class Runner {
     const uint64_t dst_offset = task_offset(task);
     const OutputFile& dest = *dests_[t.dest];
 
+    if (task.run_bytes) {  // file to file, one copy or a merged run of them (merge_direct_runs)
+      uint32_t source;
+      uint64_t src, unused;
+      direct_span(task, &source, &src, &unused);
+      copy_direct(*sources_[source], src, dest, dst_offset, task.run_bytes);
+      direct_tasks_.fetch_add(1);
+      finish(dest, dst_offset, task.run_bytes);
+      return;
+    }
     // Fast path: one copy covers the task, same dtype, source rows contiguous:
     // the bytes go file to file.
     Intersection hit;

@@ -193,3 +193,32 @@ def test_row_shards_go_file_to_file_in_tasks_that_never_straddle_shards(tmp_path
                           chunk_bytes=4096, threads=2)
     assert out.read_bytes() == full.tobytes()
     assert stats["direct_tasks"] == stats["tasks"] == 3 + 3  # 64 rows a task: 130 rows in 3 tasks, 170 in 3
+
+
+def test_small_tensors_back_to_back_are_one_copy_per_run(tmp_path):
+    """Tensors adjacent in one source and in one destination (an MoE checkpoint's thousands of small
+    experts) are copied as runs of up to chunk_bytes: one copy_file_range and one writeback each.
+    A gap in the source, another source file or a cast ends a run."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 2**31, size=8192, dtype=np.int32).view(np.float32)
+    a = write(tmp_path / "a", data)
+    b = write(tmp_path / "b", data[::-1].copy())
+    t = 256  # bytes of each 8 x 8 F32 tensor
+    tensors = [(0, i * t, "F32", 8, 8, [(0, i * t, 32, "F32", 8, 8, 0, 0, False)]) for i in range(20)]  # a run
+    tensors.append((0, 20 * t, "F32", 8, 8, [(0, 25 * t, 32, "F32", 8, 8, 0, 0, False)]))  # a gap in the source
+    tensors.append((0, 21 * t, "F32", 8, 8, [(1, 26 * t, 32, "F32", 8, 8, 0, 0, False)]))  # another source
+    tensors.append((0, 22 * t, "F32", 8, 8, [(0, 27 * t, 32, "F32", 8, 8, 0, 0, False)]))  # adjacent to the gap one
+    tensors.append((0, 23 * t, "BF16", 8, 8, [(0, 28 * t, 32, "F32", 8, 8, 0, 0, False)]))  # a cast
+    out = tmp_path / "out.bin"
+    size = 23 * t + t // 2
+    stats = _core.execute([a, b], [(str(out), size)], [], tensors, threads=2)
+    got = out.read_bytes()
+    raw = data.tobytes()
+    assert got[:20 * t] == raw[:20 * t]
+    assert got[20 * t:21 * t] == raw[25 * t:26 * t]
+    assert got[21 * t:22 * t] == data[::-1].tobytes()[26 * t:27 * t]
+    assert got[22 * t:23 * t] == raw[27 * t:28 * t]
+    assert got[23 * t:] == _core.cast(raw[28 * t:29 * t], "F32", "BF16")
+    assert stats["tasks"] == 5 and stats["direct_tasks"] == 4  # [0..19], [20], [21], [22], and the cast
+    stats = _core.execute([a, b], [(str(out), size)], [], tensors, chunk_bytes=4096)  # runs of at most 4 KiB
+    assert out.read_bytes() == got and stats["tasks"] == 6  # [0..15], [16..19], [20], [21], [22], the cast
