@@ -155,6 +155,16 @@ def test_args_carry_the_rope_scaling_and_the_biases(models):
         assert judge["transformer_config"].get("no_rope_freq") == args.get("no_rope_freq")
 
 
+def test_inspect_shows_the_new_args(models, tmp_path):
+    shown = {}
+    for name in ("llama3_rope", "phi3", "smollm3", "seed_oss"):
+        pyconv.reshard(models[name][1], tmp_path / name, to="megatron")
+        shown[name] = pyconv.open(tmp_path / name).summary()["args"]
+    assert (shown["llama3_rope"]["use_rope_scaling"], shown["llama3_rope"]["rope_scaling_factor"]) == (True, 8.0)
+    assert shown["phi3"]["rotary_percent"] == 0.75 and shown["smollm3"]["no_rope_freq"] == [0, 1, 0, 0]
+    assert (shown["seed_oss"]["add_qkv_bias"], shown["seed_oss"]["add_bias_linear"]) == (True, False)
+
+
 def test_megatron_to_hf_from_the_args_alone(models, tmp_path):
     """Without the HF config pyconv keeps in the args: Llama 3's rope comes back from
     use_rope_scaling, and Seed-OSS reads as Qwen2 (the same args, the same model)."""

@@ -125,7 +125,8 @@ ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                  "vocab_size", "untie_embeddings_and_output_weights", "params_dtype",
                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
                  "pipeline_model_parallel_layout", "qk_layernorm", "num_experts", "mtp_num_layers",
-                 "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor")
+                 "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor", "rotary_percent",
+                 "no_rope_freq", "add_qkv_bias", "add_bias_linear")
 
 
 OPTIMIZER_KEY_PREFIX = "optimizer."  # a distributed checkpoint's optimizer state (Megatron-LM, NeMo)
