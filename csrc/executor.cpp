@@ -38,9 +38,12 @@ std::string errno_text(int err) { return std::strerror(err); }
 struct Task {
   uint32_t tensor;
   uint64_t row0, row1, col0, col1;
-  // A run of file-to-file tasks merged into this one (small tensors back to back in the source
-  // and in the destination): its bytes from this task's first, copied with one system call.
+  // File to file (merge_direct_runs): the bytes of this task, and of the tasks merged into it
+  // (small tensors back to back in the source and in the destination), copied with one system
+  // call from run_source at run_src_offset. 0: the task goes through a buffer.
   uint64_t run_bytes = 0;
+  uint32_t run_source = 0;
+  uint64_t run_src_offset = 0;
 };
 
 struct Intersection {
@@ -397,11 +400,12 @@ class Runner {
     });
   }
 
-  // Where a task's bytes come from when it is one file-to-file copy (run_task's fast path):
-  // (source index, source offset, length); false otherwise.
+  // Where a task's bytes come from when one copy covers it with the tensor's dtype and source
+  // rows back to back, so that they can go file to file: (source index, source offset, length);
+  // false otherwise.
   bool direct_span(const Task& task, uint32_t* source, uint64_t* src_offset, uint64_t* length) const {
     const auto& t = plan_.tensors[task.tensor];
-    if (!copies_file_to_file(t)) return false;
+    if (t.quantize) return false;
     const uint64_t isz = dtype_itemsize(t.dtype);
     Intersection hit;
     const BlockCopy* only = nullptr;
@@ -410,7 +414,7 @@ class Runner {
         if (only) return false;
         only = &c;
       }
-    if (!only) return false;
+    if (!only || only->src_dtype != t.dtype || only->transpose || only->scale_source != kNoScale) return false;
     intersect(*only, task, &hit);
     if (hit.row0 != task.row0 || hit.row1 != task.row1 || hit.col0 != task.col0 || hit.col1 != task.col1) return false;
     if (task.row1 - task.row0 > 1 && only->src_row_stride != only->cols * isz) return false;
@@ -452,6 +456,8 @@ class Runner {
       head_direct = direct;
       if (direct) {
         merged.back().run_bytes = length;
+        merged.back().run_source = source;
+        merged.back().run_src_offset = src_offset;
         head_source = source;
         head_src_end = src_offset + length;
         head_dst_end = dst + length;
@@ -537,37 +543,12 @@ class Runner {
     const OutputFile& dest = *dests_[t.dest];
 
     if (task.run_bytes) {  // file to file, one copy or a merged run of them (merge_direct_runs)
-      uint32_t source;
-      uint64_t src, unused;
-      direct_span(task, &source, &src, &unused);
-      copy_direct(*sources_[source], src, dest, dst_offset, task.run_bytes);
+      copy_direct(*sources_[task.run_source], task.run_src_offset, dest, dst_offset, task.run_bytes);
       direct_tasks_.fetch_add(1);
       finish(dest, dst_offset, task.run_bytes);
       return;
     }
-    // Fast path: one copy covers the task, same dtype, source rows contiguous:
-    // the bytes go file to file.
     Intersection hit;
-    const BlockCopy* only = nullptr;
-    size_t hits = 0;
-    for (const auto& c : t.copies)
-      if (intersect(c, task, &hit)) {
-        ++hits;
-        only = &c;
-      }
-    if (hits == 1 && only->src_dtype == t.dtype && !only->transpose) {
-      intersect(*only, task, &hit);
-      const bool covers = hit.row0 == task.row0 && hit.row1 == task.row1 && hit.col0 == task.col0 && hit.col1 == task.col1;
-      const bool contiguous = task.row1 - task.row0 == 1 || only->src_row_stride == only->cols * isz;
-      if (covers && contiguous) {
-        const uint64_t src = only->src_offset + (task.row0 - only->dst_row) * only->src_row_stride + (task.col0 - only->dst_col) * isz;
-        copy_direct(*sources_[only->source], src, dest, dst_offset, length);
-        direct_tasks_.fetch_add(1);
-        finish(dest, dst_offset, length);
-        return;
-      }
-    }
-
     if (buffer.size() < length) buffer.resize(length);
     for (const auto& c : t.copies) {
       if (!intersect(c, task, &hit)) continue;
