@@ -2,8 +2,9 @@
 
 Property: on any bytes, `pyconv.io.safetensors.read_safetensors` and
 `pyconv.io.torchzip.read_torch_checkpoint` either succeed or raise `pyconv.FormatError`; never
-another exception (and never a crash of the C++ core). When the safetensors reader succeeds, every
-tensor it returns lies inside the file.
+another exception (and never a crash of the C++ core). The safetensors reader (yyjson in the core)
+agrees with the reference reader it replaced (tests/safetensors_reference_reader.py, the standard
+library's json): same files accepted, same tensors, same refusals; every tensor lies inside the file.
 
 Inputs (hypothesis):
   - safetensors files with generated JSON headers: random names, dtypes (valid, lowercase, junk,
@@ -28,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -40,6 +42,7 @@ from hypothesis import strategies as st
 
 if __name__ == "__main__":  # run as a script from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # safetensors_reference_reader
 
 import pyconv  # noqa: E402
 from pyconv.io.safetensors import read_safetensors  # noqa: E402
@@ -80,17 +83,56 @@ def _record(data: bytes, suffix: str, exc: BaseException) -> None:
         _FAILURES[key] = (data, suffix, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
+def _outcome(read, path):
+    """("ok", value) or ("refused", message); any other exception propagates."""
+    try:
+        return "ok", read(path)
+    except pyconv.FormatError as e:
+        return "refused", str(e)
+
+
+def _same_refusal(core: str, reference: str) -> bool:
+    """The core and the reference reader refuse alike: both say the JSON is invalid (each in its
+    parser's words), or give the same message up to the value quoted after "got" (the core quotes
+    the literal as written, the reference json.dumps of the parsed value), up to a NUL (the core's
+    messages end there) and with integers of 40 digits and more cut short (the core cuts them)."""
+    if "header is not valid JSON" in reference:
+        return "header is not valid JSON" in core
+    core, reference = (re.sub(r"\d{40,}(\.\.\.)?", "<long>", m.split("\0")[0].split(", got ")[0]) for m in (core, reference))
+    return core == reference
+
+
 def check_safetensors_bytes(data: bytes) -> None:
+    """The core's header reader agrees with the reference reader (the json-module one it replaced,
+    tests/safetensors_reference_reader.py): it accepts exactly the same files, gives the same
+    tensors and metadata, and refuses the rest alike; every tensor it returns lies in the file."""
+    from pyconv.io.safetensors import _read_header
+    from safetensors_reference_reader import reference_read_header
+
     path = _write(data, ".safetensors")
     try:
-        f = read_safetensors(path)
-    except pyconv.FormatError:
-        return
+        core = _outcome(_read_header, path)
+        reference = _outcome(reference_read_header, path)
     except Exception as e:  # noqa: BLE001 - anything else is the bug being hunted
         _record(data, ".safetensors", e)
-        raise FuzzFailure(f"read_safetensors raised {type(e).__name__}: {e}") from e
+        raise FuzzFailure(f"a header reader raised {type(e).__name__}: {e}") from e
+    disagreement = None
+    if core[0] != reference[0]:
+        disagreement = f"the core {core[0]} ({core[1] if core[0] == 'refused' else 'read it'}) where the reference " \
+                       f"{reference[0]} ({reference[1] if reference[0] == 'refused' else 'read it'})"
+    elif core[0] == "refused" and not _same_refusal(core[1], reference[1]):
+        disagreement = f"the core refused with {core[1]!r}, the reference with {reference[1]!r}"
+    elif core[0] == "ok" and (list(core[1].tensors.items()) != list(reference[1].tensors.items())
+                              or core[1].metadata != reference[1].metadata):
+        disagreement = "the core and the reference read different tensors or metadata"
+    if disagreement:
+        err = FuzzFailure(disagreement)
+        _record(data, ".safetensors", err)
+        raise err
+    if core[0] == "refused":
+        return
     size = len(data)
-    for name, t in f.tensors.items():
+    for name, t in core[1].tensors.items():
         n = ITEMSIZE[t.dtype]
         for d in t.shape:
             n *= d

@@ -73,7 +73,8 @@ def core_tests_exe(tmp_path_factory) -> str:
     env = dict(os.environ, CXX=cxx)
     configure = subprocess.run(
         [cmake, "-S", ROOT, "-B", build, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", "-DPYCONV_SANITIZE=ON",
-         "-DPYCONV_BUILD_TESTS=ON", "-DCMAKE_BUILD_TYPE=Debug"],
+         "-DPYCONV_BUILD_TESTS=ON", "-DCMAKE_BUILD_TYPE=Debug",
+         f"-DPython_EXECUTABLE={sys.executable}"],  # whose site-packages hold yyjson.c (pyproject's test extra)
         capture_output=True, text=True, env=env, timeout=120)
     assert configure.returncode == 0, f"cmake configure failed:\n{configure.stdout}\n{configure.stderr}"
     built = subprocess.run([cmake, "--build", build, "--target", "core_tests"], capture_output=True, text=True,

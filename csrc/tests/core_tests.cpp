@@ -5,8 +5,8 @@
 //   core_tests [PATH...]
 //
 // (a) every regular file under each PATH (directories are walked recursively) goes through
-//     read_safetensors_prefix and, when that succeeds, validate_safetensors with an empty
-//     entry list; a table of hand-written hostile entry lists goes through
+//     read_safetensors_prefix and, when that succeeds, parse_safetensors_header and
+//     validate_safetensors with an empty entry list; a table of hand-written hostile entry lists goes through
 //     validate_safetensors. Every call must succeed or throw FormatError / IoError.
 // (b) execute_plan on small synthetic files: plain copies, casts, transposed copies,
 //     stride-0 repeats, fp8 dequantization and quantization (checked against the scalar
@@ -115,6 +115,14 @@ void scan_path(const fs::path& root, size_t* files) {
     o = run_guarded(path + ": validate_safetensors({})",
                     [&] { recs = validate_safetensors(path, prefix.header_len, prefix.file_size, {}); });
     if (o == Outcome::Ok) check(prefix.file_size == prefix.header_len + 8, path + ": empty entry list accepted with trailing data");
+    // The JSON itself: parsed and checked, or refused with FormatError; what it returns lies in the file.
+    SafetensorsHeader header;
+    o = run_guarded(path + ": parse_safetensors_header", [&] { header = parse_safetensors_header(path, prefix); });
+    if (o == Outcome::Ok)
+      for (const auto& t : header.tensors)
+        check(t.offset >= 8 + prefix.header_len && t.offset + t.nbytes <= prefix.file_size &&
+                  t.name_begin + t.name_size <= header.names.size() && t.dims_begin + t.ndim <= header.dims.size(),
+              path + ": a parsed tensor lies outside the file or the header's tables");
     // One U8 entry spanning all the data is always valid.
     const int64_t data = static_cast<int64_t>(prefix.file_size - 8 - prefix.header_len);
     o = run_guarded(path + ": validate_safetensors(one U8 entry)", [&] {

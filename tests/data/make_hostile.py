@@ -142,7 +142,7 @@ def _cases():
     yield "header_leading_space", one(_safetensors(b" {}", b"")), S, "header does not start with '{'"
     yield "header_json_array", one(_safetensors(b"[]", b"")), S, "header does not start with '{' (not a JSON object)"
     yield "header_not_json", one(_safetensors(b'{"a":{"dtype":"F32",', b"")), S, "header is not valid JSON"
-    yield "header_trailing_garbage", one(_safetensors(b"{}x", b"")), S, "header is not valid JSON: Extra data"
+    yield "header_trailing_garbage", one(_safetensors(b"{}x", b"")), S, "header is not valid JSON: unexpected content after document"
     yield "header_nan", one(_safetensors(
         b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}', _data(4))), S, \
         "header is not valid JSON: non-standard JSON constant NaN"
@@ -155,6 +155,12 @@ def _cases():
     yield "header_lone_surrogate_name", one(_safetensors(
         b'{"a\\ud800":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', _data(4))), S, \
         "header is not valid JSON: unpaired surrogate escape"
+    yield "header_nested_duplicate_key", one(_safetensors(
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":[{"k":1,"\\u006b":2}]}}', _data(4))), S, \
+        "header is not valid JSON: duplicate key 'k'"
+    yield "header_duplicate_field", one(_safetensors(
+        b'{"a":{"dtype":"F32","shape":[1],"dtype":"F32","data_offsets":[0,4]}}', _data(4))), S, \
+        "header is not valid JSON: duplicate key 'dtype'"
     yield "metadata_lone_surrogate", one(_edited(lambda h: h.__setitem__("__metadata__", {"format": "\ud800"}))), S, \
         "unpaired surrogate escape"
     yield "unknown_dtype", one(_edited(_set(NORM, "dtype", "F17"))), S, \
