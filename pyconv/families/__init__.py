@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from pyconv.errors import FormatError, LayoutError
+from pyconv.families.patterns import PatternIndex
 
 # Shard rules (pyconv.layout.rules): how a tensor is split over tensor-parallel ranks, both ways.
 from pyconv.layout.rules import (  # noqa: E402,F401  (re-exported for the family tables)
@@ -91,12 +92,6 @@ class TensorMapping:
         return (self.megatron,) if isinstance(self.megatron, str) else tuple(dict.fromkeys(self.megatron.values()))
 
 
-def _compile(pattern: str) -> re.Pattern:
-    """'*' (layer) and '#' (expert) become named groups."""
-    regex = re.escape(pattern).replace(r"\*", r"(?P<layer>\d+)").replace(r"\#", r"(?P<expert>\d+)")
-    return re.compile("^" + regex + "$")
-
-
 def _indices(match: re.Match) -> tuple[int | None, int | None]:
     groups = match.groupdict()
     layer, expert = groups.get("layer"), groups.get("expert")
@@ -136,10 +131,9 @@ class Family:
     # HF tensors of each MTP layer that copy a model tensor ({leaf name: the model tensor's HF name});
     # Megatron-Core shares the model's instead of holding them.
     mtp_hf_copies: dict = field(default_factory=dict)
-    _hf_regex: list = field(default_factory=list, repr=False)
-    _megatron_regex: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
+        hf_patterns, megatron_patterns = [], []
         for m in self.mappings + self.mtp_before + self.mtp_after:
             patterns = list(m.hf) + list(m.megatron_names())
             stars = {p.count("*") for p in patterns}
@@ -150,13 +144,13 @@ class Family:
                                  f"{stars} (layer) and {experts} (expert), expected {expected} and one of 0/1")
             if m.where == MTP:  # matched by match_mtp_hf only: other formats drop MTP layers whole
                 continue
-            for i, p in enumerate(m.hf):
-                self._hf_regex.append((_compile(p), m, i))
-            for naming_name in m.megatron_names():
-                self._megatron_regex.append((_compile(naming_name), m))
-        self._mtp_regex = [(_compile(p), m, i) for m in self.mtp_before + self.mtp_after for i, p in enumerate(m.hf)]
+            hf_patterns += [(p, (m, i)) for i, p in enumerate(m.hf)]
+            megatron_patterns += [(naming_name, m) for naming_name in m.megatron_names()]
+        self._hf_index = PatternIndex(hf_patterns)
+        self._megatron_index = PatternIndex(megatron_patterns)
+        self._mtp_index = PatternIndex([(p, (m, i)) for m in self.mtp_before + self.mtp_after for i, p in enumerate(m.hf)])
         self._mtp_variants: dict[int, TensorMapping] = {}
-        self._ignored_regex = [_compile(p) for p in self.ignored_hf]
+        self._ignored_index = PatternIndex([(p, None) for p in self.ignored_hf])
 
     @property
     def word_embedding(self) -> TensorMapping:
@@ -165,11 +159,8 @@ class Family:
 
     def match_mtp_hf(self, name: str):
         """(mapping, index, layer, expert) of an MTP layer's own HF tensor (enorm, eh_proj...), or None."""
-        for regex, mapping, index in self._mtp_regex:
-            m = regex.match(name)
-            if m:
-                return (mapping, index, *_indices(m))
-        return None
+        found = self._mtp_index.first(name)
+        return None if found is None else (*found[1], *_indices(found[0]))
 
     def mtp_layer_mappings(self, dims: ModelDims) -> list[TensorMapping]:
         """The mappings of one multi-token-prediction layer (HF layer num_layers + i, Megatron's
@@ -198,25 +189,20 @@ class Family:
         With dims, a mapping that applies to the layer is preferred (the same HF name can map
         differently in dense and MoE layers)."""
         found = None
-        for regex, mapping, index in self._hf_regex:
-            m = regex.match(name)
-            if m:
-                match = (mapping, index, *_indices(m))
-                if dims is None or mapping.applies_to(dims, match[2]):
-                    return match
-                found = found or match
+        for m, (mapping, index) in self._hf_index.matches(name):
+            match = (mapping, index, *_indices(m))
+            if dims is None or mapping.applies_to(dims, match[2]):
+                return match
+            found = found or match
         return found
 
     def match_megatron(self, name: str):
         """(mapping, local layer, local expert), or None."""
-        for regex, mapping in self._megatron_regex:
-            m = regex.match(name)
-            if m:
-                return (mapping, *_indices(m))
-        return None
+        found = self._megatron_index.first(name)
+        return None if found is None else (found[1], *_indices(found[0]))
 
     def is_ignored_hf(self, name: str) -> bool:
-        return any(r.match(name) for r in self._ignored_regex)
+        return self._ignored_index.first(name) is not None
 
 
 _FAMILIES: dict[str, Family] = {}

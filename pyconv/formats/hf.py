@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pyconv.catalog import CanonicalTensor, Catalog, nbytes
 from pyconv.dtypes import output_dtypes
@@ -162,8 +162,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         begins = {name: begin for name, _, _, begin, _ in entries}
         position = max((end for *_, end in entries), default=0)
         tensors = tuple(
-            replace(plan_whole_tensor(catalog.tensors[name], dtypes[name], len(header) + begin),
-                    quantize=len(header) + begins[name + SCALE_SUFFIX] if name in quantized else None)
+            plan_whole_tensor(catalog.tensors[name], dtypes[name], len(header) + begin,
+                              len(header) + begins[name + SCALE_SUFFIX] if name in quantized else None)
             for name, _, _, begin, _ in entries if name in catalog.tensors)
         files.append(PlannedFile(file_name, len(header) + position, tensors, ((0, header),)))
         weight_map.update((name, file_name) for name, *_ in entries_in)

@@ -82,6 +82,15 @@ class _Pickler:
     def __init__(self):
         self.out = bytearray(b"\x80\x02")
         self.slots: list[TensorSlot] = []  # storage key i holds slots[i]
+        # Bytes already written once: no memo opcodes are used, so a subtree pickles the same
+        # wherever it appears (unless it holds a tensor, whose storage key is its position).
+        self._constants: dict = {}
+        self._strs: dict[str, bytes] = {}
+        self._globals: dict[tuple[str, str], bytes] = {}
+        self._writers = {type(None): self._none, bool: self._bool, int: self._int, float: self._float, str: self._str,
+                         bytes: self._bytes, tuple: self._tuple, list: self._list, OrderedDict: self._ordered_dict,
+                         dict: self._dict, argparse.Namespace: self._namespace, TorchDtypeValue: self._dtype_value,
+                         TensorSlot: self._tensor, PickledObject: self._object, PickledCall: self._call}
 
     def dump(self, obj) -> bytes:
         self._save(obj)
@@ -89,11 +98,19 @@ class _Pickler:
         return bytes(self.out)
 
     def _global(self, module: str, name: str) -> None:
-        self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        found = self._globals.get((module, name))
+        if found is None:
+            found = self._globals[(module, name)] = b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        self.out += found
 
     def _str(self, s: str) -> None:
-        data = s.encode("utf-8")
-        self.out += b"X" + struct.pack("<I", len(data)) + data
+        found = self._strs.get(s)
+        if found is None:
+            data = s.encode("utf-8")
+            found = b"X" + struct.pack("<I", len(data)) + data
+            if len(self._strs) < 100_000:  # field names, module names, repeated keys; not every tensor name
+                self._strs[s] = found
+        self.out += found
 
     def _int(self, n: int) -> None:
         if 0 <= n < 256:
@@ -131,89 +148,125 @@ class _Pickler:
             self.out += b"u"
 
     def _save(self, obj) -> None:
-        if obj is None:
-            self.out += b"N"
-        elif obj is True:
-            self.out += b"\x88"
-        elif obj is False:
-            self.out += b"\x89"
-        elif type(obj) is int:
-            self._int(obj)
-        elif type(obj) is float:
-            self.out += b"G" + struct.pack(">d", obj)
-        elif type(obj) is str:
-            self._str(obj)
-        elif type(obj) is bytes:  # protocol 2 writes bytes as _codecs.encode(latin1 text, 'latin1')
-            self._global("_codecs", "encode")
-            self._tuple([obj.decode("latin1"), "latin1"])
-            self.out += b"R"
-        elif type(obj) is tuple:
-            self._tuple(obj)
-        elif type(obj) is list:
-            self.out += b"]"
-            if obj:
-                self.out += b"("
-                for x in obj:
-                    self._save(x)
-                self.out += b"e"
-        elif type(obj) is OrderedDict:
-            self._global("collections", "OrderedDict")
-            self.out += b")R"
-            self._dict_items(obj.items())
-        elif type(obj) is dict:
-            self.out += b"}"
-            self._dict_items(obj.items())
-        elif type(obj) is argparse.Namespace:
-            self._global("argparse", "Namespace")
-            self.out += b")\x81}"  # cls.__new__(cls), then BUILD with the attribute dict
-            self._dict_items(vars(obj).items())
-            self.out += b"b"
-        elif type(obj) is TorchDtypeValue:
-            self._global("torch", obj.name)
-        elif type(obj) is TensorSlot:
-            self._tensor(obj)
-        elif type(obj) is PickledObject:
-            self._global(obj.module, obj.name)
-            self.out += b")\x81"  # EMPTY_TUPLE, NEWOBJ
-            if obj.tuple_state is not None:
-                self._tuple(obj.tuple_state)
-                self.out += b"b"
-            elif obj.fields:
-                self.out += b"}"
-                self._dict_items(obj.fields)
-                self.out += b"b"
-        elif type(obj) is PickledCall:
-            self._global(obj.module, obj.name)
-            self._tuple(obj.args)
-            self.out += b"R"
-        else:
+        write = self._writers.get(type(obj))
+        if write is None:
             raise TypeError(f"cannot write {type(obj).__name__} into a torch checkpoint")
+        write(obj)
+
+    def _none(self, obj) -> None:
+        self.out += b"N"
+
+    def _bool(self, obj) -> None:
+        self.out += b"\x88" if obj else b"\x89"
+
+    def _float(self, obj) -> None:
+        self.out += b"G" + struct.pack(">d", obj)
+
+    def _bytes(self, obj) -> None:  # protocol 2 writes bytes as _codecs.encode(latin1 text, 'latin1')
+        self._global("_codecs", "encode")
+        self._tuple([obj.decode("latin1"), "latin1"])
+        self.out += b"R"
+
+    def _list(self, obj) -> None:
+        self.out += b"]"
+        if obj:
+            self.out += b"("
+            for x in obj:
+                self._save(x)
+            self.out += b"e"
+
+    def _ordered_dict(self, obj) -> None:
+        self._global("collections", "OrderedDict")
+        self.out += b")R"
+        self._dict_items(obj.items())
+
+    def _dict(self, obj) -> None:
+        self.out += b"}"
+        self._dict_items(obj.items())
+
+    def _namespace(self, obj) -> None:
+        self._global("argparse", "Namespace")
+        self.out += b")\x81}"  # cls.__new__(cls), then BUILD with the attribute dict
+        self._dict_items(vars(obj).items())
+        self.out += b"b"
+
+    def _dtype_value(self, obj) -> None:
+        self._global("torch", obj.name)
+
+    def _object(self, obj) -> None:
+        if obj.tuple_state is not None:  # small and repeated (DCP's TensorProperties per tensor)
+            self.out += self._constant(("object", obj), self._object_bytes, obj)
+        else:
+            self._object_bytes(obj)
+
+    def _object_bytes(self, obj) -> None:
+        self._global(obj.module, obj.name)
+        self.out += b")\x81"  # EMPTY_TUPLE, NEWOBJ
+        if obj.tuple_state is not None:
+            self._tuple(obj.tuple_state)
+            self.out += b"b"
+        elif obj.fields:
+            self.out += b"}"
+            self._dict_items(obj.fields)
+            self.out += b"b"
+
+    def _call(self, obj) -> None:
+        self.out += self._constant(("call", obj), self._call_bytes, obj)  # torch.Size((0, 0)) and the like repeat
+
+    def _call_bytes(self, obj) -> None:
+        self._global(obj.module, obj.name)
+        self._tuple(obj.args)
+        self.out += b"R"
 
     def _tensor(self, slot: TensorSlot) -> None:
+        """torch._utils._rebuild_tensor_v2(persistent_id(('storage', <Storage type>, key, 'cpu',
+        numel)), 0, shape, stride, False, OrderedDict()); the constant parts written once per
+        dtype, the shape and stride tuples once per shape (a checkpoint has tens of thousands of
+        tensors and a few dozen shapes)."""
         if slot.dtype not in STORAGE_TYPES:
             raise TypeError(f"cannot write a {slot.dtype} tensor into a torch checkpoint")
         key = str(len(self.slots))
         self.slots.append(slot)
-        numel = slot.nbytes // ITEMSIZE[slot.dtype]
-        stride, step = [], 1
-        for size in reversed(slot.shape):
-            stride.append(step)
-            step *= size
+        out = self.out
+        out += self._constant(("tensor", slot.dtype), self._tensor_prefix, slot.dtype)
+        self._str(key)
+        out += self._constant("cpu", self._str, "cpu")
+        self._int(slot.nbytes // ITEMSIZE[slot.dtype])
+        out += b"tQK\x00"  # TUPLE, BINPERSID, storage_offset 0
+        out += self._constant(("shape", slot.shape), self._shape_and_stride, slot.shape)
+        out += b"\x89"  # requires_grad=False
+        out += self._constant("hooks", self._global, "collections", "OrderedDict")
+        out += b")RtR"
+
+    def _tensor_prefix(self, dtype: str) -> None:
         self._global("torch._utils", "_rebuild_tensor_v2")
         self.out += b"(("  # the arguments tuple, then the persistent id tuple
         self._str("storage")
-        self._global("torch", STORAGE_TYPES[slot.dtype][0])
-        self._str(key)
-        self._str("cpu")
-        self._int(numel)
-        self.out += b"tQ"  # TUPLE, BINPERSID
-        self._int(0)
-        self._tuple(slot.shape)
+        self._global("torch", STORAGE_TYPES[dtype][0])
+
+    def _shape_and_stride(self, shape: tuple[int, ...]) -> None:
+        stride, step = [], 1
+        for size in reversed(shape):
+            stride.append(step)
+            step *= size
+        self._tuple(shape)
         self._tuple(tuple(reversed(stride)))
-        self.out += b"\x89"  # requires_grad=False
-        self._global("collections", "OrderedDict")
-        self.out += b")R"
-        self.out += b"tR"
+
+    def _constant(self, key, write, *args) -> bytes:
+        """The bytes write(*args) appends, computed once per key (write must add no tensor)."""
+        found = self._constants.get(key)
+        if found is None:
+            saved, self.out = self.out, bytearray()
+            slots = len(self.slots)
+            try:
+                write(*args)
+                found = bytes(self.out)
+            finally:
+                self.out = saved
+            if len(self.slots) != slots:
+                raise TypeError("a tensor inside a repeated pickled object")
+            self._constants[key] = found
+        return found
 
 
 def pickle_object(obj) -> bytes:
