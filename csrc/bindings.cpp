@@ -26,13 +26,30 @@ DType parse_dtype(const std::string& name) {
   return *d;
 }
 
+// A low-rank term: (left_source, left_offset, left_row_stride, left_k_stride, left_dtype,
+// right_source, right_offset, right_k_stride, right_col_stride, right_dtype, rank, scale).
+LowRankTerm to_low_rank_term(py::handle h) {
+  const auto f = h.cast<py::sequence>();
+  if (f.size() != 12) throw FormatError("plan: a low-rank term has 12 fields; got " + std::to_string(f.size()));
+  return {f[0].cast<uint32_t>(), f[1].cast<uint64_t>(), f[2].cast<uint64_t>(), f[3].cast<uint64_t>(),
+          parse_dtype(f[4].cast<std::string>()), f[5].cast<uint32_t>(), f[6].cast<uint64_t>(), f[7].cast<uint64_t>(),
+          f[8].cast<uint64_t>(), parse_dtype(f[9].cast<std::string>()), f[10].cast<uint64_t>(), f[11].cast<float>()};
+}
+
 // A block copy: (source, src_offset, src_row_stride, src_dtype, rows, cols, dst_row,
 // dst_col, transpose), optionally followed by a block-scaled fp8 source's (scale_source,
-// scale_offset, scale_row_stride, scale_row0, scale_col0, scale_block).
+// scale_offset, scale_row_stride, scale_row0, scale_col0, scale_block), then optionally by a
+// list of low-rank terms (10 or 16 fields).
 BlockCopy to_block_copy(py::handle h) {
-  const auto f = h.cast<py::sequence>();
+  auto f = h.cast<py::sequence>();
+  std::vector<LowRankTerm> low_rank;
+  if (f.size() == 10 || f.size() == 16) {
+    for (const auto& term : f[f.size() - 1].cast<py::sequence>()) low_rank.push_back(to_low_rank_term(term));
+    f = f[py::slice(0, f.size() - 1, 1)];
+  }
   if (f.size() != 9 && f.size() != 15)
-    throw FormatError("plan: a block copy has 9 fields, or 15 with a block scale; got " + std::to_string(f.size()));
+    throw FormatError("plan: a block copy has 9 fields, or 15 with a block scale, each optionally followed by "
+                      "low-rank terms; got " + std::to_string(f.size()));
   BlockCopy c{f[0].cast<uint32_t>(), f[1].cast<uint64_t>(), f[2].cast<uint64_t>(), parse_dtype(f[3].cast<std::string>()),
               f[4].cast<uint64_t>(), f[5].cast<uint64_t>(), f[6].cast<uint64_t>(), f[7].cast<uint64_t>(), f[8].cast<bool>()};
   if (f.size() == 15) {
@@ -43,6 +60,7 @@ BlockCopy to_block_copy(py::handle h) {
     c.scale_col0 = f[13].cast<uint64_t>();
     c.scale_block = f[14].cast<uint64_t>();
   }
+  c.low_rank = std::move(low_rank);
   return c;
 }
 

@@ -1,4 +1,5 @@
 #include "executor.h"
+#include "low_rank.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -231,6 +232,7 @@ class Runner {
         throw FormatError(where + ": block copy source extent overflows");
       sources_[c.source]->check_range(c.src_offset, extent, "block copy source range");
       if (c.scale_source != kNoScale) check_scale_range(c, where);
+      if (!c.low_rank.empty()) check_low_rank(c, t, where);
       covered += checked_area(c.rows, c.cols, 1, where);  // cannot overflow: the copies are disjoint (below)
     }
     check_disjoint(copies, where);
@@ -314,6 +316,37 @@ class Runner {
     throw FormatError(where + ": cannot cast " + from + " to " + to);
   }
 
+  // A copy's low-rank terms: float factors, a plain copy into a float tensor, every element of
+  // L (rows x rank) and R (rank x cols) inside its source.
+  void check_low_rank(const BlockCopy& c, const OutputTensor& t, const std::string& where) const {
+    if (c.transpose || c.scale_source != kNoScale || t.quantize || compare_)
+      throw FormatError(where + ": a low-rank update only merges into a plain, untransposed copy");
+    if (!is_float16ish(c.src_dtype) || !is_float16ish(t.dtype))
+      throw FormatError(where + ": a low-rank update merges into F32, BF16 or F16 weights, not " + dtype_name(c.src_dtype) +
+                        " -> " + dtype_name(t.dtype));
+    for (const auto& term : c.low_rank) {
+      if (term.left_source >= sources_.size() || term.right_source >= sources_.size())
+        throw FormatError(where + ": a low-rank term names a missing source");
+      if (!is_float16ish(term.left_dtype) || !is_float16ish(term.right_dtype))
+        throw FormatError(where + ": low-rank factors must be F32, BF16 or F16");
+      if (term.rank == 0) throw FormatError(where + ": a low-rank term of rank 0");
+      check_strided(*sources_[term.left_source], term.left_offset, c.rows, term.left_row_stride, term.rank,
+                    term.left_k_stride, dtype_itemsize(term.left_dtype), where + ": low-rank factor L");
+      check_strided(*sources_[term.right_source], term.right_offset, term.rank, term.right_k_stride, c.cols,
+                    term.right_col_stride, dtype_itemsize(term.right_dtype), where + ": low-rank factor R");
+    }
+  }
+
+  // The elements offset + i * stride_i + k * stride_k (i < n_i, k < n_k) of a source, in range.
+  static void check_strided(const MappedFile& src, uint64_t offset, uint64_t n_i, uint64_t stride_i, uint64_t n_k,
+                            uint64_t stride_k, uint64_t isz, const std::string& what) {
+    uint64_t a, b, span, extent;
+    if (!checked_mul(n_i - 1, stride_i, &a) || !checked_mul(n_k - 1, stride_k, &b) || !checked_add(a, b, &span) ||
+        !checked_add(span, isz, &extent))
+      throw FormatError(what + ": extent overflows");
+    src.check_range(offset, extent, what.c_str());
+  }
+
   // The grid entries a scaled copy reads: rows (scale_row0 .. + rows-1) / block, columns
   // (scale_col0 .. + cols-1) / block, as one byte range of the scale source.
   void check_scale_range(const BlockCopy& c, const std::string& where) const {
@@ -338,7 +371,7 @@ class Runner {
   bool copies_file_to_file(const OutputTensor& t) const {
     if (compare_ || t.quantize) return false;
     for (const auto& c : t.copies)
-      if (c.src_dtype != t.dtype || c.transpose || c.scale_source != kNoScale || c.cols != t.cols ||
+      if (c.src_dtype != t.dtype || c.transpose || c.scale_source != kNoScale || !c.low_rank.empty() || c.cols != t.cols ||
           (c.rows > 1 && c.src_row_stride != c.cols * dtype_itemsize(c.src_dtype)))
         return false;
     return true;
@@ -414,7 +447,8 @@ class Runner {
         if (only) return false;
         only = &c;
       }
-    if (!only || only->src_dtype != t.dtype || only->transpose || only->scale_source != kNoScale) return false;
+    if (!only || only->src_dtype != t.dtype || only->transpose || only->scale_source != kNoScale || !only->low_rank.empty())
+      return false;
     intersect(*only, task, &hit);
     if (hit.row0 != task.row0 || hit.row1 != task.row1 || hit.col0 != task.col0 || hit.col1 != task.col1) return false;
     if (task.row1 - task.row0 > 1 && only->src_row_stride != only->cols * isz) return false;
@@ -660,6 +694,10 @@ class Runner {
       copy_transposed(c, hit, task, width, isz, dtype, buffer, advise);
       return;
     }
+    if (!c.low_rank.empty()) {
+      copy_merged(c, hit, task, width, isz, dtype, buffer);
+      return;
+    }
     const MappedFile& src = *sources_[c.source];
     const uint64_t src_isz = dtype_itemsize(c.src_dtype);
     const uint64_t n = hit.col1 - hit.col0;
@@ -686,6 +724,49 @@ class Runner {
       }
     }
     if (advise) src.release(first, span);
+  }
+
+  // A copy with low-rank terms: each row in fp32, plus every term (R's columns of the
+  // intersection read once, in fp32), rounded once to the output dtype.
+  void copy_merged(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz, DType dtype,
+                   unsigned char* buffer) {
+    const MappedFile& src = *sources_[c.source];
+    const uint64_t n = hit.col1 - hit.col0, j0 = hit.col0 - c.dst_col;
+    std::vector<std::vector<float>> rights(c.low_rank.size());
+    uint64_t max_rank = 0;
+    for (size_t ti = 0; ti < c.low_rank.size(); ++ti) {
+      const auto& term = c.low_rank[ti];
+      const MappedFile& right = *sources_[term.right_source];
+      const uint64_t risz = dtype_itemsize(term.right_dtype);
+      rights[ti].resize(term.rank * n);
+      for (uint64_t k = 0; k < term.rank; ++k) {
+        const unsigned char* base = right.data() + term.right_offset + k * term.right_k_stride + j0 * term.right_col_stride;
+        if (term.right_col_stride == risz) {
+          cast_elements(base, term.right_dtype, rights[ti].data() + k * n, DType::F32, n);
+        } else {
+          for (uint64_t j = 0; j < n; ++j)
+            cast_elements(base + j * term.right_col_stride, term.right_dtype, rights[ti].data() + k * n + j, DType::F32, 1);
+        }
+      }
+      max_rank = std::max(max_rank, term.rank);
+    }
+    std::vector<float> row(n), acc(n), left(max_rank);
+    const uint64_t src_isz = dtype_itemsize(c.src_dtype);
+    unsigned char* out = buffer + ((hit.row0 - task.row0) * width + (hit.col0 - task.col0)) * isz;
+    for (uint64_t r = hit.row0; r < hit.row1; ++r) {
+      const uint64_t i = r - c.dst_row;
+      cast_elements(src.data() + c.src_offset + i * c.src_row_stride + j0 * src_isz, c.src_dtype, row.data(), DType::F32, n);
+      for (size_t ti = 0; ti < c.low_rank.size(); ++ti) {
+        const auto& term = c.low_rank[ti];
+        const MappedFile& lsrc = *sources_[term.left_source];
+        for (uint64_t k = 0; k < term.rank; ++k)
+          cast_elements(lsrc.data() + term.left_offset + i * term.left_row_stride + k * term.left_k_stride, term.left_dtype,
+                        left.data() + k, DType::F32, 1);
+        add_low_rank_row(left.data(), rights[ti].data(), term.rank, n, term.scale, acc.data(), row.data());
+      }
+      cast_elements(row.data(), DType::F32, out, dtype, n);
+      out += width * isz;
+    }
   }
 
   // The source bytes [first, first + span) a copy reads for an intersection.

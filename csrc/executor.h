@@ -35,6 +35,24 @@
 namespace pyconv {
 
 constexpr uint32_t kNoScale = UINT32_MAX;   // BlockCopy::scale_source of an unscaled copy
+
+// A low-rank update merged into a copy (a LoRA adapter's scale * B @ A): the copy's element
+// (i, j) becomes W[i][j] + scale * sum_k L[i][k] * R[k][j], in fp32, each term added in order
+// (scale * (L @ R) rounded to fp32, then added, as PEFT's merge does), then rounded once to the
+// output dtype. L[i][k] lies at left_offset + i * left_row_stride + k * left_k_stride of
+// Plan::sources[left_source], R[k][j] at right_offset + k * right_k_stride + j * right_col_stride:
+// (i, j) are the copy's own rows and columns, so a TP shard of a merged weight names the rows of
+// B and the columns of A it covers. F32, BF16 or F16 factors; strides in bytes.
+struct LowRankTerm {
+  uint32_t left_source;
+  uint64_t left_offset, left_row_stride, left_k_stride;
+  DType left_dtype;
+  uint32_t right_source;
+  uint64_t right_offset, right_k_stride, right_col_stride;
+  DType right_dtype;
+  uint64_t rank;
+  float scale;
+};
 constexpr uint64_t kQuantizeBlock = 128;    // block edge of the scales quantization writes
 
 struct BlockCopy {
@@ -54,6 +72,8 @@ struct BlockCopy {
   uint64_t scale_row0 = 0;        // row, in the whole source weight, of the copy's first element
   uint64_t scale_col0 = 0;        // its column
   uint64_t scale_block = 128;
+  // Merged low-rank updates (not with a transposed copy, block scales or a quantized tensor).
+  std::vector<LowRankTerm> low_rank;
 };
 
 struct OutputTensor {

@@ -156,6 +156,8 @@ def _check_plan_sources(plan: ReshardPlan, dst: str) -> None:
     real_dst = os.path.realpath(dst)
     paths = {c.source for f in plan.files for t in f.tensors for c in t.copies}
     paths |= {c.scale_source for f in plan.files for t in f.tensors for c in t.copies if c.scale_source}
+    paths |= {path for f in plan.files for t in f.tensors for c in t.copies for term in c.low_rank
+              for path in (term.left_source, term.right_source)}
     for path in sorted(paths):
         real = os.path.realpath(path)
         if real == real_dst or real.startswith(real_dst + os.sep):
@@ -191,12 +193,17 @@ def target_spec(to: str, dtype: str | None = None, **options) -> TargetSpec:
 
 
 def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_format: str | None = None,
-                 family: str | None = None, **options) -> ReshardPlan:
+                 family: str | None = None, merge_lora=(), **options) -> ReshardPlan:
     """The plan of a conversion, as pure data: nothing is read but headers, nothing written.
-    options: the target format's options (see target_spec), e.g. tp=2, pp=2 for megatron."""
+    options: the target format's options (see target_spec), e.g. tp=2, pp=2 for megatron.
+    merge_lora: PEFT LoRA adapter directories merged into the weights, in order."""
     target = target_spec(to, dtype, **options)
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
     refuse_transforming(catalog.details.get("quantization"), catalog.path, to, target.dtype)
+    if merge_lora:
+        from pyconv.lora import merge_adapters
+
+        catalog = merge_adapters(catalog, [os.fspath(p) for p in merge_lora])
     with recording_written() as written:
         files = get_format(to).plan_output(catalog, target)
     return ReshardPlan(catalog.path, catalog.format, target.to_json(), tuple(files),
@@ -205,7 +212,7 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_f
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool = False,
             dry_run: bool = False, threads: int = 4, source_format: str | None = None,
-            progress=None, device: str = "cpu", phase=None, **options) -> ReshardReport:
+            progress=None, device: str = "cpu", phase=None, merge_lora=(), **options) -> ReshardReport:
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
     dtype: fp32 | bf16 | fp16 | fp8 (floating tensors are cast; others keep theirs);
@@ -213,7 +220,9 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
     for hf, mindspore, torch_dist and nemo; tp, pp, vpp, pipeline_layout, ep, etp, megatron_naming
     ('te' or 'local'), moe_grouped_gemm, iteration, vocab_divisible_by, first_stage_layers,
     last_stage_layers for megatron; an option the target does not take is refused. family: the
-    family of a Megatron source whose args do not tell it.
+    family of a Megatron source whose args do not tell it. merge_lora: Hugging Face PEFT LoRA
+    adapter directories, merged into the weights while they are written (W + scale * B @ A in
+    fp32, in the given order), whatever the target format and layout.
     Nothing is written on dry_run. device: "cpu" (the C++ core) or "cuda" (Triton kernels on a GPU,
     or on the CPU under TRITON_INTERPRET=1; same output bytes). progress(done bytes, total bytes)
     is called about every 100 ms (returning False cancels); phase(name) as the run enters
@@ -227,7 +236,7 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
     if not dry_run and os.path.lexists(dst) and not force:
         raise OutputError(f"{dst}: destination exists (replacing it takes force)")
     started = time.perf_counter()
-    plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, **options)
+    plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, merge_lora=merge_lora, **options)
     _check_plan_sources(plan, dst)
     if dry_run:
         return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.model_tensors,

@@ -157,11 +157,26 @@ class SourceBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class LowRankDelta:
+    """W += scale * L @ R over the tensor's 2-D view (a LoRA adapter's B @ A, merged while writing):
+    L is `left` [rows, rank], or its transpose stored [rank, rows]; R is `right` [rank, cols], or
+    its transpose stored [cols, rank] (PEFT's embedding and fan_in_fan_out deltas, (B @ A)^T)."""
+
+    left: StoredTensor
+    right: StoredTensor
+    left_transposed: bool
+    right_transposed: bool
+    scale: float
+    adapter: str  # where it came from, for messages
+
+
+@dataclass(frozen=True, slots=True)
 class CanonicalTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
     blocks: tuple[SourceBlock, ...]
+    deltas: tuple[LowRankDelta, ...] = ()  # merged in order, after the blocks are read
 
     @property
     def nbytes(self) -> int:

@@ -137,6 +137,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=None,
                    help="largest output file of hf, torch_dist, nemo and mindspore targets: 5GB (decimal), 4GiB "
                         "or bytes (default 5GB)")
+    p.add_argument("--merge-lora", action="append", default=[], metavar="ADAPTER",
+                   help="a Hugging Face PEFT LoRA adapter directory to merge into the weights while converting "
+                        "(repeatable: merged in order); --dry-run lists the tensors it changes")
     p.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, tensors, notes); write nothing")
     p.add_argument("--json", action="store_true", help="print JSON (the plan with --dry-run, else the report)")
@@ -241,14 +244,15 @@ def _cmd_reshard(args) -> int:
     if args.dry_run:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, dry_run=True, source_format=args.source_format,
-                                **_target_options(args))
+                                merge_lora=args.merge_lora, **_target_options(args))
         print(json.dumps(report.plan.to_json(), indent=2) if args.json else report.plan.summary())
         return EXIT_OK
     update, phase, close = _progress_bar(not args.json and sys.stderr.isatty())
     try:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, threads=args.threads, source_format=args.source_format,
-                                progress=update, phase=phase, device=args.device, **_target_options(args))
+                                progress=update, phase=phase, device=args.device, merge_lora=args.merge_lora,
+                                **_target_options(args))
     finally:
         close()
     if os.environ.get("RANK", "0") != "0":

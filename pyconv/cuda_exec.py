@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from pyconv import _core
 from pyconv.dtypes import ITEMSIZE
-from pyconv.errors import Cancelled, FormatError, PyconvError
+from pyconv.errors import Cancelled, FormatError, LayoutError, PyconvError
 from pyconv.plan import PlannedTensor, ReshardPlan, core_records
 
 QUANT_BLOCK = 128
@@ -330,6 +330,8 @@ def execute_plan_cuda(plan: ReshardPlan, root: str, *, threads: int = 4, slot_by
     # ranges); what follows relies on that and checks nothing again. The kernels support the
     # dtype pairs the core accepts (same dtype, F32/BF16/F16 among themselves, block-scaled
     # F8_E4M3 to those, those quantized to F8_E4M3), so no check here is cuda's own.
+    if any(c.low_rank for f in plan.files for t in f.tensors for c in t.copies):
+        raise LayoutError("--device cuda does not merge LoRA adapters yet: merge them with --device cpu")
     core_args = core_records(plan, root)
     _core.validate(*core_args)
     torch, ops, device = load_backend()

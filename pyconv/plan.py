@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, field, fields
 
-from pyconv.catalog import CanonicalTensor, view2d
+from pyconv.catalog import CanonicalTensor, LowRankDelta, view2d
 from pyconv.dtypes import ITEMSIZE
 from pyconv.errors import LayoutError
 from pyconv.fp8 import FP8_BLOCK
@@ -42,6 +42,50 @@ def quick_init(cls):
     return cls
 
 
+@dataclass(frozen=True)
+class LowRankTerm:
+    """A low-rank update merged into a BlockCopy (see csrc/executor.h): element (i, j) of the copy
+    gains scale * sum_k L[i][k] * R[k][j]; L[i][k] at left_offset + i * left_row_stride +
+    k * left_k_stride of left_source, R[k][j] at right_offset + k * right_k_stride +
+    j * right_col_stride of right_source (bytes)."""
+
+    left_source: str
+    left_offset: int
+    left_row_stride: int
+    left_k_stride: int
+    left_dtype: str
+    right_source: str
+    right_offset: int
+    right_k_stride: int
+    right_col_stride: int
+    right_dtype: str
+    rank: int
+    scale: float
+
+
+def low_rank_term(delta: LowRankDelta, tensor: CanonicalTensor, row0: int, col0: int) -> LowRankTerm:
+    """The term of a delta for a copy whose element (0, 0) is element (row0, col0) of the tensor's 2-D view."""
+    rows, cols = view2d(tensor.shape)
+    left, right = delta.left, delta.right
+    rank = left.shape[0] if delta.left_transposed else left.shape[1]
+    want_left = (rank, rows) if delta.left_transposed else (rows, rank)
+    want_right = (cols, rank) if delta.right_transposed else (rank, cols)
+    if tuple(left.shape) != want_left or tuple(right.shape) != want_right or left.strides or right.strides:
+        raise LayoutError(f"tensor {tensor.name}: the low-rank factors of {delta.adapter} are {list(left.shape)} and "
+                          f"{list(right.shape)}, not {list(want_left)} and {list(want_right)} (contiguous)")
+    li, ri = ITEMSIZE[left.dtype], ITEMSIZE[right.dtype]
+    if delta.left_transposed:  # L[i][k] = stored[k][i]
+        left_at, left_row, left_k = left.offset + row0 * li, li, rows * li
+    else:
+        left_at, left_row, left_k = left.offset + row0 * rank * li, rank * li, li
+    if delta.right_transposed:  # R[k][j] = stored[j][k]
+        right_at, right_k, right_col = right.offset + col0 * rank * ri, ri, rank * ri
+    else:
+        right_at, right_k, right_col = right.offset + col0 * ri, cols * ri, ri
+    return LowRankTerm(left.path, left_at, left_row, left_k, left.dtype, right.path, right_at, right_k, right_col,
+                       right.dtype, rank, delta.scale)
+
+
 @quick_init
 @dataclass(frozen=True)
 class BlockCopy:
@@ -64,6 +108,7 @@ class BlockCopy:
     scale_row0: int = 0              # row, in the whole source weight, of the copy's first element
     scale_col0: int = 0              # its column
     scale_block: int = 128
+    low_rank: tuple[LowRankTerm, ...] = ()  # LoRA deltas merged into the copied elements, in order
 
 
 @quick_init
@@ -197,7 +242,7 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
     transposed; a copy transposes when exactly one of the block and the request does. Written
     as `dtype`, a block-scaled fp8 source is dequantized with its scale grid."""
     note_written(tensor.name)
-    if len(tensor.blocks) == 1:
+    if len(tensor.blocks) == 1 and not tensor.deltas:
         # The common case (a whole stored tensor, or one shard of it) without the general loop.
         b = tensor.blocks[0]
         stored = b.stored
@@ -229,11 +274,17 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
         scale = b.stored.scale if dtype is not None and dtype != b.stored.dtype else None
         if scale is not None and (flipped or b.stored.strides is not None or scale.strides is not None):
             raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 weight cannot be transposed or strided")
+        if tensor.deltas and (flipped or b.transpose or scale is not None):
+            raise LayoutError(f"tensor {tensor.name}: a LoRA delta ({tensor.deltas[0].adapter}) cannot be merged into "
+                              f"a transposed or block-scaled fp8 copy of it")
         for region in b.stored.regions(src_r, src_c, stored_rows, stored_cols):
             if flipped:
                 region_at = (at_row + region.col, at_col + region.row, region.cols, region.rows)
             else:
                 region_at = (at_row + region.row, at_col + region.col, region.rows, region.cols)
+            if tensor.deltas and not region.along_rows:
+                raise LayoutError(f"tensor {tensor.name}: a LoRA delta cannot be merged into a column-major view of it")
+            low_rank = tuple(low_rank_term(d, tensor, r0 + region.row, c0 + region.col) for d in tensor.deltas)
             out.append(BlockCopy(
                 source=b.stored.path,
                 src_offset=region.offset,
@@ -241,6 +292,7 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
                 src_dtype=b.stored.dtype,
                 rows=region_at[2], cols=region_at[3], dst_row=region_at[0], dst_col=region_at[1],
                 transpose=flipped if region.along_rows else not flipped,
+                low_rank=low_rank,
                 **({} if scale is None else dict(
                     scale_source=scale.path, scale_offset=scale.offset,
                     scale_row_stride=view2d(scale.shape)[1] * 4,
@@ -331,10 +383,14 @@ def copy_record(c: BlockCopy, sources: dict[str, int]) -> tuple:
     """A BlockCopy as the core takes it; `sources` numbers the files as they are first met."""
     fields = (sources.setdefault(c.source, len(sources)), c.src_offset, c.src_row_stride, c.src_dtype,
               c.rows, c.cols, c.dst_row, c.dst_col, c.transpose)
-    if c.scale_source is None:
-        return fields
-    return fields + (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
-                     c.scale_row0, c.scale_col0, c.scale_block)
+    if c.scale_source is not None:
+        fields += (sources.setdefault(c.scale_source, len(sources)), c.scale_offset, c.scale_row_stride,
+                   c.scale_row0, c.scale_col0, c.scale_block)
+    if c.low_rank:
+        fields += ([(sources.setdefault(t.left_source, len(sources)), t.left_offset, t.left_row_stride, t.left_k_stride,
+                     t.left_dtype, sources.setdefault(t.right_source, len(sources)), t.right_offset, t.right_k_stride,
+                     t.right_col_stride, t.right_dtype, t.rank, t.scale) for t in c.low_rank],)
+    return fields
 
 
 def core_records(plan: ReshardPlan, root: str):

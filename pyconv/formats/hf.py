@@ -87,13 +87,9 @@ def _read_safetensors_tensors(path: str):
 
 
 def _read_bin_tensors(path: str):
-    from pyconv.io.torchzip import iter_tensors, read_torch_checkpoint
+    from pyconv.io.torchzip import read_state_dict
 
-    checkpoint = read_torch_checkpoint(path)
-    out = {}
-    for name, ref in iter_tensors(checkpoint.obj):
-        out[name] = ref.stored()
-    return out
+    return read_state_dict(path)
 
 
 def read(path: str) -> Catalog:

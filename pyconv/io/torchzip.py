@@ -161,6 +161,12 @@ def _walk(obj, prefix: str):
         stack.append([dotted, grandchildren, id(child), False])
 
 
+def read_state_dict(path: str) -> dict[str, "StoredTensor"]:
+    """The tensors of a torch.save'd state dict (a Hugging Face .bin, a PEFT adapter_model.bin),
+    by their dotted path in the saved tree, read through the safe unpickler."""
+    return {name: ref.stored() for name, ref in iter_tensors(read_torch_checkpoint(path).obj)}
+
+
 def iter_tensors(obj, prefix: str = "") -> Iterator[tuple[str, TensorRef]]:
     """(dotted path, TensorRef) for every tensor under dicts/OrderedDicts, lists, tuples and
     Namespaces, in order; list items are named by index (`layers.0.weight`). A tensor

@@ -51,7 +51,8 @@ class Piece:
                 raise LayoutError(f"tensor {tensor.name}: a block-scaled fp8 row cannot be repeated as vocab padding")
             if any(c.transpose for c in one_row):  # a row of a transposed view: its elements are not adjacent
                 return [replace(c, dst_row=self.dst_row + i) for i in range(self.rows) for c in one_row]
-            return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, self.rows, c.cols, c.dst_row, c.dst_col)
+            return [BlockCopy(c.source, c.src_offset, 0, c.src_dtype, self.rows, c.cols, c.dst_row, c.dst_col,
+                              low_rank=tuple(replace(t, left_row_stride=0) for t in c.low_rank))
                     for c in one_row]
         if transposed:
             return copies_for_region(tensor, self.col0, self.row0, self.cols, self.rows, self.dst_row, self.dst_col,

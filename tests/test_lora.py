@@ -1,0 +1,191 @@
+"""LoRA adapters made by Hugging Face PEFT, merged while converting (#21): the merged weights equal
+PEFT's merge_and_unload bit for bit (fp32), transformers loads the output with the same logits,
+the merge cuts with the weight (Megatron tp 2 and back equals merging straight to HF), adapters
+apply in order, and what pyconv does not merge is refused by name."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+if importlib.util.find_spec("peft") is None:  # found, not imported: peft imports triton, which
+    pytest.skip("peft is not installed", allow_module_level=True)  # test_cuda_path must configure first
+from safetensors.torch import load_file  # noqa: E402
+
+import pyconv  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+
+
+def _llama():
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _adapter(base: str, out: str, seed: int, **options) -> str:
+    """A PEFT adapter on every targeted module, with nonzero B (init_lora_weights=False)."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(init_lora_weights=False, target_modules=TARGETS, **options)
+    peft_model = peft.get_peft_model(model, config)
+    if config.modules_to_save:
+        with torch.no_grad():
+            peft_model.base_model.model.lm_head.modules_to_save.default.weight.mul_(1.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _peft_merged(base: str, *adapters: str):
+    import peft
+
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    for adapter in adapters:
+        model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = str(root / "base")
+    _llama().save_pretrained(base)
+    adapters = {
+        "plain": _adapter(base, str(root / "plain"), 1, r=4, lora_alpha=8, rank_pattern={"down_proj": 2},
+                          alpha_pattern={"layers.1.self_attn.q_proj": 3}, modules_to_save=["lm_head"]),
+        "rslora": _adapter(base, str(root / "rslora"), 2, r=8, lora_alpha=16, use_rslora=True),
+        "second": _adapter(base, str(root / "second"), 3, r=2, lora_alpha=5),
+    }
+    return root, base, adapters
+
+
+def _assert_state_dicts_equal(ours: dict, reference: dict):
+    assert set(ours) == set(reference)
+    for name, expected in reference.items():
+        got = ours[name]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        differ = (got != expected).sum().item()
+        assert differ == 0, f"{name}: {differ} elements differ, max {(got - expected).abs().max().item()}"
+
+
+@pytest.mark.parametrize("which", ["plain", "rslora"])
+def test_merged_hf_output_is_peft_merge_and_unload(llama, which, tmp_path):
+    root, base, adapters = llama
+    out = str(tmp_path / "out")
+    report = pyconv.reshard(base, out, to="hf", merge_lora=[adapters[which]])
+    reference = _peft_merged(base, adapters[which])
+    _assert_state_dicts_equal(load_file(os.path.join(out, "model.safetensors")), reference.state_dict())
+    loaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(ids).logits - reference(ids).logits).abs().max().item() <= 1e-5
+    note = next(n for n in report.plan.notes if n.startswith("LoRA adapter"))
+    assert f"merged into {15 if which == 'rslora' else 16} tensors" in note, note
+
+
+def test_a_wrong_scale_would_be_seen(llama, tmp_path):
+    """rsLoRA's alpha / sqrt(r) against alpha / r: the two merges differ, so the equality above
+    pins the scale."""
+    root, base, adapters = llama
+    config_path = os.path.join(adapters["rslora"], "adapter_config.json")
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    config = json.load(open(config_path))
+    config["use_rslora"] = False
+    (wrong / "adapter_config.json").write_text(json.dumps(config))
+    os.symlink(os.path.join(adapters["rslora"], "adapter_model.safetensors"), wrong / "adapter_model.safetensors")
+    pyconv.reshard(base, str(tmp_path / "a"), to="hf", merge_lora=[adapters["rslora"]])
+    pyconv.reshard(base, str(tmp_path / "b"), to="hf", merge_lora=[str(wrong)])
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_adapters_merge_in_order(llama, tmp_path):
+    root, base, adapters = llama
+    out = str(tmp_path / "out")
+    pyconv.reshard(base, out, to="hf", merge_lora=[adapters["plain"], adapters["second"]])
+    reference = _peft_merged(base, adapters["plain"], adapters["second"])
+    _assert_state_dicts_equal(load_file(os.path.join(out, "model.safetensors")), reference.state_dict())
+
+
+def test_merge_to_megatron_tp2_and_back_equals_merge_to_hf(llama, tmp_path):
+    root, base, adapters = llama
+    straight, meg, back = (str(tmp_path / n) for n in ("straight", "meg", "back"))
+    pyconv.reshard(base, straight, to="hf", merge_lora=[adapters["plain"], adapters["second"]])
+    pyconv.reshard(base, meg, to="megatron", tp=2, merge_lora=[adapters["plain"], adapters["second"]])
+    pyconv.reshard(meg, back, to="hf")
+    a = load_file(os.path.join(straight, "model.safetensors"))
+    b = load_file(os.path.join(back, "model.safetensors"))
+    _assert_state_dicts_equal(b, a)
+
+
+def test_merge_from_a_megatron_source(llama, tmp_path):
+    """The adapter names HF modules; a Megatron tp 2 source's canonical tensors carry those names,
+    each weight in two shards, each shard merged with its rows of B (or columns of A)."""
+    root, base, adapters = llama
+    meg, out, straight = (str(tmp_path / n) for n in ("meg", "out", "straight"))
+    pyconv.reshard(base, meg, to="megatron", tp=2)
+    pyconv.reshard(meg, out, to="hf", merge_lora=[adapters["plain"]])
+    pyconv.reshard(base, straight, to="hf", merge_lora=[adapters["plain"]])
+    _assert_state_dicts_equal(load_file(os.path.join(out, "model.safetensors")),
+                              load_file(os.path.join(straight, "model.safetensors")))
+
+
+def test_dry_run_names_the_tensors_it_changes(llama, tmp_path):
+    root, base, adapters = llama
+    proc = subprocess.run([sys.executable, "-m", "pyconv", "reshard", base, str(tmp_path / "out"), "--dry-run",
+                           "--merge-lora", adapters["second"]], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "LoRA adapter" in proc.stdout and "merged into 15 tensors" in proc.stdout
+    assert "model.layers.0.mlp.down_proj.weight" in proc.stdout
+    assert not os.path.exists(tmp_path / "out")
+
+
+def _edited_adapter(src: str, dst, **config_changes) -> str:
+    dst.mkdir()
+    config = json.load(open(os.path.join(src, "adapter_config.json")))
+    config.update(config_changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    os.symlink(os.path.join(src, "adapter_model.safetensors"), dst / "adapter_model.safetensors")
+    return str(dst)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "DoRA (use_dora) adapters are not merged yet"),
+    ({"lora_bias": True}, "LoRA biases (lora_bias) are not merged yet"),
+    ({"peft_type": "IA3"}, "peft_type 'IA3': pyconv merges LORA adapters only"),
+    ({"r": 3}, "has rank 2, its config says 3"),
+])
+def test_what_is_not_merged_is_refused_by_name(llama, tmp_path, change, message):
+    root, base, adapters = llama
+    adapter = _edited_adapter(adapters["second"], tmp_path / "adapter", **change)
+    proc = subprocess.run([sys.executable, "-m", "pyconv", "reshard", base, str(tmp_path / "out"),
+                           "--merge-lora", adapter], capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_adapter_for_another_model_is_refused(llama, tmp_path):
+    root, base, adapters = llama
+    other = tmp_path / "other"
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    small = str(tmp_path / "small")
+    transformers.LlamaForCausalLM(config).save_pretrained(small)
+    with pytest.raises(pyconv.PyconvError, match="it adapts 'model.layers.1.*which .* does not have"):
+        pyconv.reshard(small, str(other), to="hf", merge_lora=[adapters["second"]])
+    with pytest.raises(pyconv.FormatError, match="no adapter_config.json"):
+        pyconv.reshard(base, str(other), to="hf", merge_lora=[base])
