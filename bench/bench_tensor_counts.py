@@ -201,16 +201,18 @@ def part_plan(workdir: str, counts: list[int]) -> list[dict]:
     for n in counts:
         src, tensors = deepseek_source(workdir, n)
         for to, options in TARGETS:
+            # Megatron checkpoints hold no block-scaled fp8: those targets dequantize (as they must).
+            dtype = "bf16" if SHAPES[n][2] and to in ("megatron", "torch_dist") else None
             row = _child(f"""
                 import json, time
                 from pyconv.api import target_spec
                 from pyconv.formats import get_format, read_checkpoint
                 t = time.perf_counter(); catalog = read_checkpoint({src!r}); read = time.perf_counter() - t
-                spec = target_spec({to!r}, None, **{options!r})
+                spec = target_spec({to!r}, {dtype!r}, **{options!r})
                 t = time.perf_counter(); files = get_format({to!r}).plan_output(catalog, spec); plan = time.perf_counter() - t
                 out = sum(len(f.tensors) for f in files if f.kind == "weights")
                 print(json.dumps({{"read_s": round(read, 3), "plan_s": round(plan, 3), "output_tensors": out}}))""")
-            row.update(part="plan", source_tensors=tensors, target=to, options=options,
+            row.update(part="plan", source_tensors=tensors, target=to, options=options, dtype=dtype,
                        us_per_output_tensor=round(row["plan_s"] / row["output_tensors"] * 1e6, 1),
                        read_us_per_tensor=round(row["read_s"] / tensors * 1e6, 1))
             rows.append(row)
