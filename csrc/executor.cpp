@@ -329,7 +329,9 @@ class Runner {
         throw FormatError(where + ": a low-rank term names a missing source");
       if (!is_float16ish(term.left_dtype) || !is_float16ish(term.right_dtype))
         throw FormatError(where + ": low-rank factors must be F32, BF16 or F16");
-      if (term.rank == 0) throw FormatError(where + ": a low-rank term of rank 0");
+      if (term.rank == 0 || term.rank > kMaxLowRank)
+        throw FormatError(where + ": a low-rank term of rank " + std::to_string(term.rank) + " (1 to " +
+                          std::to_string(kMaxLowRank) + ")");
       check_strided(*sources_[term.left_source], term.left_offset, c.rows, term.left_row_stride, term.rank,
                     term.left_k_stride, dtype_itemsize(term.left_dtype), where + ": low-rank factor L");
       check_strided(*sources_[term.right_source], term.right_offset, term.rank, term.right_k_stride, c.cols,
@@ -726,46 +728,53 @@ class Runner {
     if (advise) src.release(first, span);
   }
 
-  // A copy with low-rank terms: each row in fp32, plus every term (R's columns of the
-  // intersection read once, in fp32), rounded once to the output dtype.
+  // A copy with low-rank terms: each row in fp32, plus every term, rounded once to the output
+  // dtype. Columns go in tiles, so that R's slice (rank x tile, in fp32) stays small whatever the
+  // task's width: memory per thread is rank x kLowRankTile x 4 bytes per term.
+  static constexpr uint64_t kLowRankTile = 2048;
+
   void copy_merged(const BlockCopy& c, const Intersection& hit, const Task& task, uint64_t width, uint64_t isz, DType dtype,
                    unsigned char* buffer) {
     const MappedFile& src = *sources_[c.source];
-    const uint64_t n = hit.col1 - hit.col0, j0 = hit.col0 - c.dst_col;
-    std::vector<std::vector<float>> rights(c.low_rank.size());
-    uint64_t max_rank = 0;
-    for (size_t ti = 0; ti < c.low_rank.size(); ++ti) {
-      const auto& term = c.low_rank[ti];
-      const MappedFile& right = *sources_[term.right_source];
-      const uint64_t risz = dtype_itemsize(term.right_dtype);
-      rights[ti].resize(term.rank * n);
-      for (uint64_t k = 0; k < term.rank; ++k) {
-        const unsigned char* base = right.data() + term.right_offset + k * term.right_k_stride + j0 * term.right_col_stride;
-        if (term.right_col_stride == risz) {
-          cast_elements(base, term.right_dtype, rights[ti].data() + k * n, DType::F32, n);
-        } else {
-          for (uint64_t j = 0; j < n; ++j)
-            cast_elements(base + j * term.right_col_stride, term.right_dtype, rights[ti].data() + k * n + j, DType::F32, 1);
-        }
-      }
-      max_rank = std::max(max_rank, term.rank);
-    }
-    std::vector<float> row(n), acc(n), left(max_rank);
     const uint64_t src_isz = dtype_itemsize(c.src_dtype);
-    unsigned char* out = buffer + ((hit.row0 - task.row0) * width + (hit.col0 - task.col0)) * isz;
-    for (uint64_t r = hit.row0; r < hit.row1; ++r) {
-      const uint64_t i = r - c.dst_row;
-      cast_elements(src.data() + c.src_offset + i * c.src_row_stride + j0 * src_isz, c.src_dtype, row.data(), DType::F32, n);
+    uint64_t max_rank = 0;
+    for (const auto& term : c.low_rank) max_rank = std::max(max_rank, term.rank);
+    std::vector<std::vector<float>> rights(c.low_rank.size());
+    std::vector<float> row, acc, left(max_rank);
+    for (uint64_t col0 = hit.col0; col0 < hit.col1; col0 += kLowRankTile) {
+      const uint64_t n = std::min(kLowRankTile, hit.col1 - col0), j0 = col0 - c.dst_col;
       for (size_t ti = 0; ti < c.low_rank.size(); ++ti) {
         const auto& term = c.low_rank[ti];
-        const MappedFile& lsrc = *sources_[term.left_source];
-        for (uint64_t k = 0; k < term.rank; ++k)
-          cast_elements(lsrc.data() + term.left_offset + i * term.left_row_stride + k * term.left_k_stride, term.left_dtype,
-                        left.data() + k, DType::F32, 1);
-        add_low_rank_row(left.data(), rights[ti].data(), term.rank, n, term.scale, acc.data(), row.data());
+        const MappedFile& right = *sources_[term.right_source];
+        const uint64_t risz = dtype_itemsize(term.right_dtype);
+        rights[ti].resize(term.rank * n);
+        for (uint64_t k = 0; k < term.rank; ++k) {
+          const unsigned char* base = right.data() + term.right_offset + k * term.right_k_stride + j0 * term.right_col_stride;
+          if (term.right_col_stride == risz) {
+            cast_elements(base, term.right_dtype, rights[ti].data() + k * n, DType::F32, n);
+          } else {
+            for (uint64_t j = 0; j < n; ++j)
+              cast_elements(base + j * term.right_col_stride, term.right_dtype, rights[ti].data() + k * n + j, DType::F32, 1);
+          }
+        }
       }
-      cast_elements(row.data(), DType::F32, out, dtype, n);
-      out += width * isz;
+      row.resize(n);
+      acc.resize(n);
+      unsigned char* out = buffer + ((hit.row0 - task.row0) * width + (col0 - task.col0)) * isz;
+      for (uint64_t r = hit.row0; r < hit.row1; ++r) {
+        const uint64_t i = r - c.dst_row;
+        cast_elements(src.data() + c.src_offset + i * c.src_row_stride + j0 * src_isz, c.src_dtype, row.data(), DType::F32, n);
+        for (size_t ti = 0; ti < c.low_rank.size(); ++ti) {
+          const auto& term = c.low_rank[ti];
+          const MappedFile& lsrc = *sources_[term.left_source];
+          for (uint64_t k = 0; k < term.rank; ++k)
+            cast_elements(lsrc.data() + term.left_offset + i * term.left_row_stride + k * term.left_k_stride, term.left_dtype,
+                          left.data() + k, DType::F32, 1);
+          add_low_rank_row(left.data(), rights[ti].data(), term.rank, n, term.scale, acc.data(), row.data());
+        }
+        cast_elements(row.data(), DType::F32, out, dtype, n);
+        out += width * isz;
+      }
     }
   }
 

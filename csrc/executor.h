@@ -43,6 +43,8 @@ constexpr uint32_t kNoScale = UINT32_MAX;   // BlockCopy::scale_source of an uns
 // Plan::sources[left_source], R[k][j] at right_offset + k * right_k_stride + j * right_col_stride:
 // (i, j) are the copy's own rows and columns, so a TP shard of a merged weight names the rows of
 // B and the columns of A it covers. F32, BF16 or F16 factors; strides in bytes.
+constexpr uint64_t kMaxLowRank = 16384;  // bounds the executor's per-thread fp32 tile of R
+
 struct LowRankTerm {
   uint32_t left_source;
   uint64_t left_offset, left_row_stride, left_k_stride;

@@ -25,6 +25,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 FACTOR_DTYPES = ("F32", "BF16", "F16")
+MAX_RANK = 16384  # the core's bound (csrc/executor.h kMaxLowRank): an fp32 tile of A, rank x 2048, per thread
 
 # adapter_config.json fields that change what merging means; pyconv refuses them by name when set.
 _UNSUPPORTED = {
@@ -124,6 +125,8 @@ def read_adapter(path: str) -> Adapter:
                 raise FormatError(f"{root}: {PEFT_PREFIX}{module}{a_key if which == 'A' else b_key} is {t.dtype} "
                                   f"{list(t.shape)}; LoRA factors are 2-D {', '.join(FACTOR_DTYPES)}")
         rank = a.shape[0]
+        if not 1 <= rank <= MAX_RANK:
+            raise FormatError(f"{root}: module {module} has rank {rank}; pyconv merges ranks 1 to {MAX_RANK}")
         if b.shape[1] != rank:
             raise FormatError(f"{root}: module {module}: A is {list(a.shape)} but B is {list(b.shape)} (ranks differ)")
         want_rank = _pattern_value(rank_pattern, module, r, "rank_pattern", config_path)

@@ -231,3 +231,45 @@ def test_moe_adapter_merges_through_expert_parallel_megatron(tmp_path):
     pyconv.reshard(meg, back, to="hf")
     _assert_state_dicts_equal(load_file(os.path.join(back, "model.safetensors")),
                               load_file(os.path.join(straight, "model.safetensors")))
+
+
+def _write_adapter(path, tensors: dict, **config):
+    from safetensors.torch import save_file
+
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", **config}, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_weights_merge_in_column_tiles_as_torch_multiplies(tmp_path, dtype):
+    """A weight wider than the core's 2048-column tile, bf16 factors on an fp32 or bf16 base:
+    W + (B @ A) * scale in fp32 (torch's product for 8 rows uses fma in k order), rounded once."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 5000, generator=gen).to(dtype)
+    a = torch.randn(3, 5000, generator=gen).to(torch.bfloat16)
+    b = torch.randn(8, 3, generator=gen).to(torch.bfloat16)
+    os.makedirs(tmp_path / "base")
+    save_file({"model.w.weight": weight}, str(tmp_path / "base" / "model.safetensors"))
+    adapter = _write_adapter(tmp_path / "adapter", {"base_model.model.model.w.lora_A.weight": a,
+                                                    "base_model.model.model.w.lora_B.weight": b}, r=3, lora_alpha=7)
+    pyconv.reshard(str(tmp_path / "base"), str(tmp_path / "out"), to="hf", merge_lora=[adapter])
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))["model.w.weight"]
+    expected = (weight.float() + (b.float() @ a.float()) * (7 / 3)).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_a_rank_beyond_the_core_bound_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    os.makedirs(tmp_path / "base")
+    save_file({"model.w.weight": torch.zeros(2, 2)}, str(tmp_path / "base" / "model.safetensors"))
+    adapter = _write_adapter(tmp_path / "adapter", {"base_model.model.model.w.lora_A.weight": torch.zeros(16385, 2),
+                                                    "base_model.model.model.w.lora_B.weight": torch.zeros(2, 16385)},
+                             r=16385, lora_alpha=1)
+    with pytest.raises(pyconv.FormatError, match="has rank 16385; pyconv merges ranks 1 to 16384"):
+        pyconv.reshard(str(tmp_path / "base"), str(tmp_path / "out"), to="hf", merge_lora=[adapter])

@@ -51,7 +51,6 @@ from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
 from pyconv.io.jsonfile import parse_yaml
-from pyconv.io.torchzip import read_torch_archive
 from pyconv.mcore.checkpoint import RANK_DIR, RANK_FILES, TRACKER, skipped_training_state
 from pyconv.plan import (
     PlannedFile,
@@ -184,6 +183,8 @@ def _load(rank: RankFile):
         raise FormatError(f"{rank.label}: cannot open: {e.strerror}") from None
     with f:
         try:  # detection peeks at the first rank file that reading parses: parsed once (io.parse_once)
+            from pyconv.io.torchzip import read_torch_archive  # imported once a rank file is read
+
             return read_torch_archive(rank.path, f, rank.base, rank.size).obj
         except FormatError as e:
             message = str(e)

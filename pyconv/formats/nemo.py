@@ -43,7 +43,7 @@ from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import Family, get_family
 from pyconv.mcore.checkpoint import OPTIMIZER_KEY_PREFIX
-from pyconv.mcore.dcp import DcpOptions
+from pyconv.mcore.options import DcpOptions
 from pyconv.io.jsonfile import config_architecture, load_config, load_json, load_yaml
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
 
@@ -113,10 +113,11 @@ def layer_stack(family: Family) -> str:
 # ---- where the checkpoint is -----------------------------------------------------------------------
 
 def _is_nemo2(path: str) -> bool:
+    if not (os.path.isdir(path) and os.path.isdir(os.path.join(path, CONTEXT))):
+        return False
     from pyconv.mcore.dcp import is_dcp_dir
 
-    return (os.path.isdir(path) and os.path.isdir(os.path.join(path, CONTEXT))
-            and is_dcp_dir(os.path.join(path, WEIGHTS)))
+    return is_dcp_dir(os.path.join(path, WEIGHTS))
 
 
 def _is_nemo1(path: str) -> bool:

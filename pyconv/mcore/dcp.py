@@ -24,20 +24,13 @@ from pyconv.families import (
 from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpChunk, DcpMetadata, DcpTensor
 from pyconv.io.jsonfile import load_json
 from pyconv.io.torchsave import TensorSlot
+from pyconv.mcore.options import DcpOptions  # noqa: F401  (re-exported: torch_dist's Options extend it)
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_text_file
 
 BACKEND_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
 CONTENT_METADATA = "content_metadata"  # common.pt's record of the sharded_state_dict metadata
 SINGLETON_FLAG = "singleton_local_shards"
-
-
-@dataclass(frozen=True)
-class DcpOptions:
-    """The options of a distributed-checkpoint target (torch_dist, NeMo 2's weights/)."""
-
-    megatron_naming: str = "te"           # "te" (TransformerEngine fused norms) or "local"
-    max_shard_size: int = 5_000_000_000   # bytes per .distcp file
 
 
 def is_dcp_dir(path: str) -> bool:
