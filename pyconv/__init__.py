@@ -12,6 +12,15 @@ from pyconv.verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
-    "Cancelled", "Checkpoint", "FormatError", "LayoutError", "OutputError", "PyconvError", "ReshardReport",
+    "Cancelled", "Checkpoint", "convert_adapter", "FormatError", "LayoutError", "OutputError", "PyconvError", "ReshardReport",
     "VerifyReport", "__version__", "open", "plan_reshard", "reshard", "verify",
 ]
+
+
+def __getattr__(name: str):
+    # pyconv.convert_adapter (pyconv/lora_layout.py), imported on first use: plain conversions never need it
+    if name == "convert_adapter":
+        from pyconv.lora_layout import convert_adapter
+
+        return convert_adapter
+    raise AttributeError(f"module 'pyconv' has no attribute {name!r}")

@@ -161,6 +161,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=4, help="compare threads (default 4)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("lora", help="carry a LoRA adapter between Hugging Face PEFT and Megatron-Bridge's layout",
+                       description="Writes a LoRA adapter (unmerged) in another layout: a Hugging Face PEFT adapter "
+                                   "directory to Megatron-Bridge's CanonicalLoRA tensors, one file per tensor-parallel "
+                                   "rank (--to megatron, --base names the model it adapts), or back (--to peft). Block "
+                                   "copies only: the round trip is bitwise. To merge an adapter, use reshard "
+                                   "--merge-lora.",
+                       epilog="examples:\n  pyconv lora my-adapter adapter-meg --to megatron --tp 2 --base llama-hf\n"
+                              "  pyconv lora adapter-meg my-adapter-again --to peft",
+                       formatter_class=_formatter)
+    p.add_argument("src", help="the adapter: a PEFT directory, or a Megatron-layout adapter written by pyconv")
+    p.add_argument("dst", help="the directory to create (must not exist, unless --force)")
+    p.add_argument("--to", required=True, choices=["megatron", "peft"], help="the layout to write")
+    p.add_argument("--base", default=None, help="the model the adapter adapts (any format pyconv reads): its family")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the Megatron layout (default 1)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+
     p = sub.add_parser("demo", help="build a tiny Llama with transformers, convert it, check it loads",
                        description="The main job on an embedded default: a small Llama (GQA) built with "
                                    "transformers from a config (no download), converted by pyconv (re-sharded, "
@@ -269,6 +285,16 @@ def _cmd_reshard(args) -> int:
     return EXIT_OK
 
 
+def _cmd_lora(args) -> int:
+    from pyconv.lora_layout import convert_adapter
+
+    plan = convert_adapter(args.src, args.dst, to=args.to, base=args.base, tp=args.tp, force=args.force)
+    print(f"wrote {os.path.abspath(args.dst)}: {len(plan.files)} files, {plan.model_tensors} tensors")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    return EXIT_OK
+
+
 def _cmd_verify(args) -> int:
     import pyconv
 
@@ -313,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # bare `pyconv`: what it does and its commands
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "verify": _cmd_verify, "demo": _cmd_demo}[args.command]
+    command = {"inspect": _cmd_inspect, "reshard": _cmd_reshard, "verify": _cmd_verify, "lora": _cmd_lora,
+               "demo": _cmd_demo}[args.command]
     try:
         with _signals_stop_the_command():
             return command(args)
