@@ -148,7 +148,7 @@ def _routed_expert(ds_name: str) -> bool:
 
 def _expert_index(ds_name: str) -> int | None:
     parts = ds_name.split(".")
-    if len(parts) >= 3 and re.fullmatch(r"[0-9]+", parts[-3]):
+    if len(parts) >= 3 and parts[-3].isascii() and parts[-3].isdigit():
         return int(parts[-3])
     return None
 
