@@ -273,3 +273,44 @@ def test_a_rank_beyond_the_core_bound_is_refused(tmp_path):
                              r=16385, lora_alpha=1)
     with pytest.raises(pyconv.FormatError, match="has rank 16385; pyconv merges ranks 1 to 16384"):
         pyconv.reshard(str(tmp_path / "base"), str(tmp_path / "out"), to="hf", merge_lora=[adapter])
+
+
+def test_a_bin_adapter_merges_as_its_safetensors_twin(llama, tmp_path):
+    """adapter_model.bin (safe_serialization=False), read through the restricted unpickler."""
+    import peft
+
+    root, base, adapters = llama
+    torch.manual_seed(3)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base),
+                                peft.LoraConfig(r=2, lora_alpha=5, init_lora_weights=False, target_modules=TARGETS))
+    as_bin = str(tmp_path / "bin")
+    model.save_pretrained(as_bin, safe_serialization=False)
+    assert os.path.isfile(os.path.join(as_bin, "adapter_model.bin"))
+    pyconv.reshard(base, str(tmp_path / "a"), to="hf", merge_lora=[as_bin])
+    reference = _peft_merged(base, as_bin)
+    _assert_state_dicts_equal(load_file(str(tmp_path / "a" / "model.safetensors")), reference.state_dict())
+
+
+def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
+    """GPT-2's Conv1D weights are stored [in, out]: PEFT's delta is (B @ A)^T (fan_in_fan_out)."""
+    import peft
+
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    transformers.GPT2LMHeadModel(config).save_pretrained(base)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, fan_in_fan_out=True,
+                                                target_modules=["c_attn", "c_proj", "c_fc"]))
+    adapter = str(tmp_path / "adapter")
+    model.save_pretrained(adapter)
+    reference = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base),
+                                               adapter).merge_and_unload()
+    pyconv.reshard(base, str(tmp_path / "out"), to="hf", merge_lora=[adapter])
+    ours = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, expected in reference.state_dict().items():
+        if name in ours:
+            assert torch.equal(ours[name], expected), name
+    # Megatron holds these weights transposed ([out, in]): a delta over a transposed copy is refused by name.
+    with pytest.raises(pyconv.PyconvError, match="cannot be merged into a transposed"):
+        pyconv.reshard(base, str(tmp_path / "meg"), to="megatron", merge_lora=[adapter])
