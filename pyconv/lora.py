@@ -51,7 +51,11 @@ class Adapter:
 
 def _pattern_value(patterns: dict, module: str, default, what: str, where: str):
     for key, value in patterns.items():  # PEFT's get_pattern_key: the first key that matches, in order
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            found = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as e:
+            raise FormatError(f"{where}: {what} key {key!r} is not a regular expression: {e}") from None
+        if found:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise FormatError(f"{where}: {what}[{key!r}] must be a positive number, got {value!r}")
             return value
@@ -75,10 +79,13 @@ def _weights(root: str) -> dict[str, StoredTensor]:
 
 def read_adapter(path: str) -> Adapter:
     """A PEFT LoRA adapter directory; FormatError naming the file and the problem otherwise."""
+    from pyconv.io.tree import check_regular_tree
+
     root = os.path.abspath(path)
     config_path = os.path.join(root, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FormatError(f"{root}: no {CONFIG_FILE}: not a PEFT adapter directory")
+    check_regular_tree(root)  # a FIFO named like the config or the weights would block the read
     config = load_json(config_path, "adapter config")
     if not isinstance(config, dict):
         raise FormatError(f"{config_path}: not a JSON object")

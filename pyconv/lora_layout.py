@@ -167,12 +167,24 @@ def plan_to_peft(root: str) -> ReshardPlan:
     meta = ranks[0][1][META_KEY]
     if any(obj[META_KEY] != meta for _, obj in ranks) or meta.get("tp") != len(ranks):
         raise FormatError(f"{root}: the rank files disagree on the adapter ({META_KEY}) or their count")
-    family = get_family(meta["family"])
-    config = json.loads(meta["peft_config"])
+    if not isinstance(meta.get("family"), str) or not isinstance(meta.get("peft_config"), str):
+        raise FormatError(f"{paths[0]}: '{META_KEY}' names no family or PEFT config")
+    try:
+        family = get_family(meta["family"])
+        config = json.loads(meta["peft_config"])
+    except (LayoutError, ValueError) as e:
+        raise FormatError(f"{paths[0]}: '{META_KEY}': {e}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise FormatError(f"{paths[0]}: '{META_KEY}' carries no LORA adapter config")
     names = list(ranks[0][1]["model"])
     for path, obj in ranks:
         if list(obj["model"]) != names or not all(type(v) is TensorRef for v in obj["model"].values()):
             raise FormatError(f"{path}: holds other adapter tensors than {paths[0]}")
+        for name in names:
+            if ".adapter." not in name or not name.endswith((".linear_in.weight", ".linear_out.weight")) \
+                    or len(obj["model"][name].shape) != 2:
+                raise FormatError(f"{path}: '{name}' is not a 2-D Megatron-Bridge LoRA factor "
+                                  "(<linear>.adapter.[adapter_x.]linear_in|linear_out.weight)")
 
     # Megatron-Bridge adapter prefix -> HF module, by the family table, as the forward direction names them.
     by_prefix = {}
@@ -186,15 +198,26 @@ def plan_to_peft(root: str) -> ReshardPlan:
             raise FormatError(f"{paths[0]}: adapter {prefix} is on {base}weight, not a weight of the {family.name} family")
         mapping, layer, _ = found
         sub = prefix.rsplit(".adapter.", 1)[1].rstrip(".")
-        index = SUB_ADAPTERS.get(mapping.rule.name, ()).index(sub) if sub else 0
+        subs = SUB_ADAPTERS.get(mapping.rule.name, ())
+        if (sub not in subs) if sub else subs:
+            raise FormatError(f"{paths[0]}: adapter {prefix} does not fit {base}weight (expected "
+                              f"{', '.join(subs) or 'one adapter, no sub-adapters'})")
+        index = subs.index(sub) if sub else 0
         by_prefix[prefix] = (mapping.hf[index].replace("*", str(layer))[:-len(".weight")], mapping.rule.name == ROW.name)
 
+    for prefix in by_prefix:
+        missing = [p for p in ("linear_in.weight", "linear_out.weight") if prefix + p not in names]
+        if missing:
+            raise FormatError(f"{paths[0]}: adapter {prefix} has no {missing[0]}")
     tp = len(ranks)
     tensors: dict[str, CanonicalTensor] = {}
     for prefix, (module, row_parallel) in by_prefix.items():
         for part, hf_part, along_rows in (("linear_in.weight", "lora_A.weight", not row_parallel),
                                           ("linear_out.weight", "lora_B.weight", True)):
             shards = [obj["model"][prefix + part].stored() for _, obj in ranks]
+            if any(s.shape != shards[0].shape or s.dtype != shards[0].dtype for s in shards):
+                raise FormatError(f"{root}: the ranks' {prefix}{part} differ in shape or dtype "
+                                  f"({', '.join(f'{s.dtype} {list(s.shape)}' for s in shards)})")
             rows, cols = view2d(shards[0].shape)
             blocks = tuple(SourceBlock(s, 0, 0, rows, cols, t * rows if along_rows else 0, 0 if along_rows else t * cols)
                            for t, s in enumerate(shards))

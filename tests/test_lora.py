@@ -167,6 +167,7 @@ def _edited_adapter(src: str, dst, **config_changes) -> str:
     ({"lora_bias": True}, "LoRA biases (lora_bias) are not merged yet"),
     ({"peft_type": "IA3"}, "peft_type 'IA3': pyconv merges LORA adapters only"),
     ({"r": 3}, "has rank 2, its config says 3"),
+    ({"rank_pattern": {"(": 2}}, "rank_pattern key '(' is not a regular expression"),
 ])
 def test_what_is_not_merged_is_refused_by_name(llama, tmp_path, change, message):
     root, base, adapters = llama

@@ -147,3 +147,37 @@ def test_what_the_layout_cannot_hold_is_refused(adapted, tmp_path):
                            "--base", base, "--tp", "8"], capture_output=True, text=True)
     assert proc.returncode == 2 and "do not divide into 8 ranks" in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_hostile_megatron_adapters_are_refused_by_name(adapted, tmp_path):
+    """Rank files that disagree, name no family, or hold factors of other shapes: one line, exit 2."""
+    from pyconv.io.torchzip import read_torch_checkpoint  # noqa: F401  (the reader the checks sit on)
+
+    root, base, adapter, megatron = adapted
+
+    def edited(name, edit):
+        copy = tmp_path / name
+        import shutil
+
+        shutil.copytree(megatron, copy)
+        path = copy / "release" / "mp_rank_01" / "model_optim_rng.pt"
+        obj = torch.load(path, weights_only=False)
+        edit(obj)
+        torch.save(obj, path)
+        return str(copy)
+
+    def shrink(obj):
+        key = next(k for k in obj["model"] if k.endswith("linear_out.weight"))
+        obj["model"][key] = obj["model"][key][:1].clone()
+
+    cases = {
+        "shapes": (shrink, "differ in shape or dtype"),
+        "family": (lambda obj: obj["lora"].update(family=7), "disagree on the adapter"),
+        "foreign": (lambda obj: obj["model"].update({"decoder.layers.0.self_attention.linear_qkv.weight":
+                                                     torch.zeros(2, 2)}), "holds other adapter tensors"),
+    }
+    for name, (edit, message) in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "pyconv", "lora", edited(name, edit), str(tmp_path / f"out-{name}"),
+                               "--to", "peft"], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and not os.path.exists(tmp_path / f"out-{name}")
