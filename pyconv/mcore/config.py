@@ -80,6 +80,8 @@ def check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
     scales = scale_names(catalog.tensors)
     copies = mtp_hf_copies(family, dims)
     layers_seen, experts_seen = set(), set()
+    shapes: dict = {}    # (mapping, index) -> the HF shape the dims imply: the same in every layer
+    belongs: dict = {}   # (mapping, layer) -> whether the mapping applies to that layer
     for name, tensor in catalog.tensors.items():
         extra = HF_LAYER.match(name)
         if (extra and int(extra.group(1)) in dropped) or name in scales:
@@ -100,13 +102,18 @@ def check_shapes(catalog: Catalog, family: Family, dims: ModelDims) -> None:
         experts_seen.add(expert)
         if layer is not None and layer >= dims.num_layers + dims.mtp_layers:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is layer {layer} of a {dims.num_layers}-layer model")
-        if not mapping.applies_to(dims, layer):
+        applies = belongs.get((id(mapping), layer))
+        if applies is None:
+            applies = belongs[(id(mapping), layer)] = mapping.applies_to(dims, layer)
+        if not applies:
             raise LayoutError(f"{catalog.path}: tensor '{name}' does not belong in "
                               + (f"layer {layer} ({dims.layer_kind(layer)} MLP)" if layer is not None else "this model")
                               + f" of this {family.name} config")
         if expert is not None and expert >= dims.num_experts:
             raise LayoutError(f"{catalog.path}: tensor '{name}' is expert {expert} of {dims.num_experts}")
-        expected = hf_shape(mapping, index, dims)
+        expected = shapes.get((id(mapping), index))
+        if expected is None:
+            expected = shapes[(id(mapping), index)] = hf_shape(mapping, index, dims)
         if tuple(tensor.shape) != expected:
             raise LayoutError(f"{catalog.path}: tensor '{name}' has shape {list(tensor.shape)}, the config implies "
                               f"{list(expected)}")
