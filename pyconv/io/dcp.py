@@ -314,37 +314,56 @@ class ChunkLocator:
 def metadata_pickle(tensors: list[DcpTensor], byte_items: dict[str, ItemLocation], save_id: str) -> bytes:
     """The `.metadata` DCP's FileSystemWriter writes for these tensors and bytes items, as a pickle
     that torch's `pickle.load` turns into the real dataclasses (and pyconv's reader into records).
-    No planner data: Megatron-Core and DCP's default load planner do not need it for flat keys."""
-    from pyconv.io.torchsave import PickledCall, PickledObject, TorchDtypeValue
+    No planner data: Megatron-Core and DCP's default load planner do not need it for flat keys.
 
-    def size(dims):
-        return PickledCall("torch", "Size", (tuple(dims),))
+    Assembled from byte fragments (io.torchsave.PickleFragments), each object's fields in the order
+    torch's dataclasses list them: an MoE checkpoint has hundreds of thousands of chunks, and a
+    tree of PickledObjects for them cost most of planning."""
+    from pyconv.io.torchsave import PickleFragments, PickledCall, PickledObject, TorchDtypeValue
 
-    def obj(name, module=_MODULE, **fields):
-        return PickledObject(module, name, tuple(fields.items()))
+    f = PickleFragments()
+    none = f.NONE
 
-    def info(loc: ItemLocation):
-        return obj("_StorageInfo", "torch.distributed.checkpoint.filesystem", relative_path=loc.relative_path,
-                   offset=loc.offset, length=loc.length, transform_descriptors=None)
+    def size(dims) -> bytes:
+        return f.value(PickledCall("torch", "Size", (tuple(dims),)))
 
-    state_dict_metadata: dict = {}
-    storage_data: dict = {}
+    def field(name: str, value: bytes) -> bytes:
+        return f.value(name) + value
+
+    def storage_info(loc: ItemLocation) -> bytes:
+        return (f.object_open("torch.distributed.checkpoint.filesystem", "_StorageInfo")
+                + field("relative_path", f.value(loc.relative_path)) + field("offset", f.value(loc.offset))
+                + field("length", f.value(loc.length)) + field("transform_descriptors", none) + f.OBJECT_CLOSE)
+
+    properties: dict[str, bytes] = {}
+    # Keyed as the dicts torch pickles are (a repeated key keeps its first place, its last value).
+    state_dict_metadata: dict[str, bytes] = {}
+    storage_data: dict[tuple, bytes] = {}
     for t in tensors:
-        properties = PickledObject(_MODULE, "TensorProperties", tuple_state=(
-            TorchDtypeValue(TORCH_NAME[t.dtype]), PickledCall("torch.serialization", "_get_layout",
-                                                                       ("torch.strided",)),
-            False, PickledCall(_MODULE, "_MEM_FORMAT_ENCODING", (0,)), False))
-        state_dict_metadata[t.fqn] = obj(
-            "TensorStorageMetadata", properties=properties, size=size(t.size),
-            chunks=[obj("ChunkStorageMetadata", offsets=size(c.offsets), sizes=size(c.sizes)) for c in t.chunks])
+        if t.dtype not in properties:
+            properties[t.dtype] = f.value(PickledObject(_MODULE, "TensorProperties", tuple_state=(
+                TorchDtypeValue(TORCH_NAME[t.dtype]), PickledCall("torch.serialization", "_get_layout",
+                                                                           ("torch.strided",)),
+                False, PickledCall(_MODULE, "_MEM_FORMAT_ENCODING", (0,)), False)))
+        fqn = f.string(t.fqn)
+        chunks = [f.object_open(_MODULE, "ChunkStorageMetadata") + field("offsets", size(c.offsets))
+                  + field("sizes", size(c.sizes)) + f.OBJECT_CLOSE for c in t.chunks]
+        state_dict_metadata[t.fqn] = (fqn + f.object_open(_MODULE, "TensorStorageMetadata")
+                                      + field("properties", properties[t.dtype]) + field("size", size(t.size))
+                                      + field("chunks", f.listing(chunks)) + f.OBJECT_CLOSE)
         for c in t.chunks:
-            storage_data[obj("MetadataIndex", fqn=t.fqn, offset=size(c.offsets), index=None)] = info(c.location)
+            storage_data[(t.fqn, tuple(c.offsets))] = (
+                f.object_open(_MODULE, "MetadataIndex") + field("fqn", fqn) + field("offset", size(c.offsets))
+                + field("index", none) + f.OBJECT_CLOSE + storage_info(c.location))
     for fqn, loc in byte_items.items():
-        state_dict_metadata[fqn] = obj("BytesStorageMetadata")
-        storage_data[obj("MetadataIndex", fqn=fqn, index=None)] = info(loc)
-    from pyconv.io.torchsave import pickle_object
-
-    return pickle_object(obj(
-        "Metadata", state_dict_metadata=state_dict_metadata, planner_data=None, storage_data=storage_data,
-        storage_meta=obj("StorageMeta", checkpoint_id=None, save_id=save_id, load_id=None, modules=[]),
-        version="1.0.0"))
+        state_dict_metadata[fqn] = f.string(fqn) + f.bare_object(_MODULE, "BytesStorageMetadata")
+        storage_data[(fqn,)] = (f.object_open(_MODULE, "MetadataIndex") + field("fqn", f.string(fqn))
+                                + field("index", none) + f.OBJECT_CLOSE + storage_info(loc))
+    storage_meta = (f.object_open(_MODULE, "StorageMeta") + field("checkpoint_id", none)
+                    + field("save_id", f.value(save_id)) + field("load_id", none) + field("modules", b"]")  # []
+                    + f.OBJECT_CLOSE)
+    return b"".join([f.HEADER, f.object_open(_MODULE, "Metadata"),
+                     field("state_dict_metadata", f.dictionary(list(state_dict_metadata.values()))),
+                     field("planner_data", none), field("storage_data", f.dictionary(list(storage_data.values()))),
+                     field("storage_meta", storage_meta),
+                     field("version", f.value("1.0.0")), f.OBJECT_CLOSE, f.STOP])

@@ -269,6 +269,81 @@ class _Pickler:
         return found
 
 
+class PickleFragments:
+    """The pickle bytes of pieces of a tree, for a writer that assembles a large, regular pickle
+    (DCP's `.metadata`: hundreds of thousands of small objects) without building PickledObjects
+    for it: the bytes pickle_object would give the whole tree, each repeated piece encoded once.
+    No memo opcodes are used, so pieces concatenate freely."""
+
+    HEADER = b"\x80\x02"   # PROTO 2
+    STOP = b"."
+    NONE = b"N"
+    OBJECT_CLOSE = b"ub"    # SETITEMS, BUILD: after an object_open and its fields
+
+    def __init__(self):
+        self._pickler = _Pickler()
+        self._values: dict = {}
+
+    def value(self, obj) -> bytes:
+        """The bytes of a tree pickle_object takes (no tensors); a hashable one (ints, strings,
+        tuples, PickledCalls...) encoded once per distinct tree."""
+        try:
+            found = self._values.get(obj)
+        except TypeError:  # a list or dict: encoded each time
+            return self._encode(obj)
+        if found is None:
+            found = self._encode(obj)
+            if len(self._values) < 200_000:
+                self._values[obj] = found
+        return found
+
+    def _encode(self, obj) -> bytes:
+        pickler = self._pickler
+        saved, pickler.out = pickler.out, bytearray()
+        try:
+            pickler._save(obj)
+            return bytes(pickler.out)
+        finally:
+            pickler.out = saved
+
+    def string(self, s: str) -> bytes:
+        """A string, not cached (names that occur once)."""
+        data = s.encode("utf-8")
+        return b"X" + struct.pack("<I", len(data)) + data
+
+    def object_open(self, module: str, name: str) -> bytes:
+        """A PickledObject with fields, up to its first field (GLOBAL, EMPTY_TUPLE, NEWOBJ,
+        EMPTY_DICT, MARK); its fields' names and values follow, then OBJECT_CLOSE."""
+        return self._pickler._constant(("object_open", module, name), self._object_open, module, name)
+
+    def _object_open(self, module: str, name: str) -> None:
+        self._pickler._global(module, name)
+        self._pickler.out += b")\x81}("
+
+    def bare_object(self, module: str, name: str) -> bytes:
+        """A PickledObject with neither fields nor state: GLOBAL, EMPTY_TUPLE, NEWOBJ."""
+        return self._pickler._constant(("bare", module, name), self._bare_object, module, name)
+
+    def _bare_object(self, module: str, name: str) -> None:
+        self._pickler._global(module, name)
+        self._pickler.out += b")\x81"
+
+    @staticmethod
+    def dictionary(pairs: list[bytes]) -> bytes:
+        """A dict from its items' bytes (each key's then its value's, one entry per item), SETITEMS
+        in batches of 1000 as _Pickler writes them."""
+        out = [b"}"]
+        for start in range(0, len(pairs), 1000):
+            out.append(b"(")
+            out.extend(pairs[start:start + 1000])
+            out.append(b"u")
+        return b"".join(out)
+
+    @staticmethod
+    def listing(items: list[bytes]) -> bytes:
+        return b"](" + b"".join(items) + b"e" if items else b"]"
+
+
 def pickle_object(obj) -> bytes:
     """A pickle (protocol 2) of a tree of plain data, PickledObjects and PickledCalls."""
     return _Pickler().dump(obj)
