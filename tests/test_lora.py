@@ -315,3 +315,9 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
     # Megatron holds these weights transposed ([out, in]): a delta over a transposed copy is refused by name.
     with pytest.raises(pyconv.PyconvError, match="cannot be merged into a transposed"):
         pyconv.reshard(base, str(tmp_path / "meg"), to="megatron", merge_lora=[adapter])
+
+
+def test_an_adapter_given_as_a_model_says_what_to_do(llama, tmp_path):
+    root, base, adapters = llama
+    proc = subprocess.run([sys.executable, "-m", "pyconv", "inspect", adapters["second"]], capture_output=True, text=True)
+    assert proc.returncode == 2 and "a PEFT adapter, not a model" in proc.stderr and "--merge-lora" in proc.stderr
