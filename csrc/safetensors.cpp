@@ -32,6 +32,10 @@ bool valid_utf8(const std::string& s) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   size_t i = 0, n = s.size();
   while (i < n) {
+    // ASCII runs (most of a header) eight bytes at a time.
+    uint64_t word;
+    while (i + 8 <= n && (std::memcpy(&word, p + i, 8), (word & 0x8080808080808080ull) == 0)) i += 8;
+    if (i >= n) break;
     unsigned char c = p[i];
     size_t len;
     uint32_t cp;
@@ -329,7 +333,8 @@ class HeaderWalker {
     switch (yyjson_get_type(v)) {
       case YYJSON_TYPE_RAW: {
         const std::string_view literal(yyjson_get_raw(v), yyjson_get_len(v));
-        if (literal.find_first_of(".eE") != std::string_view::npos) return {JsonKind::Float, 0, utf8_prefix(literal, 40)};
+        if (std::any_of(literal.begin(), literal.end(), [](char ch) { return ch == '.' || ch == 'e' || ch == 'E'; }))
+          return {JsonKind::Float, 0, utf8_prefix(literal, 40)};
         // An integer: pyconv reads -(2^63 - 1) .. 2^63 - 1, as the Python reader it replaced did.
         const bool negative = literal[0] == '-';
         uint64_t magnitude = 0;
