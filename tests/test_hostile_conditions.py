@@ -268,3 +268,27 @@ def test_a_config_json_of_many_megabytes_is_refused_unread(llama, tmp_path):
     with pytest.raises(FormatError) as e:
         pyconv.open(src)
     assert str(e.value) == f"{src / 'config.json'}: config is larger than {MAX_CONFIG_BYTES} bytes"
+
+
+def test_a_header_of_many_empty_tensors_costs_memory_in_proportion(tmp_path):
+    """#15 item 10: a header of 200,000 empty tensors (11.7 MB; the probe's had 1.6M) is read into
+    a catalog with peak memory within 16x its size over the interpreter's own (the json-module
+    reader took 24x; the core's parser and StoredTensors about 10x)."""
+    import json
+    import struct
+
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(200_000)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    code = ("import resource, sys, pyconv\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "n = len(pyconv.open(sys.argv[1]).keys())\n"
+            "print(n, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    count, before_kib, after_kib = map(int, proc.stdout.split())
+    assert count == 200_000
+    assert (after_kib - before_kib) * 1024 <= 16 * len(raw), (after_kib - before_kib, len(raw))
