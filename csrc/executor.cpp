@@ -67,6 +67,12 @@ uint64_t checked_area(uint64_t rows, uint64_t cols, uint64_t itemsize, const std
 
 bool is_float16ish(DType d) { return d == DType::F32 || d == DType::BF16 || d == DType::F16; }
 
+// A copy whose source bytes are the output's bytes (no cast, transpose, scale or low-rank
+// merge): it can go file to file.
+bool copies_bytes_as_stored(const BlockCopy& c, DType dtype) {
+  return c.src_dtype == dtype && !c.transpose && c.scale_source == kNoScale && c.low_rank.empty();
+}
+
 uint64_t ceil_div(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 // Bytes of a quantized tensor's float32 scale grid [ceil(rows/128), ceil(cols/128)].
@@ -373,7 +379,7 @@ class Runner {
   bool copies_file_to_file(const OutputTensor& t) const {
     if (compare_ || t.quantize) return false;
     for (const auto& c : t.copies)
-      if (c.src_dtype != t.dtype || c.transpose || c.scale_source != kNoScale || !c.low_rank.empty() || c.cols != t.cols ||
+      if (!copies_bytes_as_stored(c, t.dtype) || c.cols != t.cols ||
           (c.rows > 1 && c.src_row_stride != c.cols * dtype_itemsize(c.src_dtype)))
         return false;
     return true;
@@ -449,8 +455,7 @@ class Runner {
         if (only) return false;
         only = &c;
       }
-    if (!only || only->src_dtype != t.dtype || only->transpose || only->scale_source != kNoScale || !only->low_rank.empty())
-      return false;
+    if (!only || !copies_bytes_as_stored(*only, t.dtype)) return false;
     intersect(*only, task, &hit);
     if (hit.row0 != task.row0 || hit.row1 != task.row1 || hit.col0 != task.col0 || hit.col1 != task.col1) return false;
     if (task.row1 - task.row0 > 1 && only->src_row_stride != only->cols * isz) return false;

@@ -8,10 +8,8 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
-#include <unordered_set>
-
-#include <cstdio>
 #include <memory>
+#include <unordered_set>
 
 #include "yyjson.h"
 
@@ -471,10 +469,6 @@ class HeaderWalker {
   std::vector<SafetensorsHeader::Tensor> tensors_;  // offsets relative to the data section
   std::vector<std::pair<std::string, std::string>> metadata_;
 };
-
-}  // namespace
-
-namespace {
 
 // yyjson's message and position; NaN and Infinity (which Python's json would read) and unpaired
 // surrogate escapes ("\ud800" alone, which Python would decode to a str UTF-8 cannot hold) by name.

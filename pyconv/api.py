@@ -154,10 +154,12 @@ def _check_plan_sources(plan: ReshardPlan, dst: str) -> None:
     """Every file the plan reads, resolved (a hub cache's snapshot is symlinks into blobs), lies
     outside the destination, so that replacing the destination cannot destroy a source."""
     real_dst = os.path.realpath(dst)
-    paths = {c.source for f in plan.files for t in f.tensors for c in t.copies}
-    paths |= {c.scale_source for f in plan.files for t in f.tensors for c in t.copies if c.scale_source}
-    paths |= {path for f in plan.files for t in f.tensors for c in t.copies for term in c.low_rank
-              for path in (term.left_source, term.right_source)}
+    paths = set()
+    for copy in (c for f in plan.files for t in f.tensors for c in t.copies):
+        paths.add(copy.source)
+        if copy.scale_source:
+            paths.add(copy.scale_source)
+        paths.update(path for term in copy.low_rank for path in (term.left_source, term.right_source))
     for path in sorted(paths):
         real = os.path.realpath(path)
         if real == real_dst or real.startswith(real_dst + os.sep):

@@ -74,6 +74,12 @@ class StoredTensor:
     def element_strides(self) -> tuple[int, ...]:
         return self.strides if self.strides is not None else row_major_strides(self.shape)
 
+    def row_major_at(self, row: int, col: int) -> tuple[int, int]:
+        """A contiguous tensor's (byte offset of element (row, col) of its 2-D view, bytes per row)."""
+        isz = ITEMSIZE[self.dtype]
+        row_bytes = view2d(self.shape)[1] * isz
+        return self.offset + row * row_bytes + col * isz, row_bytes
+
     def regions(self, row: int, col: int, rows: int, cols: int) -> list[StoredRegion]:
         """Rows [row, row + rows) x cols [col, col + cols) of the 2-D view as regions block copies
         can take: one for a contiguous tensor; for a strided one, one per run of rows whose
@@ -81,8 +87,7 @@ class StoredTensor:
         its columns hold adjacent elements (a view sliced with a step in both)."""
         isz = ITEMSIZE[self.dtype]
         if self.strides is None:
-            n_cols = view2d(self.shape)[1]
-            return [StoredRegion(0, 0, rows, cols, self.offset + (row * n_cols + col) * isz, n_cols * isz, True)]
+            return [StoredRegion(0, 0, rows, cols, *self.row_major_at(row, col), True)]
         col_stride = self.strides[-1] if len(self.shape) >= 2 else 1
         run, run_stride, outer = _row_runs(self.shape, self.strides)
         out = []

@@ -47,6 +47,7 @@ class Adapter:
     path: str
     deltas: dict[str, LowRankDelta]       # canonical weight name -> its delta
     replaced: dict[str, StoredTensor]     # canonical name -> the adapter's whole tensor (modules_to_save)
+    config: dict                          # adapter_config.json as read
 
 
 def _pattern_value(patterns: dict, module: str, default, what: str, where: str):
@@ -146,7 +147,7 @@ def read_adapter(path: str) -> Adapter:
         transposed = embedding or fan_in_fan_out
         deltas[module + ".weight"] = (LowRankDelta(a, b, True, True, scale, root) if transposed
                                       else LowRankDelta(b, a, False, False, scale, root))
-    return Adapter(root, deltas, replaced)
+    return Adapter(root, deltas, replaced, config)
 
 
 def merge_adapters(catalog: Catalog, paths: list[str]) -> Catalog:

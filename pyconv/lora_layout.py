@@ -24,7 +24,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from pyconv.catalog import CanonicalTensor, SourceBlock, StoredTensor, view2d
+from pyconv.catalog import CanonicalTensor, SourceBlock, view2d
 from pyconv.errors import FormatError, LayoutError, OutputError
 from pyconv.families import GATED_FC1, LAYER, QKV, ROW, COLUMN, Family, family_for_architecture, get_family
 from pyconv.lora import CONFIG_FILE, PEFT_PREFIX, read_adapter
@@ -66,10 +66,6 @@ def _megatron_prefix(family: Family, hf_module: str, where: str) -> tuple[str, b
     return prefix, rule == ROW.name
 
 
-def _whole(name: str, stored: StoredTensor) -> CanonicalTensor:
-    return CanonicalTensor.whole(name, stored)
-
-
 def _split(rows: int, cols: int, tp: int, along_rows: bool, what: str) -> list[tuple[int, int, int, int]]:
     """(row0, col0, rows, cols) of each rank's part."""
     n = rows if along_rows else cols
@@ -87,7 +83,7 @@ def plan_to_megatron(adapter_path: str, base_path: str, tp: int) -> ReshardPlan:
     if tp < 1:
         raise LayoutError(f"tp must be a positive integer, got {tp}")
     adapter = read_adapter(adapter_path)
-    config = json.load(open(os.path.join(adapter.path, CONFIG_FILE)))
+    config = adapter.config
     base = read_checkpoint(base_path)
     family = family_for_architecture(base.architecture, base.path)
     if adapter.replaced:
@@ -102,8 +98,8 @@ def plan_to_megatron(adapter_path: str, base_path: str, tp: int) -> ReshardPlan:
             raise LayoutError(f"{adapter.path}: {module} is an embedding or fan_in_fan_out adapter; Megatron-Bridge's "
                               "LoRA layout holds linear adapters only")
         prefix, row_parallel = _megatron_prefix(family, module, adapter.path)
-        modules.append(AdapterModule(module, prefix, row_parallel, _whole(module + ".lora_A", delta.right),
-                                     _whole(module + ".lora_B", delta.left)))
+        modules.append(AdapterModule(module, prefix, row_parallel, CanonicalTensor.whole(module + ".lora_A", delta.right),
+                                     CanonicalTensor.whole(module + ".lora_B", delta.left)))
     if not modules:
         raise LayoutError(f"{adapter.path}: no adapter factors to carry")
     dims = {m.a.shape[0] for m in modules}

@@ -249,8 +249,7 @@ def copies_for_region(tensor: CanonicalTensor, row0: int, col0: int, rows: int, 
         if (not b.transpose and not transpose and stored.strides is None and b.dst_row == 0 and b.dst_col == 0
                 and 0 < rows <= b.rows - row0 and 0 < cols <= b.cols - col0 and 0 <= row0 and 0 <= col0
                 and (dtype is None or dtype == stored.dtype or stored.scale is None)):
-            row_bytes = view2d(stored.shape)[1] * ITEMSIZE[stored.dtype]
-            offset = stored.offset + (b.src_row + row0) * row_bytes + (b.src_col + col0) * ITEMSIZE[stored.dtype]
+            offset, row_bytes = stored.row_major_at(b.src_row + row0, b.src_col + col0)
             return [BlockCopy(stored.path, offset, row_bytes, stored.dtype, rows, cols, dst_row, dst_col)]
     out = []
     covered = 0

@@ -45,7 +45,6 @@ if __name__ == "__main__":  # run as a script from anywhere
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # safetensors_reference_reader
 
 import pyconv  # noqa: E402
-from pyconv.io.safetensors import read_safetensors  # noqa: E402
 from pyconv.io.torchzip import read_torch_checkpoint  # noqa: E402
 
 FUZZ_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fuzz")

@@ -151,8 +151,6 @@ def test_what_the_layout_cannot_hold_is_refused(adapted, tmp_path):
 
 def test_hostile_megatron_adapters_are_refused_by_name(adapted, tmp_path):
     """Rank files that disagree, name no family, or hold factors of other shapes: one line, exit 2."""
-    from pyconv.io.torchzip import read_torch_checkpoint  # noqa: F401  (the reader the checks sit on)
-
     root, base, adapter, megatron = adapted
 
     def edited(name, edit):

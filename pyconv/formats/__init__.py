@@ -76,7 +76,9 @@ def detect_format(path: str) -> FormatAdapter:
         adapter = get_format(name)
         if adapter.detect(path):
             return adapter
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # pyconv.lora.CONFIG_FILE
+    from pyconv.lora import CONFIG_FILE as ADAPTER_CONFIG  # only on this error path
+
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         raise FormatError(f"{path}: a PEFT adapter, not a model: merge it into its base model with reshard BASE DST "
                           f"--merge-lora {path}, or carry it to Megatron's layout with pyconv lora")
     raise FormatError(f"{path}: not a checkpoint pyconv recognises (looked for: {', '.join(format_names())})")

@@ -83,7 +83,6 @@ from pyconv.mcore.dcp import (
     BACKEND_FILE,
     COMMON_FILE,
     CONTENT_METADATA,
-    DcpOptions,
     SINGLETON_FLAG,
     check_backend,
     is_dcp_dir,
@@ -93,6 +92,7 @@ from pyconv.mcore.dcp import (
     read_tensors,
     with_mtp_layers,
 )
+from pyconv.mcore.options import DcpOptions
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
 
 CONFIG = "config.json"

@@ -9,10 +9,7 @@ from dataclasses import dataclass
 from pyconv import _core
 from pyconv.catalog import StoredTensor, nbytes
 from pyconv.dtypes import ITEMSIZE
-from pyconv.errors import FormatError
 from pyconv.io.parse_once import parsed
-
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,15 @@ class PickledCall:
     args: tuple = ()
 
 
+_SETITEMS_BATCH = 1000  # dict items per SETITEMS, as pickle writes them
+
+
+def _binunicode(s: str) -> bytes:
+    """BINUNICODE: a string as protocol 2 writes it."""
+    data = s.encode("utf-8")
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
 class _Pickler:
     """Just enough of pickle protocol 2 to write a checkpoint tree the way torch.save does."""
 
@@ -106,8 +115,7 @@ class _Pickler:
     def _str(self, s: str) -> None:
         found = self._strs.get(s)
         if found is None:
-            data = s.encode("utf-8")
-            found = b"X" + struct.pack("<I", len(data)) + data
+            found = _binunicode(s)
             if len(self._strs) < 100_000:  # field names, module names, repeated keys; not every tensor name
                 self._strs[s] = found
         self.out += found
@@ -140,9 +148,9 @@ class _Pickler:
 
     def _dict_items(self, items) -> None:
         items = list(items)
-        for start in range(0, len(items), 1000):  # SETITEMS in batches, as pickle does
+        for start in range(0, len(items), _SETITEMS_BATCH):
             self.out += b"("
-            for k, v in items[start:start + 1000]:
+            for k, v in items[start:start + _SETITEMS_BATCH]:
                 self._save(k)
                 self._save(v)
             self.out += b"u"
@@ -256,17 +264,21 @@ class _Pickler:
         """The bytes write(*args) appends, computed once per key (write must add no tensor)."""
         found = self._constants.get(key)
         if found is None:
-            saved, self.out = self.out, bytearray()
             slots = len(self.slots)
-            try:
-                write(*args)
-                found = bytes(self.out)
-            finally:
-                self.out = saved
+            found = self._encoded(write, *args)
             if len(self.slots) != slots:
                 raise TypeError("a tensor inside a repeated pickled object")
             self._constants[key] = found
         return found
+
+    def _encoded(self, write, *args) -> bytes:
+        """The bytes write(*args) appends, written aside instead of to the output."""
+        saved, self.out = self.out, bytearray()
+        try:
+            write(*args)
+            return bytes(self.out)
+        finally:
+            self.out = saved
 
 
 class PickleFragments:
@@ -290,26 +302,17 @@ class PickleFragments:
         try:
             found = self._values.get(obj)
         except TypeError:  # a list or dict: encoded each time
-            return self._encode(obj)
+            return self._pickler._encoded(self._pickler._save, obj)
         if found is None:
-            found = self._encode(obj)
+            found = self._pickler._encoded(self._pickler._save, obj)
             if len(self._values) < 200_000:
                 self._values[obj] = found
         return found
 
-    def _encode(self, obj) -> bytes:
-        pickler = self._pickler
-        saved, pickler.out = pickler.out, bytearray()
-        try:
-            pickler._save(obj)
-            return bytes(pickler.out)
-        finally:
-            pickler.out = saved
-
-    def string(self, s: str) -> bytes:
+    @staticmethod
+    def string(s: str) -> bytes:
         """A string, not cached (names that occur once)."""
-        data = s.encode("utf-8")
-        return b"X" + struct.pack("<I", len(data)) + data
+        return _binunicode(s)
 
     def object_open(self, module: str, name: str) -> bytes:
         """A PickledObject with fields, up to its first field (GLOBAL, EMPTY_TUPLE, NEWOBJ,
@@ -331,11 +334,11 @@ class PickleFragments:
     @staticmethod
     def dictionary(pairs: list[bytes]) -> bytes:
         """A dict from its items' bytes (each key's then its value's, one entry per item), SETITEMS
-        in batches of 1000 as _Pickler writes them."""
+        in batches as _Pickler writes them."""
         out = [b"}"]
-        for start in range(0, len(pairs), 1000):
+        for start in range(0, len(pairs), _SETITEMS_BATCH):
             out.append(b"(")
-            out.extend(pairs[start:start + 1000])
+            out.extend(pairs[start:start + _SETITEMS_BATCH])
             out.append(b"u")
         return b"".join(out)
 

@@ -24,7 +24,6 @@ from pyconv.families import (
 from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpChunk, DcpMetadata, DcpTensor
 from pyconv.io.jsonfile import load_json
 from pyconv.io.torchsave import TensorSlot
-from pyconv.mcore.options import DcpOptions  # noqa: F401  (re-exported: torch_dist's Options extend it)
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_text_file
 
 BACKEND_FILE = "metadata.json"
