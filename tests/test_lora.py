@@ -177,6 +177,16 @@ def test_merge_to_megatron_tp2_and_back_equals_merge_to_hf(llama, tmp_path):
     _assert_state_dicts_equal(b, a)
 
 
+def test_merge_to_torch_dist_and_back_equals_merge_to_hf(llama, tmp_path):
+    root, base, adapters = llama
+    straight, dist, back = (str(tmp_path / n) for n in ("straight", "dist", "back"))
+    pyconv.reshard(base, straight, to="hf", merge_lora=[adapters["plain"]])
+    pyconv.reshard(base, dist, to="torch_dist", merge_lora=[adapters["plain"]])
+    pyconv.reshard(dist, back, to="hf")
+    _assert_state_dicts_equal(load_file(os.path.join(back, "model.safetensors")),
+                              load_file(os.path.join(straight, "model.safetensors")))
+
+
 def test_merge_from_a_megatron_source(llama, tmp_path):
     """The adapter names HF modules; a Megatron tp 2 source's canonical tensors carry those names,
     each weight in two shards, each shard merged with its rows of B (or columns of A)."""
