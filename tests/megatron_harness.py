@@ -20,7 +20,8 @@ Public functions
   save_with_megatron(hf_model_dir, out_dir, tp, ep=1)  per-rank torch checkpoint from Megatron's state_dict()
   megatron_parallel(tp, pp, ep)  context: gloo process group (world size 1 if none) + parallel_state
 
-Families: llama, mistral, qwen2, gpt2 (dense); mixtral and qwen2_moe (mixture of experts: sequential
+Families: llama, mistral, qwen2, gpt2 (dense); gemma2 and gemma3_text (Megatron-Bridge's Gemma layers
+reproduced in tests/gemma_layers.py); mixtral and qwen2_moe (mixture of experts: sequential
 local experts, `allgather` token dispatcher, expert parallelism `ep` with expert-TP = tp and the
 data-parallel size = ep, so a run has tp * pp * ep processes); deepseek_v3 (multi-latent attention
 through the local spec's MLASelfAttention with q/kv layernorms, dense first layers, sigmoid router
@@ -246,6 +247,37 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
     return tc, gm, dict(swiglu=True, openai_gelu=False), moe
 
 
+def _gemma_config(cfg: dict, model_type: str) -> tuple[dict, dict, dict]:
+    """Gemma 2 / Gemma 3 (text) as Megatron-Bridge runs them (tests/gemma_layers.py adds the layers
+    Megatron-Core lacks): GeGLU, scale 1/sqrt(query_pre_attn_scalar), the sliding layers of
+    layer_types with a window of sliding_window tokens (the query's own included), Gemma 2's soft
+    caps, Gemma 3's q/k norms and its sliding layers' own rope base."""
+    layer_types = cfg.get("layer_types") or []
+    window = cfg.get("sliding_window")
+    sliding = [int(kind == "sliding_attention") for kind in layer_types]
+    tc = dict(
+        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+        num_attention_heads=cfg["num_attention_heads"], num_query_groups=cfg["num_key_value_heads"],
+        kv_channels=cfg["head_dim"], ffn_hidden_size=cfg["intermediate_size"], normalization="RMSNorm",
+        layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)), gated_linear_unit=True,
+        activation_func=_activation(cfg.get("hidden_activation") or cfg.get("hidden_act")),
+        add_bias_linear=False, add_qkv_bias=False, qk_layernorm=model_type == "gemma3_text",
+        softmax_scale=float(cfg["query_pre_attn_scalar"]) ** -0.5,
+        **({"window_size": (window - 1, 0), "window_attn_skip_freq": sliding} if window and any(sliding) else {}))
+    rp = cfg.get("rope_parameters") or {}
+    full, local = (rp["full_attention"], rp["sliding_attention"]) if "full_attention" in rp else (rp, None)
+    gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=float(full["rope_theta"]),
+              max_sequence_length=cfg["max_position_embeddings"],
+              share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", True)))
+    if full.get("rope_type", "default") == "linear":  # Gemma 3: the full layers' rope only
+        gm["seq_len_interpolation_factor"] = float(full["factor"])
+    elif full.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"Gemma rope_type {full['rope_type']!r}")
+    gemma = {"attn_softcap": cfg.get("attn_logit_softcapping"), "final_softcap": cfg.get("final_logit_softcapping"),
+             "local_rope_base": float(local["rope_theta"]) if local else None}
+    return tc, gm, dict(swiglu=False, openai_gelu=False, gemma=gemma)
+
+
 def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> dict:
     """The Megatron-Core description of an HF model.
 
@@ -332,6 +364,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
                   max_sequence_length=cfg["n_positions"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", True)))
         extra = dict(swiglu=False, openai_gelu=(act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")))
+    elif model_type in ("gemma2", "gemma3_text"):
+        tc, gm, extra = _gemma_config(cfg, model_type)
     elif model_type in ("deepseek_v3", "deepseek_v2"):
         tc, gm, extra, moe = _deepseek_v3_config(cfg, tp, ep, etp)
         extra["mla"] = True
@@ -409,10 +443,14 @@ def cpu_patches():
 
     MLA: `megatron.core.extensions.transformer_engine` imports without TransformerEngine, its
     classes being MagicMock stand-ins, so multi_latent_attention sets HAVE_TE = True and its
-    `isinstance(self.linear_proj, TELinear)` raises TypeError: set HAVE_TE = False there."""
+    `isinstance(self.linear_proj, TELinear)` raises TypeError: set HAVE_TE = False there.
+
+    Sliding windows: the softmax builds its window mask on "cuda" (transformer/utils.py
+    get_sliding_window_causal_mask): the same mask, built on the CPU."""
     import torch
 
     import_megatron_core()
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import moe_utils
@@ -421,11 +459,18 @@ def cpu_patches():
              (torch.cuda, "synchronize", torch.cuda.synchronize),
              (mrandom.CudaRNGStatesTracker, "fork", mrandom.CudaRNGStatesTracker.fork),
              (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", _ABSENT)),
-             (mla, "HAVE_TE", mla.HAVE_TE)]
+             (mla, "HAVE_TE", mla.HAVE_TE),
+             (fused_softmax, "get_sliding_window_causal_mask", fused_softmax.get_sliding_window_causal_mask)]
+
+    def sliding_window_causal_mask(sq, skv, window_size):  # True = masked, as Megatron-Core's
+        m = torch.ones(sq, skv, dtype=torch.bool)
+        return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-    if saved[-2][2] is _ABSENT:
+    if saved[3][2] is _ABSENT:
         moe_utils.te_general_gemm = None
     if not isinstance(mla.TELinear, type):  # a MagicMock: TransformerEngine is absent
         mla.HAVE_TE = False
@@ -499,6 +544,12 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     t = translate_hf_config(hf_config, tp, pp, ep, etp)
+    if t.get("gemma"):
+        from gemma_layers import build_gemma_model
+
+        pre = parallel_state.is_pipeline_first_stage() if pp > 1 else True
+        post = parallel_state.is_pipeline_last_stage() if pp > 1 else True
+        return build_gemma_model(TransformerConfig(**t["transformer_config"]), t, pre, post, parallel_output)
     if t.get("mla"):  # DeepSeek-V3: MLA everywhere, dense or MoE MLP per moe_layer_freq
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
         from megatron.core.transformer.transformer_config import MLATransformerConfig

@@ -206,6 +206,14 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
+# Architectures converted HF -> HF only, with why a Megatron-style target cannot take them.
+_HF_ONLY: dict[str, str] = {}
+
+
+def register_hf_only(architecture: str, why: str) -> None:
+    """An architecture whose parts a Megatron-style checkpoint cannot hold (yet): HF -> HF keeps
+    it as stored; everything that needs a family table refuses it with `why`."""
+    _HF_ONLY[architecture] = why
 
 
 def register_family(family: Family) -> Family:
@@ -232,6 +240,10 @@ def megatron_features(args: dict) -> frozenset[str]:
     flags = {"swiglu": "swiglu", "add_bias_linear": "linear_bias", "qk_layernorm": "qk_layernorm",
              "multi_latent_attention": "mla", "bert_binary_head": "bert"}
     f.update(feature for arg, feature in flags.items() if args.get(arg))
+    if args.get("gated_linear_unit") and not args.get("swiglu"):  # GeGLU (Gemma)
+        f.add("glu")
+    if args.get("apply_layernorm_1p"):  # norms scale by 1 + weight (Gemma)
+        f.add("norm_1p")
     if args.get("add_qkv_bias") and not args.get("add_bias_linear"):
         f.add("qkv_bias")
     if float(args.get("rotary_percent") or 1.0) < 1.0 and args.get("position_embedding_type") == "rope":
@@ -298,6 +310,8 @@ def family_for_architecture(architecture: str | None, where: str) -> Family:
     for family in _FAMILIES.values():
         if architecture in family.architectures:
             return family
+    if architecture in _HF_ONLY:
+        raise FormatError(f"{where}: {architecture}: {_HF_ONLY[architecture]}")
     known = sorted(a for f in _FAMILIES.values() for a in f.architectures)
     raise FormatError(f"{where}: architecture '{architecture}' has no pyconv family table (known: {', '.join(known)})")
 

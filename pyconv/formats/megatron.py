@@ -300,7 +300,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         files.notes = (f"dropped {count} tensors of layers {', '.join(map(str, dropped))} (index >= "
                        f"num_hidden_layers {dims.num_layers}: multi-token-prediction layers, not part of the "
                        f"Megatron model)",)
-    files.notes += attention_notes(config)
+    files.notes += attention_notes(config, args)
     return files
 
 

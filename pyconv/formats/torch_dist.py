@@ -288,7 +288,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     }
     common = {"args": Namespace(**args), "checkpoint_version": CHECKPOINT_VERSION, "iteration": target.options.iteration or 0}
     files = PlannedFiles(plan_dcp(catalog, target, family, dims, padded, iteration_dir, common))
-    files.notes = attention_notes(config)
+    files.notes = attention_notes(config, args)
     files.append(plan_text_file(TRACKER, "release" if target.options.iteration is None else str(target.options.iteration)))
     for path, size in catalog.extra_files:
         files.append(plan_file_copy(path, size, os.path.basename(path)))

@@ -126,7 +126,9 @@ ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
                  "pipeline_model_parallel_layout", "qk_layernorm", "num_experts", "mtp_num_layers",
                  "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor", "rotary_percent",
-                 "no_rope_freq", "add_qkv_bias", "add_bias_linear")
+                 "no_rope_freq", "add_qkv_bias", "add_bias_linear", "gated_linear_unit", "openai_gelu",
+                 "apply_layernorm_1p", "softmax_scale", "window_size", "window_attn_skip_freq", "rotary_base",
+                 "rotary_base_local", "attn_logit_softcapping", "final_logit_softcapping")
 
 
 OPTIMIZER_KEY_PREFIX = "optimizer."  # a distributed checkpoint's optimizer state (Megatron-LM, NeMo)

@@ -146,10 +146,13 @@ def holds_layer(catalog: Catalog, layer: int) -> bool:
     return any((m := HF_LAYER.match(n)) and int(m.group(1)) == layer for n in catalog.tensors)
 
 
-def attention_notes(config: dict) -> tuple[str, ...]:
+def attention_notes(config: dict, args: dict | None = None) -> tuple[str, ...]:
     """What Megatron-LM's args do not carry of an HF model's attention: a sliding window (Mistral's
     sliding_window, Qwen2's with use_sliding_window). The weights are the same; Megatron-Core's
-    attention is full causal unless run with --window-size, so it differs past the window."""
+    attention is full causal unless run with --window-size, so it differs past the window. None
+    where the family writes the window into the args (Gemma's window_size)."""
+    if args is not None and args.get("window_size"):
+        return ()
     window = config.get("sliding_window")
     if str(config.get("model_type", "")).startswith("qwen") and not config.get("use_sliding_window"):
         window = None

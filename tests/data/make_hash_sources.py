@@ -3,7 +3,8 @@
 transformers' save_pretrained writes for it. The test fills the tensors with a fixed arithmetic
 pattern, so the matrix does not depend on transformers' initialisation or version.
 
-Run once, by hand, with transformers installed: python tests/data/make_hash_sources.py
+Run once, by hand, with transformers installed: python tests/data/make_hash_sources.py [NAME ...]
+(names: add or replace only those sources, leaving the others as recorded)
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ SOURCES = {
     "deepseek_v2": (transformers.DeepseekV2ForCausalLM, transformers.DeepseekV2Config(
         **MLA, n_routed_experts=8, routed_scaling_factor=1.5, q_lora_rank=None, n_shared_experts=2,
         num_experts_per_tok=2)),
+    "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+        **LLAMA_LIKE, head_dim=16, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0)),
+    "gemma3": (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        **LLAMA_LIKE, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=48, n_layer=4, n_head=4, activation_function="gelu_new")),
     "bert": (transformers.MegatronBertForPreTraining, transformers.MegatronBertConfig(
@@ -73,7 +82,16 @@ def describe(model_cls, config) -> dict:
     return {"config": cfg, "tensors": tensors}
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hash_matrix_sources.json")
+    if names:
+        with open(path) as f:
+            out = json.load(f)
+        out.update({name: describe(*SOURCES[name]) for name in names})
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1, sort_keys=True)
+            f.write("\n")
+        return
     out = {name: describe(cls, config) for name, (cls, config) in SOURCES.items()}
     # DeepSeek-V3 with its multi-token-prediction layer (HF layer num_hidden_layers), as released.
     mtp = json.loads(json.dumps(out["deepseek_v3"]))
@@ -90,7 +108,6 @@ def main() -> None:
     mtp["tensors"] += extra
     mtp["config"]["num_nextn_predict_layers"] = 1
     out["deepseek_v3_mtp"] = mtp
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hash_matrix_sources.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -98,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
