@@ -3,7 +3,7 @@ sliding window shorter than the input, custom layer_types, query_pre_attn_scalar
 Gemma 3's q/k norms, its own rope base on sliding layers and linear scaling on full ones).
 
 Judged by transformers (no missing or unexpected keys, the same logits, the same config) and by
-Megatron-Core running Megatron-Bridge's Gemma layers (tests/gemma_layers.py: post-norms inside
+Megatron-Core running Megatron-Bridge's Gemma layers (tests/bridge_layers.py: post-norms inside
 linear_proj / linear_fc2, 1 + weight norms, soft caps, scaled embeddings, two rope bases), which
 builds the model from the HF config on its own and loads pyconv's output strictly."""
 

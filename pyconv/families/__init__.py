@@ -128,6 +128,8 @@ class Family:
     # after its transformer layer (`transformer_layer.` + a decoder layer's names).
     mtp_before: tuple[TensorMapping, ...] = ()
     mtp_after: tuple[TensorMapping, ...] = ()
+    # Why the family's Megatron layers are the model at tp 1 only (None: any tp Megatron-Core allows).
+    single_tp: str | None = None
     # HF tensors of each MTP layer that copy a model tensor ({leaf name: the model tensor's HF name});
     # Megatron-Core shares the model's instead of holding them.
     mtp_hf_copies: dict = field(default_factory=dict)
@@ -242,6 +244,8 @@ def megatron_features(args: dict) -> frozenset[str]:
     f.update(feature for arg, feature in flags.items() if args.get(arg))
     if args.get("gated_linear_unit") and not args.get("swiglu"):  # GeGLU (Gemma)
         f.add("glu")
+    if args.get("post_layernorm"):  # norms after the attention and the MLP, none before (OLMo 2)
+        f.add("post_layernorm")
     if args.get("apply_layernorm_1p"):  # norms scale by 1 + weight (Gemma)
         f.add("norm_1p")
     if args.get("add_qkv_bias") and not args.get("add_bias_linear"):

@@ -794,7 +794,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
                           f"pp={target.options.pp})")
     if target.dtype not in (None, *FLOAT_DTYPES):
         raise LayoutError(f"legacy Megatron checkpoints hold fp32, bf16 or fp16 weights, not {target.dtype}")
-    check_tensor_parallel(dims, target.options.tp)
+    check_tensor_parallel(dims, target.options.tp, family)
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
     stages = layer_stages(dims.num_layers, target.options.pp, target.options.first_stage_layers, target.options.last_stage_layers)
     args = _writer_args(family, catalog.config, dims, target, padded,

@@ -246,7 +246,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         raise LayoutError(f"ep={ep} needs a mixture-of-experts model; {catalog.architecture} has no experts")
     if etp != tp and not dims.num_experts:
         raise LayoutError(f"etp={etp} needs a mixture-of-experts model; {catalog.architecture} has no experts")
-    check_tensor_parallel(dims, tp)
+    check_tensor_parallel(dims, tp, family)
     ExpertPartition(dims.num_experts, ep).per_rank  # ep must divide the experts
     grid = sorted(expert_grid(tp, ep, etp))
     refuse_fp8_weights(catalog, target.dtype)

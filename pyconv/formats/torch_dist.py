@@ -272,7 +272,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.plan import PlannedFiles
 
     family, dims = family_and_dims(catalog, with_mtp=True)
-    check_tensor_parallel(dims, target.options.tp)  # the vocabulary is padded for a tp Megatron-Core can use
+    check_tensor_parallel(dims, target.options.tp, family)  # the vocabulary is padded for a tp Megatron-Core can use
     config = catalog.config
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, target.options.tp)
     iteration_dir = "release" if target.options.iteration is None else f"iter_{target.options.iteration:07d}"

@@ -128,7 +128,8 @@ ARGS_SUMMARY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                  "use_rope_scaling", "rope_scaling_factor", "rotary_seq_len_interpolation_factor", "rotary_percent",
                  "no_rope_freq", "add_qkv_bias", "add_bias_linear", "gated_linear_unit", "openai_gelu",
                  "apply_layernorm_1p", "softmax_scale", "window_size", "window_attn_skip_freq", "rotary_base",
-                 "rotary_base_local", "attn_logit_softcapping", "final_logit_softcapping")
+                 "rotary_base_local", "attn_logit_softcapping", "final_logit_softcapping", "post_layernorm",
+                 "qk_layernorm_whole_projection")
 
 
 OPTIMIZER_KEY_PREFIX = "optimizer."  # a distributed checkpoint's optimizer state (Megatron-LM, NeMo)

@@ -164,12 +164,15 @@ def attention_notes(config: dict, args: dict | None = None) -> tuple[str, ...]:
     return ()
 
 
-def check_tensor_parallel(dims: ModelDims, tp: int) -> None:
+def check_tensor_parallel(dims: ModelDims, tp: int, family: Family | None = None) -> None:
     """Refuses a tensor-parallel size Megatron-Core cannot build the model at, as its
     TransformerConfig checks (0.16.1, transformer_config.py): the attention heads split over the
-    ranks, and the query groups either split over them or each replicated on tp / groups ranks."""
+    ranks, and the query groups either split over them or each replicated on tp / groups ranks;
+    and any tp > 1 for a family whose layers are the model at tp 1 only."""
     if tp < 1:
         raise LayoutError(f"tp must be >= 1, got {tp}")
+    if tp > 1 and family is not None and family.single_tp:
+        raise LayoutError(f"tp={tp}: {family.single_tp}; the {family.name} family is written at tp 1 only")
     if dims.heads % tp:
         raise LayoutError(f"tp={tp} does not divide num_attention_heads={dims.heads}: Megatron-Core splits the "
                           "attention heads over the tensor-parallel ranks")

@@ -57,6 +57,8 @@ SOURCES = {
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
+    "olmo2": (transformers.Olmo2ForCausalLM, transformers.Olmo2Config(
+        **LLAMA_LIKE, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=48, n_layer=4, n_head=4, activation_function="gelu_new")),
     "bert": (transformers.MegatronBertForPreTraining, transformers.MegatronBertConfig(

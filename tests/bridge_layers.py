@@ -1,8 +1,7 @@
-"""Megatron-Bridge's Gemma 2 / Gemma 3 layers, written again for the CPU judge (Megatron-Core
-0.16.1 has no post-norms and no soft-capping; the bridge adds them with TransformerEngine modules).
-What they compute, after NVIDIA-NeMo/Megatron-Bridge @067f987d (src/megatron/bridge/models/gemma/,
-models/common/te_layers.py):
+"""Megatron-Bridge's layers that Megatron-Core 0.16.1 lacks, written again for the CPU judge
+(the bridge builds them from TransformerEngine modules). After NVIDIA-NeMo/Megatron-Bridge @067f987d.
 
+Gemma 2 / Gemma 3 (src/megatron/bridge/models/gemma/, models/common/te_layers.py):
 - norms scale by `1 + weight` (TENorm with layernorm_zero_centered_gamma), in fp32;
 - `linear_proj` and `linear_fc2` are row-parallel linears followed by their own `post_layernorm`
   (TERowParallelLinearLayerNorm);
@@ -11,11 +10,74 @@ models/common/te_layers.py):
 - embeddings are multiplied by sqrt(hidden) in their dtype (EmbeddingScalingMixin);
 - Gemma 3's sliding layers take their own rope base (Gemma3RotaryEmbedding's local rope), its full
   layers the model's (with the linear factor).
-
 Sliding windows and the 1/sqrt(query_pre_attn_scalar) scale are Megatron-Core's own window_size /
-window_attn_skip_freq / softmax_scale. Nothing here is loaded from pyconv."""
+window_attn_skip_freq / softmax_scale.
+
+OLMo 2 (no bridge of its own): EXAONE 4.0's post-norm layer (models/exaone/exaone4: no norm before
+the attention or the MLP, TERowParallelLinearLayerNorm for linear_proj and linear_fc2) with
+OLMoE's whole-projection q/k norms (models/olmoe/olmoe_provider.py: the norm as wide as the
+projection, applied to [s, b, heads * head_dim] before the per-head view; tp 1).
+
+Nothing here is loaded from pyconv."""
 
 from __future__ import annotations
+
+
+def rms_norm_class(one_plus: bool, width=None):
+    """An RMSNorm module class computing in fp32: weight * x_hat (OLMo 2), or (1 + weight) * x_hat
+    (Gemma). width(config) -> its size where it is not the hidden_size it is built with (a
+    whole-projection q/k norm: it then normalises [s, b, heads, head_dim] over heads * head_dim)."""
+    import torch
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.zeros(width(config) if width else hidden_size))
+
+        def forward(self, x):
+            shape = x.shape
+            y = x.float().reshape(*shape[:2], -1) if width else x.float()
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+            y = y * (1.0 + self.weight.float()) if one_plus else self.weight.float() * y
+            return y.reshape(shape).type_as(x)
+
+    return RMSNorm
+
+
+def row_parallel_linear_layer_norm(norm):
+    """TERowParallelLinearLayerNorm: a row-parallel linear whose output goes through `post_layernorm`."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    class RowParallelLinearLayerNorm(RowParallelLinear):
+        def __init__(self, input_size, output_size, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.post_layernorm = norm(config, output_size, config.layernorm_epsilon)
+
+        def forward(self, x):
+            out, bias = super().forward(x)
+            return self.post_layernorm(out), bias
+
+    return RowParallelLinearLayerNorm
+
+
+def build_olmo2_model(config, t: dict, pre: bool, post: bool, parallel_output: bool):
+    """A GPTModel with OLMo 2's layers at tp 1; `t` is translate_hf_config()'s result."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    norm = rms_norm_class(one_plus=False)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = IdentityOp
+    attention = layer.self_attention.submodules
+    attention.linear_proj = layer.mlp.submodules.linear_fc2 = row_parallel_linear_layer_norm(norm)
+    attention.q_layernorm = rms_norm_class(False, lambda c: c.num_attention_heads * c.kv_channels)
+    attention.k_layernorm = rms_norm_class(False, lambda c: c.num_query_groups * c.kv_channels)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=t["padded_vocab_size"],
+                     pre_process=pre, post_process=post, parallel_output=parallel_output, **t["gpt_model"])
+    return model.eval()
 
 
 def build_gemma_model(config, t: dict, pre: bool, post: bool, parallel_output: bool):
@@ -24,7 +86,6 @@ def build_gemma_model(config, t: dict, pre: bool, post: bool, parallel_output: b
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel import RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -32,25 +93,8 @@ def build_gemma_model(config, t: dict, pre: bool, post: bool, parallel_output: b
 
     gemma = t["gemma"]
 
-    class GemmaRMSNorm(torch.nn.Module):
-        def __init__(self, config, hidden_size: int, eps: float = 1e-6):
-            super().__init__()
-            self.eps = eps
-            self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
-
-        def forward(self, x):
-            y = x.float()
-            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-            return (y * (1.0 + self.weight.float())).type_as(x)
-
-    class RowParallelLinearLayerNorm(RowParallelLinear):
-        def __init__(self, input_size, output_size, *, config, **kwargs):
-            super().__init__(input_size, output_size, config=config, **kwargs)
-            self.post_layernorm = GemmaRMSNorm(config, output_size, config.layernorm_epsilon)
-
-        def forward(self, x):
-            out, bias = super().forward(x)
-            return self.post_layernorm(out), bias
+    GemmaRMSNorm = rms_norm_class(one_plus=True)
+    RowParallelLinearLayerNorm = row_parallel_linear_layer_norm(GemmaRMSNorm)
 
     class SoftCap(torch.nn.Module):
         """Wraps the scale-mask-softmax: caps the scores it is given (already scaled)."""
