@@ -195,13 +195,18 @@ def target_spec(to: str, dtype: str | None = None, **options) -> TargetSpec:
 
 
 def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_format: str | None = None,
-                 family: str | None = None, merge_lora=(), **options) -> ReshardPlan:
+                 family: str | None = None, merge_lora=(), language_model: bool = False, **options) -> ReshardPlan:
     """The plan of a conversion, as pure data: nothing is read but headers, nothing written.
     options: the target format's options (see target_spec), e.g. tp=2, pp=2 for megatron.
-    merge_lora: PEFT LoRA adapter directories merged into the weights, in order."""
+    merge_lora: PEFT LoRA adapter directories merged into the weights, in order. language_model:
+    convert the language model of a multimodal checkpoint alone, as its text model."""
     target = target_spec(to, dtype, **options)
     catalog = read_checkpoint(os.fspath(src), source_format, family=family)
     refuse_transforming(catalog.details.get("quantization"), catalog.path, to, target.dtype)
+    if language_model:
+        from pyconv.language_model import language_model_view
+
+        catalog = language_model_view(catalog)
     if merge_lora:
         from pyconv.lora import merge_adapters
 
@@ -214,7 +219,8 @@ def plan_reshard(src: str, *, to: str = "hf", dtype: str | None = None, source_f
 
 def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool = False,
             dry_run: bool = False, threads: int = 4, source_format: str | None = None,
-            progress=None, device: str = "cpu", phase=None, merge_lora=(), **options) -> ReshardReport:
+            progress=None, device: str = "cpu", phase=None, merge_lora=(), language_model: bool = False,
+            **options) -> ReshardReport:
     """Converts src into dst in format `to`; returns a report of files, bytes and speed.
 
     dtype: fp32 | bf16 | fp16 | fp8 (floating tensors are cast; others keep theirs);
@@ -224,7 +230,9 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
     last_stage_layers for megatron; an option the target does not take is refused. family: the
     family of a Megatron source whose args do not tell it. merge_lora: Hugging Face PEFT LoRA
     adapter directories, merged into the weights while they are written (W + scale * B @ A in
-    fp32, in the given order), whatever the target format and layout.
+    fp32, in the given order), whatever the target format and layout. language_model: the language
+    model of a multimodal checkpoint (Gemma3ForConditionalGeneration) alone, as its text model
+    (Gemma3ForCausalLM); the vision tower and projector are left out, with a note.
     Nothing is written on dry_run. device: "cpu" (the C++ core) or "cuda" (Triton kernels on a GPU,
     or on the CPU under TRITON_INTERPRET=1; same output bytes). progress(done bytes, total bytes)
     is called about every 100 ms (returning False cancels); phase(name) as the run enters
@@ -238,7 +246,8 @@ def reshard(src, dst, *, to: str = "hf", dtype: str | None = None, force: bool =
     if not dry_run and os.path.lexists(dst) and not force:
         raise OutputError(f"{dst}: destination exists (replacing it takes force)")
     started = time.perf_counter()
-    plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, merge_lora=merge_lora, **options)
+    plan = plan_reshard(src, to=to, dtype=dtype, source_format=source_format, merge_lora=merge_lora,
+                        language_model=language_model, **options)
     _check_plan_sources(plan, dst)
     if dry_run:
         return ReshardReport(plan.source, os.path.abspath(dst), len(plan.files), plan.model_tensors,

@@ -140,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-lora", action="append", default=[], metavar="ADAPTER",
                    help="a Hugging Face PEFT LoRA adapter directory to merge into the weights while converting "
                         "(repeatable: merged in order); --dry-run lists the tensors it changes")
+    p.add_argument("--language-model", action="store_true",
+                   help="convert the language model of a multimodal checkpoint (Gemma3ForConditionalGeneration) "
+                        "alone, as its text model; its vision tower and projector are left out, with a note")
     p.add_argument("--force", action="store_true", help="replace DST if it exists (only once the new one is complete)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (files, tensors, notes); write nothing")
     p.add_argument("--json", action="store_true", help="print JSON (the plan with --dry-run, else the report)")
@@ -260,7 +263,8 @@ def _cmd_reshard(args) -> int:
     if args.dry_run:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, dry_run=True, source_format=args.source_format,
-                                merge_lora=args.merge_lora, **_target_options(args))
+                                merge_lora=args.merge_lora, language_model=args.language_model,
+                                **_target_options(args))
         print(json.dumps(report.plan.to_json(), indent=2) if args.json else report.plan.summary())
         return EXIT_OK
     update, phase, close = _progress_bar(not args.json and sys.stderr.isatty())
@@ -268,7 +272,7 @@ def _cmd_reshard(args) -> int:
         report = pyconv.reshard(args.src, args.dst, to=args.to, dtype=args.dtype, family=args.family,
                                 force=args.force, threads=args.threads, source_format=args.source_format,
                                 progress=update, phase=phase, device=args.device, merge_lora=args.merge_lora,
-                                **_target_options(args))
+                                language_model=args.language_model, **_target_options(args))
     finally:
         close()
     if os.environ.get("RANK", "0") != "0":

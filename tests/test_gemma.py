@@ -236,4 +236,31 @@ def test_multimodal_gemma3_to_megatron_is_refused_naming_the_vision_tower(multim
                          capture_output=True, text=True)
     assert run.returncode == 2, run.stderr
     assert "Gemma3ForConditionalGeneration: the vision tower ('vision_tower.*')" in run.stderr
+    assert "--language-model" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_language_model_alone_converts_and_runs(multimodal, tmp_path):
+    """--language-model: the text model (Gemma3ForCausalLM) through Megatron tp 2 back to HF holds
+    the multimodal checkpoint's language-model tensors bit for bit and gives its logits on text;
+    Megatron-Core runs it too. The left-out parts are named in a note."""
+    model, src = multimodal
+    report = pyconv.reshard(src, tmp_path / "meg", to="megatron", tp=2, language_model=True)
+    assert any("left out: 2 'multi_modal_projector.*', 32 'vision_tower.*' tensors" in n for n in report.plan.notes)
+    pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
+    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
+    renamed = {k.replace("language_model.model.", "model."): v for k, v in want.items()
+               if k.startswith("language_model.")}
+    assert got.keys() == renamed.keys() and all(torch.equal(got[k], renamed[k]) for k in renamed)
+    text = _load(tmp_path / "hf", transformers.Gemma3ForCausalLM)
+    assert config_json(tmp_path / "hf")["architectures"] == ["Gemma3ForCausalLM"]
+    ids = torch.randint(0, 90, (2, 24), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(hf_logits(text, ids), hf_logits(model, ids), rtol=0, atol=1e-6)
+    pyconv.reshard(src, tmp_path / "local", to="megatron", megatron_naming="local", language_model=True)
+    got = mh.megatron_logits(tmp_path / "local", config_json(tmp_path / "hf"), 1, ids)
+    assert (got - hf_logits(model, ids)).abs().max().item() < ATOL
+
+
+def test_language_model_of_a_text_checkpoint_is_refused(models, tmp_path):
+    with pytest.raises(LayoutError, match="--language-model takes a multimodal checkpoint .* Gemma2ForCausalLM"):
+        pyconv.reshard(models["gemma2"][1], tmp_path / "out", to="megatron", language_model=True)

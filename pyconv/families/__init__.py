@@ -208,14 +208,33 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
-# Architectures converted HF -> HF only, with why a Megatron-style target cannot take them.
-_HF_ONLY: dict[str, str] = {}
 
 
-def register_hf_only(architecture: str, why: str) -> None:
-    """An architecture whose parts a Megatron-style checkpoint cannot hold (yet): HF -> HF keeps
-    it as stored; everything that needs a family table refuses it with `why`."""
-    _HF_ONLY[architecture] = why
+@dataclass(frozen=True)
+class LanguageModelOf:
+    """A multimodal architecture whose language model is a family's text model: a Megatron-style
+    target cannot hold its other parts (pyconv writes GPTModel layouts), so it converts HF -> HF
+    whole, or its language model alone (`--language-model`), as `text_architecture`."""
+
+    architecture: str                      # e.g. Gemma3ForConditionalGeneration
+    text_architecture: str                 # e.g. Gemma3ForCausalLM
+    renames: tuple[tuple[str, str], ...]   # (prefix of the language model's tensors, the text model's)
+    other_parts: tuple[str, ...]           # prefixes of the parts left out (vision tower, projector...)
+    described: str                         # those parts, in words, for messages
+    config_key: str = "text_config"        # where the language model's config sits
+
+
+_MULTIMODAL: dict[str, LanguageModelOf] = {}
+
+
+def register_multimodal(entry: LanguageModelOf) -> LanguageModelOf:
+    _MULTIMODAL[entry.architecture] = entry
+    return entry
+
+
+def multimodal_entry(architecture: str | None) -> LanguageModelOf | None:
+    _load_builtin()
+    return _MULTIMODAL.get(architecture)
 
 
 def register_family(family: Family) -> Family:
@@ -314,8 +333,11 @@ def family_for_architecture(architecture: str | None, where: str) -> Family:
     for family in _FAMILIES.values():
         if architecture in family.architectures:
             return family
-    if architecture in _HF_ONLY:
-        raise FormatError(f"{where}: {architecture}: {_HF_ONLY[architecture]}")
+    if architecture in _MULTIMODAL:
+        entry = _MULTIMODAL[architecture]
+        raise FormatError(f"{where}: {architecture}: {entry.described} have no place in a Megatron-Core GPTModel "
+                          f"checkpoint; convert its language model alone with --language-model (written as "
+                          f"{entry.text_architecture}), or HF -> HF, which keeps every part as stored")
     known = sorted(a for f in _FAMILIES.values() for a in f.architectures)
     raise FormatError(f"{where}: architecture '{architecture}' has no pyconv family table (known: {', '.join(known)})")
 

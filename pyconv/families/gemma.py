@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from pyconv.errors import LayoutError
 from pyconv.families import (
-    GATED_FC1, LAYER, QKV, REPLICATED, ROW, Family, ModelDims, TensorMapping, register_family, register_hf_only,
+    GATED_FC1, LAYER, QKV, REPLICATED, ROW, Family, LanguageModelOf, ModelDims, TensorMapping, register_family,
+    register_multimodal,
 )
 from pyconv.families.common import arg, original_hf_config, rope_parameters, rope_theta
 from pyconv.families.llama import EMBEDDING, HEAD, llama_dims, llama_hf_config, llama_megatron_args
@@ -221,7 +222,10 @@ GEMMA3 = register_family(Family(
 
 # Megatron-Bridge writes the multimodal model as its own Gemma3VLModel (language_model.*, the SigLIP
 # vision_tower.* replicated, multi_modal_projector.proj transposed); pyconv writes GPTModel layouts.
-register_hf_only("Gemma3ForConditionalGeneration",
-                 "the vision tower ('vision_tower.*') and the projector ('multi_modal_projector.*') have no place in "
-                 "a Megatron-Core GPTModel checkpoint, and pyconv does not write Megatron-Bridge's Gemma3VLModel; "
-                 "HF -> HF conversion keeps them as stored")
+# transformers 5.24 saves the older names (language_model.model.*) and reads both.
+register_multimodal(LanguageModelOf(
+    architecture="Gemma3ForConditionalGeneration", text_architecture="Gemma3ForCausalLM",
+    renames=(("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+             ("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    other_parts=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+    described="the vision tower ('vision_tower.*') and the projector ('multi_modal_projector.*')"))
