@@ -466,13 +466,15 @@ def cpu_patches():
              (mrandom.CudaRNGStatesTracker, "fork", mrandom.CudaRNGStatesTracker.fork),
              (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", _ABSENT)),
              (mla, "HAVE_TE", mla.HAVE_TE),
-             (fused_softmax, "get_sliding_window_causal_mask", fused_softmax.get_sliding_window_causal_mask)]
+             (fused_softmax, "get_sliding_window_causal_mask",
+              getattr(fused_softmax, "get_sliding_window_causal_mask", _ABSENT))]  # absent before 0.15
 
     def sliding_window_causal_mask(sq, skv, window_size):  # True = masked, as Megatron-Core's
         m = torch.ones(sq, skv, dtype=torch.bool)
         return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
 
-    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask
+    if saved[-1][2] is not _ABSENT:
+        fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
@@ -485,7 +487,8 @@ def cpu_patches():
     finally:
         for obj, attr, value in saved:
             if value is _ABSENT:
-                delattr(obj, attr)
+                if hasattr(obj, attr):  # set here (te_general_gemm), or never (an absent function)
+                    delattr(obj, attr)
             else:
                 setattr(obj, attr, value)
 

@@ -264,3 +264,11 @@ def test_the_language_model_alone_converts_and_runs(multimodal, tmp_path):
 def test_language_model_of_a_text_checkpoint_is_refused(models, tmp_path):
     with pytest.raises(LayoutError, match="--language-model takes a multimodal checkpoint .* Gemma2ForCausalLM"):
         pyconv.reshard(models["gemma2"][1], tmp_path / "out", to="megatron", language_model=True)
+
+
+def test_nemo_refuses_layer_types_its_gemma3_config_cannot_hold(models, tmp_path):
+    """NeMo 2.5's Gemma3Config puts a full layer every interleaved_attn_pattern layers; this
+    model's layer_types (full at 3 and 5) are no such pattern."""
+    with pytest.raises(LayoutError, match="NeMo 2's Gemma3Config places a full layer every"):
+        pyconv.reshard(models["gemma3"][1], tmp_path / "nemo", to="nemo")
+    assert not (tmp_path / "nemo").exists()

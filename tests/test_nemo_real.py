@@ -113,7 +113,8 @@ def converted(tmp_path_factory):
 
     def get(family):
         if family not in done:
-            model = build_tiny_model(family) if family in ("llama", "qwen2", "gpt2") else qwen3_model(family)
+            model = (build_tiny_model(family) if family in ("llama", "qwen2", "gpt2") else
+                     qwen3_model(family) if family.startswith("qwen3") else dense_2025_model(family))
             model.save_pretrained(root / family / "hf")
             real_tokenizer(root / family / "hf", model.config.vocab_size)
             # A MoE layer's pre-MLP norm is keyed by layer spec: NeMo here (no TransformerEngine)
@@ -136,6 +137,30 @@ def qwen3_model(family: str):
     config = (transformers.Qwen3Config(**common, tie_word_embeddings=True) if family == "qwen3" else
               transformers.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                                           norm_topk_prob=True, tie_word_embeddings=False))
+    return nontrivial_vectors(transformers.AutoModelForCausalLM.from_config(config).eval())
+
+
+def dense_2025_model(family: str):
+    """Tiny Phi-3 (GQA, partial rotary 0.75), Gemma 2 (soft caps, window 8, query_pre_attn_scalar
+    24, head_dim 16) and Gemma 3 (q/k norms, two rope bases, window 8, a full layer every 3)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(6)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64)
+    if family == "phi3":
+        config = transformers.Phi3Config(**common, num_hidden_layers=3, partial_rotary_factor=0.75, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2)
+    elif family == "gemma2":
+        config = transformers.Gemma2Config(**common, num_hidden_layers=4, head_dim=16, sliding_window=8,
+                                           query_pre_attn_scalar=24, attn_logit_softcapping=4.0,
+                                           final_logit_softcapping=2.0)
+    else:
+        config = transformers.Gemma3TextConfig(**common, num_hidden_layers=6, head_dim=16, sliding_window=8,
+                                               query_pre_attn_scalar=24, sliding_window_pattern=3,
+                                               rope_local_base_freq=100.0, rope_theta=10000.0,
+                                               rope_scaling={"rope_type": "linear", "factor": 4.0})
     return nontrivial_vectors(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
@@ -188,7 +213,7 @@ def test_nemo_load_context_builds_the_model_and_tokenizer(llama):
 
 @pytest.mark.parametrize("family, nemo_class", [("llama", "LlamaModel"), ("qwen2", "Qwen2Model"),
                                                 ("gpt2", "GPTModel"), ("qwen3", "Qwen3Model"),
-                                                ("qwen3_moe", "Qwen3Model")])
+                                                ("qwen3_moe", "Qwen3Model"), ("phi3", "Phi3Model")])
 def test_nemo_loads_pyconv_weights_with_transformers_logits(converted, family, nemo_class):
     import torch
     from nemo.lightning.io import load_context
@@ -222,6 +247,59 @@ def test_nemo_loads_pyconv_weights_with_transformers_logits(converted, family, n
     with torch.no_grad():
         ref = model(ids).logits.float()
     assert torch.allclose(got, ref, atol=ATOL, rtol=0), (got - ref).abs().max()
+
+
+def test_nemo_builds_pyconv_phi3_config(converted):
+    _, _, out = converted("phi3")
+    c = nemo_model(out / "context").config
+    assert type(c).__name__ == "Phi3Config"
+    assert (c.num_query_groups, c.rotary_percent, c.kv_channels) == (2, 0.75, 16)
+
+
+# The weights NeMo 2.5's Gemma importers (gemma2.py / gemma3.py convert_state) write, one layer;
+# Gemma 3 adds the q/k norms. The shapes are the tiny models'.
+NEMO_GEMMA_LAYER = {"self_attention.linear_qkv.layer_norm_weight": (64,), "self_attention.linear_qkv.weight": (128, 64),
+                    "self_attention.linear_proj.weight": (64, 64),
+                    "self_attention.linear_proj.post_layernorm.weight": (64,),
+                    "mlp.linear_fc1.layer_norm_weight": (64,), "mlp.linear_fc1.weight": (192, 64),
+                    "mlp.linear_fc2.weight": (64, 96), "mlp.linear_fc2.post_layernorm.weight": (64,)}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_nemo_builds_pyconv_gemma_config_and_names_its_weights(converted, family):
+    """NeMo's Gemma layers need TransformerEngine, so no forward here: the config NeMo builds from
+    pyconv's io.json against NeMo's own HF importer (Gemma 2) or NeMo's Gemma3Config semantics,
+    and the DCP keys and shapes against NeMo's importer mapping."""
+    import math
+
+    from nemo.collections.llm.fn.activation import openai_gelu
+
+    model, hf, out = converted(family)
+    m = nemo_model(out / "context")
+    c = m.config
+    assert type(m).__name__ == ("Gemma2Model" if family == "gemma2" else "Gemma3Model")
+    assert c.layernorm_zero_centered_gamma and c.gated_linear_unit and c.activation_func is openai_gelu
+    assert (c.kv_channels, c.num_query_groups, c.share_embeddings_and_output_weights) == (16, 2, True)
+    if family == "gemma2":
+        from nemo.collections.llm.gpt.model.gemma2 import HFGemmaImporter
+
+        nemo_own = HFGemmaImporter(str(hf)).config  # NeMo's importer leaves kv_channels and seq_length at defaults
+        for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                      "layernorm_epsilon", "rotary_base", "query_pre_attn_scalar", "attn_logit_softcapping",
+                      "final_logit_softcapping", "window_size", "vocab_size", "share_embeddings_and_output_weights",
+                      "layernorm_zero_centered_gamma", "activation_func", "gated_linear_unit"):
+            assert getattr(c, field) == getattr(nemo_own, field), field
+    else:
+        assert (c.rotary_base, c.window_size, c.interleaved_attn_pattern, c.rope_scaling_factor) == (
+            (100.0, 10000.0), 8, (2, 1), 4.0)
+        assert c.qk_layernorm and math.isclose(c.softmax_scale, 24 ** -0.5, rel_tol=0, abs_tol=0)
+    layer = {**NEMO_GEMMA_LAYER, **({"self_attention.q_layernorm.weight": (16,),
+                                     "self_attention.k_layernorm.weight": (16,)} if family == "gemma3" else {})}
+    layers = model.config.num_hidden_layers  # stacked on a leading layer axis, as Megatron-Core saves them
+    want = {"module.embedding.word_embeddings.weight": (96, 64), "module.decoder.final_layernorm.weight": (64,),
+            **{f"module.decoder.layers.{k}": (layers, *shape) for k, shape in layer.items()}}
+    got = {k: tuple(v.shape) for k, v in read_dcp(out / "weights").items()}
+    assert got == want
 
 
 def nemo_import(hf_dir: str, out_dir: str) -> None:

@@ -209,6 +209,7 @@ GEMMA2 = register_family(Family(
     megatron_args_from_hf=gemma2_megatron_args,
     hf_config_from_megatron=gemma2_hf_config,
     megatron_features=frozenset({"glu", "rmsnorm", "pos_rope", "norm_1p"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.gemma2", "Gemma2Model", "Gemma2Config"),
 ))
 GEMMA3 = register_family(Family(
     name="gemma3",
@@ -218,6 +219,9 @@ GEMMA3 = register_family(Family(
     megatron_args_from_hf=gemma3_megatron_args,
     hf_config_from_megatron=gemma3_hf_config,
     megatron_features=frozenset({"glu", "rmsnorm", "pos_rope", "norm_1p", "qk_layernorm"}),
+    # NeMo 2.5's Gemma3Config lacks the rope_scaling_factor its model reads; its sized subclasses
+    # have it: every field is written explicitly, so the 1B one's defaults do not matter.
+    nemo_classes=("nemo.collections.llm.gpt.model.gemma3", "Gemma3Model", "Gemma3Config1B"),
 ))
 
 # Megatron-Bridge writes the multimodal model as its own Gemma3VLModel (language_model.*, the SigLIP

@@ -81,4 +81,5 @@ PHI3 = register_family(Family(
     hf_config_from_megatron=phi3_hf_config,
     # With every dim rotated its args are Llama's (the same model); partial rotary tells it apart.
     megatron_features=frozenset({"swiglu", "rmsnorm", "pos_rope", "partial_rotary"}),
+    nemo_classes=("nemo.collections.llm.gpt.model.phi3mini", "Phi3Model", "Phi3Config"),
 ))

@@ -634,6 +634,9 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
         params_dtype=Pyref(f"torch.{TORCH_NAME[params_dtype]}"))
     if args.get("qk_layernorm"):
         fields["qk_layernorm"] = True
+    class_fields = _CLASS_FIELDS.get(family.nemo_classes[2])
+    if class_fields is not None:
+        fields.update(class_fields(args))
     if args.get("num_experts"):
         fields.update(num_moe_experts=args["num_experts"], moe_ffn_hidden_size=args["moe_ffn_hidden_size"],
                       moe_router_topk=args["moe_router_topk"],
@@ -642,6 +645,56 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
             fields.update(moe_shared_expert_intermediate_size=args["moe_shared_expert_intermediate_size"],
                           moe_shared_expert_gate=bool(args.get("moe_shared_expert_gate")))
     return fields
+
+
+def _gemma_common_fields(args: dict) -> dict:
+    """What NeMo 2.5's Gemma configs set beyond GPTConfig's (gemma2.py / gemma3.py): 1 + weight
+    norms, GeGLU with NeMo's openai_gelu."""
+    return {"layernorm_zero_centered_gamma": True, "gated_linear_unit": True,
+            "activation_func": Pyref("nemo.collections.llm.fn.activation.openai_gelu")}
+
+
+def _gemma2_fields(args: dict) -> dict:
+    """Gemma2Config as NeMo's HF importer fills it (HFGemmaImporter.config): window_size
+    (sliding_window, 0), query_pre_attn_scalar, both soft caps."""
+    window = args.get("window_size")
+    scalar = float(args["query_pre_attn_scalar"])
+    return {**_gemma_common_fields(args), "query_pre_attn_scalar": int(scalar) if scalar.is_integer() else scalar,
+            "attn_logit_softcapping": args.get("attn_logit_softcapping"),
+            "final_logit_softcapping": args.get("final_logit_softcapping"),
+            "window_size": (int(window[0]) + 1, 0) if window else None}
+
+
+def _gemma3_fields(args: dict) -> dict:
+    """Gemma3Config: (local, global) rope bases, window_size in tokens, the (local, global)
+    interleaved_attn_pattern (a full layer every local + global layers: HF's layer_types must be
+    that periodic pattern), rope_scaling_factor, softmax_scale."""
+    skip = args.get("window_attn_skip_freq")
+    if not args.get("window_size") or not isinstance(skip, list) or 0 not in skip:
+        raise LayoutError("NeMo 2's Gemma3Config alternates sliding and full layers; this model's layer_types do not")
+    period = skip.index(0) + 1
+    if skip != [int((i + 1) % period != 0) for i in range(len(skip))]:
+        raise LayoutError(f"layer_types {['full' if not v else 'sliding' for v in skip]}: NeMo 2's Gemma3Config "
+                          "places a full layer every interleaved_attn_pattern layers, no other pattern")
+    return {**_gemma_common_fields(args), "qk_layernorm": True, "is_vision_language": False,
+            "rotary_base": (float(args["rotary_base_local"]), float(args["rotary_base"])),
+            "window_size": int(args["window_size"][0]) + 1, "interleaved_attn_pattern": (period - 1, 1),
+            "rope_scaling_factor": float(args.get("rope_scaling_factor") or 1.0),
+            "softmax_scale": float(args["softmax_scale"])}
+
+
+# NeMo config classes whose fields go beyond GPTConfig's, by the class name a family table names.
+_CLASS_FIELDS = {"Gemma2Config": _gemma2_fields, "Gemma3Config1B": _gemma3_fields}
+# Where NeMo 2.5's own layers compute another model than the HF one from those fields (read in
+# its gemma2.py / gemma3.py attention): said in the plan's notes, the weights being the same.
+_CLASS_NOTES = {
+    "Gemma2Config": "NeMo 2.5's Gemma 2 attention windows the even-numbered layers (1-based) over window_size[0] + 1 "
+                    "tokens, as its HF importer sets it (sliding_window, 0); the HF model windows its layer_types' "
+                    "sliding layers (the odd-numbered ones by default) over sliding_window tokens: on longer inputs "
+                    "NeMo's outputs differ from the HF model's",
+    "Gemma3Config1B": "NeMo 2.5's Gemma 3 attention windows its local layers over window_size + 1 tokens; the HF model over "
+                    "sliding_window tokens: on longer inputs NeMo's outputs differ from the HF model's",
+}
 
 
 class _FiddleWriter:
@@ -685,8 +738,11 @@ class _FiddleWriter:
         items = []
         for name, value in fields.items():
             child = f"{path}.{name}"
-            if isinstance(value, tuple):
+            if _is_nested_config(value):
                 serialized = self.config(value[0], value[1], child)
+            elif isinstance(value, tuple):  # a tuple of scalars (Gemma's window_size, rotary_base)
+                serialized = self._container("tuple", [{"type": "leaf", "value": v, "paths": [f"{child}[{i}]"]}
+                                                       for i, v in enumerate(value)], [child])
             elif isinstance(value, Pyref):
                 serialized = {**self._pyref(value), "paths": [child]}
             elif isinstance(value, dict):
@@ -713,6 +769,11 @@ class _FiddleWriter:
         root = self.config(cls, fields, "<root>")
         return json.dumps({"root": root, "objects": self.objects, "refcounts": self.refcounts, "version": "0.0.1"},
                           indent=2)
+
+
+def _is_nested_config(value) -> bool:
+    """(class, fields): a nested fdl.Config, as opposed to a tuple of scalars."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple) and isinstance(value[1], dict)
 
 
 def _yaml_scalar(value) -> str:
@@ -751,7 +812,9 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     module, model_name, config_name = family.nemo_classes
     # No vocabulary padding (as NeMo's importers): the embedding keeps the true vocabulary.
     files = PlannedFiles(plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX))
-    files.notes = attention_notes(catalog.config)
+    files.notes = attention_notes(catalog.config, fields)  # Gemma's window is in the fields
+    if config_name in _CLASS_NOTES and fields.get("window_size"):
+        files.notes += (_CLASS_NOTES[config_name],)
     model_fields = {"config": ((module, config_name), fields),
                     "tokenizer": (_TOKENIZER_CLASS, {"pretrained_model_name": TOKENIZER_DIR})}
     context = {"model": ((module, model_name), model_fields), "trainer": _TRAINER, "extra": {}}
