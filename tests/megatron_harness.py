@@ -196,7 +196,7 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
     if not v2 and not cfg.get("norm_topk_prob", True):
         raise NotImplementedError("norm_topk_prob=False: Megatron-Core's sigmoid router always normalises")
     heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
-    experts, topk = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    topk = cfg["num_experts_per_tok"]
     groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
     # HF ranks expert groups by their top-2 scores (V3) or their best one (V2's
     # group_limited_greedy); Megatron-Core by the sum of the top topk // group_topk
@@ -209,24 +209,7 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
                                       f"by top {topk // group_topk}")
     else:
         groups = group_topk = None
-    if experts % ep:
-        raise ValueError(f"num_experts = {experts} is not divisible by ep = {ep}")
-    first_dense = cfg.get("first_k_dense_replace") or 0
-    shared = (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
-    moe = dict(
-        num_moe_experts=experts, moe_ffn_hidden_size=cfg["moe_intermediate_size"],
-        moe_layer_freq=[0] * first_dense + [1] * (layers - first_dense),
-        moe_router_topk=topk, moe_router_num_groups=groups, moe_router_group_topk=group_topk,
-        # V3: sigmoid scores, expert_bias, normalised top-k; V2: softmax over all, top-k unnormalised
-        moe_router_score_function="softmax" if v2 else "sigmoid", moe_router_enable_expert_bias=not v2,
-        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)), moe_router_pre_softmax=v2,
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
-        moe_input_jitter_eps=None, moe_expert_capacity_factor=None,
-        moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False,
-        moe_router_fusion=False, moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=False,
-        moe_shared_expert_overlap=False,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp if etp is None else etp,
-    )
+    moe = _deepseek_moe_config(cfg, tp, ep, etp, v2, groups, group_topk)
     if _rope_scaling(cfg):
         raise NotImplementedError("DeepSeek rope scaling (only plain RoPE is translated for MLA)")
     tc = dict(
@@ -245,6 +228,62 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
               max_sequence_length=cfg["max_position_embeddings"],
               share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
     return tc, gm, dict(swiglu=True, openai_gelu=False), moe
+
+
+def _deepseek_moe_config(cfg: dict, tp: int, ep: int, etp: int | None, v2: bool, groups, group_topk) -> dict:
+    """The MoE part of DeepSeek-V3 (and GLM-4.5, the same routing): the first first_k_dense_replace
+    layers dense, sigmoid scores with expert_bias (V2: softmax, no bias), group-limited top-k,
+    normalised weights times routed_scaling_factor, shared experts without a gate."""
+    experts, topk, layers = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["num_hidden_layers"]
+    if experts % ep:
+        raise ValueError(f"num_experts = {experts} is not divisible by ep = {ep}")
+    first_dense = cfg.get("first_k_dense_replace") or 0
+    shared = (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
+    return dict(
+        num_moe_experts=experts, moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+        moe_layer_freq=[0] * first_dense + [1] * (layers - first_dense),
+        moe_router_topk=topk, moe_router_num_groups=groups, moe_router_group_topk=group_topk,
+        # V3: sigmoid scores, expert_bias, normalised top-k; V2: softmax over all, top-k unnormalised
+        moe_router_score_function="softmax" if v2 else "sigmoid", moe_router_enable_expert_bias=not v2,
+        moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)), moe_router_pre_softmax=v2,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None, moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_permute_fusion=False,
+        moe_router_fusion=False, moe_shared_expert_intermediate_size=shared or None, moe_shared_expert_gate=False,
+        moe_shared_expert_overlap=False,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=tp if etp is None else etp,
+    )
+
+
+def _glm4_moe_config(cfg: dict, tp: int, ep: int, etp: int | None) -> tuple[dict, dict, dict, dict]:
+    """GLM-4.5: grouped-query attention with q/k/v biases (attention_bias; o_proj has none), per-head
+    q/k norms when use_qk_norm, the first partial_rotary_factor of each head rotated by halves
+    (rotary_percent), DeepSeek-V3's MoE (first dense layers, sigmoid router with expert_bias)."""
+    if not cfg.get("norm_topk_prob", True):
+        raise NotImplementedError("norm_topk_prob=False: Megatron-Core's sigmoid router always normalises")
+    if _rope_scaling(cfg):
+        raise NotImplementedError("GLM-4.5 rope scaling")
+    topk, groups, group_topk = cfg["num_experts_per_tok"], cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    if groups > 1 and group_topk < groups:
+        if topk // group_topk != 2:
+            raise NotImplementedError("HF ranks expert groups by their top-2 scores")
+    else:
+        groups = group_topk = None
+    moe = _deepseek_moe_config(cfg, tp, ep, etp, False, groups, group_topk)
+    rp = cfg.get("rope_parameters") or {}
+    rotary = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    tc = dict(
+        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+        num_attention_heads=cfg["num_attention_heads"], num_query_groups=cfg["num_key_value_heads"],
+        kv_channels=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        ffn_hidden_size=cfg["intermediate_size"], normalization="RMSNorm",
+        layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)), gated_linear_unit=True,
+        activation_func=_activation(cfg.get("hidden_act", "silu")), add_bias_linear=False,
+        add_qkv_bias=bool(cfg.get("attention_bias")), qk_layernorm=bool(cfg.get("use_qk_norm")), **moe)
+    gm = dict(position_embedding_type="rope", rotary_percent=rotary, rotary_base=_rope_theta(cfg),
+              max_sequence_length=cfg["max_position_embeddings"],
+              share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)))
+    return tc, gm, dict(swiglu=True, openai_gelu=False, block_spec=True), moe
 
 
 def _gemma_config(cfg: dict, model_type: str) -> tuple[dict, dict, dict]:
@@ -372,6 +411,8 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
         extra = dict(swiglu=False, openai_gelu=(act in ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")))
     elif model_type in ("gemma2", "gemma3_text"):
         tc, gm, extra = _gemma_config(cfg, model_type)
+    elif model_type == "glm4_moe":
+        tc, gm, extra, moe = _glm4_moe_config(cfg, tp, ep, etp)
     elif model_type in ("deepseek_v3", "deepseek_v2"):
         tc, gm, extra, moe = _deepseek_v3_config(cfg, tp, ep, etp)
         extra["mla"] = True
@@ -572,6 +613,10 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
         config = TransformerConfig(**t["transformer_config"])
     if t.get("mla"):
         pass
+    elif t.get("block_spec"):  # dense first layers, then MoE (moe_layer_freq)
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     elif t["num_experts"]:
         spec = get_gpt_layer_local_spec(num_experts=t["num_experts"], moe_grouped_gemm=False,
                                         normalization=t["normalization"], qk_layernorm=config.qk_layernorm)

@@ -282,6 +282,8 @@ def megatron_features(args: dict) -> frozenset[str]:
             f.add("shared_expert")
         if args.get("moe_shared_expert_gate"):
             f.add("shared_expert_gate")
+        if args.get("moe_router_enable_expert_bias"):
+            f.add("expert_bias")
         if args.get("moe_router_score_function"):
             f.add(str(args["moe_router_score_function"]) + "_router")
     return frozenset(f)
