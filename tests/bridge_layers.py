@@ -16,7 +16,8 @@ window_attn_skip_freq / softmax_scale.
 OLMo 2 (no bridge of its own): EXAONE 4.0's post-norm layer (models/exaone/exaone4: no norm before
 the attention or the MLP, TERowParallelLinearLayerNorm for linear_proj and linear_fc2) with
 OLMoE's whole-projection q/k norms (models/olmoe/olmoe_provider.py: the norm as wide as the
-projection, applied to [s, b, heads * head_dim] before the per-head view; tp 1).
+projection, applied to [s, b, heads * head_dim] before the per-head view; tp 1). OLMoE: those
+q/k norms in Megatron-Core's pre-norm MoE layer.
 
 Nothing here is loaded from pyconv."""
 
@@ -61,18 +62,21 @@ def row_parallel_linear_layer_norm(norm):
     return RowParallelLinearLayerNorm
 
 
-def build_olmo2_model(config, t: dict, pre: bool, post: bool, parallel_output: bool):
-    """A GPTModel with OLMo 2's layers at tp 1; `t` is translate_hf_config()'s result."""
+def build_olmo_model(config, t: dict, pre: bool, post: bool, parallel_output: bool):
+    """A GPTModel with OLMo 2's layers (post-norms, whole-projection q/k norms) or OLMoE's (pre-norms,
+    whole-projection q/k norms, routed experts) at tp 1; `t` is translate_hf_config()'s result."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.identity_op import IdentityOp
 
     norm = rms_norm_class(one_plus=False)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=True)
+    spec = get_gpt_layer_local_spec(num_experts=t["num_experts"], moe_grouped_gemm=False, normalization="RMSNorm",
+                                    qk_layernorm=True)
     layer = spec.submodules
-    layer.input_layernorm = layer.pre_mlp_layernorm = IdentityOp
     attention = layer.self_attention.submodules
-    attention.linear_proj = layer.mlp.submodules.linear_fc2 = row_parallel_linear_layer_norm(norm)
+    if t["olmo"] == "post_norms":
+        layer.input_layernorm = layer.pre_mlp_layernorm = IdentityOp
+        attention.linear_proj = layer.mlp.submodules.linear_fc2 = row_parallel_linear_layer_norm(norm)
     attention.q_layernorm = rms_norm_class(False, lambda c: c.num_attention_heads * c.kv_channels)
     attention.k_layernorm = rms_norm_class(False, lambda c: c.num_query_groups * c.kv_channels)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=t["padded_vocab_size"],

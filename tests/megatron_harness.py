@@ -20,8 +20,8 @@ Public functions
   save_with_megatron(hf_model_dir, out_dir, tp, ep=1)  per-rank torch checkpoint from Megatron's state_dict()
   megatron_parallel(tp, pp, ep)  context: gloo process group (world size 1 if none) + parallel_state
 
-Families: llama, mistral, qwen2, gpt2 (dense); gemma2, gemma3_text and olmo2 (Megatron-Bridge's
-layers reproduced in tests/bridge_layers.py); mixtral and qwen2_moe (mixture of experts: sequential
+Families: llama, mistral, qwen2, gpt2 (dense); gemma2, gemma3_text, olmo2 and olmoe (Megatron-Bridge's
+layers reproduced in tests/bridge_layers.py); glm4_moe; mixtral and qwen2_moe (mixture of experts: sequential
 local experts, `allgather` token dispatcher, expert parallelism `ep` with expert-TP = tp and the
 data-parallel size = ep, so a run has tp * pp * ep processes); deepseek_v3 (multi-latent attention
 through the local spec's MLASelfAttention with q/kv layernorms, dense first layers, sigmoid router
@@ -150,6 +150,9 @@ def _moe_transformer_config(cfg: dict, model_type: str, tp: int, ep: int, etp: i
     if model_type == "mixtral":
         num_experts, moe_ffn = cfg["num_local_experts"], cfg["intermediate_size"]
         pre_softmax, shared = False, None
+    elif model_type == "olmoe":  # softmax over all, top k, renormalised with norm_topk_prob; no shared expert
+        num_experts, moe_ffn = cfg["num_experts"], cfg["intermediate_size"]
+        pre_softmax, shared = not cfg.get("norm_topk_prob", False), None
     elif model_type == "qwen3_moe":  # Qwen2-MoE's routing, no shared expert
         if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
             raise NotImplementedError("Qwen3-MoE with dense layers (mlp_only_layers / decoder_sparse_step != 1)")
@@ -329,7 +332,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
     model_type = cfg.get("model_type")
     moe = {}
     if model_type in ("llama", "qwen2", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "seed_oss", "phi3",
-                      "smollm3", "olmo2"):
+                      "smollm3", "olmo2", "olmoe"):
         hidden = cfg["hidden_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -345,9 +348,9 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
             qkv_bias, linear_bias = False, False
         elif model_type == "phi3":  # no biases; q/k/v and gate/up fused in HF only
             qkv_bias, linear_bias = False, False
-        elif model_type == "olmo2":  # OLMo 2: no biases (attention_bias would bias o_proj, not the MLP)
-            if cfg.get("attention_bias"):
-                raise NotImplementedError("OLMo 2 with attention_bias")
+        elif model_type in ("olmo2", "olmoe"):  # no biases (attention_bias would bias o_proj, not the MLP)
+            if cfg.get("attention_bias") or cfg.get("clip_qkv") is not None:
+                raise NotImplementedError(f"{model_type} with attention_bias or clip_qkv")
             qkv_bias, linear_bias = False, False
         elif model_type == "seed_oss":
             # Seed-OSS: attention_bias on q/k/v only; o_proj's bias is attention_out_bias
@@ -374,7 +377,7 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
             # Qwen3: RMSNorm over head_dim on each query and key head (HF q_norm / k_norm)
             qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         )
-        if model_type == "olmo2":  # norms after attention and MLP, q/k norms over the whole projection
+        if model_type in ("olmo2", "olmoe"):  # q/k norms over the whole projection; OLMo 2: norms after, not before
             tc["qk_layernorm"] = True
         if model_type == "smollm3":  # NoPE layers: HF's no_rope_layers marks the layers that DO rotate
             tc["no_rope_freq"] = [1 - int(v) for v in cfg["no_rope_layers"]]
@@ -385,8 +388,9 @@ def translate_hf_config(hf_config, tp: int = 1, pp: int = 1, ep: int = 1, etp: i
                   max_sequence_length=cfg["max_position_embeddings"],
                   share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
                   **_rope_scaling(cfg))
-        extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False, olmo2=model_type == "olmo2")
-        if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        extra = dict(swiglu=(act in ("silu", "swish")), openai_gelu=False,
+                     olmo={"olmo2": "post_norms", "olmoe": "pre_norms"}.get(model_type))
+        if model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
             moe = _moe_transformer_config(cfg, model_type, tp, ep, etp)
             tc.update(moe)
     elif model_type == "gpt2":
@@ -594,12 +598,12 @@ def gpt_model_from_hf_config(hf_config, tp: int, pp: int = 1, parallel_output: b
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     t = translate_hf_config(hf_config, tp, pp, ep, etp)
-    if t.get("gemma") or t.get("olmo2"):
-        from bridge_layers import build_gemma_model, build_olmo2_model
+    if t.get("gemma") or t.get("olmo"):
+        from bridge_layers import build_gemma_model, build_olmo_model
 
         pre = parallel_state.is_pipeline_first_stage() if pp > 1 else True
         post = parallel_state.is_pipeline_last_stage() if pp > 1 else True
-        build = build_gemma_model if t.get("gemma") else build_olmo2_model
+        build = build_gemma_model if t.get("gemma") else build_olmo_model
         return build(TransformerConfig(**t["transformer_config"]), t, pre, post, parallel_output)
     if t.get("mla"):  # DeepSeek-V3: MLA everywhere, dense or MoE MLP per moe_layer_freq
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec

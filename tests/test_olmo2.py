@@ -84,7 +84,7 @@ def test_names_and_shapes(olmo2, tmp_path):
 
 @pytest.mark.parametrize("to", ["megatron", "torch_dist"])
 def test_tp_above_one_is_refused_by_name(olmo2, tmp_path, to):
-    with pytest.raises(LayoutError, match="tp=2: OLMo 2's q/k norms span the whole projection"):
+    with pytest.raises(LayoutError, match="tp=2: OLMo 2's q/k norms over the whole projection"):
         pyconv.reshard(olmo2[1], tmp_path / "out", to=to, tp=2)
     assert not (tmp_path / "out").exists()
 

@@ -263,6 +263,8 @@ def megatron_features(args: dict) -> frozenset[str]:
     f.update(feature for arg, feature in flags.items() if args.get(arg))
     if args.get("gated_linear_unit") and not args.get("swiglu"):  # GeGLU (Gemma)
         f.add("glu")
+    if args.get("qk_layernorm_whole_projection"):  # q/k norms over the whole projection (OLMo 2, OLMoE)
+        f.add("qk_whole_projection")
     if args.get("post_layernorm"):  # norms after the attention and the MLP, none before (OLMo 2)
         f.add("post_layernorm")
     if args.get("apply_layernorm_1p"):  # norms scale by 1 + weight (Gemma)

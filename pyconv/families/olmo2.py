@@ -24,13 +24,21 @@ from pyconv.families.llama import EMBEDDING, HEAD, llama_dims, llama_hf_config, 
 L = "model.layers.*."
 M = "decoder.layers.*."
 
-OLMO2_LAYER = (
-    TensorMapping((L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight", L + "self_attn.v_proj.weight"),
-                  M + "self_attention.linear_qkv.weight", QKV, LAYER, lambda d: (d.heads * d.head_dim, d.hidden)),
+# q/k RMSNorms over the whole projection (OLMo 2, OLMoE), as wide as q_proj's and k_proj's output.
+WHOLE_PROJECTION_QK_NORM = (
     TensorMapping((L + "self_attn.q_norm.weight",), M + "self_attention.q_layernorm.weight", REPLICATED, LAYER,
                   lambda d: (d.heads * d.head_dim,)),
     TensorMapping((L + "self_attn.k_norm.weight",), M + "self_attention.k_layernorm.weight", REPLICATED, LAYER,
                   lambda d: (d.groups * d.head_dim,)),
+)
+# Why such a norm is the model at tp 1 only.
+WHOLE_PROJECTION_SINGLE_TP = ("q/k norms over the whole projection: Megatron-Core's q_layernorm is per head, and the "
+                              "whole-projection norm (Megatron-Bridge's OLMoE attention) normalises a rank's slice "
+                              "only")
+OLMO2_LAYER = (
+    TensorMapping((L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight", L + "self_attn.v_proj.weight"),
+                  M + "self_attention.linear_qkv.weight", QKV, LAYER, lambda d: (d.heads * d.head_dim, d.hidden)),
+) + WHOLE_PROJECTION_QK_NORM + (
     TensorMapping((L + "self_attn.o_proj.weight",), M + "self_attention.linear_proj.weight", ROW, LAYER,
                   lambda d: (d.hidden, d.heads * d.head_dim)),
     TensorMapping((L + "post_attention_layernorm.weight",), M + "self_attention.linear_proj.post_layernorm.weight",
@@ -72,7 +80,7 @@ OLMO2 = register_family(Family(
     dims_from_hf=olmo2_dims,
     megatron_args_from_hf=olmo2_megatron_args,
     hf_config_from_megatron=olmo2_hf_config,
-    megatron_features=frozenset({"swiglu", "rmsnorm", "pos_rope", "qk_layernorm", "post_layernorm"}),
-    single_tp=("OLMo 2's q/k norms span the whole projection: Megatron-Core's q_layernorm is per head, and the "
-               "whole-projection norm (Megatron-Bridge's OLMoE attention) normalises a rank's slice only"),
+    megatron_features=frozenset({"swiglu", "rmsnorm", "pos_rope", "qk_layernorm", "qk_whole_projection",
+                                 "post_layernorm"}),
+    single_tp="OLMo 2's " + WHOLE_PROJECTION_SINGLE_TP,
 ))

@@ -63,6 +63,9 @@ SOURCES = {
         **LLAMA_LIKE, head_dim=16, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True,
         partial_rotary_factor=0.5, num_nextn_predict_layers=0)),
+    "olmoe": (transformers.OlmoeForCausalLM, transformers.OlmoeConfig(
+        **{**LLAMA_LIKE, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=48, n_layer=4, n_head=4, activation_function="gelu_new")),
     "bert": (transformers.MegatronBertForPreTraining, transformers.MegatronBertConfig(
