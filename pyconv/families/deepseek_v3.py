@@ -231,6 +231,23 @@ def first_dense_from_freq(freq, num_layers: int, where: str) -> int:
     raise FormatError(f"{where}: moe_layer_freq {freq!r} is not a run of dense layers followed by MoE layers")
 
 
+def _rope_config(config: dict, args: dict) -> dict:
+    """The rope fields of the HF config: the source config's own (transformers 5's rope_parameters,
+    or the older rope_theta + rope_scaling that DeepSeek's and Kimi's released configs carry) with
+    the theta from the args; from the args alone, rope_parameters with their YaRN factors."""
+    theta = float(args.get("rotary_base", 10000))
+    if isinstance(config.get("rope_parameters"), dict):
+        return {"rope_parameters": {**config["rope_parameters"], "rope_theta": theta}}
+    if "rope_theta" in config or "rope_scaling" in config:
+        return {"rope_theta": theta}
+    if args.get("rope_type") == "yarn":
+        return {"rope_parameters": {
+            "rope_type": "yarn", "rope_theta": theta, "factor": float(args["rotary_scaling_factor"]),
+            **{k: float(args[k]) for k in ("mscale", "mscale_all_dim", "beta_fast", "beta_slow") if k in args},
+            "original_max_position_embeddings": int(args.get("original_max_position_embeddings", 4096))}}
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+
+
 def deepseek_v3_hf_config(args: dict) -> dict:
     where = "megatron args"
     config = original_hf_config(args)
@@ -240,10 +257,9 @@ def deepseek_v3_hf_config(args: dict) -> dict:
     if shared % moe_ffn:
         raise FormatError(f"{where}: moe_shared_expert_intermediate_size {shared} is not a multiple of "
                           f"moe_ffn_hidden_size {moe_ffn} (HF counts shared experts)")
-    theta = float(args.get("rotary_base", 10000))
-    rope = dict(config.get("rope_parameters") or {"rope_type": "default"}, rope_theta=theta)
+    rope = _rope_config(config, args)
     config.update(
-        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=hidden,
+        architectures=["DeepseekV3ForCausalLM"], model_type=config.get("model_type", "deepseek_v3"), hidden_size=hidden,
         intermediate_size=arg(args, "ffn_hidden_size", where), moe_intermediate_size=moe_ffn,
         num_hidden_layers=layers, num_attention_heads=heads,
         n_routed_experts=arg(args, "num_experts", where), n_shared_experts=shared // moe_ffn,
@@ -258,7 +274,7 @@ def deepseek_v3_hf_config(args: dict) -> dict:
         rope_interleave=True, rms_norm_eps=float(args.get("norm_epsilon", 1e-6)),
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
-        vocab_size=args.get("vocab_size") or arg(args, "padded_vocab_size", where), rope_parameters=rope)
+        vocab_size=args.get("vocab_size") or arg(args, "padded_vocab_size", where), **rope)
     if args.get("mtp_num_layers"):
         config["num_nextn_predict_layers"] = args["mtp_num_layers"]
     else:  # a source config's value stays (transformers' default is 1, with or without the weights)
