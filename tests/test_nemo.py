@@ -241,6 +241,44 @@ def nemo_stand_ins(monkeypatch):
     return fiddle, serialization
 
 
+@pytest.mark.parametrize("rope, nemo_class, fields", [
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, "Llama31Config",
+     {"scale_factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "old_context_len": 8192}),
+    ({"rope_type": "linear", "factor": 4.0}, "LlamaConfig", {"seq_len_interpolation_factor": 4.0}),
+])
+def test_llama_rope_scaling_is_nemos_both_ways(nemo_stand_ins, tmp_path, rope, nemo_class, fields):
+    """Llama 3.x rope scaling is NeMo's Llama31Config (scale_factor...), linear scaling GPTConfig's
+    seq_len_interpolation_factor; read back from io.json alone they give the same HF rope."""
+    import torch
+    import transformers
+
+    import pyconv
+    from conftest import hf_logits
+
+    fdl, serialization = nemo_stand_ins
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_parameters={**rope, "rope_theta": 500000.0})
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharp attention, so that the scaled rope moves the logits
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    model.save_pretrained(tmp_path / "hf")
+    pyconv.reshard(tmp_path / "hf", tmp_path / "nemo", to="nemo")
+    c = serialization.load_json((tmp_path / "nemo" / "context" / "io.json").read_text()).model.config
+    assert fdl.get_callable(c).__qualname__ == nemo_class
+    assert {k: getattr(c, k) for k in fields} == fields
+    back = tmp_path / "back"
+    pyconv.reshard(without_hf_config(tmp_path / "nemo", tmp_path), back, to="hf")
+    assert json.loads((back / "config.json").read_text())["rope_parameters"] == {**rope, "rope_theta": 500000.0}
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hf_logits(transformers.LlamaForCausalLM.from_pretrained(back).eval(), ids),
+                       hf_logits(model, ids))
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_fiddle_loads_the_gemma_io_json_and_the_weights_come_back(nemo_stand_ins, tmp_path, family):
     """Gemma's NeMo 2 config as NeMo 2.5's classes take it (window, caps, two rope bases, the

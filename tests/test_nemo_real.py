@@ -249,6 +249,43 @@ def test_nemo_loads_pyconv_weights_with_transformers_logits(converted, family, n
     assert torch.allclose(got, ref, atol=ATOL, rtol=0), (got - ref).abs().max()
 
 
+def test_nemo_runs_llama3_rope_scaling_with_transformers_logits(tmp_path):
+    """Llama 3.x rope scaling: NeMo builds Llama31Config from pyconv's io.json, applies the scaling
+    in configure_model, and gives transformers' logits on a 64-token input with sharp attention
+    (where plain rope differs)."""
+    import torch
+    import transformers
+    from nemo.lightning.io.pl import MegatronCheckpointIO
+
+    torch.manual_seed(2)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rope_theta=500000.0, rope_scaling={
+                                          "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    model = nontrivial_vectors(transformers.LlamaForCausalLM(config).eval())
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    model.save_pretrained(tmp_path / "hf")
+    real_tokenizer(tmp_path / "hf", 96)
+    pyconv_cli("reshard", tmp_path / "hf", tmp_path / "nemo", "--to", "nemo")
+    m = nemo_model(tmp_path / "nemo" / "context")
+    assert type(m.config).__name__ == "Llama31Config" and m.config.scale_factor == 8.0
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(1))
+    with mh.megatron_parallel(1):
+        m.module = m.config.configure_model(m.tokenizer)
+        sharded = m.module.sharded_state_dict(prefix="module.")
+        ckpt = MegatronCheckpointIO(save_ckpt_format="torch_dist").load_checkpoint(
+            tmp_path / "nemo" / "weights", sharded_state_dict={"state_dict": sharded}, strict=True)
+        m.module.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}, strict=False)
+        got = mh.forward_logits(m.module.eval(), ids, 96)
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    assert torch.allclose(got, ref, atol=ATOL, rtol=0), (got - ref).abs().max()
+
+
 def test_nemo_builds_pyconv_phi3_config(converted):
     _, _, out = converted("phi3")
     c = nemo_model(out / "context").config

@@ -329,12 +329,33 @@ def nemo_config_to_args(cls: str, explicit: dict, where: str) -> dict:
         raise FormatError(f"{where}: gated linear unit with activation {activation!r}: no pyconv family")
     if c.get("vocab_size"):
         args["vocab_size"] = c["vocab_size"]
+    args.update(_rope_scaling_args(name, explicit, where))
     if c.get("num_moe_experts"):
         args.update(num_experts=c["num_moe_experts"], moe_ffn_hidden_size=c.get("moe_ffn_hidden_size")
                     or c["ffn_hidden_size"], moe_router_topk=c.get("moe_router_topk", 2),
                     moe_router_pre_softmax=bool(c.get("moe_router_pre_softmax")),
                     moe_shared_expert_intermediate_size=c.get("moe_shared_expert_intermediate_size"),
                     moe_shared_expert_gate=bool(c.get("moe_shared_expert_gate")))
+    return args
+
+
+def _rope_scaling_args(name: str, explicit: dict, where: str) -> dict:
+    """Megatron-LM's rope scaling args of a NeMo config: Llama 3.x's (Llama31Config and the presets
+    built on it: scale_factor and its low/high frequency factors and old context, which Megatron-Core
+    fixes at 1, 4 and 8192) and linear position interpolation (seq_len_interpolation_factor)."""
+    args = {}
+    if explicit.get("seq_len_interpolation_factor"):
+        args["rotary_seq_len_interpolation_factor"] = float(explicit["seq_len_interpolation_factor"])
+    if name.startswith(("Llama31", "Llama32", "Llama33")) or "scale_factor" in explicit:
+        if not isinstance(explicit.get("scale_factor"), (int, float)) or isinstance(explicit["scale_factor"], bool):
+            raise FormatError(f"{where}: {name} applies Llama 3.x rope scaling with its preset's scale_factor, which "
+                              f"pyconv does not tabulate; put the model's HF {CONFIG} beside the checkpoint")
+        fixed = tuple(explicit.get(k, default) for k, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                                                                  ("old_context_len", 8192)))
+        if fixed != (1.0, 4.0, 8192):
+            raise FormatError(f"{where}: {name} scales rope with low/high frequency factors and old context {fixed}; "
+                              "Megatron-Core applies 1, 4 and 8192 only")
+        args.update(use_rope_scaling=True, rope_scaling_factor=float(explicit["scale_factor"]))
     return args
 
 
@@ -637,6 +658,11 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
     class_fields = _CLASS_FIELDS.get(family.nemo_classes[2])
     if class_fields is not None:
         fields.update(class_fields(args))
+    if args.get("rotary_seq_len_interpolation_factor"):  # linear rope scaling: GPTConfig's own field
+        fields["seq_len_interpolation_factor"] = float(args["rotary_seq_len_interpolation_factor"])
+    if args.get("use_rope_scaling"):  # Llama 3.x: Llama31Config (nemo_config_class), Megatron-Core's fixed factors
+        fields.update(scale_factor=float(args["rope_scaling_factor"]), low_freq_factor=1.0, high_freq_factor=4.0,
+                      old_context_len=8192)
     if args.get("num_experts"):
         fields.update(num_moe_experts=args["num_experts"], moe_ffn_hidden_size=args["moe_ffn_hidden_size"],
                       moe_router_topk=args["moe_router_topk"],
@@ -645,6 +671,17 @@ def nemo_config_fields(family: Family, config: dict, dims, params_dtype: str) ->
             fields.update(moe_shared_expert_intermediate_size=args["moe_shared_expert_intermediate_size"],
                           moe_shared_expert_gate=bool(args.get("moe_shared_expert_gate")))
     return fields
+
+
+def nemo_config_class(family: Family, fields: dict) -> str:
+    """The NeMo config class: the family's, or Llama31Config where Llama 3.x rope scaling is set
+    (NeMo's LlamaConfig has no such fields; Llama31Config applies them in configure_model)."""
+    name = family.nemo_classes[2]
+    if "scale_factor" in fields:
+        if name != "LlamaConfig":
+            raise LayoutError(f"Llama 3.x rope scaling on {name}: NeMo applies it in Llama31Config only")
+        return "Llama31Config"
+    return name
 
 
 def _gemma_common_fields(args: dict) -> dict:
@@ -809,7 +846,8 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
         raise LayoutError(f"{catalog.architecture}: pyconv has no NeMo 2 model class for the {family.name} family")
     params_dtype = model_dtype(target.dtype, (t.dtype for t in catalog.tensors.values()))
     fields = nemo_config_fields(family, catalog.config, dims, params_dtype)
-    module, model_name, config_name = family.nemo_classes
+    module, model_name, _ = family.nemo_classes
+    config_name = nemo_config_class(family, fields)
     # No vocabulary padding (as NeMo's importers): the embedding keeps the true vocabulary.
     files = PlannedFiles(plan_dcp(catalog, target, family, dims, dims.vocab, WEIGHTS, {}, key_prefix=NEMO2_PREFIX))
     files.notes = attention_notes(catalog.config, fields)  # Gemma's window is in the fields
