@@ -130,3 +130,23 @@ def test_megatron_to_hf_from_the_args_alone_keeps_yarn(kimi, tmp_path):
                                          "mscale_all_dim": 1.0, "beta_fast": 1.0, "beta_slow": 1.0,
                                          "original_max_position_embeddings": 4}
     assert torch.equal(_logits(tmp_path / "hf"), hf_logits(model, _ids()))
+
+
+def test_the_bridge_architecture_name_is_read_and_kept(kimi, tmp_path):
+    """Megatron-Bridge registers Kimi K2 as KimiK2ForCausalLM: a config naming it converts with the
+    DeepSeek-V3 table and keeps the name."""
+    import os
+
+    _, src = kimi
+    named = tmp_path / "named"
+    os.makedirs(named)
+    for entry in os.listdir(src):
+        if entry != "config.json":
+            os.symlink(os.path.join(src, entry), named / entry)
+    config = {**json.loads(open(f"{src}/config.json").read()), "architectures": ["KimiK2ForCausalLM"]}
+    (named / "config.json").write_text(json.dumps(config))
+    pyconv.reshard(named, tmp_path / "meg", to="megatron", ep=4)
+    pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
+    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

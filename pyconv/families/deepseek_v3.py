@@ -259,7 +259,8 @@ def deepseek_v3_hf_config(args: dict) -> dict:
                           f"moe_ffn_hidden_size {moe_ffn} (HF counts shared experts)")
     rope = _rope_config(config, args)
     config.update(
-        architectures=["DeepseekV3ForCausalLM"], model_type=config.get("model_type", "deepseek_v3"), hidden_size=hidden,
+        architectures=config.get("architectures") or ["DeepseekV3ForCausalLM"],
+        model_type=config.get("model_type", "deepseek_v3"), hidden_size=hidden,
         intermediate_size=arg(args, "ffn_hidden_size", where), moe_intermediate_size=moe_ffn,
         num_hidden_layers=layers, num_attention_heads=heads,
         n_routed_experts=arg(args, "num_experts", where), n_shared_experts=shared // moe_ffn,
@@ -327,7 +328,8 @@ MLA_OPTIONAL = frozenset({"swiglu", "rmsnorm", "layernorm", "pos_rope", "pos_yar
 
 DEEPSEEK_V3 = register_family(Family(
     name="deepseek_v3",
-    architectures=("DeepseekV3ForCausalLM",),
+    # Kimi K2's configs say DeepseekV3ForCausalLM; Megatron-Bridge's bridge knows it as KimiK2ForCausalLM.
+    architectures=("DeepseekV3ForCausalLM", "KimiK2ForCausalLM"),
     mappings=DEEPSEEK_V3_MAPPINGS,
     dims_from_hf=deepseek_v3_dims,
     megatron_args_from_hf=deepseek_v3_megatron_args,
