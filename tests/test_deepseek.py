@@ -488,7 +488,7 @@ def test_a_family_the_layout_does_not_cover_is_refused_by_name(tmp_path):
     from test_output_hashes import make_source
 
     src = make_source("llama", tmp_path / "src")
-    with pytest.raises(LayoutError, match=r"inference layout holds DeepSeek models \(deepseek_v3, deepseek_v2\), "
+    with pytest.raises(LayoutError, match=r"inference layout holds DeepSeek models \(deepseek_v3, deepseek_v2, deepseek_v32\), "
                                           r"not LlamaForCausalLM \(the llama family\)"):
         pyconv.reshard(src, tmp_path / "ds", to="deepseek", tp=2)
     assert not (tmp_path / "ds").exists()

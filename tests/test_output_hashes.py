@@ -37,7 +37,7 @@ KIND = {"llama": DENSE, "llama_bf16": DENSE, "llama_bias": DENSE, "mistral": DEN
         "deepseek_v3_no_q_lora": MLA, "deepseek_v2": MLA, "deepseek_v3_mtp": MLA, "deepseek_v3_fp8": MLA,
         "gpt2": DENSE, "bert": DENSE, "seed_oss": DENSE, "phi3": DENSE, "smollm3": DENSE,
         "gemma2": DENSE, "gemma3": DENSE, "olmo2": DENSE, "glm4_moe": MOE,
-        "olmoe": MOE}
+        "olmoe": MOE, "deepseek_v32": MLA}
 
 # (case id, target format, options); each output is also read back to HF (case id + ">hf").
 COMMON_TARGETS = [

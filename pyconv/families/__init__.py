@@ -45,6 +45,9 @@ class ModelDims:
     qk_rope_dim: int = 0      # Megatron's qk_pos_emb_head_dim
     v_head_dim: int = 0
     mtp_layers: int = 0       # multi-token-prediction layers (DeepSeek's num_nextn_predict_layers)
+    # DeepSeek sparse attention's indexer (DeepSeek-V3.2): its heads and head size (0: none)
+    index_heads: int = 0
+    index_head_dim: int = 0
 
     def layer_kind(self, layer: int) -> str:
         """'moe' where the MLP is a mixture of experts, else 'dense'."""
@@ -130,6 +133,8 @@ class Family:
     mtp_after: tuple[TensorMapping, ...] = ()
     # Why the family's Megatron layers are the model at tp 1 only (None: any tp Megatron-Core allows).
     single_tp: str | None = None
+    # Why Megatron-Core builds the family with TransformerEngine's layer names only (None: both namings).
+    te_names_only: str | None = None
     # HF tensors of each MTP layer that copy a model tensor ({leaf name: the model tensor's HF name});
     # Megatron-Core shares the model's instead of holding them.
     mtp_hf_copies: dict = field(default_factory=dict)
@@ -263,6 +268,8 @@ def megatron_features(args: dict) -> frozenset[str]:
     f.update(feature for arg, feature in flags.items() if args.get(arg))
     if args.get("gated_linear_unit") and not args.get("swiglu"):  # GeGLU (Gemma)
         f.add("glu")
+    if args.get("experimental_attention_variant") == "dsa":  # DeepSeek sparse attention (V3.2)
+        f.add("dsa")
     if args.get("qk_layernorm_whole_projection"):  # q/k norms over the whole projection (OLMo 2, OLMoE)
         f.add("qk_whole_projection")
     if args.get("post_layernorm"):  # norms after the attention and the MLP, none before (OLMo 2)

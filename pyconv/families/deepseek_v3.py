@@ -41,6 +41,8 @@ Without num_nextn_predict_layers in the config such layers are dropped (with a n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pyconv.errors import FormatError, LayoutError
 from pyconv.families import (
     COLUMN, GATED_FC1, LATENT_DOWN, LAYER, MTP, REPLICATED, ROW, Family, ModelDims, TensorMapping, hf_int,
@@ -258,6 +260,8 @@ def deepseek_v3_hf_config(args: dict) -> dict:
         raise FormatError(f"{where}: moe_shared_expert_intermediate_size {shared} is not a multiple of "
                           f"moe_ffn_hidden_size {moe_ffn} (HF counts shared experts)")
     rope = _rope_config(config, args)
+    if not config or "rope_interleave" in config:  # DeepSeek-V3.2's config has no such field
+        config["rope_interleave"] = True
     config.update(
         architectures=config.get("architectures") or ["DeepseekV3ForCausalLM"],
         model_type=config.get("model_type", "deepseek_v3"), hidden_size=hidden,
@@ -272,7 +276,7 @@ def deepseek_v3_hf_config(args: dict) -> dict:
         q_lora_rank=args.get("q_lora_rank") or None, kv_lora_rank=arg(args, "kv_lora_rank", where),
         qk_nope_head_dim=arg(args, "qk_head_dim", where), qk_rope_head_dim=arg(args, "qk_pos_emb_head_dim", where),
         v_head_dim=arg(args, "v_head_dim", where), norm_topk_prob=True, hidden_act="silu", attention_bias=False,
-        rope_interleave=True, rms_norm_eps=float(args.get("norm_epsilon", 1e-6)),
+        rms_norm_eps=float(args.get("norm_epsilon", 1e-6)),
         max_position_embeddings=args.get("max_position_embeddings") or args.get("seq_length"),
         tie_word_embeddings=not args.get("untie_embeddings_and_output_weights", False),
         vocab_size=args.get("vocab_size") or arg(args, "padded_vocab_size", where), **rope)
@@ -352,4 +356,80 @@ DEEPSEEK_V2 = register_family(Family(
     megatron_features=frozenset({"mla", "moe", "softmax_router"}),
     megatron_optional=MLA_OPTIONAL,
     deepseek_inference=True,
+))
+
+
+# ---- DeepSeek-V3.2 ---------------------------------------------------------------------------------
+# DeepSeek-V3's table plus the lightning indexer of DeepSeek sparse attention (DSA) in every
+# attention layer: HF self_attn.indexer.{wq_b [n*d, q_lora], wk [d, H], k_norm (LayerNorm weight and
+# bias) [d], weights_proj [n, H]} -> Megatron-Core 0.16.1's DSAttention indexer
+# (experimental_attention_variant "dsa", transformer/experimental_attention_variant/dsa.py:
+# core_attention.indexer.linear_wq_b / linear_wk / k_norm / linear_weights_proj, all 'duplicated':
+# whole on every tensor-parallel rank). Megatron-Core builds DSA with TransformerEngine only
+# (models/gpt/experimental_attention_variant_module_specs.py), whose MLA names fuse the q/kv norms
+# into linear_q_up_proj / linear_kv_up_proj: the TE naming.
+
+IDX = A + "indexer."
+DSA_INDEXER = S + "core_attention.indexer."
+
+
+def _has_indexer(d: ModelDims) -> bool:
+    return d.index_heads > 0
+
+
+INDEXER = (
+    TensorMapping((IDX + "wq_b.weight",), DSA_INDEXER + "linear_wq_b.weight", REPLICATED, LAYER,
+                  lambda d: (d.index_heads * d.index_head_dim, d.q_lora_rank), needs=_has_indexer),
+    TensorMapping((IDX + "wk.weight",), DSA_INDEXER + "linear_wk.weight", REPLICATED, LAYER,
+                  lambda d: (d.index_head_dim, d.hidden), needs=_has_indexer),
+    TensorMapping((IDX + "k_norm.weight",), DSA_INDEXER + "k_norm.weight", REPLICATED, LAYER,
+                  lambda d: (d.index_head_dim,), needs=_has_indexer),
+    TensorMapping((IDX + "k_norm.bias",), DSA_INDEXER + "k_norm.bias", REPLICATED, LAYER,
+                  lambda d: (d.index_head_dim,), needs=_has_indexer),
+    TensorMapping((IDX + "weights_proj.weight",), DSA_INDEXER + "linear_weights_proj.weight", REPLICATED, LAYER,
+                  lambda d: (d.index_heads, d.hidden), needs=_has_indexer),
+)
+DEEPSEEK_V32_MAPPINGS = EMBEDDING + MLA + INDEXER + DENSE_MLP + MOE + HEAD
+
+
+def deepseek_v32_dims(config: dict) -> ModelDims:
+    dims = deepseek_v3_dims(config)
+    if not dims.q_lora_rank:
+        raise LayoutError("config.json: DeepSeek-V3.2 without q_lora_rank: its indexer reads the compressed query")
+    return replace(dims, index_heads=hf_int(config, "index_n_heads"), index_head_dim=hf_int(config, "index_head_dim"))
+
+
+def deepseek_v32_megatron_args(config: dict, dims: ModelDims) -> dict:
+    return {**deepseek_v3_megatron_args(config, dims), "experimental_attention_variant": "dsa",
+            "dsa_indexer_n_heads": dims.index_heads, "dsa_indexer_head_dim": dims.index_head_dim,
+            "dsa_indexer_topk": hf_int(config, "index_topk")}
+
+
+def deepseek_v32_hf_config(args: dict) -> dict:
+    where = "megatron args"
+    config = deepseek_v3_hf_config(args)
+    if "architectures" not in original_hf_config(args):
+        config.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32")
+    config.update(index_n_heads=arg(args, "dsa_indexer_n_heads", where),
+                  index_head_dim=arg(args, "dsa_indexer_head_dim", where),
+                  index_topk=arg(args, "dsa_indexer_topk", where))
+    return config
+
+
+DEEPSEEK_V32 = register_family(Family(
+    name="deepseek_v32",
+    architectures=("DeepseekV32ForCausalLM",),
+    mappings=DEEPSEEK_V32_MAPPINGS,
+    dims_from_hf=deepseek_v32_dims,
+    megatron_args_from_hf=deepseek_v32_megatron_args,
+    hf_config_from_megatron=deepseek_v32_hf_config,
+    megatron_features=frozenset({"mla", "moe", "dsa"}),
+    megatron_optional=MLA_OPTIONAL | {"sigmoid_router", "expert_bias"},
+    deepseek_inference=True,
+    drops_extra_layers=True,
+    mtp_before=MTP_BEFORE,
+    mtp_after=MTP_AFTER,
+    mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"},
+    te_names_only=("Megatron-Core 0.16.1 builds DeepSeek sparse attention with TransformerEngine only "
+                   "(experimental_attention_variant_module_specs.py), under its names"),
 ))

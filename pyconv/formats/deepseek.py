@@ -77,8 +77,15 @@ MAPPING: dict[str, tuple[str, int | None]] = {
     "norm": ("norm", None),
     "lm_head": ("head", 0),
     "scale": ("scale", None),
+    # DeepSeek-V3.2's indexer (DeepSeek-V3.2-Exp's convert.py @3b99a53): whole on every rank, names kept
+    "wq_b": ("wq_b", None),
+    "wk": ("wk", None),
+    "k_norm": ("k_norm", None),
+    "weights_proj": ("weights_proj", None),
 }
-_HF_KEY = {new: old for old, (new, _) in MAPPING.items()}  # the new names are distinct
+_INDEXER_KEYS = ("wq_b", "wk", "k_norm", "weights_proj")
+# The new names are distinct but for the indexer's wq_b (q_b_proj's too): told apart by 'indexer'.
+_HF_KEY = {new: old for old, (new, _) in MAPPING.items() if old not in _INDEXER_KEYS}
 # The script's substring renames, in its order; each replaces every occurrence.
 _RENAMES = (("self_attn", "attn"), ("mlp", "ffn"), ("weight_scale_inv", "scale"), ("e_score_correction_bias", "bias"))
 _HF_PREFIX = "model."
@@ -120,10 +127,11 @@ def hf_name_for(ds_name: str, path: str) -> tuple[str, str]:
     component by component ("attn_norm" must not become "self_attn_norm"), checked by renaming
     the result forward again. `gate.bias` is read as the router's e_score_correction_bias."""
     parts = ds_name.split(".")
-    if len(parts) < 2 or parts[-2] not in _HF_KEY:
+    indexer = len(parts) >= 3 and parts[-3] == "indexer" and parts[-2] in _INDEXER_KEYS
+    if len(parts) < 2 or not (indexer or parts[-2] in _HF_KEY):
         raise FormatError(f"{path}: tensor '{ds_name}' is not a DeepSeek inference name "
                           f"(its second-to-last component is not one of {', '.join(_HF_KEY)})")
-    key = _HF_KEY[parts[-2]]
+    key = parts[-2] if indexer else _HF_KEY[parts[-2]]
     last = parts[-1]
     if last == "scale":
         last = "weight_scale_inv"

@@ -50,6 +50,7 @@ from pyconv.mcore.checkpoint import (
 from pyconv.mcore.config import (
     HF_LAYER,
     attention_notes,
+    check_naming,
     check_tensor_parallel,
     dropped_layers,
     family_and_dims,
@@ -250,8 +251,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     ExpertPartition(dims.num_experts, ep).per_rank  # ep must divide the experts
     grid = sorted(expert_grid(tp, ep, etp))
     refuse_fp8_weights(catalog, target.dtype)
-    if target.options.megatron_naming not in ("te", "local"):
-        raise LayoutError(f"unknown Megatron naming '{target.options.megatron_naming}' (te or local)")
+    check_naming(family, target.options.megatron_naming)
     padded = padded_vocab_size(dims.vocab, target.options.vocab_divisible_by, tp)
     vpp = target.options.vpp
     if target.options.pipeline_layout:

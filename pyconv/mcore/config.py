@@ -36,6 +36,7 @@ def megatron_dims(args: dict, where: str) -> ModelDims:
         tied=not args.get("untie_embeddings_and_output_weights", False),
         num_experts=args.get("num_experts") or 0, moe_ffn=args.get("moe_ffn_hidden_size") or 0,
         mtp_layers=args.get("mtp_num_layers") or 0,
+        index_heads=args.get("dsa_indexer_n_heads") or 0, index_head_dim=args.get("dsa_indexer_head_dim") or 0,
         shared_ffn=args.get("moe_shared_expert_intermediate_size") or 0,
         first_dense_layers=first_dense_layers(args, where),
         **(dict(q_lora_rank=args.get("q_lora_rank") or 0, kv_lora_rank=need("kv_lora_rank"),
@@ -179,6 +180,14 @@ def check_tensor_parallel(dims: ModelDims, tp: int, family: Family | None = None
     if dims.groups % tp and tp % dims.groups:
         raise LayoutError(f"tp={tp} neither divides num_query_groups={dims.groups} nor is a multiple of it, as "
                           "Megatron-Core requires")
+
+
+def check_naming(family: Family, naming: str) -> None:
+    """Refuses a Megatron naming the family's Megatron-Core layers are never built with."""
+    if naming not in ("te", "local"):
+        raise LayoutError(f"unknown Megatron naming '{naming}' (te or local)")
+    if naming != "te" and family.te_names_only:
+        raise LayoutError(f"megatron naming '{naming}': {family.te_names_only}; write it with the te naming")
 
 
 def refuse_fp8_weights(catalog: Catalog, dtype: str | None) -> None:

@@ -543,11 +543,12 @@ def plan_dcp(catalog: Catalog, target: TargetSpec, family: Family, dims: ModelDi
     (NeMo 2 saves its model under 'module.')."""
     from pyconv.io.dcp import DcpChunk, ItemLocation, metadata_pickle
     from pyconv.io.torchsave import layout_torch_save
-    from pyconv.mcore.config import refuse_fp8_weights
+    from pyconv.mcore.config import check_naming, refuse_fp8_weights
     from pyconv.mcore.names import hf_names
     from pyconv.mcore.parallel import shard_pieces, shard_shape
 
     refuse_fp8_weights(catalog, target.dtype)
+    check_naming(family, target.options.megatron_naming)
     config = catalog.config
     iteration_dir = directory
 

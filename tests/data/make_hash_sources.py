@@ -66,6 +66,10 @@ SOURCES = {
     "olmoe": (transformers.OlmoeForCausalLM, transformers.OlmoeConfig(
         **{**LLAMA_LIKE, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
         bos_token_id=1, eos_token_id=2)),
+    "deepseek_v32": (transformers.DeepseekV32ForCausalLM, transformers.DeepseekV32Config(
+        **MLA, q_lora_rank=48, n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2,
+        num_experts_per_tok=4, routed_scaling_factor=2.5, index_n_heads=2, index_head_dim=16, index_topk=8,
+        num_nextn_predict_layers=0)),
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config(
         vocab_size=96, n_positions=64, n_embd=48, n_layer=4, n_head=4, activation_function="gelu_new")),
     "bert": (transformers.MegatronBertForPreTraining, transformers.MegatronBertConfig(
