@@ -945,6 +945,9 @@ def megatron_full_tensors(hf_weights: dict, hf_config) -> dict:
         if tc.get("qk_layernorm"):
             out[m + "self_attention.q_layernorm.weight"] = get(a + "q_norm.weight")
             out[m + "self_attention.k_layernorm.weight"] = get(a + "k_norm.weight")
+        if t["family"] == "glm4_moe":  # DeepSeek-V3's MLP: dense first layers, then experts
+            _deepseek_mlp_full_tensors(out, get, t, i)
+            continue
         if t["num_experts"]:
             _moe_full_tensors(out, get, t, p, m)
             continue
@@ -1002,25 +1005,33 @@ def _deepseek_v3_full_tensors(get, t: dict) -> dict:
         out[s + "linear_kv_up_proj.weight"] = get(a + "kv_b_proj.weight")
         out[s + "linear_proj.weight"] = get(a + "o_proj.weight")
         out[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
-        if not tc["moe_layer_freq"][i]:
-            out[m + "mlp.linear_fc1.weight"] = (get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
-            out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
-            continue
-        out[m + "mlp.router.weight"] = get(p + "mlp.gate.weight")
-        if t["transformer_config"]["moe_router_enable_expert_bias"]:  # DeepSeek-V3's, not V2's
-            out[m + "mlp.router.expert_bias"] = get(p + "mlp.gate.e_score_correction_bias")
-        for e in range(tc["num_moe_experts"]):
-            x, y = f"{p}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
-            out[y + "linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))
-            out[y + "linear_fc2.weight"] = get(x + "down_proj.weight")
-        if tc["moe_shared_expert_intermediate_size"]:
-            x = p + "mlp.shared_experts."
-            out[m + "mlp.shared_experts.linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))
-            out[m + "mlp.shared_experts.linear_fc2.weight"] = get(x + "down_proj.weight")
+        _deepseek_mlp_full_tensors(out, get, t, i)
     out["decoder.final_layernorm.weight"] = get("model.norm.weight")
     if not t["tied"]:
         out["output_layer.weight"] = get("lm_head.weight")
     return out
+
+
+def _deepseek_mlp_full_tensors(out: dict, get, t: dict, i: int) -> None:
+    """Layer i's MLP as DeepSeek-V3 (and GLM-4.5) hold it: dense where moe_layer_freq says so, else
+    the router (with V3's expert_bias), routed experts (global index) and the shared experts."""
+    tc = t["transformer_config"]
+    p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+    if not tc["moe_layer_freq"][i]:
+        out[m + "mlp.linear_fc1.weight"] = (get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight"))
+        out[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
+        return
+    out[m + "mlp.router.weight"] = get(p + "mlp.gate.weight")
+    if t["transformer_config"]["moe_router_enable_expert_bias"]:  # DeepSeek-V3's, not V2's
+        out[m + "mlp.router.expert_bias"] = get(p + "mlp.gate.e_score_correction_bias")
+    for e in range(tc["num_moe_experts"]):
+        x, y = f"{p}mlp.experts.{e}.", f"{m}mlp.experts.local_experts.{e}."
+        out[y + "linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))
+        out[y + "linear_fc2.weight"] = get(x + "down_proj.weight")
+    if tc["moe_shared_expert_intermediate_size"]:
+        x = p + "mlp.shared_experts."
+        out[m + "mlp.shared_experts.linear_fc1.weight"] = (get(x + "gate_proj.weight"), get(x + "up_proj.weight"))
+        out[m + "mlp.shared_experts.linear_fc2.weight"] = get(x + "down_proj.weight")
 
 
 # MLA's local-spec linears: all ColumnParallelLinear (the down projections too; their outputs are
@@ -1083,6 +1094,9 @@ def megatron_args(hf_config, tp: int, pp: int = 1, ep: int = 1) -> argparse.Name
             "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim",
             "moe_layer_freq", "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
             "moe_router_topk_scaling_factor")})
+    if t["family"] == "glm4_moe":  # DeepSeek-V3's routing and dense first layers
+        moe.update({k: tc[k] for k in ("moe_layer_freq", "moe_router_num_groups", "moe_router_group_topk",
+                                        "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor")})
     if not t.get("mla"):  # MLA's args carry their own qk_layernorm
         moe["qk_layernorm"] = bool(tc.get("qk_layernorm"))
     return argparse.Namespace(**moe,

@@ -85,3 +85,13 @@ def test_tp_above_one_is_refused_by_name(olmoe, tmp_path):
     with pytest.raises(LayoutError, match="tp=2: OLMoE's q/k norms over the whole projection"):
         pyconv.reshard(olmoe[1], tmp_path / "out", to="megatron", tp=2, ep=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_megatron_core_saves_converts_back_exactly(olmoe, tmp_path):
+    """Megatron-Core's own state_dict() of the model the harness builds (whole-projection q/k
+    norms), saved, read by pyconv back to the exact HF tensors."""
+    _, src = olmoe
+    ckpt = mh.save_with_megatron(src, tmp_path / "mg", tp=1)
+    pyconv.reshard(ckpt, tmp_path / "hf", to="hf", family="olmoe")
+    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
