@@ -191,8 +191,16 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
     Megatron-Core the top topk // group_topk: equal when that is 2), top-k weights normalised
     (norm_topk_prob) and scaled by routed_scaling_factor; shared experts without a gate."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if (params.get("rope_type") or params.get("type") or "default") != "default":
-        raise NotImplementedError("DeepSeek-V3 with rope scaling (only plain rope is translated)")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "yarn":  # Megatron-Core's MLA YaRN: rotary_scaling_factor, mscale(_all_dim), beta_fast/slow
+        rope = dict(rope_type="yarn", rotary_scaling_factor=float(params["factor"]),
+                    mscale=float(params.get("mscale", 1.0)), mscale_all_dim=float(params.get("mscale_all_dim", 0.0)),
+                    beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
+                    original_max_position_embeddings=int(params.get("original_max_position_embeddings", 4096)))
+    elif rope_type == "default":
+        rope = dict(rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+    else:
+        raise NotImplementedError(f"DeepSeek-V3 with rope_type {rope_type!r} (plain and yarn are translated)")
     if not cfg.get("rope_interleave", True):
         raise NotImplementedError("rope_interleave=False has no Megatron-Core MLA equivalent")
     v2 = cfg.get("model_type") == "deepseek_v2"
@@ -213,8 +221,6 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
     else:
         groups = group_topk = None
     moe = _deepseek_moe_config(cfg, tp, ep, etp, v2, groups, group_topk)
-    if _rope_scaling(cfg):
-        raise NotImplementedError("DeepSeek rope scaling (only plain RoPE is translated for MLA)")
     tc = dict(
         num_layers=layers, hidden_size=cfg["hidden_size"], num_attention_heads=heads, num_query_groups=heads,
         kv_channels=cfg["v_head_dim"], ffn_hidden_size=cfg["intermediate_size"],
@@ -224,8 +230,7 @@ def _deepseek_v3_config(cfg: dict, tp: int, ep: int, etp: int | None = None) -> 
         multi_latent_attention=True, qk_layernorm=True, q_lora_rank=cfg.get("q_lora_rank"),
         kv_lora_rank=cfg["kv_lora_rank"], qk_head_dim=cfg["qk_nope_head_dim"],
         qk_pos_emb_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"],
-        rope_type="rope", rotary_base=_rope_theta(cfg), rotary_percent=1.0, rotary_scaling_factor=1.0,
-        mscale=1.0, mscale_all_dim=0.0, **moe,
+        rotary_base=_rope_theta(cfg), rotary_percent=1.0, **rope, **moe,
     )
     gm = dict(position_embedding_type="rope", rotary_percent=1.0, rotary_base=_rope_theta(cfg),
               max_sequence_length=cfg["max_position_embeddings"],
