@@ -109,6 +109,44 @@ def config_json(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+def round_trip(src, tmp_path, to: str, **options) -> Path:
+    """src -> `to` (with options) -> hf under tmp_path; asserts every tensor comes back bit for bit
+    and config.json as it was. Returns the HF directory."""
+    import pyconv
+    import torch
+
+    pyconv.reshard(src, Path(tmp_path) / "mid", to=to, **options)
+    back = Path(tmp_path) / "hf"
+    pyconv.reshard(Path(tmp_path) / "mid", back, to="hf")
+    got, want = load_hf_tensors(back), load_hf_tensors(src)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    assert config_json(back) == config_json(src)
+    return back
+
+
+def forget_hf_config(checkpoint) -> None:
+    """Deletes the HF config pyconv keeps in the args of every rank file of a Megatron checkpoint,
+    so that reading it back must rebuild the config from the args alone."""
+    import torch
+
+    for rank_file in sorted(Path(checkpoint).glob("*/mp_rank_*/model_optim_rng.pt")):
+        state = torch.load(rank_file, weights_only=False)
+        del state["args"].pyconv_hf_config
+        torch.save(state, rank_file)
+
+
+def with_config(src, dst, **changes) -> Path:
+    """dst: every file of src linked, config.json rewritten with `changes`."""
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for entry in os.listdir(src):
+        if entry != "config.json":
+            os.symlink(os.path.join(src, entry), dst / entry)
+    (dst / "config.json").write_text(json.dumps({**config_json(src), **changes}))
+    return dst
+
+
 def nontrivial_vectors(model):
     """Every 1-D parameter (norm weights, biases) drawn at random, norms around 1: a tiny model
     built from a config has them all ones or zeros, where a mix-up of two goes unnoticed."""

@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import save_file
 
 import pyconv
-from conftest import TOKENIZER_FILES, hf_logits, load_hf_tensors
+from conftest import TOKENIZER_FILES, forget_hf_config, hf_logits, load_hf_tensors, round_trip
 from pyconv.errors import LayoutError
 from test_deepseek import REFERENCE_TABLE, assert_same_directory, reference_convert
 
@@ -76,12 +76,8 @@ def _logits(path):
                                          ("torch_dist", {})])
 def test_round_trip_is_bitwise_and_transformers_agrees(v32, tmp_path, to, options):
     model, src = v32
-    pyconv.reshard(src, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(open(f"{src}/config.json").read())
-    assert torch.equal(_logits(tmp_path / "hf"), hf_logits(model, _ids()))
+    back = round_trip(src, tmp_path, to, **options)
+    assert torch.equal(_logits(back), hf_logits(model, _ids()))
 
 
 def test_indexer_names_shapes_and_args_are_megatron_cores(v32, tmp_path):
@@ -124,10 +120,7 @@ def test_local_naming_is_refused_by_name(v32, tmp_path):
 def test_megatron_to_hf_from_the_args_alone(v32, tmp_path):
     model, src = v32
     pyconv.reshard(src, tmp_path / "meg", to="megatron")
-    rank_file = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(rank_file, weights_only=False)
-    del state["args"].pyconv_hf_config
-    torch.save(state, rank_file)
+    forget_hf_config(tmp_path / "meg")
     pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["architectures"], config["model_type"], config["index_topk"]) == (

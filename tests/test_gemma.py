@@ -9,16 +9,16 @@ builds the model from the HF config on its own and loads pyconv's output strictl
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 import transformers
 
 import megatron_harness as mh
 import pyconv
-from conftest import config_json, hf_logits, load_hf_tensors, nontrivial_vectors, save_tiny_model
+from conftest import (
+    config_json, forget_hf_config, hf_logits, load_hf_tensors, nontrivial_vectors, round_trip, save_tiny_model,
+    with_config,
+)
 from pyconv.errors import LayoutError
 
 ATOL = 1e-5
@@ -73,13 +73,9 @@ def _load(path, cls):
                                          ("megatron", {"tp": 4}), ("torch_dist", {})])
 def test_round_trip_is_bitwise_and_transformers_agrees(models, tmp_path, name, to, options):
     model, src = models[name]
-    pyconv.reshard(src, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert config_json(tmp_path / "hf") == config_json(src)
+    back = round_trip(src, tmp_path, to, **options)
     ids = _ids(model)
-    assert torch.equal(hf_logits(_load(tmp_path / "hf", CLASSES[name]), ids), hf_logits(model, ids))
+    assert torch.equal(hf_logits(_load(back, CLASSES[name]), ids), hf_logits(model, ids))
 
 
 def test_megatron_core_runs_it_with_transformers_logits(models, tmp_path):
@@ -151,11 +147,7 @@ def test_megatron_to_hf_from_the_args_alone(models, tmp_path):
         model, src = models[name]
         meg = tmp_path / name
         pyconv.reshard(src, meg, to="megatron", tp=2)
-        for rank in ("mp_rank_00", "mp_rank_01"):
-            rank_file = meg / "release" / rank / "model_optim_rng.pt"
-            state = torch.load(rank_file, weights_only=False)
-            del state["args"].pyconv_hf_config
-            torch.save(state, rank_file)
+        forget_hf_config(meg)
         pyconv.reshard(meg, tmp_path / f"{name}_hf", to="hf")
         config = config_json(tmp_path / f"{name}_hf")
         assert config["architectures"] == [cls.__name__]
@@ -190,13 +182,7 @@ def test_inspect_shows_the_gemma_args(models, tmp_path):
      "full-attention layers with rope_type 'yarn'"),
 ])
 def test_what_megatron_cannot_express_is_refused(models, tmp_path, name, change, message):
-    src = tmp_path / "src"
-    original = models[name][1]
-    os.makedirs(src)
-    for entry in os.listdir(original):
-        if entry != "config.json":
-            os.symlink(os.path.join(original, entry), src / entry)
-    (src / "config.json").write_text(json.dumps({**config_json(original), **change}))
+    src = with_config(models[name][1], tmp_path / "src", **change)
     with pytest.raises(LayoutError, match=message):
         pyconv.reshard(src, tmp_path / "meg", to="megatron")
     assert not (tmp_path / "meg").exists()

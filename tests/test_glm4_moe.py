@@ -8,7 +8,6 @@ tp 2 and ep 2."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,7 +15,10 @@ import transformers
 
 import megatron_harness as mh
 import pyconv
-from conftest import config_json, hf_logits, load_hf_tensors, nontrivial_vectors, save_tiny_model
+from conftest import (
+    config_json, forget_hf_config, hf_logits, load_hf_tensors, nontrivial_vectors, round_trip, save_tiny_model,
+    with_config,
+)
 
 ATOL = 1e-5
 
@@ -76,12 +78,8 @@ def _load(path):
                                          ("torch_dist", {})])
 def test_round_trip_is_bitwise_and_transformers_agrees(glm, tmp_path, to, options):
     model, src = glm
-    pyconv.reshard(src, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert config_json(tmp_path / "hf") == config_json(src)
-    assert torch.equal(hf_logits(_load(tmp_path / "hf"), _ids(model)), hf_logits(model, _ids(model)))
+    back = round_trip(src, tmp_path, to, **options)
+    assert torch.equal(hf_logits(_load(back), _ids(model)), hf_logits(model, _ids(model)))
 
 
 def test_megatron_core_runs_it_with_transformers_logits(glm, tmp_path):
@@ -122,10 +120,7 @@ def test_names_and_args(glm, tmp_path):
 
 @pytest.mark.parametrize("to, options", [("megatron", {"pp": 2}), ("megatron", {"tp": 2, "ep": 2}), ("torch_dist", {})])
 def test_the_mtp_layer_travels_as_deepseek_v3s(glm_mtp, tmp_path, to, options):
-    pyconv.reshard(glm_mtp, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(glm_mtp)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    round_trip(glm_mtp, tmp_path, to, **options)
     if to == "megatron" and options.get("pp") == 2:
         last = torch.load(tmp_path / "mid" / "release" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)
         assert {"mtp.layers.0.eh_proj.weight", "mtp.layers.0.final_layernorm.weight",
@@ -136,10 +131,7 @@ def test_the_mtp_layer_travels_as_deepseek_v3s(glm_mtp, tmp_path, to, options):
 def test_megatron_to_hf_from_the_args_alone(glm, tmp_path):
     model, src = glm
     pyconv.reshard(src, tmp_path / "meg", to="megatron")
-    rank_file = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(rank_file, weights_only=False)
-    del state["args"].pyconv_hf_config
-    torch.save(state, rank_file)
+    forget_hf_config(tmp_path / "meg")
     pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
     assert config_json(tmp_path / "hf")["architectures"] == ["Glm4MoeForCausalLM"]
     assert torch.equal(hf_logits(_load(tmp_path / "hf"), _ids(model)), hf_logits(model, _ids(model)))
@@ -157,12 +149,7 @@ def test_a_cast_keeps_the_router_in_float32(glm, tmp_path):
 
 
 def test_routing_megatron_cannot_express_is_refused(glm, tmp_path):
-    src = tmp_path / "src"
-    os.makedirs(src)
-    for entry in os.listdir(glm[1]):
-        if entry != "config.json":
-            os.symlink(os.path.join(glm[1], entry), src / entry)
-    (src / "config.json").write_text(json.dumps({**config_json(glm[1]), "norm_topk_prob": False}))
+    src = with_config(glm[1], tmp_path / "src", norm_topk_prob=False)
     with pytest.raises(pyconv.errors.LayoutError, match="norm_topk_prob is false"):
         pyconv.reshard(src, tmp_path / "meg", to="megatron")
 

@@ -15,7 +15,7 @@ import transformers
 
 import megatron_harness as mh
 import pyconv
-from conftest import TOKENIZER_FILES, hf_logits, load_hf_tensors
+from conftest import TOKENIZER_FILES, forget_hf_config, hf_logits, round_trip, with_config
 from test_deepseek import assert_same_directory, reference_convert
 
 EXPERTS = 384
@@ -83,12 +83,8 @@ def test_transformers_reads_the_kimi_config_as_the_model(kimi):
                                          ("torch_dist", {})])
 def test_round_trip_keeps_every_byte_and_the_config(kimi, tmp_path, to, options):
     model, src = kimi
-    pyconv.reshard(src, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(open(f"{src}/config.json").read())
-    assert torch.equal(_logits(tmp_path / "hf"), hf_logits(model, _ids()))
+    back = round_trip(src, tmp_path, to, **options)
+    assert torch.equal(_logits(back), hf_logits(model, _ids()))
 
 
 def test_megatron_args_carry_kimis_routing_and_yarn(kimi, tmp_path):
@@ -121,10 +117,7 @@ def test_megatron_to_hf_from_the_args_alone_keeps_yarn(kimi, tmp_path):
     rotary_scaling_factor, mscale, mscale_all_dim, beta_fast/slow, original context)."""
     model, src = kimi
     pyconv.reshard(src, tmp_path / "meg", to="megatron")
-    rank_file = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(rank_file, weights_only=False)
-    del state["args"].pyconv_hf_config
-    torch.save(state, rank_file)
+    forget_hf_config(tmp_path / "meg")
     pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0, "mscale": 1.0,
@@ -136,21 +129,9 @@ def test_megatron_to_hf_from_the_args_alone_keeps_yarn(kimi, tmp_path):
 def test_the_bridge_architecture_name_is_read_and_kept(kimi, tmp_path):
     """Megatron-Bridge registers Kimi K2 as KimiK2ForCausalLM: a config naming it converts with the
     DeepSeek-V3 table and keeps the name."""
-    import os
-
     _, src = kimi
-    named = tmp_path / "named"
-    os.makedirs(named)
-    for entry in os.listdir(src):
-        if entry != "config.json":
-            os.symlink(os.path.join(src, entry), named / entry)
-    config = {**json.loads(open(f"{src}/config.json").read()), "architectures": ["KimiK2ForCausalLM"]}
-    (named / "config.json").write_text(json.dumps(config))
-    pyconv.reshard(named, tmp_path / "meg", to="megatron", ep=4)
-    pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    named = with_config(src, tmp_path / "named", architectures=["KimiK2ForCausalLM"])
+    round_trip(named, tmp_path, "megatron", ep=4)
 
 
 def test_megatron_core_runs_it_with_transformers_logits(kimi, tmp_path):

@@ -7,15 +7,15 @@ is refused by name."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers
 
 import megatron_harness as mh
 import pyconv
-from conftest import config_json, hf_logits, load_hf_tensors, nontrivial_vectors, save_tiny_model
+from conftest import (
+    config_json, forget_hf_config, hf_logits, nontrivial_vectors, round_trip, save_tiny_model, with_config,
+)
 from pyconv.errors import LayoutError
 
 ATOL = 1e-5
@@ -46,12 +46,8 @@ def _load(path):
                                          ("torch_dist", {})])
 def test_round_trip_is_bitwise_and_transformers_agrees(olmo2, tmp_path, to, options):
     model, src = olmo2
-    pyconv.reshard(src, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert config_json(tmp_path / "hf") == config_json(src)
-    assert torch.equal(hf_logits(_load(tmp_path / "hf"), _ids(model)), hf_logits(model, _ids(model)))
+    back = round_trip(src, tmp_path, to, **options)
+    assert torch.equal(hf_logits(_load(back), _ids(model)), hf_logits(model, _ids(model)))
 
 
 def test_megatron_core_runs_it_with_transformers_logits(olmo2, tmp_path):
@@ -94,23 +90,13 @@ def test_megatron_to_hf_from_the_args_alone(olmo2, tmp_path):
     qk_layernorm SwiGLU args otherwise)."""
     model, src = olmo2
     pyconv.reshard(src, tmp_path / "meg", to="megatron")
-    rank_file = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
-    state = torch.load(rank_file, weights_only=False)
-    del state["args"].pyconv_hf_config
-    torch.save(state, rank_file)
+    forget_hf_config(tmp_path / "meg")
     pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
     assert config_json(tmp_path / "hf")["architectures"] == ["Olmo2ForCausalLM"]
     assert torch.equal(hf_logits(_load(tmp_path / "hf"), _ids(model)), hf_logits(model, _ids(model)))
 
 
 def test_attention_bias_is_refused(olmo2, tmp_path):
-    import os
-
-    src = tmp_path / "src"
-    os.makedirs(src)
-    for entry in os.listdir(olmo2[1]):
-        if entry != "config.json":
-            os.symlink(os.path.join(olmo2[1], entry), src / entry)
-    (src / "config.json").write_text(json.dumps({**config_json(olmo2[1]), "attention_bias": True}))
+    src = with_config(olmo2[1], tmp_path / "src", attention_bias=True)
     with pytest.raises(LayoutError, match="OLMo 2 with attention_bias"):
         pyconv.reshard(src, tmp_path / "meg", to="megatron")

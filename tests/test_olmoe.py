@@ -12,7 +12,9 @@ import transformers
 
 import megatron_harness as mh
 import pyconv
-from conftest import config_json, hf_logits, load_hf_tensors, nontrivial_vectors, save_tiny_model
+from conftest import (
+    config_json, forget_hf_config, hf_logits, load_hf_tensors, nontrivial_vectors, round_trip, save_tiny_model,
+)
 from pyconv.errors import LayoutError
 
 ATOL = 1e-5
@@ -38,12 +40,8 @@ def _ids(model):
                                          ("torch_dist", {})])
 def test_round_trip_is_bitwise_and_transformers_agrees(olmoe, tmp_path, to, options):
     model, src = olmoe
-    pyconv.reshard(src, tmp_path / "mid", to=to, **options)
-    pyconv.reshard(tmp_path / "mid", tmp_path / "hf", to="hf")
-    got, want = load_hf_tensors(tmp_path / "hf"), load_hf_tensors(src)
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert config_json(tmp_path / "hf") == config_json(src)
-    loaded, info = transformers.OlmoeForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    back = round_trip(src, tmp_path, to, **options)
+    loaded, info = transformers.OlmoeForCausalLM.from_pretrained(back, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(hf_logits(loaded.eval(), _ids(model)), hf_logits(model, _ids(model)))
 
@@ -73,8 +71,7 @@ def test_names_args_and_args_alone(olmoe, tmp_path):
     args = vars(state["args"])
     assert (args["qk_layernorm_whole_projection"], args["moe_router_pre_softmax"], args["num_experts"]) == (
         True, True, 8)
-    del state["args"].pyconv_hf_config
-    torch.save(state, rank_file)
+    forget_hf_config(tmp_path / "meg")
     pyconv.reshard(tmp_path / "meg", tmp_path / "hf", to="hf")
     assert config_json(tmp_path / "hf")["architectures"] == ["OlmoeForCausalLM"]
     loaded = transformers.OlmoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
