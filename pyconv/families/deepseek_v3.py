@@ -120,6 +120,11 @@ MTP_AFTER = (
     TensorMapping((L + "shared_head.norm.weight",), "mtp.layers.*.final_layernorm.weight", REPLICATED, MTP,
                   lambda d: (d.hidden,)),
 )
+# A family's multi-token-prediction layers as DeepSeek-V3 stores them (V3, V3.2, GLM-4.5): HF layers
+# past the model, their own tensors before and after a decoder layer, copies of the embedding and head.
+DEEPSEEK_MTP = dict(
+    drops_extra_layers=True, mtp_before=MTP_BEFORE, mtp_after=MTP_AFTER,
+    mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"})
 
 
 def _optional_int(config: dict, key: str, default: int = 0) -> int:
@@ -341,10 +346,7 @@ DEEPSEEK_V3 = register_family(Family(
     megatron_features=frozenset({"mla", "moe"}),
     megatron_optional=MLA_OPTIONAL | {"sigmoid_router", "expert_bias"},
     deepseek_inference=True,
-    drops_extra_layers=True,
-    mtp_before=MTP_BEFORE,
-    mtp_after=MTP_AFTER,
-    mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"},
+    **DEEPSEEK_MTP,
 ))
 DEEPSEEK_V2 = register_family(Family(
     name="deepseek_v2",
@@ -426,10 +428,7 @@ DEEPSEEK_V32 = register_family(Family(
     megatron_features=frozenset({"mla", "moe", "dsa"}),
     megatron_optional=MLA_OPTIONAL | {"sigmoid_router", "expert_bias"},
     deepseek_inference=True,
-    drops_extra_layers=True,
-    mtp_before=MTP_BEFORE,
-    mtp_after=MTP_AFTER,
-    mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"},
+    **DEEPSEEK_MTP,
     te_names_only=("Megatron-Core 0.16.1 builds DeepSeek sparse attention with TransformerEngine only "
                    "(experimental_attention_variant_module_specs.py), under its names"),
 ))

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pyconv.errors import LayoutError
 from pyconv.families import LAYER, REPLICATED, Family, ModelDims, TensorMapping, hf_int, register_family
 from pyconv.families.common import arg, rope_parameters
-from pyconv.families.deepseek_v3 import MOE, MTP_AFTER, MTP_BEFORE, _optional_int, _router_groups, first_dense_from_freq
+from pyconv.families.deepseek_v3 import DEEPSEEK_MTP, MOE, _optional_int, _router_groups, first_dense_from_freq
 from pyconv.families.llama import ATTENTION, DENSE_MLP, EMBEDDING, HEAD, llama_dims, llama_hf_config, llama_megatron_args
 
 L = "model.layers.*."
@@ -112,8 +112,5 @@ GLM4_MOE = register_family(Family(
     hf_config_from_megatron=glm4_moe_hf_config,
     megatron_features=frozenset({"moe", "swiglu", "rmsnorm", "pos_rope", "sigmoid_router", "expert_bias"}),
     megatron_optional=frozenset({"qk_layernorm", "qkv_bias", "partial_rotary", "shared_expert"}),
-    drops_extra_layers=True,
-    mtp_before=MTP_BEFORE,
-    mtp_after=MTP_AFTER,
-    mtp_hf_copies={"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"},
+    **DEEPSEEK_MTP,
 ))
