@@ -47,12 +47,10 @@ from dataclasses import dataclass
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor, view2d
 from pyconv.errors import FormatError, LayoutError
 from pyconv.dtypes import output_dtypes
-from pyconv.families import families_with, family_for_architecture, kept_dtypes
 from pyconv.fp8 import FP8_BLOCK, SCALE_SUFFIX
 from pyconv.io.hfdir import CONFIG, extra_files, updated_config
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
-from pyconv.layout.rules import ExpertPartition
 from pyconv.plan import (BlockCopy, PlannedFile, PlannedFiles, PlannedTensor, TargetSpec, copies_for_region,
                          plan_file_copy, plan_text_file)
 
@@ -265,6 +263,8 @@ def _layer_index(hf_name: str) -> int | None:
 def _refuse_uncovered_family(catalog: Catalog) -> None:
     """convert.py maps names, whatever the model; a family pyconv knows and DeepSeek's layout does
     not cover is refused by name (a source of unknown architecture is converted by names alone)."""
+    from pyconv.families import families_with, family_for_architecture
+
     try:
         family = family_for_architecture(catalog.architecture, catalog.path)
     except FormatError:
@@ -276,6 +276,9 @@ def _refuse_uncovered_family(catalog: Catalog) -> None:
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    from pyconv.layout.rules import ExpertPartition
+    from pyconv.families import kept_dtypes
+
     _refuse_uncovered_family(catalog)
     mp = target.options.tp
     if mp < 1:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pyconv.catalog import CanonicalTensor, Catalog, nbytes
 from pyconv.dtypes import output_dtypes
 from pyconv.errors import FormatError
-from pyconv.families import kept_dtypes
 from pyconv.fp8 import SCALE_SUFFIX, link_scales, scale_grid
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
 from pyconv.io.jsonfile import config_architecture, load_config, load_json
@@ -130,7 +129,12 @@ def read(path: str) -> Catalog:
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
-    dtypes = output_dtypes(catalog.tensors, target.dtype, kept_dtypes(catalog) if target.dtype else frozenset())
+    kept = frozenset()
+    if target.dtype:  # a cast: the family table says what keeps its dtype (loaded only then)
+        from pyconv.families import kept_dtypes
+
+        kept = kept_dtypes(catalog)
+    dtypes = output_dtypes(catalog.tensors, target.dtype, kept)
     # fp8: a dequantized weight's scale grid is dropped; a quantized weight gains one, in its shard.
     dequantized = {n + SCALE_SUFFIX for n, t in catalog.tensors.items() if t.dtype == "F8_E4M3" and dtypes[n] != t.dtype}
     quantized = {n for n, t in catalog.tensors.items() if dtypes[n] == "F8_E4M3" and t.dtype != "F8_E4M3"}

@@ -38,18 +38,18 @@ vocabulary padded by repeating the last row, args as Hugging Face's GPT-2 conver
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 import re
 import struct
-import zipfile
 from argparse import Namespace
 from dataclasses import dataclass
 
 from pyconv.catalog import CanonicalTensor, Catalog, SourceBlock, StoredTensor
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import Family, ModelDims, TensorMapping, families_with, get_family
 from pyconv.io.jsonfile import parse_yaml
 from pyconv.mcore.checkpoint import RANK_DIR, RANK_FILES, TRACKER, skipped_training_state
 from pyconv.plan import (
@@ -59,6 +59,11 @@ from pyconv.plan import (
     plan_file_copy,
     plan_text_file,
 )
+
+if TYPE_CHECKING:
+    import zipfile
+
+    from pyconv.families import Family, ModelDims, TensorMapping
 
 FORMAT = "megatron-legacy"
 CHECKPOINT_VERSION = 3.0
@@ -213,6 +218,8 @@ def _find_in_directory(root: str) -> _Found:
 
 def _zip_member_offset(path: str, f, info: zipfile.ZipInfo, file_size: int) -> int:
     """Where a stored member's bytes start, from its local header."""
+    import zipfile  # only for .zip / .nemo archives
+
     if info.flag_bits & 0x1:
         raise FormatError(f"{path}: member '{info.filename[:200]}' is encrypted")
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
@@ -233,6 +240,8 @@ def _zip_member_offset(path: str, f, info: zipfile.ZipInfo, file_size: int) -> i
 
 def _find_in_zip(path: str) -> _Found | None:
     """The rank files of a checkpoint .zip, or None when the zip is a torch.save archive itself."""
+    import zipfile  # only for .zip / .nemo archives
+
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -265,6 +274,8 @@ def _find_in_zip(path: str) -> _Found | None:
 
 
 def _choose_zip_iteration(path: str, f, members: dict, trackers: dict) -> str:
+    import zipfile  # only for .zip / .nemo archives
+
     if len(members) == 1:
         return next(iter(members))
     for parent, info in trackers.items():
@@ -505,6 +516,8 @@ def _normalized_args(args: dict, where: str, tp: int, pp: int, padded_from_shape
 
 def _family(trees: dict, family: str | None, where: str) -> Family:
     """BERT when any rank holds a BERT-only part (token types, pooler, LM head, binary head)."""
+    from pyconv.families import families_with, get_family
+
     if family is not None:
         if family not in {f.name for f in families_with(lambda f: f.legacy_megatron_stack)}:
             raise FormatError(f"{where}: legacy Megatron checkpoints are GPT-2 or BERT (family gpt2 or bert), "

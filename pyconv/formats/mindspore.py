@@ -21,21 +21,22 @@ Written checkpoints use the mcore names, fused, interleaved: what MindFormers sa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 from dataclasses import dataclass, replace
 
 from pyconv.catalog import Catalog, CanonicalTensor, SourceBlock, StoredTensor, nbytes
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import FIRST_STAGE, LAST_STAGE, LAYER, Family, families_with, ModelDims, family_for_architecture
 from pyconv.dtypes import output_dtype
 from pyconv.io.hfdir import CONFIG, extra_files, split_into_shards, updated_config
-from pyconv.mcore.config import family_and_dims
-from pyconv.mcore.names import hf_names
-from pyconv.mcore.parallel import shard_pieces
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.io.safetensors import layout_like_save_file, read_safetensors
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, copies_for_region, plan_file_copy, plan_text_file
+
+if TYPE_CHECKING:
+    from pyconv.families import Family, ModelDims
 
 INTERLEAVED_KEY = "use_interleaved_weight_layout_mlp"
 NAME_MAP = "param_name_map.json"
@@ -131,6 +132,8 @@ def _config(root: str) -> dict:
 
 
 def _family(config: dict, where: str) -> Family:
+    from pyconv.families import families_with, family_for_architecture
+
     family = family_for_architecture(config_architecture(config), where)
     if not family.mindformers:
         names = ", ".join(f.name for f in families_with(lambda f: f.mindformers))
@@ -141,6 +144,8 @@ def _family(config: dict, where: str) -> Family:
 
 def _entries(family: Family, dims: ModelDims):
     """(mapping, layer) in checkpoint order: embedding, layers, final norm, head."""
+    from pyconv.families import FIRST_STAGE, LAST_STAGE, LAYER
+
     for where in (FIRST_STAGE, LAYER, LAST_STAGE):
         layers = range(dims.num_layers) if where == LAYER else (None,)
         for layer in layers:
@@ -154,6 +159,9 @@ def _fill(pattern: str, layer: int | None) -> str:
 
 
 def read(path: str) -> Catalog:
+    from pyconv.mcore.parallel import shard_pieces
+    from pyconv.mcore.names import hf_names
+
     root = os.path.abspath(path)
     files = _safetensors_files(root)
     if not files:
@@ -258,6 +266,8 @@ def _read_interleaved(names: list[str], hf_shape: tuple[int, ...], tensor: Store
 # ---- writing ----------------------------------------------------------------------------
 
 def _check(catalog: Catalog) -> tuple[Family, ModelDims]:
+    from pyconv.mcore.config import family_and_dims
+
     if catalog.config is None:
         raise LayoutError(f"{catalog.path}: no config.json: cannot name the tensors for MindSpore Transformers")
     _family(catalog.config, catalog.path)  # a Llama-like family, or a clear refusal
@@ -266,6 +276,8 @@ def _check(catalog: Catalog) -> tuple[Family, ModelDims]:
 
 def _planned(catalog: Catalog, mapping, names: list[str], dims: ModelDims, dtype: str):
     """(shape, view, copies) of one MindFormers tensor, to be placed at an offset."""
+    from pyconv.mcore.parallel import shard_pieces
+
     hf_shape = tuple(mapping.shape(dims))
     if mapping.rule.gated:  # row-interleaved: gate | up side by side in an [n, 2 * in] view
         n = hf_shape[0]
@@ -280,6 +292,8 @@ def _planned(catalog: Catalog, mapping, names: list[str], dims: ModelDims, dtype
 
 
 def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
+    from pyconv.mcore.names import hf_names
+
     family, dims = _check(catalog)
     units = []  # (mindspore name, dtype, shape, view, copies)
     for mapping, layer in _entries(family, dims):

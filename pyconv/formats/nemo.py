@@ -34,6 +34,8 @@ tokenizer files and the HF config.json.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import os
 import re
@@ -41,11 +43,13 @@ import re
 from pyconv.catalog import Catalog
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError, LayoutError
-from pyconv.families import Family, get_family
 from pyconv.mcore.checkpoint import OPTIMIZER_KEY_PREFIX
 from pyconv.mcore.options import DcpOptions
 from pyconv.io.jsonfile import config_architecture, load_config, load_json, load_yaml
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
+
+if TYPE_CHECKING:
+    from pyconv.families import Family
 
 WEIGHTS = "weights"
 CONTEXT = "context"
@@ -115,7 +119,7 @@ def layer_stack(family: Family) -> str:
 def _is_nemo2(path: str) -> bool:
     if not (os.path.isdir(path) and os.path.isdir(os.path.join(path, CONTEXT))):
         return False
-    from pyconv.mcore.dcp import is_dcp_dir
+    from pyconv.mcore.checkpoint import is_dcp_dir
 
     return is_dcp_dir(os.path.join(path, WEIGHTS))
 
@@ -361,6 +365,7 @@ def _rope_scaling_args(name: str, explicit: dict, where: str) -> dict:
 
 def _context_model(root: str, context: str, weights_vocab_rows: int, family: str | None):
     """(family, dims, HF config, where they came from)."""
+    from pyconv.families import get_family
     from pyconv.families import family_for_architecture, family_for_megatron_args
     from pyconv.mcore.config import megatron_dims
 
@@ -524,6 +529,7 @@ def _read_nemo1(root: str, family: str | None) -> Catalog:
     """An extracted NeMo 1 checkpoint: model_config.yaml and model_weights.ckpt (or its
     model-parallel rank directories, or a distributed model_weights/), keys under `model.` in
     Megatron-Core or pre-Megatron-Core (language_model) names."""
+    from pyconv.families import get_family
     from pyconv.families import family_for_architecture, family_for_megatron_args
     from pyconv.mcore.assemble import Assembly, assembled_catalog, read_rank
     from pyconv.mcore.config import megatron_dims

@@ -57,43 +57,33 @@ from dataclasses import dataclass
 import json
 import os
 from argparse import Namespace
+from typing import TYPE_CHECKING
 
 from pyconv.catalog import Catalog
 from pyconv.dtypes import FLOAT_DTYPES, TORCH_NAME, model_dtype
 from pyconv.errors import FormatError
-from pyconv.families import (
-    Family,
-    ModelDims,
-    family_for_architecture,
-    get_family,
-)
-from pyconv.io.dcp import METADATA_FILE, read_metadata
 from pyconv.io.jsonfile import config_architecture, load_config
 from pyconv.mcore.checkpoint import (
     ARGS_SUMMARY,
+    BACKEND_FILE,
     CHECKPOINT_VERSION,
+    COMMON_FILE,
+    CONTENT_METADATA,
+    DCP_METADATA_FILE,
     OPTIMIZER_KEY_PREFIX,
+    SINGLETON_FLAG,
     TRACKER,
     args_dict,
+    is_dcp_dir,
     iteration_dir,
     iteration_dirs,
     skipped_optimizer_keys,
 )
-from pyconv.mcore.dcp import (
-    BACKEND_FILE,
-    COMMON_FILE,
-    CONTENT_METADATA,
-    SINGLETON_FLAG,
-    check_backend,
-    is_dcp_dir,
-    is_singleton_key,
-    padded_vocab,
-    plan_dcp,
-    read_tensors,
-    with_mtp_layers,
-)
 from pyconv.mcore.options import DcpOptions
 from pyconv.plan import PlannedFile, TargetSpec, plan_file_copy, plan_text_file
+
+if TYPE_CHECKING:  # detection runs on every source: the family tables and the DCP code load when used
+    from pyconv.families import Family, ModelDims
 
 CONFIG = "config.json"
 _DCP_SUFFIX = ".distcp"
@@ -118,7 +108,7 @@ def _checkpoint_dir(root: str) -> tuple[str, str | None]:
         return root, None
     directory, iteration = iteration_dir(root)
     if not is_dcp_dir(directory):
-        raise FormatError(f"{directory}: no {METADATA_FILE} or {BACKEND_FILE}: not a torch_dist checkpoint")
+        raise FormatError(f"{directory}: no {DCP_METADATA_FILE} or {BACKEND_FILE}: not a torch_dist checkpoint")
     return directory, iteration
 
 
@@ -177,6 +167,8 @@ def _model(root: str, directory: str, args: dict | None, family: str | None,
     scaling), which Megatron-LM's args may not carry. Without one, common.pt's args. A common.pt
     that cannot be read (a global outside pyconv's allowlist) is no obstacle when a config.json
     says what the model is."""
+    from pyconv.families import family_for_architecture, get_family
+
     for candidate in dict.fromkeys((os.path.join(directory, CONFIG), os.path.join(root, CONFIG))):
         if os.path.isfile(candidate):
             config = load_config(candidate)
@@ -198,6 +190,9 @@ def _model(root: str, directory: str, args: dict | None, family: str | None,
 # ---- reading -----------------------------------------------------------------------------------
 
 def read(path: str, family: str | None = None) -> Catalog:
+    from pyconv.io.dcp import read_metadata
+    from pyconv.mcore.dcp import check_backend, is_singleton_key, padded_vocab, read_tensors, with_mtp_layers
+
     root = os.path.abspath(path)
     directory, iteration = _checkpoint_dir(root)
     check_backend(directory)
@@ -269,6 +264,7 @@ def plan_output(catalog: Catalog, target: TargetSpec) -> list[PlannedFile]:
     from pyconv.io.torchsave import TorchDtypeValue
     from pyconv.layout import padded_vocab_size
     from pyconv.mcore.config import attention_notes, check_tensor_parallel, family_and_dims
+    from pyconv.mcore.dcp import plan_dcp
     from pyconv.plan import PlannedFiles
 
     family, dims = family_and_dims(catalog, with_mtp=True)

@@ -35,7 +35,7 @@ from pyconv.io.unpickle import (
     MAX_PICKLE_BYTES, EnumValue, PickledRecord, TorchDtype, restricted_load,
 )
 
-METADATA_FILE = ".metadata"
+METADATA_FILE = ".metadata"  # also pyconv.mcore.checkpoint.DCP_METADATA_FILE, for light detection
 _MODULE = "torch.distributed.checkpoint.metadata"
 _MAX_RANK = 64  # dimensions of one tensor; real ones have at most 5
 _INT64_LIMIT = 1 << 63

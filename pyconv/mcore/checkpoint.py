@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from pyconv.errors import FormatError
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# A Megatron-Core distributed (torch_dist) checkpoint directory: PyTorch DCP's metadata file
+# (pyconv.io.dcp reads it), Megatron's metadata.json and common.pt. Here, not in pyconv.mcore.dcp,
+# so that format detection does not import the DCP reader and writer.
+DCP_METADATA_FILE = ".metadata"
+BACKEND_FILE = "metadata.json"
+COMMON_FILE = "common.pt"
+CONTENT_METADATA = "content_metadata"  # common.pt's record of the sharded_state_dict metadata
+SINGLETON_FLAG = "singleton_local_shards"
 CHECKPOINT_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 # A run with the distributed optimizer (Megatron-LM before mid-2023, and transformers' scripts
@@ -75,6 +83,10 @@ def skipped_training_state(optimizer_files, rank_objects) -> str | None:
         parts.append(f"{len(optimizer_files)} optimizer file{'s' if len(optimizer_files) > 1 else ''} "
                      f"({', '.join(names)})")
     return f"optimizer state not converted (weights only): {'; '.join(parts)}" if parts else None
+
+
+def is_dcp_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, DCP_METADATA_FILE)) or os.path.isfile(os.path.join(path, BACKEND_FILE))
 
 
 def iteration_dir(path: str) -> tuple[str, str]:

@@ -24,16 +24,9 @@ from pyconv.families import (
 from pyconv.io.dcp import METADATA_FILE, ChunkLocator, DcpChunk, DcpMetadata, DcpTensor
 from pyconv.io.jsonfile import load_json
 from pyconv.io.torchsave import TensorSlot
+from pyconv.mcore.checkpoint import BACKEND_FILE, COMMON_FILE, CONTENT_METADATA, SINGLETON_FLAG
 from pyconv.plan import PlannedFile, PlannedTensor, TargetSpec, plan_text_file
 
-BACKEND_FILE = "metadata.json"
-COMMON_FILE = "common.pt"
-CONTENT_METADATA = "content_metadata"  # common.pt's record of the sharded_state_dict metadata
-SINGLETON_FLAG = "singleton_local_shards"
-
-
-def is_dcp_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isfile(os.path.join(path, BACKEND_FILE))
 
 
 def check_backend(directory: str) -> None:
