@@ -258,3 +258,24 @@ def test_nemo_refuses_layer_types_its_gemma3_config_cannot_hold(models, tmp_path
     with pytest.raises(LayoutError, match="NeMo 2's Gemma3Config places a full layer every"):
         pyconv.reshard(models["gemma3"][1], tmp_path / "nemo", to="nemo")
     assert not (tmp_path / "nemo").exists()
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("gemma2", {"query_pre_attn_scalar": -24}, "query_pre_attn_scalar must be a positive number, got -24"),
+    ("gemma2", {"attn_logit_softcapping": "big"}, "attn_logit_softcapping must be a positive number, got 'big'"),
+    ("gemma2", {"rope_parameters": {"rope_type": "default", "rope_theta": True}},
+     "rope_parameters.rope_theta must be a positive number, got True"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_theta": -1.0}, "full_attention": {"rope_theta": 1.0}}},
+     "the sliding layers' rope_theta must be a positive number, got -1.0"),
+])
+def test_hostile_config_values_are_refused_naming_the_field(models, tmp_path, name, change, message):
+    """Values that would reach the args as complex numbers, strings or negative scales: exit 2 with
+    the field named, nothing written."""
+    import subprocess
+    import sys
+
+    src = with_config(models[name][1], tmp_path / "src", **change)
+    run = subprocess.run([sys.executable, "-m", "pyconv", "reshard", str(src), str(tmp_path / "meg"), "--to",
+                          "megatron"], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert not (tmp_path / "meg").exists()

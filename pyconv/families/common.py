@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 
 from pyconv.errors import FormatError
 
+
+
+def positive_number(value, what: str, where: str = "config.json", zero: bool = False) -> float:
+    """A finite number > 0 (>= 0 with zero) - an int or float in the JSON, not a bool or a
+    string - as a float."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < 0 or (value == 0 and not zero)):
+        raise FormatError(f"{where}: {what} must be a {'non-negative' if zero else 'positive'} number, "
+                          f"got {repr(value)[:60]}")
+    return float(value)
 
 
 def rope_theta(config: dict, default: float = 10000.0) -> float:
     """transformers 5 keeps it in rope_parameters; older configs at the top level."""
     params = config.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(config.get("rope_theta", default))
+        return positive_number(params["rope_theta"], "rope_parameters.rope_theta")
+    return positive_number(config.get("rope_theta", default), "rope_theta")
 
 
 def rope_parameters(config: dict) -> dict:

@@ -48,7 +48,7 @@ from pyconv.families import (
     COLUMN, GATED_FC1, LATENT_DOWN, LAYER, MTP, REPLICATED, ROW, Family, ModelDims, TensorMapping, hf_int,
     register_family,
 )
-from pyconv.families.common import arg, original_hf_config, rope_theta
+from pyconv.families.common import arg, original_hf_config, positive_number, rope_theta
 from pyconv.families.llama import DENSE_MLP, EMBEDDING, HEAD, MOE_NORM, llama_megatron_args
 from pyconv.families.mixtral import expert_mappings
 
@@ -171,10 +171,16 @@ def _rope_args(config: dict) -> dict:
         return dict(rope_type="rope", rotary_scaling_factor=1.0)
     if rope_type != "yarn":
         raise LayoutError(f"config.json: rope type '{rope_type}' has no Megatron-Core MLA equivalent (rope or yarn)")
-    return dict(rope_type="yarn", rotary_scaling_factor=float(params["factor"]),
-                mscale=float(params.get("mscale", 1.0)), mscale_all_dim=float(params.get("mscale_all_dim", 0.0)),
-                beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
-                original_max_position_embeddings=int(params.get("original_max_position_embeddings", 4096)))
+    context = params.get("original_max_position_embeddings", 4096)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise FormatError(f"config.json: yarn original_max_position_embeddings must be a positive integer, got "
+                          f"{repr(context)[:60]}")
+    return dict(rope_type="yarn", rotary_scaling_factor=positive_number(params.get("factor"), "yarn factor"),
+                mscale=positive_number(params.get("mscale", 1.0), "yarn mscale", zero=True),
+                mscale_all_dim=positive_number(params.get("mscale_all_dim", 0.0), "yarn mscale_all_dim", zero=True),
+                beta_fast=positive_number(params.get("beta_fast", 32), "yarn beta_fast"),
+                beta_slow=positive_number(params.get("beta_slow", 1), "yarn beta_slow"),
+                original_max_position_embeddings=context)
 
 
 def _router_groups(config: dict, topk: int, hf_group_top: int = 2) -> tuple[int | None, int | None]:
@@ -218,7 +224,8 @@ def _mla_moe_args(config: dict, dims: ModelDims, groups_topk: tuple, score_funct
         "moe_shared_expert_intermediate_size": dims.shared_ffn or None,
         "moe_router_topk": topk, "moe_router_num_groups": groups, "moe_router_group_topk": group_topk,
         "moe_router_score_function": score_function, "moe_router_enable_expert_bias": expert_bias,
-        "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
+        "moe_router_topk_scaling_factor": positive_number(config.get("routed_scaling_factor", 1.0),
+                                                          "routed_scaling_factor"),
         "moe_router_pre_softmax": pre_softmax, "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.0,
         "mtp_num_layers": dims.mtp_layers or None,

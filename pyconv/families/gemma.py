@@ -24,7 +24,7 @@ from pyconv.families import (
     GATED_FC1, LAYER, QKV, REPLICATED, ROW, Family, LanguageModelOf, ModelDims, TensorMapping, register_family,
     register_multimodal,
 )
-from pyconv.families.common import arg, original_hf_config, rope_parameters, rope_theta
+from pyconv.families.common import arg, original_hf_config, positive_number, rope_parameters, rope_theta
 from pyconv.families.llama import EMBEDDING, HEAD, llama_dims, llama_hf_config, llama_megatron_args
 from pyconv.families.qwen3 import QK_NORM
 
@@ -105,7 +105,7 @@ def _window_args(config: dict, dims: ModelDims, default_pattern: int) -> dict:
 def _common_args(config: dict, dims: ModelDims, theta: float) -> dict:
     args = llama_megatron_args({**config, "attention_bias": False, "mlp_bias": False,
                                 "rope_parameters": {"rope_type": "default", "rope_theta": theta}}, dims)
-    scalar = float(config.get("query_pre_attn_scalar") or dims.head_dim)
+    scalar = positive_number(config.get("query_pre_attn_scalar", dims.head_dim), "query_pre_attn_scalar")
     return {**args, "swiglu": False, "gated_linear_unit": True, "openai_gelu": _ACTIVATIONS[_activation(config)],
             "apply_layernorm_1p": True, "query_pre_attn_scalar": scalar, "softmax_scale": scalar ** -0.5}  # as transformers scales
 
@@ -114,9 +114,9 @@ def gemma2_megatron_args(config: dict, dims: ModelDims) -> dict:
     if rope_parameters(config)["rope_type"] != "default":
         raise LayoutError(f"config.json: Gemma 2 with rope_type '{rope_parameters(config)['rope_type']}': the "
                           "Megatron-Bridge Gemma 2 layer applies plain RoPE")
-    return {**_common_args(config, dims, rope_theta(config)), **_window_args(config, dims, 2),
-            "attn_logit_softcapping": config.get("attn_logit_softcapping"),
-            "final_logit_softcapping": config.get("final_logit_softcapping")}
+    caps = {key: None if config.get(key) is None else positive_number(config[key], key)
+            for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    return {**_common_args(config, dims, rope_theta(config)), **_window_args(config, dims, 2), **caps}
 
 
 def gemma3_rope(config: dict) -> tuple[float, float, float]:
@@ -136,8 +136,9 @@ def gemma3_rope(config: dict) -> tuple[float, float, float]:
     if kind not in ("default", "linear"):
         raise LayoutError(f"config.json: Gemma 3's full-attention layers with rope_type '{kind}': Megatron-Bridge "
                           "applies plain or linear RoPE there")
-    factor = float(full.get("factor", 1.0)) if kind == "linear" else 1.0
-    return float(local.get("rope_theta", 10000.0)), float(full.get("rope_theta", 1000000.0)), factor
+    factor = positive_number(full.get("factor", 1.0), "the full layers' rope factor") if kind == "linear" else 1.0
+    return (positive_number(local.get("rope_theta", 10000.0), "the sliding layers' rope_theta"),
+            positive_number(full.get("rope_theta", 1000000.0), "the full layers' rope_theta"), factor)
 
 
 def gemma3_megatron_args(config: dict, dims: ModelDims) -> dict:

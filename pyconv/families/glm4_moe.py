@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from pyconv.errors import LayoutError
 from pyconv.families import LAYER, REPLICATED, Family, ModelDims, TensorMapping, hf_int, register_family
-from pyconv.families.common import arg, rope_parameters
+from pyconv.families.common import arg, positive_number, rope_parameters
 from pyconv.families.deepseek_v3 import DEEPSEEK_MTP, MOE, _optional_int, _router_groups, first_dense_from_freq
 from pyconv.families.llama import ATTENTION, DENSE_MLP, EMBEDDING, HEAD, llama_dims, llama_hf_config, llama_megatron_args
 
@@ -49,7 +49,8 @@ def glm4_moe_dims(config: dict) -> ModelDims:
 
 
 def partial_rotary(config: dict, dims: ModelDims) -> float:
-    fraction = float(rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    fraction = positive_number(rope_parameters(config).get("partial_rotary_factor",
+                                                           config.get("partial_rotary_factor", 1.0)), "partial_rotary_factor")
     if not 0 < fraction <= 1 or int(dims.head_dim * fraction) % 2:
         raise LayoutError(f"config.json: partial_rotary_factor {fraction} of head_dim {dims.head_dim} is not an even "
                           "number of rotated dims")
@@ -70,7 +71,8 @@ def glm4_moe_megatron_args(config: dict, dims: ModelDims) -> dict:
         "moe_shared_expert_intermediate_size": dims.shared_ffn or None,
         "moe_router_topk": topk, "moe_router_num_groups": groups, "moe_router_group_topk": group_topk,
         "moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
-        "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
+        "moe_router_topk_scaling_factor": positive_number(config.get("routed_scaling_factor", 1.0),
+                                                          "routed_scaling_factor"),
         "moe_router_pre_softmax": False, "moe_router_dtype": "fp32",
         "moe_router_load_balancing_type": "seq_aux_loss", "moe_aux_loss_coeff": 0.0,
         "mtp_num_layers": dims.mtp_layers or None, **({"mtp_loss_scaling_factor": 0.1} if dims.mtp_layers else {}),

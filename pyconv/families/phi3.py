@@ -14,7 +14,7 @@ from pyconv.families import (
     FIRST_STAGE, GATED_FC1, LAST_STAGE, LAYER, QKV, REPLICATED, ROW, VOCAB, Family, ModelDims, TensorMapping,
     register_family,
 )
-from pyconv.families.common import rope_parameters
+from pyconv.families.common import positive_number, rope_parameters
 from pyconv.families.llama import llama_dims, llama_hf_config, llama_megatron_args
 
 L = "model.layers.*."
@@ -46,7 +46,8 @@ PHI3_MAPPINGS = (
 
 def partial_rotary_factor(config: dict) -> float:
     """transformers 5 keeps it in rope_parameters; older Phi configs at the top level."""
-    return float(rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+    return positive_number(rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)),
+                           "partial_rotary_factor")
 
 
 def phi3_megatron_args(config: dict, dims: ModelDims) -> dict:
